@@ -1,0 +1,49 @@
+"""Content addresses: the prefix hash chain over token blocks, and chunk keys.
+
+A chunk holds one layer's KV for ``chunk_tokens`` consecutive tokens of a prompt (the last chunk of a
+prompt may be partial).  Its block hash chains the hash of everything before it, so equal hashes mean
+equal prefixes; the chain is seeded with the model id and the layout compatibility hash so different
+models or dtypes never collide.  A chunk key adds the layer and the head range.
+
+Owns: hashing.  Must not touch: storage or transfer.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import msgspec
+import numpy as np
+import xxhash
+
+DEFAULT_CHUNK_TOKENS = 256
+
+
+def block_hashes(token_ids: Sequence[int], chunk_tokens: int, model_id: str, compat_hash: str) -> list[str]:
+    """Hex hash chain, one entry per chunk of ``chunk_tokens`` tokens (a trailing partial chunk included)."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    tokens = np.asarray(token_ids, dtype=np.int64)
+    parent = xxhash.xxh3_128_digest(f"kvrelay|{model_id}|{compat_hash}".encode())
+    out: list[str] = []
+    for start in range(0, len(tokens), chunk_tokens):
+        h = xxhash.xxh3_128()
+        h.update(parent)
+        h.update(tokens[start:start + chunk_tokens].tobytes())
+        parent = h.digest()
+        out.append(parent.hex())
+    return out
+
+
+class ChunkKey(msgspec.Struct, frozen=True, array_like=True):
+    block_hash: str  # hex, from block_hashes()
+    layer: int
+    head_start: int
+    head_end: int
+
+    def encode(self) -> bytes:
+        return f"{self.block_hash}:{self.layer}:{self.head_start}:{self.head_end}".encode()
+
+
+def chunk_keys(hashes: Sequence[str], layer: int, head_start: int, head_end: int) -> list[ChunkKey]:
+    return [ChunkKey(h, layer, head_start, head_end) for h in hashes]

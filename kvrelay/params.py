@@ -1,0 +1,63 @@
+"""`KVTransferParams`: what a prefill hands to a decode so it can find a request's KV.
+
+One msgspec struct shared by the reference engine, the router, the vLLM connector and the Dynamo
+integration.  It travels inside HTTP bodies (JSON) and ZMQ messages (msgpack); keep it flat and
+versioned.  Must not touch: transports or the store (it only names them).
+
+Versions:
+  1  first version.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PARAMS_VERSION = 1
+
+
+class KVTransferParams(msgspec.Struct, kw_only=True):
+    request_id: str
+    model_id: str
+    compat_hash: str  # KVLayout.compat_hash(model_id) of the prefill side
+    num_tokens: int  # prompt tokens whose KV is published
+    chunk_tokens: int  # tokens per content-addressed chunk (the hash-chain block)
+    block_hashes: list[str]  # hex hash chain, one per chunk of chunk_tokens (the last may be partial)
+    num_layers: int
+    head_start: int  # head range the prefill published
+    head_end: int
+    store_address: str  # control address of the store daemon, e.g. "tcp://127.0.0.1:5600"
+    transport: str  # transport the decode should pull with ("shm", "tcp", "nixl", "nvlink")
+    first_token: int | None = None  # the prefill's sampled token, once known
+    prefill_epoch: str = ""  # epoch id of the prefill process (stale metadata is dropped)
+    version: int = PARAMS_VERSION
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "KVTransferParams":
+        try:
+            params = msgspec.json.decode(data, type=cls)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"malformed kv_transfer_params: {exc}") from None
+        params.check()
+        return params
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KVTransferParams":
+        try:
+            params = msgspec.convert(data, type=cls)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"malformed kv_transfer_params: {exc}") from None
+        params.check()
+        return params
+
+    def check(self) -> None:
+        if self.version != PARAMS_VERSION:
+            raise ValueError(f"kv_transfer_params version {self.version} is not supported (expected {PARAMS_VERSION})")
+        if self.num_tokens < 0 or self.chunk_tokens <= 0:
+            raise ValueError(f"kv_transfer_params: bad num_tokens={self.num_tokens} / chunk_tokens={self.chunk_tokens}")
+        want = -(-self.num_tokens // self.chunk_tokens)
+        if len(self.block_hashes) != want:
+            raise ValueError(f"kv_transfer_params: {len(self.block_hashes)} block hashes for {self.num_tokens} tokens "
+                             f"in chunks of {self.chunk_tokens} (expected {want})")
