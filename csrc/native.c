@@ -1,7 +1,97 @@
-/* kvrelay native host library (placeholder module body; the kernels work fills it in). */
+/* kvrelay native host library: the CPython binding (module kvrelay._native).
+ *
+ * Owns: argument conversion and GIL release around the copies in kvcopy.c.  Must not touch: torch
+ * (this is a plain C extension; Python passes raw addresses, lengths and strides, see
+ * kvrelay/kernels/native.py, which validates first; kv_validate checks again before any write).
+ */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-static PyMethodDef methods[] = {{NULL, NULL, 0, NULL}};
+#include "kvcopy.h"
+
+#define COPY_NARGS 25
+
+static PyObject *py_copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != COPY_NARGS) {
+        PyErr_Format(PyExc_TypeError, "_native.copy takes %d int arguments, got %zd", COPY_NARGS, nargs);
+        return NULL;
+    }
+    long long v[COPY_NARGS];
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        v[i] = PyLong_AsLongLong(args[i]);
+        if (v[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    kv_job j;
+    int k = 0;
+    j.pack = (int)v[k++];
+    j.base[0] = (char *)(intptr_t)v[k++]; j.extent[0] = v[k++]; j.offset[0] = v[k++];
+    j.base[1] = (char *)(intptr_t)v[k++]; j.extent[1] = v[k++]; j.offset[1] = v[k++];
+    j.num_kv = (int)v[k++];
+    j.block_stride = v[k++]; j.token_stride = v[k++]; j.head_stride = v[k++]; j.row_bytes = v[k++];
+    j.num_blocks = v[k++]; j.block_size = v[k++]; j.cache_heads = v[k++];
+    j.ids = (const int64_t *)(intptr_t)v[k++]; j.num_ids = v[k++];
+    j.token_start = v[k++]; j.token_end = v[k++];
+    j.cache_h0 = v[k++]; j.num_heads = v[k++];
+    j.chunk = (char *)(intptr_t)v[k++]; j.chunk_nbytes = v[k++]; j.chunk_heads = v[k++]; j.chunk_h0 = v[k++];
+    char err[512];
+    int rc;
+    int64_t bytes = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = kv_validate(&j, err, sizeof err);
+    if (rc == 0) bytes = kv_run(&j);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return PyLong_FromLongLong(bytes);
+}
+
+static PyObject *py_set_threads(PyObject *self, PyObject *arg) {
+    (void)self;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1 || n > 256) {
+        PyErr_Format(PyExc_ValueError, "native thread count must be in [1, 256], got %ld", n);
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = kv_set_threads((int)n);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) { PyErr_SetString(PyExc_ValueError, "could not set the native thread count"); return NULL; }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_threads(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return PyLong_FromLong(kv_get_threads());
+}
+
+static PyObject *py_set_threshold(PyObject *self, PyObject *arg) {
+    (void)self;
+    long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    kv_set_parallel_threshold(n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_threshold(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return PyLong_FromLongLong(kv_get_parallel_threshold());
+}
+
+static PyMethodDef methods[] = {
+    {"copy", (PyCFunction)(void (*)(void))py_copy, METH_FASTCALL,
+     "copy(pack, base0, extent0, offset0, base1, extent1, offset1, num_kv, block_stride, token_stride, "
+     "head_stride, row_bytes, num_blocks, block_size, cache_heads, ids_ptr, num_ids, token_start, token_end, "
+     "cache_h0, num_heads, chunk_ptr, chunk_nbytes, chunk_heads, chunk_h0) -> bytes; ValueError on bad bounds"},
+    {"set_num_threads", py_set_threads, METH_O, "set the copy pool size (threads including the caller)"},
+    {"get_num_threads", py_get_threads, METH_NOARGS, "the copy pool size"},
+    {"set_parallel_threshold", py_set_threshold, METH_O, "copies smaller than this many bytes run inline"},
+    {"get_parallel_threshold", py_get_threshold, METH_NOARGS, "see set_parallel_threshold"},
+    {NULL, NULL, 0, NULL}};
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "kvrelay native host library", -1, methods};
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

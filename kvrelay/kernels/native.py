@@ -1,0 +1,66 @@
+"""The fast CPU pack/unpack path: a checked plan handed to the native library (csrc/kvcopy.c).
+
+Owns: reducing a `LayerView` and a `CopyPlan` to the addresses, extents and strides `_native.copy`
+takes, and the native pool settings.  The C side merges contiguous runs into memcpy calls, splits the
+work over its persistent threads with the GIL released, and re-checks every bound before writing.
+Must not touch: validation policy (plan.py) or other devices' tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kvrelay import _native
+from kvrelay.kernels.layout import LayerView
+from kvrelay.kernels.plan import CopyPlan
+
+_threads_env = os.environ.get("KVRELAY_NATIVE_THREADS")
+if _threads_env:
+    try:
+        _native.set_num_threads(int(_threads_env))
+    except ValueError as exc:
+        raise ValueError(f"KVRELAY_NATIVE_THREADS={_threads_env!r} is invalid: {exc}") from None
+
+
+def set_num_threads(n: int) -> None:
+    """Size of the native copy pool (threads including the caller; default 2 or $KVRELAY_NATIVE_THREADS)."""
+    _native.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _native.get_num_threads()
+
+
+def set_parallel_threshold(nbytes: int) -> None:
+    """Copies smaller than ``nbytes`` (default 1 MiB) run on the calling thread alone."""
+    _native.set_parallel_threshold(int(nbytes))
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes addressable from ``t.data_ptr()`` (the tensor's span; strides are non-negative here)."""
+    if t.numel() == 0:
+        return 0
+    return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def copy(view: LayerView, plan: CopyPlan, chunk: torch.Tensor, pack: bool) -> int:
+    """Run one pack (cache -> chunk) or unpack (chunk -> cache) on CPU tensors."""
+    if chunk.device.type != "cpu" or any(t.device.type != "cpu" for t in view.tensors):
+        raise ValueError("the native path takes CPU tensors only; use impl='triton' for device tensors")
+    t0, t1 = view.tensors[0], view.tensors[-1]
+    ids = plan.ids
+    chunk_nbytes = chunk.numel() * chunk.element_size()
+    return _native.copy(
+        1 if pack else 0,
+        t0.data_ptr(), _extent(t0), view.offsets[0],
+        t1.data_ptr(), _extent(t1), view.offsets[-1],
+        len(view.offsets),
+        view.block_stride, view.token_stride, view.head_stride, view.row_bytes,
+        view.num_blocks, view.block_size, view.num_heads,
+        ids.ctypes.data, len(ids),
+        plan.token_start, plan.token_end,
+        plan.cache_h0, plan.num_heads,
+        chunk.data_ptr(), chunk_nbytes, plan.chunk_heads, plan.chunk_h0,
+    )
