@@ -1,0 +1,256 @@
+"""`StoreClient`: the library engines use to talk to a `kvrelay store` daemon.
+
+Owns: the client side of the control protocol (one DEALER socket per calling thread, so pulls that
+wait do not block other threads) and the choice of data path (mapped pool on the same host, or a
+transport).  Must not touch: the daemon's state or the pool allocator.
+
+    c = StoreClient("tcp://127.0.0.1:5600", compat_hash=layout.compat_hash(model_id))
+    c.reserve(request_id, [(key, nbytes), ...])        # all or StoreFullError
+    buf = c.publish_buffer(key); pack_into(buf); c.commit(key, header)
+    hdr = c.pull(key, out, deadline=time.monotonic() + 5)   # waits until committed, verifies checksum
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+import zmq
+
+from kvrelay.keys import ChunkKey
+from kvrelay.store import protocol as P
+from kvrelay.store.core import kid_of
+from kvrelay.store.datapath import SharedPath, TransportPath
+from kvrelay.transfer.wire import ChunkHeader, verify
+
+
+class StoreError(RuntimeError):
+    """The store refused a request or could not be reached; ``code`` says why (see protocol.Reply)."""
+
+    def __init__(self, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StoreFullError(StoreError):
+    """Admission refused: the pool cannot hold the request's chunks even after eviction."""
+
+
+class StoreClient:
+    def __init__(self, address: str, *, transport: str = "shm", compat_hash: str, name: str = "client",
+                 timeout: float = 10.0, staging_bytes: int = 256 << 20) -> None:
+        if not address.startswith("tcp://"):
+            raise ValueError(f"store address {address!r} must look like tcp://127.0.0.1:5600")
+        if not compat_hash:
+            raise ValueError("compat_hash is required (KVLayout.compat_hash(model_id)); it namespaces your chunks")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        self.address, self.transport, self.compat_hash, self.name = address, transport, compat_hash, name
+        self.timeout = timeout
+        self._ctx = zmq.Context()
+        self._tls = threading.local()
+        self._socks: list[zmq.Socket] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._unpin: list[int] = []
+        self._slots: dict[str, P.Slot] = {}
+        self._views: dict[str, torch.Tensor] = {}
+        self._requests: dict[str, set[str]] = {}  # request_id -> kids reserved and not yet committed
+        self._kid_req: dict[str, str] = {}
+        self._closed = False
+        try:
+            info = self._call(P.Hello(name=name, compat_hash=compat_hash, transport=transport)).info
+            self.info = info
+            if transport == "shm":
+                self._path = SharedPath(info["pool_name"], info["pool_bytes"])
+            else:
+                self._path = TransportPath(transport, name, info["endpoints"][transport], staging_bytes, timeout)
+        except BaseException:
+            self._close_sockets()
+            raise
+
+    # --- plumbing ----------------------------------------------------------------------------------
+    def _sock(self) -> zmq.Socket:
+        s = getattr(self._tls, "sock", None)
+        if s is None:
+            if self._closed:
+                raise StoreError("the StoreClient is closed", "closed")
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self.address)
+            self._tls.sock = s
+            with self._lock:
+                self._socks.append(s)
+            if hasattr(self, "_path"):  # a new thread's socket: introduce it (namespace for commits)
+                self._roundtrip(s, P.Hello(name=self.name, compat_hash=self.compat_hash, transport=self.transport),
+                                self.timeout)
+        return s
+
+    def _call(self, req: P.Req, wait: float | None = None) -> P.Reply:
+        return self._roundtrip(self._sock(), req, self.timeout if wait is None else wait)
+
+    def _roundtrip(self, sock: zmq.Socket, req: P.Req, wait: float) -> P.Reply:
+        req.req_id = next(self._ids)
+        with self._lock:
+            req.unpin, self._unpin = self._unpin, []
+        sock.send(P.encode(req))
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"store at {self.address} did not answer {type(req).__name__} within "
+                                     f"{wait:.1f}s: is the daemon running?", "unreachable")
+                continue
+            rep = P.decode_reply(sock.recv())
+            if rep.req_id in (req.req_id, -1):
+                break  # else: a late answer to an earlier call that timed out
+        if not rep.ok:
+            if rep.code == "full":
+                raise StoreFullError(rep.error, rep.code)
+            if rep.code == "timeout":
+                raise TimeoutError(rep.error)
+            raise StoreError(rep.error, rep.code)
+        return rep
+
+    # --- API ---------------------------------------------------------------------------------------
+    def lookup(self, keys: list[ChunkKey]) -> int:
+        return self._call(P.Lookup(keys=list(keys))).count
+
+    def reserve(self, request_id: str, chunks: list[tuple[ChunkKey, int]], ttl: float = 60.0) -> None:
+        keys = [k for k, _ in chunks]
+        slots = self._call(P.Reserve(request_id=request_id, keys=keys, nbytes=[int(n) for _, n in chunks],
+                                     ttl=ttl)).slots
+        with self._lock:
+            for k, s in zip(keys, slots):
+                self._slots[kid_of(k)] = s
+            self._requests.setdefault(request_id, set()).update(kid_of(k) for k in keys)
+            self._kid_req.update((kid_of(k), request_id) for k in keys)
+
+    def publish_buffer(self, key: ChunkKey) -> torch.Tensor:
+        kid = kid_of(key)
+        with self._lock:
+            slot = self._slots.get(kid)
+            view = self._views.get(kid)
+        if slot is None:
+            raise StoreError(f"publish_buffer({kid}): not reserved by this client; call reserve() first", "not_found")
+        if view is None:
+            view = torch.empty(slot.nbytes, dtype=torch.uint8) if slot.present else self._path.publish_view(slot)
+            with self._lock:
+                self._views[kid] = view
+        return view
+
+    def commit(self, key: ChunkKey, header: ChunkHeader) -> None:
+        kid = kid_of(key)
+        with self._lock:
+            slot = self._slots.pop(kid, None)
+            view = self._views.pop(kid, None)
+            rid = self._kid_req.pop(kid, None)
+            if rid is not None and not self._requests[rid].discard(kid) and not self._requests[rid]:
+                del self._requests[rid]
+        if slot is not None and slot.present:
+            return  # the store already had this content-addressed chunk
+        if slot is not None and view is not None:
+            self._path.flush(slot, view, self.timeout)
+        self._call(P.Commit(key=key, header=header))
+
+    def publish(self, key: ChunkKey, header: ChunkHeader, payload) -> None:
+        src = _as_uint8(payload)
+        if src.numel() != header.nbytes:
+            raise ValueError(f"publish({kid_of(key)}): payload is {src.numel()} bytes, header says {header.nbytes}")
+        if kid_of(key) not in self._slots:
+            self.reserve(f"publish:{kid_of(key)}", [(key, header.nbytes)])
+        buf = self.publish_buffer(key)
+        buf.copy_(src)
+        self.commit(key, header)
+
+    def pull(self, key: ChunkKey, out: torch.Tensor, deadline: float, verify_checksum: bool = True) -> ChunkHeader:
+        if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError(f"pull needs a contiguous uint8 CPU tensor, got {out.dtype} on {out.device}")
+        left = deadline - time.monotonic()
+        rep = self._call(P.Pull(key=key, timeout=max(0.0, left)), wait=max(0.0, left) + self.timeout)
+        slot, header = rep.slots[0], rep.header
+        try:
+            if out.numel() < header.nbytes:
+                raise ValueError(f"pull({kid_of(key)}): out has {out.numel()} bytes, the chunk has {header.nbytes}")
+            dst = out[:header.nbytes]
+            self._path.pull_into(slot, dst, max(0.1, deadline - time.monotonic()))
+        finally:
+            with self._lock:
+                self._unpin.append(slot.pin)
+        if verify_checksum:
+            try:
+                verify(header, dst)
+            except ValueError as exc:
+                raise StoreError(f"pull({kid_of(key)}): {exc}", "corrupt") from None
+        return header
+
+    def wait_ready(self, keys: Sequence[ChunkKey], deadline: float) -> None:
+        left = max(0.0, deadline - time.monotonic())
+        self._call(P.WaitReady(keys=list(keys), timeout=left), wait=left + self.timeout)
+
+    def lease(self, keys: Sequence[ChunkKey], ttl: float) -> None:
+        self._call(P.Lease(keys=list(keys), ttl=ttl))
+
+    def release(self, request_id_or_keys: str | Sequence[ChunkKey]) -> None:
+        if isinstance(request_id_or_keys, str):
+            rid = request_id_or_keys
+            with self._lock:
+                for kid in self._requests.pop(rid, set()):
+                    self._slots.pop(kid, None)
+                    self._kid_req.pop(kid, None)
+                    view = self._views.pop(kid, None)
+                    if view is not None:
+                        self._path.discard(view)
+            self._call(P.Release(request_id=rid))
+        else:
+            self._call(P.Release(keys=list(request_id_or_keys)))
+
+    def purge(self, prefix: str | None = None, namespace: str | None = None) -> int:
+        return self._call(P.Purge(prefix=prefix, namespace=namespace)).count
+
+    def stats(self) -> dict:
+        return self._call(P.Stats()).info
+
+    def ping(self) -> None:
+        self._call(P.Ping())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self._unpin:
+                self._call(P.Ping(), wait=1.0)  # hand back pins
+        except (StoreError, zmq.ZMQError):
+            pass
+        self._closed = True
+        path = getattr(self, "_path", None)
+        if path is not None:
+            path.close()
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        self._closed = True
+        with self._lock:
+            for s in self._socks:
+                s.close(linger=0)
+            self._socks.clear()
+        self._ctx.term()
+
+    def __enter__(self) -> "StoreClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _as_uint8(payload) -> torch.Tensor:
+    if isinstance(payload, torch.Tensor):
+        if payload.device.type != "cpu":
+            payload = payload.cpu()
+        return payload.contiguous().view(torch.uint8).reshape(-1)
+    return torch.from_numpy(np.frombuffer(memoryview(payload).cast("B"), dtype=np.uint8).copy())

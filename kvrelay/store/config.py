@@ -1,0 +1,155 @@
+"""The store daemon's configuration: defaults < YAML file < environment (KVRELAY_STORE_*) < flags.
+
+Owns: `StoreConfig` (validated on construction) and its loading.  Must not touch: anything it
+configures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from kvrelay.store.pool import ALIGN
+
+ENV_PREFIX = "KVRELAY_STORE_"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+KNOWN_TRANSPORTS = ("shm", "tcp", "nixl", "nvlink")
+
+
+def parse_size(value: Any, what: str) -> int:
+    """``123``, ``"64MiB"``, ``"2G"`` -> bytes (binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"{what}: cannot parse size {value!r}; use bytes or a number with K/M/G/T, e.g. '1GiB'")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()[:1]])
+
+
+@dataclass(slots=True)
+class StoreConfig:
+    host: str = "127.0.0.1"
+    port: int = 5600  # control plane (ZMQ ROUTER); 0 picks a free port
+    metrics_port: int = 0  # /metrics /healthz /readyz; 0 picks a free port, -1 disables
+    pool_size: int = 1 << 30
+    pool_name: str = ""  # /dev/shm name; default kvrelay-store-<port>
+    max_chunk_bytes: int = 256 << 20
+    ssd_dir: str = ""  # empty disables the SSD tier
+    ssd_size: int = 16 << 30
+    ssd_segment_size: int = 256 << 20
+    ssd_direct: str = "auto"  # auto (measure at start), on, off
+    ssd_fsync: bool = False  # fdatasync segments and journal after each spill (power-loss durability)
+    transports: list[str] = field(default_factory=lambda: ["shm"])
+    reserve_ttl: float = 60.0  # default time a reservation may stay uncommitted
+    chunk_ttl: float = 0.0  # drop chunks not touched for this long (0: never)
+    pull_pin_ttl: float = 30.0  # a pulled chunk stays pinned at most this long while the client copies
+    eviction: str = "lru"
+    ready_file: str = ""  # written (control and metrics addresses) once the daemon serves
+
+    def __post_init__(self) -> None:
+        if self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"host {self.host!r}: the store binds loopback only (127.0.0.1); "
+                             f"expose it through a transport, not the control socket")
+        for name in ("port", "metrics_port"):
+            v = getattr(self, name)
+            if not -1 <= v <= 65535:
+                raise ValueError(f"{name} {v} is outside 0..65535")
+        for name in ("pool_size", "max_chunk_bytes", "ssd_size", "ssd_segment_size"):
+            setattr(self, name, parse_size(getattr(self, name), name))
+        if self.pool_size < ALIGN or self.pool_size % ALIGN:
+            raise ValueError(f"pool_size {self.pool_size} must be a positive multiple of {ALIGN} bytes")
+        if not 0 < self.max_chunk_bytes <= self.pool_size:
+            raise ValueError(f"max_chunk_bytes {self.max_chunk_bytes} must be in 1..pool_size ({self.pool_size})")
+        if self.ssd_dir and self.ssd_segment_size > self.ssd_size:
+            raise ValueError(f"ssd_segment_size {self.ssd_segment_size} exceeds ssd_size {self.ssd_size}")
+        if self.ssd_dir and self.ssd_segment_size < self.max_chunk_bytes + 2 * ALIGN:
+            raise ValueError(f"ssd_segment_size {self.ssd_segment_size} must hold a chunk of max_chunk_bytes "
+                             f"({self.max_chunk_bytes}) plus {2 * ALIGN}; raise it or lower max_chunk_bytes")
+        if self.ssd_direct not in ("auto", "on", "off"):
+            raise ValueError(f"ssd_direct {self.ssd_direct!r}: choose auto, on or off")
+        if isinstance(self.transports, str):
+            self.transports = [t for t in self.transports.split(",") if t]
+        bad = [t for t in self.transports if t not in KNOWN_TRANSPORTS]
+        if bad or not self.transports:
+            raise ValueError(f"transports {self.transports}: choose from {', '.join(KNOWN_TRANSPORTS)}")
+        for name in ("reserve_ttl", "pull_pin_ttl"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.chunk_ttl < 0:
+            raise ValueError(f"chunk_ttl must be >= 0 (0 disables), got {self.chunk_ttl}")
+        if self.eviction != "lru":
+            raise ValueError(f"eviction policy {self.eviction!r} is not supported; use 'lru'")
+        if not self.pool_name:
+            self.pool_name = f"kvrelay-store-{self.port}-{os.getpid()}" if self.port == 0 else \
+                f"kvrelay-store-{self.port}"
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | None = None, env: dict[str, str] | None = None,
+                     overrides: dict[str, Any] | None = None) -> "StoreConfig":
+        names = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        if yaml_path:
+            with open(yaml_path) as fh:
+                data = yaml.safe_load(fh) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{yaml_path}: expected a mapping of store options, got {type(data).__name__}")
+            unknown = sorted(set(data) - set(names))
+            if unknown:
+                raise ValueError(f"{yaml_path}: unknown store options {unknown}; known: {sorted(names)}")
+            values.update(data)
+        for k, v in (os.environ if env is None else env).items():
+            if k.startswith(ENV_PREFIX):
+                name = k[len(ENV_PREFIX):].lower()
+                if name not in names:
+                    raise ValueError(f"environment variable {k}: unknown store option {name!r}")
+                values[name] = _coerce(v, names[name].type, k)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls(**values)
+
+
+def _coerce(raw: str, typ: Any, what: str) -> Any:
+    t = str(typ)
+    try:
+        if t in ("int", "<class 'int'>"):
+            return int(raw) if raw.strip().lstrip("-").isdigit() else raw  # sizes keep their units
+        if t in ("float", "<class 'float'>"):
+            return float(raw)
+        if t in ("bool", "<class 'bool'>"):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+    except ValueError:
+        raise ValueError(f"{what}={raw!r} is not a valid {t}") from None
+    return raw
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of store options (keys as below, with underscores)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--metrics-port", type=int)
+    p.add_argument("--pool-size", help="host-memory pool, e.g. 4GiB")
+    p.add_argument("--pool-name")
+    p.add_argument("--max-chunk-bytes")
+    p.add_argument("--ssd-dir", help="directory of the SSD tier (segments + journal); empty disables it")
+    p.add_argument("--ssd-size")
+    p.add_argument("--ssd-segment-size")
+    p.add_argument("--ssd-direct", choices=["auto", "on", "off"])
+    p.add_argument("--ssd-fsync", action="store_const", const=True)
+    p.add_argument("--transports", help="comma-separated: shm,tcp,nixl,nvlink")
+    p.add_argument("--reserve-ttl", type=float)
+    p.add_argument("--chunk-ttl", type=float)
+    p.add_argument("--pull-pin-ttl", type=float)
+    p.add_argument("--eviction")
+    p.add_argument("--ready-file", help="write the daemon's addresses (JSON) here once it serves")
+
+
+def from_args(args: argparse.Namespace) -> StoreConfig:
+    over = {k: v for k, v in vars(args).items() if k != "config"}
+    return StoreConfig.from_sources(args.config, overrides=over)

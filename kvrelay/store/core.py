@@ -1,0 +1,359 @@
+"""The store's logic: admission, commit, lookup, pull, leases, eviction, expiry, background spill.
+
+Owns: the rules that move chunks between states and tiers (under one lock).  Must not touch: sockets
+(server.py), the on-disk format (ssd.py) or the allocator internals (pool.py).
+
+Eviction: ``reserve`` makes room by dropping the in-memory copy of unpinned LRU chunks, clean ones (already
+on SSD) first, then dirty ones (lost, counted); if pinned and reserved bytes leave no room it refuses
+with `OpError("full")`.  Every committed chunk is queued for write-behind to SSD on a background thread:
+publishers never wait for the disk.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+
+import xxhash
+
+from kvrelay.keys import ChunkKey
+from kvrelay.store.config import StoreConfig
+from kvrelay.store.index import Entry, Index, State
+from kvrelay.store.pool import Arena, SharedPool, align_up
+from kvrelay.store.protocol import Slot
+from kvrelay.store.ssd import SsdTier, parse_key
+from kvrelay.transfer.wire import ChunkHeader
+
+
+class OpError(Exception):
+    """A request the store refuses; ``code`` goes into the reply (bad_request, full, not_found, corrupt)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def kid_of(key: ChunkKey) -> str:
+    return f"{key.block_hash}:{key.layer}:{key.head_start}:{key.head_end}"
+
+
+class StoreCore:
+    def __init__(self, cfg: StoreConfig) -> None:
+        self.cfg = cfg
+        self.pool = SharedPool(cfg.pool_name, cfg.pool_size, create=True)
+        self.arena = Arena(cfg.pool_size)
+        self.ix = Index()
+        self.lock = threading.RLock()
+        self.counters: Counter[str] = Counter()
+        self.ssd: SsdTier | None = None
+        self._spill_q: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
+        self._spiller: threading.Thread | None = None
+        self.recovered = self.recover_dropped = 0
+        if cfg.ssd_dir:
+            self.ssd = SsdTier(cfg.ssd_dir, cfg.ssd_size, cfg.ssd_segment_size, cfg.ssd_direct, cfg.ssd_fsync)
+            now = time.monotonic()
+            recs, self.recover_dropped = self.ssd.recover()
+            for r in recs:
+                e = Entry(r.key, kid_of(r.key), r.header.nbytes, State.READY, header=r.header,
+                          namespace=r.header.compat_hash, last_access=now, ssd=r.loc)
+                self.ix.add_recovered(e)
+            self.recovered = len(recs)
+            self._spiller = threading.Thread(target=self._spill_loop, name="kvrelay-spill", daemon=True)
+            self._spiller.start()
+
+    # --- queries -----------------------------------------------------------------------------------
+    def lookup(self, keys: list[ChunkKey], record: bool = True) -> int:
+        with self.lock:
+            n = 0
+            for k in keys:
+                e = self.ix.get(kid_of(k))
+                if e is None or e.state is not State.READY:
+                    break
+                n += 1
+            if not record:
+                return n
+            self.counters["lookups"] += 1
+            self.counters["lookup_hits"] += n > 0
+            self.counters["lookup_chunks"] += len(keys)
+            self.counters["lookup_chunks_hit"] += n
+            return n
+
+    # --- admission and publish ---------------------------------------------------------------------
+    def reserve(self, request_id: str, keys: list[ChunkKey], sizes: list[int], ttl: float,
+                namespace: str) -> list[Slot]:
+        if len(keys) != len(sizes):
+            raise OpError("bad_request", f"reserve: {len(keys)} keys but {len(sizes)} sizes")
+        if not 0 < ttl <= 86400:
+            raise OpError("bad_request", f"reserve ttl {ttl} must be in (0, 86400] seconds")
+        for k, n in zip(keys, sizes):
+            if not 0 < n <= self.cfg.max_chunk_bytes:
+                raise OpError("bad_request", f"chunk {kid_of(k)} of {n} bytes: chunks must be 1..max_chunk_bytes "
+                                             f"({self.cfg.max_chunk_bytes}); split it or raise max_chunk_bytes")
+        now = time.monotonic()
+        with self.lock:
+            slots: list[Slot | None] = [None] * len(keys)
+            todo = []
+            for i, (k, n) in enumerate(zip(keys, sizes)):
+                e = self.ix.get(kid_of(k))
+                if e is None:
+                    todo.append(i)
+                elif e.state is State.READY:
+                    self.ix.touch(e, now)
+                    slots[i] = Slot(-1, e.nbytes, present=True)
+                elif e.nbytes != n:
+                    raise OpError("bad_request", f"chunk {e.kid} is already reserved with {e.nbytes} bytes, not {n}")
+                else:  # reserved by someone else: share the reservation
+                    slots[i] = Slot(e.offset, e.nbytes)
+            need = sum(align_up(sizes[i]) for i in dict.fromkeys(todo))
+            pinned = sum(align_up(e.nbytes) for e in self._pinned_in_memory())
+            if need > self.arena.capacity - self.arena_reserved() - pinned:
+                self.counters["admission_refusals"] += 1
+                raise OpError("full", f"store pool full: request {request_id!r} needs {need} bytes, the pool has "
+                                      f"{self.arena.capacity} of which {self.arena_reserved()} are reserved and "
+                                      f"{pinned} pinned; raise pool_size, release leases or retry later")
+            done: list[tuple[int, int]] = []
+            for i in todo:
+                k = keys[i]
+                kid = kid_of(k)
+                if kid in self.ix.entries:  # duplicate key within this request
+                    e = self.ix.entries[kid]
+                    slots[i] = Slot(e.offset, e.nbytes)
+                    continue
+                off = self._alloc(sizes[i])
+                if off is None:
+                    for j, o in done:
+                        self.arena.free(o, sizes[j])
+                        self.ix.remove(self.ix.entries[kid_of(keys[j])])
+                    self.counters["admission_refusals"] += 1
+                    raise OpError("full", f"store pool full: no contiguous {sizes[i]}-byte range for request "
+                                          f"{request_id!r} after evicting every unpinned chunk; raise pool_size")
+                done.append((i, off))
+                self.ix.add_reserved(Entry(k, kid, sizes[i], State.RESERVED, offset=off, request_id=request_id,
+                                           namespace=namespace, deadline=now + ttl, last_access=now))
+                slots[i] = Slot(off, sizes[i])
+            return slots  # type: ignore[return-value]
+
+    def arena_reserved(self) -> int:
+        return self.ix.reserved_bytes
+
+    def _pinned_in_memory(self) -> list[Entry]:
+        kids = {p.kid for p in self.ix.pins.values()}
+        return [e for k in kids if (e := self.ix.entries.get(k)) is not None and e.offset >= 0]
+
+    def _alloc(self, nbytes: int) -> int | None:
+        off = self.arena.alloc(nbytes)
+        if off is not None:
+            return off
+        for dirty_ok in (False, True):
+            for kid in list(self.ix.lru):
+                e = self.ix.entries[kid]
+                if e.pins or e.spilling or (e.ssd is None and not dirty_ok):
+                    continue
+                self._evict_memory(e)
+                off = self.arena.alloc(nbytes)
+                if off is not None:
+                    return off
+        return None
+
+    def _evict_memory(self, e: Entry) -> None:
+        self.arena.free(e.offset, e.nbytes)
+        self.ix.set_memory(e, -1)
+        self.counters["evictions_memory"] += 1
+        if e.ssd is None:
+            self.counters["evictions_dropped"] += 1
+            self.ix.remove(e)
+
+    def commit(self, key: ChunkKey, header: ChunkHeader, namespace: str) -> bool:
+        """Verify and mark ready; returns False if the chunk was already present (nothing to do)."""
+        kid = kid_of(key)
+        with self.lock:
+            e = self.ix.get(kid)
+            if e is None:
+                raise OpError("not_found", f"commit of {kid}: no reservation (it expired or was released); "
+                                           f"reserve before publishing")
+            if e.state is State.READY:
+                return False
+            if namespace and header.compat_hash != namespace:
+                raise OpError("bad_request", f"commit of {kid}: header compat hash {header.compat_hash} differs from "
+                                             f"this client's {namespace}")
+            if header.nbytes != e.nbytes:
+                raise OpError("bad_request", f"commit of {kid}: header says {header.nbytes} bytes, reserved "
+                                             f"{e.nbytes}")
+            got = xxhash.xxh3_64_intdigest(self.pool.view[e.offset:e.offset + e.nbytes])
+            if got != header.checksum:
+                self.counters["checksum_failures"] += 1
+                raise OpError("corrupt", f"commit of {kid}: checksum mismatch (header {header.checksum:#018x}, "
+                                         f"pool slot {got:#018x}); the slot was not fully written")
+            self.ix.mark_ready(e, header, time.monotonic())
+            self.counters["commits"] += 1
+        if self.ssd is not None:
+            self._spill_q.put(kid)
+        return True
+
+    # --- pull --------------------------------------------------------------------------------------
+    def acquire(self, key: ChunkKey) -> tuple[Slot, ChunkHeader] | None:
+        """If the chunk is ready, make sure it is in memory, pin it and return its slot; else None."""
+        kid = kid_of(key)
+        now = time.monotonic()
+        with self.lock:
+            e = self.ix.get(kid)
+            if e is None or e.state is not State.READY:
+                return None
+            if e.offset < 0:
+                self._promote(e)
+            self.ix.touch(e, now)
+            pid = self.ix.add_pin(e, now + self.cfg.pull_pin_ttl, lease=False)
+            self.counters["pulls"] += 1
+            return Slot(e.offset, e.nbytes, pin=pid), e.header
+
+    def _promote(self, e: Entry) -> None:
+        off = self._alloc(e.nbytes)
+        if off is None:
+            raise OpError("full", f"cannot bring {e.kid} back from SSD: the pool has no room (all pinned or reserved)")
+        assert self.ssd is not None and e.ssd is not None
+        if not self.ssd.read_into(e.ssd, self.pool.view[off:off + align_up(e.nbytes)], e.header.checksum):
+            self.arena.free(off, e.nbytes)
+            self.ssd.drop(e.key, e.ssd)
+            self.ix.remove(e)
+            self.counters["checksum_failures"] += 1
+            raise OpError("corrupt", f"chunk {e.kid} failed its checksum on SSD and was dropped; recompute it")
+        self.ix.set_memory(e, off)
+        self.counters["ssd_promotions"] += 1
+
+    # --- leases, release, purge, expiry --------------------------------------------------------------
+    def lease(self, keys: list[ChunkKey], ttl: float) -> list[int]:
+        if not 0 < ttl <= 86400:
+            raise OpError("bad_request", f"lease ttl {ttl} must be in (0, 86400] seconds")
+        now = time.monotonic()
+        with self.lock:
+            out = []
+            for k in keys:
+                e = self.ix.get(kid_of(k))
+                if e is None:
+                    raise OpError("not_found", f"lease of {kid_of(k)}: unknown chunk")
+                out.append(self.ix.add_pin(e, now + ttl, lease=True))
+            return out
+
+    def unpin(self, pids: list[int]) -> None:
+        with self.lock:
+            for p in pids:
+                self.ix.drop_pin(p)
+
+    def release(self, request_id: str, keys: list[ChunkKey]) -> int:
+        n = 0
+        with self.lock:
+            for kid in list(self.ix.requests.get(request_id, ())) if request_id else []:
+                e = self.ix.entries[kid]
+                if e.pins == 0:
+                    self._drop(e)
+                    n += 1
+            wanted = {kid_of(k) for k in keys}
+            for pid, p in list(self.ix.pins.items()):
+                if p.lease and p.kid in wanted:
+                    self.ix.drop_pin(pid)
+                    n += 1
+        return n
+
+    def purge(self, prefix: str | None, namespace: str | None) -> int:
+        with self.lock:
+            victims = [e for e in self.ix.entries.values() if e.pins == 0 and not e.spilling
+                       and (prefix is None or e.key.block_hash.startswith(prefix))
+                       and (namespace is None or e.namespace == namespace)]
+            for e in victims:
+                self._drop(e)
+            self.counters["purged"] += len(victims)
+            return len(victims)
+
+    def _drop(self, e: Entry) -> None:
+        if e.offset >= 0:
+            self.arena.free(e.offset, e.nbytes)
+        if e.ssd is not None and self.ssd is not None:
+            self.ssd.drop(e.key, e.ssd)
+        self.ix.remove(e)
+
+    def sweep(self) -> None:
+        """Expire reservations, pins and (with chunk_ttl) idle chunks."""
+        now = time.monotonic()
+        with self.lock:
+            for pid, p in list(self.ix.pins.items()):
+                if p.expires <= now:
+                    self.ix.drop_pin(pid)
+                    self.counters["lease_expiries" if p.lease else "pull_pin_expiries"] += 1
+            for kids in list(self.ix.requests.values()):
+                for kid in list(kids):
+                    e = self.ix.entries[kid]
+                    if e.deadline <= now and e.pins == 0:
+                        self._drop(e)
+                        self.counters["reservation_expiries"] += 1
+            if self.cfg.chunk_ttl:
+                for e in [e for e in self.ix.entries.values() if e.state is State.READY and e.pins == 0
+                          and not e.spilling and now - e.last_access > self.cfg.chunk_ttl]:
+                    self._drop(e)
+                    self.counters["ttl_expiries"] += 1
+
+    # --- background spill --------------------------------------------------------------------------
+    def _spill_loop(self) -> None:
+        while (kid := self._spill_q.get()) is not None:
+            with self.lock:
+                e = self.ix.get(kid)
+                if e is None or e.offset < 0 or e.ssd is not None or e.state is not State.READY:
+                    continue
+                e.spilling = True
+                view = self.pool.view[e.offset:e.offset + align_up(e.nbytes)]
+            try:
+                loc, evicted = self.ssd.append(e.key, e.header, view)
+            except (OSError, ValueError) as exc:
+                with self.lock:
+                    e.spilling = False
+                    self.counters["spill_errors"] += 1
+                    self.last_spill_error = str(exc)
+                continue
+            finally:
+                view.release()
+            with self.lock:
+                e.spilling = False
+                for k in evicted:
+                    v = self.ix.get(k)
+                    if v is not None and v.ssd is not None and v.ssd.seg != loc.seg:
+                        self.ix.set_ssd(v, None)
+                        self.counters["evictions_ssd"] += 1
+                        if v.offset < 0:
+                            self.ix.remove(v)
+                if self.ix.get(kid) is e:
+                    self.ix.set_ssd(e, loc)
+                else:
+                    self.ssd.drop(e.key, loc)
+
+    def flush_spill(self, timeout: float) -> bool:
+        """Wait until the spill queue is empty (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while not self._spill_q.empty() or any(e.spilling for e in list(self.ix.entries.values())):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def stats(self) -> dict:
+        with self.lock:
+            ix = self.ix
+            return {"pool_bytes": self.arena.capacity, "pool_used_bytes": self.arena.used,
+                    "memory_chunks": len(ix.lru), "memory_bytes": ix.mem_bytes,
+                    "reserved_chunks": sum(len(v) for v in ix.requests.values()), "reserved_bytes": ix.reserved_bytes,
+                    "ssd_chunks": ix.ssd_chunks, "ssd_bytes": ix.ssd_bytes, "chunks": len(ix.entries),
+                    "pins": len(ix.pins), "recovered": self.recovered, "recover_dropped": self.recover_dropped,
+                    "ssd_direct": bool(self.ssd and self.ssd.direct),
+                    "ssd_bytes_written": self.ssd.bytes_written if self.ssd else 0,
+                    "ssd_write_seconds": self.ssd.write_seconds if self.ssd else 0.0,
+                    "ssd_bytes_read": self.ssd.bytes_read if self.ssd else 0,
+                    "ssd_read_seconds": self.ssd.read_seconds if self.ssd else 0.0,
+                    **dict(self.counters)}
+
+    def close(self) -> None:
+        if self._spiller is not None:
+            self._spill_q.put(None)
+            self._spiller.join(timeout=10)
+        if self.ssd is not None:
+            self.ssd.close()
+        self.pool.close()

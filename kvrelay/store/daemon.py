@@ -1,0 +1,90 @@
+"""`kvrelay store`: start the store daemon (pool, SSD recovery, transports, control loop, metrics).
+
+Owns: process wiring, signals and the ready file.  Must not touch: store rules (core.py), the protocol
+(protocol.py) or transports' internals (it only creates endpoints and registers the pool with them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from kvrelay.store.config import from_args, add_arguments, StoreConfig
+from kvrelay.store.core import StoreCore
+from kvrelay.store.datapath import STORE_COMPAT
+from kvrelay.store.metrics import StoreMetrics
+from kvrelay.store.server import StoreServer
+
+log = logging.getLogger("kvrelay.store")
+
+
+def open_endpoints(cfg: StoreConfig, core: StoreCore) -> tuple[dict[str, dict], list]:
+    """Create one transport endpoint per configured remote transport and register the pool with it."""
+    endpoints: dict[str, dict] = {}
+    opened = []
+    for name in cfg.transports:
+        if name == "shm":
+            continue  # same host: clients map the pool directly
+        try:
+            from kvrelay.transfer import create_transport
+        except ImportError as exc:
+            raise ValueError(f"transport {name!r} requested but kvrelay.transfer.create_transport is not "
+                             f"available ({exc}); serve --transports shm") from None
+        t = create_transport(name, "kvrelay-store", STORE_COMPAT, cfg.host, 0)
+        region = t.register(core.pool.mm)
+        opened.append(t)
+        endpoints[name] = {"address": t.address, "region_id": region.region_id}
+    return endpoints, opened
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvrelay store", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log_level = args.__dict__.pop("log_level")
+    del log_level
+    try:
+        cfg = from_args(args)
+    except ValueError as exc:
+        print(f"kvrelay store: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    core = StoreCore(cfg)
+    metrics = StoreMetrics(core.stats)
+    transports: list = []
+    server = None
+    try:
+        endpoints, transports = open_endpoints(cfg, core)
+        server = StoreServer(core, metrics, cfg.host, cfg.port, endpoints)
+        mport = metrics.serve(cfg.metrics_port) if cfg.metrics_port >= 0 else -1
+
+        def stop(signum, frame) -> None:
+            server.running = False
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        metrics.ready = True
+        info = {"address": server.address, "metrics_port": mport, "pid": os.getpid(), "pool_name": cfg.pool_name,
+                "recovered": core.recovered, "recover_dropped": core.recover_dropped,
+                "startup_seconds": time.monotonic() - t0, "endpoints": endpoints,
+                "ssd_direct": bool(core.ssd and core.ssd.direct)}
+        log.info("store serving %s (metrics :%s, pool %d bytes, recovered %d chunks, dropped %d) in %.2fs",
+                 server.address, mport, cfg.pool_size, core.recovered, core.recover_dropped, info["startup_seconds"])
+        if cfg.ready_file:
+            tmp = cfg.ready_file + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(info, fh)
+            os.replace(tmp, cfg.ready_file)
+        server.serve_forever()
+    finally:
+        metrics.close()
+        for t in transports:
+            t.close()
+        core.close()
+    return 0

@@ -1,0 +1,113 @@
+"""How a client's bytes reach the store's pool: mapped shared memory (same host) or a transport.
+
+Owns: `SharedPath` (maps the pool; publish in place, pull by one copy) and `TransportPath` (a local
+registered staging region + one-sided read/write of descriptors through a `kvrelay.transfer` endpoint).
+Must not touch: the control protocol (client.py) or the pool allocator in the daemon.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from kvrelay.store.pool import ALIGN, Arena, SharedPool, align_up
+from kvrelay.store.protocol import Slot
+
+STORE_COMPAT = "kvrelay-store-v1"
+
+
+class SharedPath:
+    """Same host: the pool is mapped; slots are tensors aliasing it."""
+
+    name = "shm"
+
+    def __init__(self, pool_name: str, pool_bytes: int) -> None:
+        self.pool = SharedPool(pool_name, pool_bytes)
+        self.tensor = torch.frombuffer(self.pool.mm, dtype=torch.uint8)
+        self._pinned = False
+        if torch.cuda.is_available():  # page-locked so GPU <-> pool copies are DMA
+            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.tensor.numel(), 0)
+            self._pinned = int(err) == 0
+
+    def publish_view(self, slot: Slot) -> torch.Tensor:
+        return self.tensor[slot.offset:slot.offset + slot.nbytes]
+
+    def flush(self, slot: Slot, view: torch.Tensor, timeout: float) -> None:
+        pass  # already in the pool
+
+    def discard(self, view: torch.Tensor) -> None:
+        pass
+
+    def pull_into(self, slot: Slot, out: torch.Tensor, timeout: float) -> None:
+        out.copy_(self.tensor[slot.offset:slot.offset + slot.nbytes])
+
+    def close(self) -> None:
+        if self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+        self.tensor = None
+        self.pool.close()
+
+
+class TransportPath:
+    """Another host (or any transport): stage locally, move with one-sided transfers."""
+
+    def __init__(self, transport: str, agent_name: str, endpoint: dict, staging_bytes: int,
+                 timeout: float) -> None:
+        from kvrelay.transfer import create_transport
+        self.name = transport
+        self.t = create_transport(transport, agent_name, STORE_COMPAT, "127.0.0.1", 0)
+        self.staging = torch.zeros(align_up(staging_bytes), dtype=torch.uint8)
+        self.local_region = self.t.register(self.staging).region_id
+        self.remote_region = int(endpoint["region_id"])
+        self.peer = self.t.connect(endpoint["address"], timeout=timeout)
+        self.arena = Arena(self.staging.numel())
+        self.lock = threading.Lock()
+        self._views: dict[int, tuple[int, int]] = {}  # data_ptr -> (offset, nbytes)
+
+    def _alloc(self, nbytes: int) -> torch.Tensor:
+        with self.lock:
+            off = self.arena.alloc(nbytes)
+        if off is None:
+            raise ValueError(f"client staging region of {self.arena.capacity} bytes is full ({nbytes} more "
+                             f"needed); pass a larger staging_bytes to StoreClient or commit sooner")
+        view = self.staging[off:off + nbytes]
+        self._views[view.data_ptr()] = (off, nbytes)
+        return view
+
+    def publish_view(self, slot: Slot) -> torch.Tensor:
+        return self._alloc(slot.nbytes)
+
+    def discard(self, view: torch.Tensor) -> None:
+        loc = self._views.pop(view.data_ptr(), None)
+        if loc is not None:
+            with self.lock:
+                self.arena.free(*loc)
+
+    def flush(self, slot: Slot, view: torch.Tensor, timeout: float) -> None:
+        from kvrelay.transfer.base import Desc
+        off, n = self._views[view.data_ptr()]
+        try:
+            with self.t.write(self.peer, [Desc(self.local_region, off, self.remote_region, slot.offset, n)],
+                              timeout=timeout) as h:
+                h.result(timeout)
+        finally:
+            self.discard(view)
+
+    def pull_into(self, slot: Slot, out: torch.Tensor, timeout: float) -> None:
+        from kvrelay.transfer.base import Desc
+        view = self._alloc(slot.nbytes)
+        off = self._views[view.data_ptr()][0]
+        try:
+            with self.t.read(self.peer, [Desc(self.local_region, off, self.remote_region, slot.offset, slot.nbytes)],
+                             timeout=timeout) as h:
+                h.result(timeout)
+            out.copy_(view)
+        finally:
+            self.discard(view)
+
+    def close(self) -> None:
+        self.t.close()
+
+
+__all__ = ["SharedPath", "TransportPath", "STORE_COMPAT", "ALIGN"]

@@ -1,0 +1,137 @@
+"""The store's control-plane protocol: msgspec structs sent over ZMQ (client DEALER -> daemon ROUTER).
+
+Owns: the request/reply structs and their encoding.  Must not touch: storage (pool, index, SSD) or
+the bytes of chunks (those move through the shared pool or a transport, never through this socket).
+
+Every request carries ``version`` and ``req_id``; the daemon answers every request with exactly one
+`Reply` carrying the same ``req_id`` (``ok=False`` plus ``error``/``code`` on failure, including
+malformed messages it cannot decode, which are answered with ``req_id=-1``).
+
+Versions:
+  1  first version.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from kvrelay.keys import ChunkKey
+from kvrelay.transfer.wire import ChunkHeader
+
+PROTOCOL_VERSION = 1
+
+
+class Req(msgspec.Struct, tag_field="op", kw_only=True):
+    version: int = PROTOCOL_VERSION
+    req_id: int = 0
+    # pins the client no longer needs (piggybacked so pulls cost one round trip)
+    unpin: list[int] = []
+
+
+class Hello(Req, tag="hello"):
+    name: str
+    compat_hash: str
+    transport: str = "shm"
+
+
+class Lookup(Req, tag="lookup"):
+    keys: list[ChunkKey]
+
+
+class Reserve(Req, tag="reserve"):
+    request_id: str
+    keys: list[ChunkKey]
+    nbytes: list[int]
+    ttl: float = 60.0
+
+
+class Commit(Req, tag="commit"):
+    key: ChunkKey
+    header: ChunkHeader
+
+
+class Pull(Req, tag="pull"):
+    key: ChunkKey
+    timeout: float  # seconds from now the client is willing to wait
+
+
+class WaitReady(Req, tag="wait"):
+    keys: list[ChunkKey]
+    timeout: float
+
+
+class Lease(Req, tag="lease"):
+    keys: list[ChunkKey]
+    ttl: float
+
+
+class Release(Req, tag="release"):
+    request_id: str = ""
+    keys: list[ChunkKey] = []
+
+
+class Purge(Req, tag="purge"):
+    prefix: str | None = None
+    namespace: str | None = None
+
+
+class Stats(Req, tag="stats"):
+    pass
+
+
+class Ping(Req, tag="ping"):
+    pass
+
+
+Request = Union[Hello, Lookup, Reserve, Commit, Pull, WaitReady, Lease, Release, Purge, Stats, Ping]
+
+
+class Slot(msgspec.Struct, array_like=True):
+    """Where a chunk lives in the pool: ``offset``/``nbytes`` in region ``region``; ``present`` means the
+    chunk was already stored (nothing to write); ``pin`` > 0 is a pin the client must give back."""
+
+    offset: int
+    nbytes: int
+    present: bool = False
+    pin: int = 0
+
+
+class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    req_id: int
+    ok: bool = True
+    code: str = ""  # on error: "bad_request", "full", "timeout", "not_found", "corrupt", "version", "internal"
+    error: str = ""
+    count: int = 0
+    slots: list[Slot] = []
+    header: ChunkHeader | None = None
+    info: dict = {}
+
+
+_enc = msgspec.msgpack.Encoder()
+_req_dec = msgspec.msgpack.Decoder(Request)
+_rep_dec = msgspec.msgpack.Decoder(Reply)
+
+
+def encode(msg: Req | Reply) -> bytes:
+    return _enc.encode(msg)
+
+
+def decode_request(data: bytes) -> Request:
+    """Decode a request; raises ValueError naming the problem (malformed, unknown op, other version)."""
+    try:
+        req = _req_dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f"malformed store request: {exc}") from None
+    if req.version != PROTOCOL_VERSION:
+        raise ValueError(f"store protocol version {req.version} is not supported (daemon speaks "
+                         f"{PROTOCOL_VERSION}); upgrade the older side")
+    return req
+
+
+def decode_reply(data: bytes) -> Reply:
+    try:
+        return _rep_dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f"malformed store reply: {exc}") from None

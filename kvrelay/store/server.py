@@ -1,0 +1,197 @@
+"""The daemon's control loop: a ZMQ ROUTER on 127.0.0.1 that answers every request exactly once.
+
+Owns: sessions (one per client socket), waiters (pulls and wait_ready parked until their chunk is
+committed or their deadline passes, woken by the commit, never by polling), dispatch and error replies.
+Must not touch: storage rules (core.py) or chunk bytes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+
+import zmq
+
+from kvrelay.store import protocol as P
+from kvrelay.store.core import OpError, StoreCore, kid_of
+from kvrelay.store.metrics import StoreMetrics
+
+log = logging.getLogger("kvrelay.store")
+SWEEP_INTERVAL = 0.25  # housekeeping (expiry) period and the longest the loop sleeps
+
+
+@dataclass(eq=False)
+class Waiter:
+    ident: bytes
+    req: P.Pull | P.WaitReady
+    deadline: float
+    start: float
+    done: bool = False
+
+
+class StoreServer:
+    def __init__(self, core: StoreCore, metrics: StoreMetrics, host: str, port: int,
+                 endpoints: dict[str, dict] | None = None) -> None:
+        self.core = core
+        self.metrics = metrics
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if port == 0:
+            self.port = self.sock.bind_to_random_port(f"tcp://{host}")
+        else:
+            self.sock.bind(f"tcp://{host}:{port}")
+            self.port = port
+        self.address = f"tcp://{host}:{self.port}"
+        self.endpoints = endpoints or {}
+        self.sessions: dict[bytes, P.Hello] = {}
+        self.waiters: dict[str, list[Waiter]] = {}
+        self.deadlines: list[tuple[float, int, Waiter]] = []
+        self._seq = itertools.count()
+        self.running = True
+
+    # --- loop --------------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        next_sweep = time.monotonic() + SWEEP_INTERVAL
+        while self.running:
+            now = time.monotonic()
+            wait = min(next_sweep, self.deadlines[0][0] if self.deadlines else next_sweep) - now
+            if poller.poll(max(0, int(wait * 1000) + 1)):
+                for _ in range(256):  # drain a burst without re-polling
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_message(frames)
+            now = time.monotonic()
+            self.metrics.heartbeat = now
+            self._expire_waiters(now)
+            if now >= next_sweep:
+                self.core.sweep()
+                next_sweep = now + SWEEP_INTERVAL
+        self.sock.close()
+        self.ctx.term()
+
+    def _send(self, ident: bytes, reply: P.Reply) -> None:
+        if not reply.ok:
+            self.core.counters["bad_requests"] += 1
+        try:
+            self.sock.send_multipart([ident, P.encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the client went away; nothing else to do
+            log.debug("reply to a gone client dropped: %s", exc)
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        if len(frames) != 2:
+            self._send(ident, P.Reply(req_id=-1, ok=False, code="bad_request",
+                                      error=f"expected one message frame, got {len(frames) - 1}"))
+            return
+        try:
+            req = P.decode_request(frames[1])
+        except ValueError as exc:
+            code = "version" if "version" in str(exc) and "not supported" in str(exc) else "bad_request"
+            self._send(ident, P.Reply(req_id=-1, ok=False, code=code, error=str(exc)))
+            return
+        try:
+            if req.unpin:
+                self.core.unpin(req.unpin)
+            reply = self._dispatch(ident, req)
+        except OpError as exc:
+            reply = P.Reply(req_id=req.req_id, ok=False, code=exc.code, error=str(exc))
+        except Exception as exc:  # a bug: answer, log, keep serving
+            log.error("internal error on %s: %s", type(req).__name__, traceback.format_exc())
+            reply = P.Reply(req_id=req.req_id, ok=False, code="internal", error=f"{type(exc).__name__}: {exc}")
+        if reply is not None:
+            self._send(ident, reply)
+
+    # --- requests ----------------------------------------------------------------------------------
+    def _dispatch(self, ident: bytes, req: P.Request) -> P.Reply | None:
+        core = self.core
+        if isinstance(req, P.Hello):
+            if req.transport != "shm" and req.transport not in self.endpoints:
+                raise OpError("bad_request", f"transport {req.transport!r} is not served by this store; it serves "
+                                             f"{['shm', *self.endpoints]}: start it with --transports")
+            self.sessions[ident] = req
+            return P.Reply(req_id=req.req_id, info={"pool_name": core.pool.name, "pool_bytes": core.pool.nbytes,
+                                                    "endpoints": self.endpoints, "protocol": P.PROTOCOL_VERSION})
+        ns = self.sessions[ident].compat_hash if ident in self.sessions else ""
+        if isinstance(req, P.Lookup):
+            return P.Reply(req_id=req.req_id, count=core.lookup(req.keys))
+        if isinstance(req, P.Reserve):
+            return P.Reply(req_id=req.req_id, slots=core.reserve(req.request_id, req.keys, req.nbytes, req.ttl, ns))
+        if isinstance(req, P.Commit):
+            fresh = core.commit(req.key, req.header, ns)
+            if fresh:
+                self._wake(kid_of(req.key))
+            return P.Reply(req_id=req.req_id, count=int(fresh))
+        if isinstance(req, (P.Pull, P.WaitReady)):
+            now = time.monotonic()
+            return self._try_waiter(Waiter(ident, req, now + max(0.0, req.timeout), now), park=True)
+        if isinstance(req, P.Lease):
+            return P.Reply(req_id=req.req_id, count=len(core.lease(req.keys, req.ttl)))
+        if isinstance(req, P.Release):
+            return P.Reply(req_id=req.req_id, count=core.release(req.request_id, req.keys))
+        if isinstance(req, P.Purge):
+            return P.Reply(req_id=req.req_id, count=core.purge(req.prefix, req.namespace))
+        if isinstance(req, P.Stats):
+            return P.Reply(req_id=req.req_id, info={**core.stats(), "waiters": sum(map(len, self.waiters.values()))})
+        if isinstance(req, P.Ping):
+            return P.Reply(req_id=req.req_id)
+        raise OpError("bad_request", f"unhandled request {type(req).__name__}")
+
+    def _try_waiter(self, w: Waiter, park: bool) -> P.Reply | None:
+        """Answer the waiter if its chunk(s) are ready; else park it on the first missing key."""
+        req = w.req
+        if isinstance(req, P.Pull):
+            got = self.core.acquire(req.key)  # may raise OpError (corrupt on SSD, no room)
+            if got is not None:
+                self.metrics.pull_latency.observe(time.monotonic() - w.start)
+                slot, header = got
+                return P.Reply(req_id=req.req_id, slots=[slot], header=header)
+            missing = kid_of(req.key)
+        else:
+            n = self.core.lookup(req.keys, record=False)
+            if n == len(req.keys):
+                return P.Reply(req_id=req.req_id, count=n)
+            missing = kid_of(req.keys[n])
+        if time.monotonic() >= w.deadline:
+            return self._timeout_reply(w, missing)
+        self.waiters.setdefault(missing, []).append(w)
+        if park:
+            heapq.heappush(self.deadlines, (w.deadline, next(self._seq), w))
+        return None
+
+    def _timeout_reply(self, w: Waiter, kid: str) -> P.Reply:
+        w.done = True
+        return P.Reply(req_id=w.req.req_id, ok=False, code="timeout",
+                       error=f"chunk {kid} was not ready within {w.req.timeout:.3f}s (never committed, or the "
+                             f"publisher is slow or gone)")
+
+    def _wake(self, kid: str) -> None:
+        for w in self.waiters.pop(kid, []):
+            if w.done:
+                continue
+            try:
+                reply = self._try_waiter(w, park=False)
+            except OpError as exc:
+                reply = P.Reply(req_id=w.req.req_id, ok=False, code=exc.code, error=str(exc))
+            if reply is not None:
+                w.done = True
+                self._send(w.ident, reply)
+
+    def _expire_waiters(self, now: float) -> None:
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, _, w = heapq.heappop(self.deadlines)
+            if not w.done:
+                key = w.req.key if isinstance(w.req, P.Pull) else w.req.keys[0]
+                self._send(w.ident, self._timeout_reply(w, kid_of(key)))
+        if len(self.deadlines) == 0 and self.waiters:
+            self.waiters = {k: [w for w in ws if not w.done] for k, ws in self.waiters.items()}
+            self.waiters = {k: ws for k, ws in self.waiters.items() if ws}

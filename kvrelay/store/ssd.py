@@ -1,0 +1,320 @@
+"""The SSD tier: append-only segment files of self-checking records plus an index journal.
+
+Owns: the files under ``ssd_dir`` (``seg-NNNNNNNN.kvs`` and ``journal.log``), record format, recovery
+and segment reclamation.  Must not touch: the pool allocator or the in-memory index (the caller moves
+entries between tiers; this module only stores and returns bytes).
+
+Record = one ALIGN-byte head block + payload padded to ALIGN (so both can be written with O_DIRECT
+straight from the page-aligned pool):
+    head: "KVR1" | u32 keylen | u32 hdrlen | u64 nbytes | key | msgpack ChunkHeader | ... | u64 xxh3(head[:-8])
+The payload's xxh3 is the ChunkHeader's checksum.  A record counts only once its journal frame
+("add", after the record is written) exists; frames are ``u32 len | u64 xxh3(body) | body``.  After a
+crash, replay stops at the first torn frame, and every surviving record is re-read and verified: a torn
+or flipped record is dropped.  Space is reclaimed a whole segment at a time, oldest first.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import xxhash
+
+from kvrelay.keys import ChunkKey
+from kvrelay.store.pool import ALIGN, align_up
+from kvrelay.transfer.wire import ChunkHeader, decode_header, encode_header
+
+_HEAD = struct.Struct("<4sIIQ")
+_FRAME = struct.Struct("<IQ")
+MAGIC = b"KVR1"
+
+
+class Loc(msgspec.Struct, frozen=True, array_like=True):
+    seg: int
+    offset: int
+    nbytes: int  # payload bytes (the record spans ALIGN + align_up(nbytes))
+
+
+class JEntry(msgspec.Struct, frozen=True, array_like=True):
+    op: str  # "add" | "del" | "dropseg"
+    key: str = ""
+    loc: Loc | None = None
+
+
+class Recovered(msgspec.Struct):
+    key: ChunkKey
+    header: ChunkHeader
+    loc: Loc
+
+
+_jenc = msgspec.msgpack.Encoder()
+_jdec = msgspec.msgpack.Decoder(JEntry)
+
+
+def parse_key(s: str) -> ChunkKey:
+    h, layer, hs, he = s.split(":")
+    return ChunkKey(h, int(layer), int(hs), int(he))
+
+
+class SsdTier:
+    def __init__(self, directory: str, capacity: int, segment_size: int, direct: str = "auto",
+                 fsync: bool = False) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.capacity = capacity
+        self.segment_size = segment_size
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._head = mmap.mmap(-1, ALIGN)  # page-aligned staging for record heads
+        self._live: dict[int, dict[str, Loc]] = {}  # seg -> key -> loc
+        self._fds: dict[int, int] = {}
+        self._cur = -1
+        self._pos = 0
+        self.bytes_written = 0
+        self.write_seconds = 0.0
+        self.bytes_read = 0
+        self.read_seconds = 0.0
+        self.direct = self._decide_direct(direct)
+        self._journal = None
+
+    # --- O_DIRECT decision -------------------------------------------------------------------------
+    def _decide_direct(self, mode: str) -> bool:
+        if mode == "off" or not hasattr(os, "O_DIRECT"):
+            return False
+        ok, direct_rate, buffered_rate = probe_direct(self.dir)
+        self.probe = {"direct_gbps": direct_rate, "buffered_gbps": buffered_rate}
+        if mode == "on":
+            if not ok:
+                raise ValueError(f"ssd_direct=on but {self.dir} does not support O_DIRECT; use auto or off")
+            return True
+        return ok and direct_rate >= buffered_rate
+
+    def _open_seg(self, seg: int, create: bool) -> int:
+        path = self.dir / f"seg-{seg:08d}.kvs"
+        flags = os.O_RDWR | (os.O_CREAT if create else 0) | (os.O_DIRECT if self.direct else 0)
+        fd = os.open(path, flags, 0o600)
+        self._fds[seg] = fd
+        return fd
+
+    # --- recovery ----------------------------------------------------------------------------------
+    def recover(self) -> tuple[list[Recovered], int]:
+        """Replay the journal, verify every surviving record; returns (chunks, number dropped)."""
+        jpath = self.dir / "journal.log"
+        live: dict[str, Loc] = {}
+        if jpath.exists():
+            data = jpath.read_bytes()
+            pos = 0
+            while pos + _FRAME.size <= len(data):
+                n, crc = _FRAME.unpack_from(data, pos)
+                body = data[pos + _FRAME.size: pos + _FRAME.size + n]
+                if len(body) != n or xxhash.xxh3_64_intdigest(body) != crc:
+                    break  # torn tail
+                pos += _FRAME.size + n
+                e = _jdec.decode(body)
+                if e.op == "add" and e.loc is not None:
+                    live[e.key] = e.loc
+                elif e.op == "del":
+                    live.pop(e.key, None)
+                elif e.op == "dropseg" and e.loc is not None:
+                    live = {k: v for k, v in live.items() if v.seg != e.loc.seg}
+        segs = {int(p.stem[4:]) for p in self.dir.glob("seg-*.kvs")}
+        out: list[Recovered] = []
+        dropped = 0
+        buf = mmap.mmap(-1, ALIGN)
+        for kstr, loc in live.items():
+            rec = None
+            if loc.seg in segs:
+                fd = self._fds.get(loc.seg) or self._open_seg(loc.seg, create=False)
+                rec = self._verify(fd, kstr, loc, buf)
+            if rec is None:
+                dropped += 1
+                continue
+            out.append(rec)
+            self._live.setdefault(loc.seg, {})[kstr] = loc
+        buf.close()
+        for seg in segs - set(self._live):  # segments with nothing live
+            self._remove_seg(seg)
+        self._cur = max(segs, default=-1)
+        self._pos = self.segment_size  # always start a fresh segment after recovery
+        self._rewrite_journal()
+        return out, dropped
+
+    def _verify(self, fd: int, kstr: str, loc: Loc, buf: mmap.mmap) -> Recovered | None:
+        try:
+            if os.preadv(fd, [buf], loc.offset) != ALIGN:
+                return None
+            head = bytes(buf)
+            if head[:4] != MAGIC or xxhash.xxh3_64_intdigest(head[:-8]) != struct.unpack("<Q", head[-8:])[0]:
+                return None
+            _, klen, hlen, nbytes = _HEAD.unpack_from(head)
+            off = _HEAD.size
+            if head[off:off + klen].decode() != kstr or nbytes != loc.nbytes:
+                return None
+            header = decode_header(head[off + klen: off + klen + hlen])
+            payload = mmap.mmap(-1, align_up(max(nbytes, 1)))
+            try:
+                got = os.preadv(fd, [payload], loc.offset + ALIGN)
+                if got < nbytes or xxhash.xxh3_64_intdigest(memoryview(payload)[:nbytes]) != header.checksum:
+                    return None
+            finally:
+                payload.close()
+            return Recovered(parse_key(kstr), header, loc)
+        except (OSError, ValueError, UnicodeDecodeError, struct.error):
+            return None
+
+    def _rewrite_journal(self) -> None:
+        jpath = self.dir / "journal.log"
+        tmp = self.dir / "journal.log.tmp"
+        with open(tmp, "wb") as fh:
+            for seg in sorted(self._live):
+                for k, loc in self._live[seg].items():
+                    fh.write(_frame(JEntry("add", k, loc)))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, jpath)
+        self._journal = open(jpath, "ab", buffering=0)
+
+    # --- write / read / drop -----------------------------------------------------------------------
+    def append(self, key: ChunkKey, header: ChunkHeader, payload: memoryview) -> tuple[Loc, list[str]]:
+        """Write one record (``payload`` must be ALIGN-padded, page-aligned memory such as a pool slot).
+        Returns its location and the keys dropped by reclaiming old segments to make room."""
+        kstr = key.encode().decode()
+        hb = encode_header(header)
+        kb = kstr.encode()
+        if _HEAD.size + len(kb) + len(hb) + 8 > ALIGN:
+            raise ValueError(f"chunk key + header of {len(kb) + len(hb)} bytes do not fit a record head")
+        nbytes = header.nbytes
+        padded = align_up(max(nbytes, 1))
+        if len(payload) < padded:
+            raise ValueError(f"payload view of {len(payload)} bytes is shorter than the padded {padded}")
+        with self._lock:
+            evicted: list[str] = []
+            if self._pos + ALIGN + padded > self.segment_size:
+                evicted = self._next_segment()
+            fd, off = self._fds[self._cur], self._pos
+            h = self._head
+            h[:] = bytes(ALIGN)
+            _HEAD.pack_into(h, 0, MAGIC, len(kb), len(hb), nbytes)
+            h[_HEAD.size:_HEAD.size + len(kb)] = kb
+            h[_HEAD.size + len(kb):_HEAD.size + len(kb) + len(hb)] = hb
+            h[ALIGN - 8:] = struct.pack("<Q", xxhash.xxh3_64_intdigest(memoryview(h)[:ALIGN - 8]))
+            t0 = time.perf_counter()
+            n = os.pwritev(fd, [h, payload[:padded]], off)
+            if n != ALIGN + padded:
+                raise OSError(f"short write to SSD segment {self._cur}: {n} of {ALIGN + padded} bytes")
+            if self.fsync:
+                os.fdatasync(fd)
+            self.write_seconds += time.perf_counter() - t0
+            self.bytes_written += ALIGN + padded
+            self._pos += ALIGN + padded
+            loc = Loc(self._cur, off, nbytes)
+            self._journal_write(JEntry("add", kstr, loc))
+            self._live.setdefault(self._cur, {})[kstr] = loc
+            return loc, evicted
+
+    def _next_segment(self) -> list[str]:
+        evicted: list[str] = []
+        max_segs = max(1, self.capacity // self.segment_size)
+        while len(self._fds) >= max_segs:  # reclaim the oldest segment
+            oldest = min(self._fds)
+            evicted += list(self._live.get(oldest, {}))
+            self._journal_write(JEntry("dropseg", "", Loc(oldest, 0, 0)))
+            self._remove_seg(oldest)
+        self._cur += 1
+        self._pos = 0
+        fd = self._open_seg(self._cur, create=True)
+        try:
+            os.posix_fallocate(fd, 0, self.segment_size)
+        except OSError as exc:
+            os.close(self._fds.pop(self._cur))
+            (self.dir / f"seg-{self._cur:08d}.kvs").unlink(missing_ok=True)
+            self._pos = self.segment_size
+            raise OSError(exc.errno, f"SSD tier {self.dir} is full ({exc.strerror}): lower ssd_size")
+        return evicted
+
+    def _remove_seg(self, seg: int) -> None:
+        fd = self._fds.pop(seg, None)
+        if fd is not None:
+            os.close(fd)
+        self._live.pop(seg, None)
+        (self.dir / f"seg-{seg:08d}.kvs").unlink(missing_ok=True)
+
+    def read_into(self, loc: Loc, out: memoryview, checksum: int) -> bool:
+        """Read a record's payload into ``out`` (page-aligned, >= align_up(nbytes)); False if corrupt."""
+        with self._lock:
+            fd = self._fds.get(loc.seg)
+        if fd is None:
+            return False
+        t0 = time.perf_counter()
+        padded = align_up(max(loc.nbytes, 1))
+        try:
+            got = os.preadv(fd, [out[:padded]], loc.offset + ALIGN)
+        except OSError:
+            return False
+        self.read_seconds += time.perf_counter() - t0
+        self.bytes_read += padded
+        return got >= loc.nbytes and xxhash.xxh3_64_intdigest(out[:loc.nbytes]) == checksum
+
+    def drop(self, key: ChunkKey, loc: Loc) -> None:
+        kstr = key.encode().decode()
+        with self._lock:
+            live = self._live.get(loc.seg)
+            if live is not None and live.pop(kstr, None) is not None:
+                self._journal_write(JEntry("del", kstr, None))
+
+    def _journal_write(self, e: JEntry) -> None:
+        self._journal.write(_frame(e))
+        if self.fsync:
+            os.fdatasync(self._journal.fileno())
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self._fds) * self.segment_size
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            if self._journal:
+                self._journal.close()
+            self._head.close()
+
+
+def _frame(e: JEntry) -> bytes:
+    body = _jenc.encode(e)
+    return _FRAME.pack(len(body), xxhash.xxh3_64_intdigest(body)) + body
+
+
+def probe_direct(directory: Path, nbytes: int = 32 << 20, block: int = 4 << 20) -> tuple[bool, float, float]:
+    """Write ``nbytes`` with and without O_DIRECT; returns (O_DIRECT works, direct GB/s, buffered GB/s)."""
+    buf = mmap.mmap(-1, block)
+    buf.write(os.urandom(4096) * (block // 4096))
+    rates = []
+    ok = True
+    for direct in (True, False):
+        path = directory / f".probe-{os.getpid()}-{int(direct)}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0), 0o600)
+        except OSError:
+            ok, rates = False, rates + [0.0]
+            continue
+        try:
+            t0 = time.perf_counter()
+            for off in range(0, nbytes, block):
+                os.pwrite(fd, buf, off)
+            if not direct:
+                os.fdatasync(fd)  # buffered writes only count once they reach the device
+            rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
+        except OSError:
+            ok, rates = False, rates + [0.0]
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+    buf.close()
+    return ok, rates[0], rates[1]
