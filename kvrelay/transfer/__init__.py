@@ -1,0 +1,60 @@
+"""Transports: `create_transport(name, ...)` builds an endpoint; `available_transports()` says which work here.
+
+Owns: the registry of transport implementations.  Must not touch: their internals.
+
+    shm     same host, POSIX shared memory (one copy, or none with `map_remote`)
+    tcp     ZeroMQ over TCP (any host; zero-copy frames into registered buffers)
+    nixl    NIXL 1.5.1 agent with UCX (DRAM on CPU, VRAM on GPU)
+    nvlink  CUDA IPC between GPUs of one node
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from kvrelay.transfer.base import Transport
+
+_IMPLS = {
+    "shm": ("kvrelay.transfer.shm", "ShmTransport"),
+    "tcp": ("kvrelay.transfer.tcp", "TcpTransport"),
+    "nixl": ("kvrelay.transfer.nixl_transport", "NixlTransport"),
+    "nvlink": ("kvrelay.transfer.nvlink", "NvlinkTransport"),
+}
+
+
+def _unavailable(name: str) -> str | None:
+    if name == "shm":
+        import os
+        return None if os.path.isdir("/dev/shm") else "no /dev/shm on this host"
+    if name == "tcp":
+        return None
+    if name == "nixl":
+        try:
+            import nixl._api  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken native library
+            return f"nixl is not importable ({exc}); pip install nixl"
+        return None
+    if name == "nvlink":
+        from kvrelay.transfer.nvlink import unavailable_reason
+        return unavailable_reason()
+    raise ValueError(f"unknown transport {name!r}; choose one of {', '.join(_IMPLS)}")
+
+
+def available_transports() -> dict[str, str | None]:
+    """Transport name -> None if usable on this machine, else the reason it is not."""
+    return {name: _unavailable(name) for name in _IMPLS}
+
+
+def create_transport(name: str, agent_name: str, compat_hash: str, host: str = "127.0.0.1", port: int = 0,
+                     **options) -> Transport:
+    """Build an endpoint of transport ``name``; ``options`` are that transport's keyword arguments."""
+    if name not in _IMPLS:
+        raise ValueError(f"unknown transport {name!r}; choose one of {', '.join(_IMPLS)}")
+    reason = _unavailable(name)
+    if reason is not None:
+        raise RuntimeError(f"transport {name!r} is not available here: {reason}")
+    module, cls = _IMPLS[name]
+    return getattr(importlib.import_module(module), cls)(agent_name, compat_hash, host=host, port=port, **options)
+
+
+__all__ = ["create_transport", "available_transports"]

@@ -86,6 +86,8 @@ class AgentInfo(msgspec.Struct, frozen=True):
     wire_version: int = WIRE_VERSION
     regions: list[RegionInfo] = []
     meta: bytes = b""  # transport-specific agent metadata (e.g. NIXL agent metadata)
+    pid: int = 0  # the endpoint's process id (same-host liveness checks); 0 = unknown
+    hostname: str = ""  # socket.gethostname() of the endpoint's process
 
 
 class Notification(msgspec.Struct, frozen=True):

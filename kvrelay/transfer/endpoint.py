@@ -1,0 +1,454 @@
+"""What every transport endpoint shares: the control plane, peers, regions, handles and notifications.
+
+Owns: the ZMQ control socket (ROUTER bound to host:port, served by one background thread), the
+handshake (Hello -> Welcome | Refuse, compat checked on both sides), peer records keyed by name with
+epoch replacement, peer liveness (a pidfd for same-host peers, a ZMQ disconnect monitor otherwise),
+local region bookkeeping, the handle registry (deadline sweeps, leak counts) and notifications.
+Must not touch: how bytes move (subclasses implement `_start`), chunk contents.
+
+Subclass hooks: `_make_region`, `_drop_region`, `_agent_meta`, `_start(conn, op, descs, handle)`,
+`_peer_added(conn)`, `_peer_lost(conn)`, `_shutdown()`.
+
+Thread safety: as documented on `Transport`; the hooks run on the caller's thread or on the control
+thread (`_peer_added` for inbound handshakes, `_peer_lost`), never concurrently for the same peer.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+import msgspec
+import numpy as np
+import zmq
+
+from kvrelay.transfer.base import (DEFAULT_TIMEOUT_S, AgentInfo, Desc, HandshakeError, Notification, Peer,
+                                   RegionInfo, Transport, XferHandle, XferState, check_compat, check_descs)
+from kvrelay.transfer.buffers import LocalRegion, byte_view
+from kvrelay.transfer.handle import Handle
+
+MAX_NOTIFICATION_BYTES = 1 << 20
+HOSTNAME = socket.gethostname()
+
+
+class Hello(msgspec.Struct, tag="hello"):
+    info: AgentInfo
+
+
+class Welcome(msgspec.Struct, tag="welcome"):
+    info: AgentInfo
+
+
+class Refuse(msgspec.Struct, tag="refuse"):
+    reason: str
+
+
+class Notify(msgspec.Struct, tag="notify"):
+    name: str
+    epoch: str
+    payload: bytes
+
+
+class Bye(msgspec.Struct, tag="bye"):
+    name: str
+    epoch: str
+
+
+Message = Union[Hello, Welcome, Refuse, Notify, Bye]
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(Message)
+
+
+@dataclass(eq=False)
+class PeerConn:
+    """A peer's live state.  ``alive`` turns False once (death, restart, disconnect) and stays False."""
+
+    peer: Peer
+    alive: bool = True
+    reason: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    ctrl: zmq.Socket | None = None
+    pidfd: int | None = None
+    extra: dict = field(default_factory=dict)  # transport-specific state
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.peer.info.name, self.peer.info.epoch)
+
+
+class Endpoint(Transport):
+    def __init__(self, agent_name: str, compat_hash: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        if not agent_name:
+            raise ValueError("agent_name must be a non-empty string")
+        if not (0 <= int(port) < 65536):
+            raise ValueError(f"port must be in [0, 65535], got {port}")
+        super().__init__(agent_name, compat_hash, host, port)
+        self._lock = threading.RLock()
+        self._regions: dict[int, LocalRegion] = {}
+        self._next_region = 1
+        self._peers: dict[str, PeerConn] = {}
+        self._all_conns: list[PeerConn] = []  # every conn ever made (their pidfds close at close())
+        self._handles: set[Handle] = set()
+        self._notifs: deque[Notification] = deque()
+        self._notif_cond = threading.Condition()
+        self._closed = False
+        self._ctx = zmq.Context()
+        self._ctrl = self._ctx.socket(zmq.ROUTER)
+        self._ctrl.setsockopt(zmq.LINGER, 0)
+        if port:
+            self._ctrl.bind(f"tcp://{host}:{port}")
+        else:
+            self.port = self._ctrl.bind_to_random_port(f"tcp://{host}")
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._watch_q: queue.SimpleQueue = queue.SimpleQueue()  # (PeerConn, monitor socket | None)
+        self._thread = threading.Thread(target=self._serve, name=f"kvrelay-{self.name}-ctrl", daemon=True)
+        self._thread.start()
+
+    # -- identity --------------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    def info(self) -> AgentInfo:
+        with self._lock:
+            regions = [RegionInfo(r.region_id, r.nbytes, r.device, r.meta) for r in self._regions.values()]
+        return AgentInfo(name=self.agent_name, epoch=self.epoch, transport=self.name, compat_hash=self.compat_hash,
+                         address=self.address, regions=regions, meta=self._agent_meta(), pid=os.getpid(),
+                         hostname=HOSTNAME)
+
+    # -- regions ---------------------------------------------------------------------------------
+    def register(self, buf) -> RegionInfo:
+        self._check_open()
+        with self._lock:
+            rid = self._next_region
+            self._next_region += 1
+        region = self._make_region(rid, buf)
+        with self._lock:
+            self._regions[rid] = region
+        return RegionInfo(rid, region.nbytes, region.device, region.meta)
+
+    def alloc(self, nbytes: int) -> tuple[RegionInfo, memoryview]:
+        """Allocate ``nbytes`` of memory suited to this transport, register it, return it (zeroed)."""
+        if nbytes <= 0:
+            raise ValueError(f"alloc needs nbytes > 0, got {nbytes}")
+        arr = np.zeros(nbytes, dtype=np.uint8)
+        info = self.register(arr)
+        return info, self._regions[info.region_id].view
+
+    def deregister(self, region_id: int) -> None:
+        with self._lock:
+            region = self._regions.pop(region_id, None)
+        if region is None:
+            raise ValueError(f"region {region_id} is not registered on {self.agent_name!r}")
+        self._drop_region(region)
+
+    def local_region(self, region_id: int) -> LocalRegion:
+        region = self._regions.get(region_id)
+        if region is None:
+            raise ValueError(f"local region {region_id} is not registered on {self.agent_name!r}")
+        return region
+
+    # -- peers -----------------------------------------------------------------------------------
+    def connect(self, address: str, timeout: float = DEFAULT_TIMEOUT_S) -> Peer:
+        self._check_open()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(address)
+            sock.send(_enc.encode(Hello(self.info())))
+            if not sock.poll(int(timeout * 1000)):
+                raise HandshakeError(f"no handshake answer from {address} within {timeout:.3g}s "
+                                     f"(is a {self.name} endpoint listening there?)")
+            reply = _dec.decode(sock.recv())
+        finally:
+            sock.close(0)
+        if isinstance(reply, Refuse):
+            raise HandshakeError(f"peer at {address} refused the handshake: {reply.reason}")
+        if not isinstance(reply, Welcome):
+            raise HandshakeError(f"unexpected handshake answer from {address}: {type(reply).__name__}")
+        check_compat(self.info(), reply.info)
+        return self._add_peer(reply.info).peer
+
+    def disconnect(self, peer: Peer) -> None:
+        conn = self._peers.get(peer.name)
+        if conn is not None and conn.peer.info.epoch == peer.info.epoch:
+            self._lose(conn, f"peer {peer.name!r} was disconnected locally", drop=True)
+
+    def peers(self) -> list[Peer]:
+        return [c.peer for c in self._peers.values() if c.alive]
+
+    def _add_peer(self, info: AgentInfo) -> PeerConn:
+        with self._lock:
+            old = self._peers.get(info.name)
+            if old is not None and old.peer.info.epoch == info.epoch and old.alive:
+                old.peer = Peer(info)  # same process: refresh its regions
+                self._peer_added(old)
+                return old
+            conn = PeerConn(Peer(info))
+            self._peers[info.name] = conn
+            self._all_conns.append(conn)
+        if old is not None:
+            self._lose(old, f"peer {info.name!r} restarted (epoch {old.peer.info.epoch} replaced by {info.epoch})")
+        if info.pid and info.hostname == HOSTNAME:
+            try:
+                conn.pidfd = os.pidfd_open(info.pid)
+            except ProcessLookupError:
+                self._lose(conn, f"peer {info.name!r} (pid {info.pid}) is not running")
+                return conn
+        self._peer_added(conn)
+        self._watch_q.put(conn)
+        self._wake()
+        return conn
+
+    @staticmethod
+    def peer_exited(conn: PeerConn) -> bool:
+        """True once the peer is known dead (its pidfd is readable, or it was marked lost)."""
+        if not conn.alive:
+            return True
+        if conn.pidfd is None:
+            return False
+        try:
+            return bool(select.select([conn.pidfd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+
+    def _conn(self, peer: Peer) -> PeerConn | str:
+        """The live connection for ``peer``, or the reason there is none."""
+        conn = self._peers.get(peer.name)
+        if conn is None or conn.peer.info.epoch != peer.info.epoch:
+            return (f"peer {peer.name!r} epoch {peer.info.epoch} is stale (it restarted or was disconnected): "
+                    f"connect() again")
+        if not conn.alive:
+            return conn.reason
+        return conn
+
+    def _lose(self, conn: PeerConn, reason: str, drop: bool = False) -> None:
+        with self._lock:
+            if not conn.alive:
+                return
+            conn.alive = False
+            conn.reason = reason
+            if drop and self._peers.get(conn.peer.name) is conn:
+                del self._peers[conn.peer.name]
+            handles = [h for h in self._handles if getattr(h, "conn", None) is conn]
+        for h in handles:
+            h.fail(reason)
+        with conn.lock:
+            if conn.ctrl is not None:
+                conn.ctrl.close(0)
+                conn.ctrl = None
+        self._peer_lost(conn)
+        self._wake()  # the control thread closes the ctrl socket and pidfd
+
+    # -- transfers -------------------------------------------------------------------------------
+    def read(self, peer: Peer, descs: Sequence[Desc], timeout: float = DEFAULT_TIMEOUT_S) -> XferHandle:
+        return self._transfer("read", peer, descs, timeout)
+
+    def write(self, peer: Peer, descs: Sequence[Desc], timeout: float = DEFAULT_TIMEOUT_S) -> XferHandle:
+        return self._transfer("write", peer, descs, timeout)
+
+    def _transfer(self, op: str, peer: Peer, descs: Sequence[Desc], timeout: float) -> Handle:
+        self._check_open()
+        descs = list(descs)
+        conn = self._conn(peer)
+        info_peer = conn.peer if isinstance(conn, PeerConn) else peer
+        check_descs(descs, {rid: r.nbytes for rid, r in self._regions.items()}, info_peer)
+        self._validate(info_peer, op, descs)
+        handle = Handle(peer=peer.name, op=op, nbytes=sum(d.length for d in descs), timeout=timeout,
+                        on_release=self._released)
+        handle.conn = conn if isinstance(conn, PeerConn) else None
+        with self._lock:
+            self._handles.add(handle)
+        if not isinstance(conn, PeerConn):
+            handle.fail(conn)
+        elif not descs or handle.nbytes == 0:
+            handle.finish(XferState.DONE)
+        else:
+            self._start(conn, op, descs, handle)
+        return handle
+
+    def _released(self, handle: Handle) -> None:
+        with self._lock:
+            self._handles.discard(handle)
+
+    def open_handles(self) -> int:
+        """Handles not yet released (a leak counter for tests and metrics)."""
+        return len(self._handles)
+
+    # -- notifications ---------------------------------------------------------------------------
+    def notify(self, peer: Peer, payload: bytes) -> None:
+        if len(payload) > MAX_NOTIFICATION_BYTES:
+            raise ValueError(f"notification of {len(payload)} bytes exceeds the {MAX_NOTIFICATION_BYTES}-byte "
+                             f"limit: move data with read()/write() and notify with a small message")
+        conn = self._conn(peer)
+        if not isinstance(conn, PeerConn):
+            raise HandshakeError(conn)
+        with conn.lock:
+            if conn.ctrl is None:
+                conn.ctrl = self._ctx.socket(zmq.DEALER)
+                conn.ctrl.setsockopt(zmq.LINGER, 0)
+                conn.ctrl.connect(conn.peer.info.address)
+            conn.ctrl.send(_enc.encode(Notify(self.agent_name, self.epoch, bytes(payload))))
+
+    def get_notifications(self, timeout: float = 0.0) -> list[Notification]:
+        with self._notif_cond:
+            if not self._notifs and timeout > 0:
+                self._notif_cond.wait_for(lambda: bool(self._notifs), timeout=timeout)
+            out = list(self._notifs)
+            self._notifs.clear()
+        return out
+
+    # -- the control thread ----------------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except OSError:
+            pass
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._ctrl, zmq.POLLIN)
+        poller.register(self._wake_fd, zmq.POLLIN)
+        watched: dict[int, PeerConn] = {}
+        while not self._closed:
+            timeout_ms = self._sweep()
+            for fd, conn in list(watched.items()):
+                if not conn.alive:
+                    poller.unregister(fd)
+                    del watched[fd]
+            for sock, _ in poller.poll(timeout_ms):
+                if sock is self._ctrl:
+                    self._serve_ctrl()
+                elif sock == self._wake_fd:
+                    try:
+                        os.eventfd_read(self._wake_fd)
+                    except BlockingIOError:
+                        pass
+                    while True:
+                        try:
+                            conn = self._watch_q.get_nowait()
+                        except queue.Empty:
+                            break
+                        if conn.pidfd is not None and conn.alive:
+                            watched[conn.pidfd] = conn
+                            poller.register(conn.pidfd, zmq.POLLIN)
+                elif sock in watched:
+                    conn = watched[sock]
+                    self._lose(conn, f"peer {conn.peer.name!r} (pid {conn.peer.info.pid}) exited")
+
+    def _sweep(self) -> int:
+        """Expire overdue handles; return the poll timeout (ms) until the next deadline."""
+        now = time.monotonic()
+        nxt = now + 1.0
+        with self._lock:
+            handles = [h for h in self._handles if not h.done]
+        for h in handles:
+            if not h.expire_if_due(now):
+                nxt = min(nxt, h.deadline)
+        return max(1, int((nxt - now) * 1000) + 1)
+
+    def _serve_ctrl(self) -> None:
+        while True:
+            try:
+                ident, data = self._ctrl.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue  # malformed multipart
+            try:
+                msg = _dec.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(msg, Hello):
+                try:
+                    check_compat(self.info(), msg.info)
+                except HandshakeError as exc:
+                    self._ctrl.send_multipart([ident, _enc.encode(Refuse(str(exc)))])
+                    continue
+                self._add_peer(msg.info)
+                self._ctrl.send_multipart([ident, _enc.encode(Welcome(self.info()))])
+            elif isinstance(msg, Notify):
+                with self._notif_cond:
+                    self._notifs.append(Notification(msg.name, msg.epoch, msg.payload))
+                    self._notif_cond.notify_all()
+            elif isinstance(msg, Bye):
+                conn = self._peers.get(msg.name)
+                if conn is not None and conn.peer.info.epoch == msg.epoch:
+                    self._lose(conn, f"peer {msg.name!r} closed its endpoint", drop=True)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.name} endpoint {self.agent_name!r} is closed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with self._lock:
+            conns = list(self._peers.values())
+            handles = list(self._handles)
+        for conn in conns:
+            if conn.alive:
+                try:
+                    self.notify_bye(conn)
+                except zmq.ZMQError:
+                    pass
+        for h in handles:
+            h.release()
+        for conn in conns:
+            self._lose(conn, f"endpoint {self.agent_name!r} closed", drop=True)
+        self._closed = True
+        self._wake()
+        self._thread.join(timeout=5)
+        self._shutdown()
+        for region in list(self._regions.values()):
+            self._drop_region(region)
+        self._regions.clear()
+        for conn in self._all_conns:
+            if conn.pidfd is not None:
+                os.close(conn.pidfd)
+                conn.pidfd = None
+        self._ctrl.close(0)
+        os.close(self._wake_fd)
+        self._ctx.term()
+
+    def notify_bye(self, conn: PeerConn) -> None:
+        with conn.lock:
+            if conn.ctrl is None:
+                conn.ctrl = self._ctx.socket(zmq.DEALER)
+                conn.ctrl.setsockopt(zmq.LINGER, 100)
+                conn.ctrl.connect(conn.peer.info.address)
+            conn.ctrl.send(_enc.encode(Bye(self.agent_name, self.epoch)), zmq.NOBLOCK)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _make_region(self, region_id: int, buf) -> LocalRegion:
+        view = byte_view(buf)
+        return LocalRegion(region_id, view, view.nbytes, keep=[buf])
+
+    def _drop_region(self, region: LocalRegion) -> None:
+        pass
+
+    def _agent_meta(self) -> bytes:
+        return b""
+
+    def _validate(self, peer: Peer, op: str, descs: list[Desc]) -> None:
+        """Transport-specific descriptor checks (raise ValueError) before a handle exists."""
+
+    def _start(self, conn: PeerConn, op: str, descs: list[Desc], handle: Handle) -> None:
+        raise NotImplementedError
+
+    def _peer_added(self, conn: PeerConn) -> None:
+        pass
+
+    def _peer_lost(self, conn: PeerConn) -> None:
+        pass
+
+    def _shutdown(self) -> None:
+        pass

@@ -1,0 +1,140 @@
+"""The transfer-handle state machine every transport shares.
+
+Owns: `Handle` (PENDING -> TRANSFERRING -> DONE | FAILED | CANCELLED), its deadline and its release.
+A handle reaches a terminal state at the latest at its deadline: lazily when anyone looks at it
+(`state`, `wait`) and eagerly when its transport's background thread sweeps expired handles.
+Must not touch: how bytes move (the transports plug in through three callbacks).
+
+Callbacks (all optional, called without the handle's lock held):
+  * ``poll()``       progresses/checks the underlying operation (NIXL); called from `wait`/`state`.
+  * ``abort(state)`` stops the underlying operation after the handle turned FAILED or CANCELLED.
+  * ``free()``       releases what the handle holds; called once, by `release`.
+
+Thread safety: every method may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from kvrelay.transfer.base import XferHandle, XferState
+
+# NIXL offers no completion event to Python, so a polled handle waits by checking its status: spin
+# for a few microseconds (small transfers complete there), then sleep with a growing interval.
+_SPIN_S = 50e-6
+_MAX_SLEEP_S = 1e-3
+
+
+class Handle(XferHandle):
+    def __init__(self, *, peer: str, op: str, nbytes: int, timeout: float,
+                 poll: Callable[[], None] | None = None,
+                 abort: Callable[[XferState], None] | None = None,
+                 free: Callable[[], None] | None = None,
+                 on_release: Callable[["Handle"], None] | None = None) -> None:
+        if timeout <= 0:
+            raise ValueError(f"transfer timeout must be > 0 seconds, got {timeout!r}")
+        self.peer = peer
+        self.op = op
+        self.nbytes = nbytes
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self._poll = poll
+        self._abort = abort
+        self._free = free
+        self._on_release = on_release
+        self._cond = threading.Condition()
+        self._state = XferState.PENDING
+        self._error: str | None = None
+        self._released = False
+        self.started_at = time.monotonic()
+        self.finished_at: float | None = None
+
+    # -- transitions (transports call these) -------------------------------------------------------
+    def set_transferring(self) -> None:
+        with self._cond:
+            if self._state is XferState.PENDING:
+                self._state = XferState.TRANSFERRING
+
+    def finish(self, state: XferState, error: str | None = None) -> bool:
+        """Move to a terminal state unless already terminal; True if this call made the move."""
+        if not state.terminal:
+            raise ValueError(f"finish() needs a terminal state, got {state}")
+        with self._cond:
+            if self._state.terminal:
+                return False
+            self._state = state
+            self._error = error
+            self.finished_at = time.monotonic()
+            self._cond.notify_all()
+        if state is not XferState.DONE and self._abort is not None:
+            self._abort(state)
+        return True
+
+    def fail(self, reason: str) -> bool:
+        return self.finish(XferState.FAILED, reason)
+
+    def expire_if_due(self, now: float | None = None) -> bool:
+        if (now if now is not None else time.monotonic()) < self.deadline:
+            return False
+        return self.fail(f"{self.op} of {self.nbytes} bytes with peer {self.peer!r} did not finish within its "
+                         f"deadline of {self.timeout:.3g}s (pass a larger timeout= if the link is slow)")
+
+    # -- XferHandle --------------------------------------------------------------------------------
+    @property
+    def state(self) -> XferState:
+        if not self._state.terminal:
+            if self._poll is not None:
+                self._poll()
+            self.expire_if_due()
+        return self._state
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    @property
+    def done(self) -> bool:
+        return self._state.terminal
+
+    def wait(self, timeout: float | None = None) -> XferState:
+        now = time.monotonic()
+        until = self.deadline if timeout is None else min(self.deadline, now + max(0.0, timeout))
+        if self._poll is None:
+            with self._cond:
+                self._cond.wait_for(lambda: self._state.terminal, timeout=max(0.0, until - now))
+        else:
+            sleep = 0.0
+            spin_until = now + _SPIN_S
+            while not self._state.terminal:
+                self._poll()
+                now = time.monotonic()
+                if self._state.terminal or now >= until:
+                    break
+                if now >= spin_until:
+                    sleep = min(_MAX_SLEEP_S, max(20e-6, sleep * 2), until - now)
+                    time.sleep(sleep)
+        self.expire_if_due()
+        return self._state
+
+    def cancel(self) -> None:
+        self.finish(XferState.CANCELLED, "cancelled by the caller")
+
+    def release(self) -> None:
+        with self._cond:
+            if self._released:
+                return
+            self._released = True
+        self.cancel()
+        if self._free is not None:
+            self._free()
+        if self._on_release is not None:
+            self._on_release(self)
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def __repr__(self) -> str:
+        return f"Handle({self.op} {self.nbytes}B peer={self.peer!r} {self._state.value}{' ' + self._error if self._error else ''})"

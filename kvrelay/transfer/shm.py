@@ -1,0 +1,229 @@
+"""`shm`: same-host transport over POSIX shared memory (/dev/shm).
+
+Owns: shared-memory segments named ``kvrelay-<pid>-<epoch>-<region>`` (created by `alloc`, unlinked
+at `deregister`/`close`, and swept when their creating process is dead), the mapping of peers'
+segments, and the copy engine.  A read or write is exactly one memcpy between a local region and the
+peer's mapped segment; `map_remote` gives zero copies (the reader uses the peer's memory in place).
+Must not touch: the control plane (endpoint.py) or chunk contents.
+
+Which regions peers can reach: those made by `alloc(nbytes)` (shared memory).  `register(buf)` of
+ordinary memory gives a local-only region (usable as the local side of descriptors); naming it as
+a peer's remote region raises ValueError saying to use `alloc`.
+
+Transfers of up to `INLINE_BYTES` copy on the caller's thread before `read`/`write` returns; larger
+ones run on the endpoint's copy thread in `STEP_BYTES` steps, checking cancel, deadline and peer
+liveness between steps.  A transfer whose peer exited before it finished FAILS (a write into a dead
+process's memory went nowhere), and that peer's segments are unlinked.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import threading
+
+import numpy as np
+
+from kvrelay.transfer.base import Desc, Peer, RegionInfo, XferState
+from kvrelay.transfer.buffers import LocalRegion
+from kvrelay.transfer.endpoint import Endpoint, PeerConn
+from kvrelay.transfer.handle import Handle
+
+SHM_DIR = "/dev/shm"
+PREFIX = "kvrelay-"
+INLINE_BYTES = 1 << 20
+STEP_BYTES = 8 << 20
+
+
+def segments() -> list[str]:
+    """Names of kvrelay shared-memory segments that exist now (a leak counter for tests)."""
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX))
+    except FileNotFoundError:
+        return []
+
+
+def sweep_stale() -> list[str]:
+    """Unlink segments whose creating process no longer exists; return their names."""
+    removed = []
+    for name in segments():
+        try:
+            pid = int(name[len(PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _pid_running(pid):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited: its memory is gone for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _map(name: str, nbytes: int, create: bool) -> mmap.mmap:
+    path = os.path.join(SHM_DIR, name)
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, nbytes)
+        elif os.fstat(fd).st_size < nbytes:
+            raise ValueError(f"shared-memory segment {name} is {os.fstat(fd).st_size} bytes, "
+                             f"the peer announced {nbytes}")
+        return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        os.close(fd)
+
+
+class ShmTransport(Endpoint):
+    name = "shm"
+
+    def __init__(self, agent_name: str, compat_hash: str, host: str = "127.0.0.1", port: int = 0,
+                 inline_bytes: int = INLINE_BYTES) -> None:
+        sweep_stale()
+        self.inline_bytes = inline_bytes
+        self._owned: dict[int, tuple[str, mmap.mmap]] = {}
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        super().__init__(agent_name, compat_hash, host, port)
+        self._copier = threading.Thread(target=self._copy_loop, name=f"kvrelay-shm-{agent_name}-copy", daemon=True)
+        self._copier.start()
+
+    # -- regions ---------------------------------------------------------------------------------
+    def alloc(self, nbytes: int) -> tuple[RegionInfo, memoryview]:
+        if nbytes <= 0:
+            raise ValueError(f"alloc needs nbytes > 0, got {nbytes}")
+        with self._lock:
+            rid = self._next_region
+            self._next_region += 1
+        name = f"{PREFIX}{os.getpid()}-{self.epoch[:12]}-{rid}"
+        mm = _map(name, nbytes, create=True)
+        view = memoryview(mm)
+        region = LocalRegion(rid, view, nbytes, meta=name.encode(), keep=[mm])
+        with self._lock:
+            self._regions[rid] = region
+            self._owned[rid] = (name, mm)
+        return RegionInfo(rid, nbytes, "cpu", region.meta), view
+
+    def _drop_region(self, region: LocalRegion) -> None:
+        owned = self._owned.pop(region.region_id, None)
+        if owned is None:
+            return
+        name, mm = owned
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            pass
+        region.view.release()
+        try:
+            mm.close()
+        except BufferError:
+            pass  # the application still holds views of it; the mapping goes when they do
+
+    # -- peers' segments -------------------------------------------------------------------------
+    def map_remote(self, peer: Peer, region_id: int) -> memoryview:
+        """The peer's region mapped into this process: zero-copy access (valid while the peer lives)."""
+        conn = self._conn(peer)
+        if not isinstance(conn, PeerConn):
+            raise ValueError(conn)
+        return self._mapped(conn, region_id)
+
+    def _mapped(self, conn: PeerConn, region_id: int) -> memoryview:
+        maps: dict = conn.extra.setdefault("maps", {})
+        view = maps.get(region_id)
+        if view is None:
+            info = conn.peer.region(region_id)
+            if not info.meta:
+                raise ValueError(f"peer {conn.peer.name!r} region {region_id} is not in shared memory: the peer "
+                                 f"must create it with alloc() to expose it over shm")
+            with conn.lock:
+                view = maps.get(region_id)
+                if view is None:
+                    view = maps[region_id] = memoryview(_map(info.meta.decode(), info.nbytes, create=False))
+        return view
+
+    def _validate(self, peer: Peer, op: str, descs: list[Desc]) -> None:
+        for i, d in enumerate(descs):
+            if not peer.region(d.remote_region).meta:
+                raise ValueError(f"descriptor {i}: peer {peer.name!r} region {d.remote_region} is not in shared "
+                                 f"memory; the peer must create it with alloc()")
+
+    def _peer_lost(self, conn: PeerConn) -> None:
+        maps = conn.extra.pop("maps", {})
+        for view in maps.values():
+            obj = view.obj
+            view.release()
+            try:
+                obj.close()
+            except BufferError:
+                pass
+        pid = conn.peer.info.pid
+        if pid and not _pid_running(pid):
+            for r in conn.peer.info.regions:
+                if r.meta:
+                    try:
+                        os.unlink(os.path.join(SHM_DIR, r.meta.decode()))
+                    except FileNotFoundError:
+                        pass
+
+    # -- copies ----------------------------------------------------------------------------------
+    def _start(self, conn: PeerConn, op: str, descs: list[Desc], handle: Handle) -> None:
+        try:
+            pairs = [self._pair(conn, op, d) for d in descs]
+        except (ValueError, OSError) as exc:
+            handle.fail(f"cannot map peer {conn.peer.name!r} memory: {exc}")
+            return
+        if handle.nbytes <= self.inline_bytes:
+            handle.set_transferring()
+            for dst, src in pairs:
+                dst[:] = src
+            self._complete(conn, handle)
+        else:
+            self._jobs.put((conn, pairs, handle))
+
+    def _pair(self, conn: PeerConn, op: str, d: Desc) -> tuple[np.ndarray, np.ndarray]:
+        local = np.frombuffer(self.local_region(d.local_region).view, np.uint8, d.length, d.local_offset)
+        remote = np.frombuffer(self._mapped(conn, d.remote_region), np.uint8, d.length, d.remote_offset)
+        return (local, remote) if op == "read" else (remote, local)
+
+    def _complete(self, conn: PeerConn, handle: Handle) -> None:
+        if self.peer_exited(conn):
+            handle.fail(f"peer {conn.peer.name!r} (pid {conn.peer.info.pid}) exited before the {handle.op} "
+                        f"finished")
+        else:
+            handle.finish(XferState.DONE)
+
+    def _copy_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            conn, pairs, handle = job
+            handle.set_transferring()
+            for dst, src in pairs:
+                for off in range(0, len(dst), STEP_BYTES):
+                    if handle.done or handle.expire_if_due() or self.peer_exited(conn):
+                        break
+                    dst[off:off + STEP_BYTES] = src[off:off + STEP_BYTES]
+            if not handle.done:
+                self._complete(conn, handle)
+            if self.peer_exited(conn) and conn.alive:
+                self._lose(conn, f"peer {conn.peer.name!r} (pid {conn.peer.info.pid}) exited")
+
+    def _shutdown(self) -> None:
+        self._jobs.put(None)
+        self._copier.join(timeout=5)
