@@ -31,7 +31,7 @@ from kvrelay.transfer.endpoint import Endpoint, PeerConn
 from kvrelay.transfer.handle import Handle
 
 SHM_DIR = "/dev/shm"
-PREFIX = "kvrelay-"
+PREFIX = "kvrelay-xfer-"
 INLINE_BYTES = 1 << 20
 STEP_BYTES = 8 << 20
 

@@ -1,0 +1,182 @@
+"""`nixl`: transport over a NIXL 1.5.1 agent with the UCX backend (DRAM on CPU, VRAM on GPU).
+
+Owns: the NIXL agent of this endpoint, memory registration with it, and the mapping of our
+descriptors onto NIXL transfer requests.  Agent metadata travels through our handshake (endpoint.py);
+NIXL's own listener and ETCD are not used.  Must not touch: the control plane, chunk contents.
+
+Progress: NIXL's Python wrapper runs its progress thread with a 0 us delay, which spins a core even
+when idle (on a 2-core host that halves throughput).  We create the agent with the progress thread
+and a non-zero delay (``progress_delay_us``, default 1000: an idle agent wakes 1000 times a second
+and uses a few percent of a core).  A transfer's completion is read with `check_xfer_state`, which
+the waiting thread polls (see handle.py).
+Dead peers: the UCX backend runs in ``ucx_error_handling_mode=peer`` so a transfer to a dead peer
+errors out instead of hanging, and the endpoint's pidfd watch fails in-flight handles at once.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import msgspec
+
+from kvrelay.transfer.base import Desc, XferState
+from kvrelay.transfer.buffers import LocalRegion, buffer_address, byte_view
+from kvrelay.transfer.endpoint import Endpoint, PeerConn
+from kvrelay.transfer.handle import Handle
+
+_construct_lock = threading.Lock()
+
+
+class _RegionMeta(msgspec.Struct, array_like=True):
+    address: int
+    device_id: int
+    mem_type: str  # "DRAM" | "VRAM"
+
+
+_enc = msgspec.msgpack.Encoder()
+_meta_dec = msgspec.msgpack.Decoder(_RegionMeta)
+
+
+def _make_agent(name: str, delay_us: int):
+    """A nixl_agent with the UCX progress thread sleeping ``delay_us`` between rounds (not 0)."""
+    import types
+
+    from nixl import _api
+
+    real = _api.nixlBind
+
+    class _Config:
+        def __init__(self) -> None:
+            object.__setattr__(self, "cfg", real.nixlAgentConfig())
+
+        def __setattr__(self, key: str, value) -> None:
+            setattr(self.cfg, key, delay_us if key == "pthrDelay" else value)
+
+    shim = types.SimpleNamespace(**{k: getattr(real, k) for k in dir(real) if not k.startswith("__")})
+    shim.nixlAgentConfig = _Config
+    shim.nixlAgent = lambda agent_name, config: real.nixlAgent(agent_name, config.cfg)
+    conf = _api.nixl_agent_config(enable_prog_thread=delay_us > 0, backends=[],
+                                  sync_mode=_api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+    with _construct_lock:
+        _api.nixlBind = shim
+        try:
+            return _api.nixl_agent(name, conf)
+        finally:
+            _api.nixlBind = real
+
+
+class NixlTransport(Endpoint):
+    name = "nixl"
+
+    def __init__(self, agent_name: str, compat_hash: str, host: str = "127.0.0.1", port: int = 0,
+                 progress_delay_us: int = 1000, error_handling_mode: str = "peer",
+                 backend_options: dict[str, str] | None = None) -> None:
+        if progress_delay_us <= 0:
+            raise ValueError(f"progress_delay_us must be > 0 (0 makes an idle agent spin a core), "
+                             f"got {progress_delay_us}")
+        import uuid
+        self._nixl_name = f"{agent_name}-{uuid.uuid4().hex[:8]}"
+        self._agent = _make_agent(self._nixl_name, progress_delay_us)
+        opts = {"ucx_error_handling_mode": error_handling_mode, **(backend_options or {})}
+        self._agent.create_backend("UCX", opts)
+        self._reg: dict[int, object] = {}
+        super().__init__(agent_name, compat_hash, host, port)
+
+    def _agent_meta(self) -> bytes:
+        return self._agent.get_agent_metadata()
+
+    # -- regions ---------------------------------------------------------------------------------
+    def _make_region(self, region_id: int, buf) -> LocalRegion:
+        device_obj = None
+        if getattr(buf, "is_cuda", False):
+            if not buf.is_contiguous():
+                raise ValueError("cannot register a non-contiguous CUDA tensor: call .contiguous() first")
+            address, nbytes, dev, mem = buf.data_ptr(), buf.numel() * buf.element_size(), buf.device.index or 0, "VRAM"
+            view, device, device_obj = memoryview(b""), f"cuda:{dev}", buf
+        else:
+            view = byte_view(buf)
+            address, nbytes, dev, mem, device = buffer_address(view), view.nbytes, 0, "DRAM", "cpu"
+        if nbytes == 0:
+            raise ValueError("cannot register an empty buffer")
+        self._reg[region_id] = self._agent.register_memory([(address, nbytes, dev, "")], mem)
+        meta = _enc.encode(_RegionMeta(address, dev, mem))
+        return LocalRegion(region_id, view, nbytes, device=device, meta=meta, keep=[buf], address=address,
+                           device_obj=device_obj)
+
+    def _drop_region(self, region: LocalRegion) -> None:
+        reg = self._reg.pop(region.region_id, None)
+        if reg is not None:
+            self._agent.deregister_memory(reg)
+
+    # -- peers -----------------------------------------------------------------------------------
+    def _peer_added(self, conn: PeerConn) -> None:
+        name = self._agent.add_remote_agent(conn.peer.info.meta)
+        conn.extra["nixl_name"] = name.decode() if isinstance(name, bytes) else name
+
+    def _peer_lost(self, conn: PeerConn) -> None:
+        name = conn.extra.pop("nixl_name", None)
+        if name is not None and not self._closed:
+            try:
+                self._agent.remove_remote_agent(name)
+            except Exception:  # noqa: BLE001 - already gone on NIXL's side
+                pass
+
+    # -- transfers -------------------------------------------------------------------------------
+    def _start(self, conn: PeerConn, op: str, descs: list[Desc], handle: Handle) -> None:
+        local, remote = [], []
+        l_mem = r_mem = "DRAM"
+        for d in descs:
+            lr = self.local_region(d.local_region)
+            rm = _meta_dec.decode(conn.peer.region(d.remote_region).meta)
+            l_mem = "VRAM" if lr.device != "cpu" else "DRAM"
+            r_mem = rm.mem_type
+            local.append((lr.address + d.local_offset, d.length, int(lr.device.split(":")[1]) if ":" in lr.device else 0))
+            remote.append((rm.address + d.remote_offset, d.length, rm.device_id))
+        try:
+            xfer = self._agent.initialize_xfer(op.upper(), self._agent.get_xfer_descs(local, l_mem),
+                                               self._agent.get_xfer_descs(remote, r_mem), conn.extra["nixl_name"])
+        except Exception as exc:  # noqa: BLE001 - NIXL raises its own error types
+            handle.fail(f"NIXL could not create the {op} to peer {conn.peer.name!r}: {exc}")
+            return
+        lock = threading.RLock()  # poll() may fail the handle, whose abort frees under the same lock
+        released = []
+
+        def free() -> None:
+            with lock:
+                if released:
+                    return
+                released.append(True)
+            try:
+                xfer.release()
+            except Exception:  # noqa: BLE001 - an aborted request NIXL already dropped
+                pass
+
+        def poll() -> None:
+            with lock:
+                if handle.done or released:
+                    return
+                state = self._agent.check_xfer_state(xfer)
+            if state == "DONE":
+                handle.finish(XferState.DONE)
+            elif state == "ERR":
+                handle.fail(f"NIXL reported an error for the {op} with peer {conn.peer.name!r} (peer dead or "
+                            f"unreachable)")
+
+        handle._poll = poll
+        handle._free = free
+        handle._abort = lambda state: free()
+        handle.set_transferring()
+        status = self._agent.transfer(xfer)
+        if status == "DONE":
+            handle.finish(XferState.DONE)
+        elif status == "ERR":
+            handle.fail(f"NIXL refused to post the {op} to peer {conn.peer.name!r}")
+
+    def _shutdown(self) -> None:
+        for reg in self._reg.values():
+            try:
+                self._agent.deregister_memory(reg)
+            except Exception:  # noqa: BLE001
+                pass
+        self._reg.clear()
+        self._agent = None

@@ -1,0 +1,279 @@
+"""`tcp`: transport over ZeroMQ (any host), one-sided through the peer endpoint's data thread.
+
+Owns: the data socket (ROUTER bound next to the control socket, served by one thread that answers
+read requests with zero-copy frames of the registered region and receives write frames with
+``recv_into`` straight into it) and the client pump (one thread owning a DEALER per peer; it sends
+requests and receives replies with ``recv_into`` into the destination region, so no buffer is
+allocated per message: coalesced small ranges go through one preallocated staging buffer).
+Must not touch: the control plane (endpoint.py), chunk contents.
+
+Framing is `frames.plan_frames` on both sides.  A cancelled or expired read still drains its frames
+(into the staging buffer, never into the caller's memory once the handle is terminal).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Iterator
+
+import msgspec
+import zmq
+
+from kvrelay.transfer.base import Desc, XferState
+from kvrelay.transfer.endpoint import Endpoint, PeerConn
+from kvrelay.transfer.frames import FRAME_BYTES, SMALL_BYTES, Piece, frame_bytes_of, plan_frames
+from kvrelay.transfer.handle import Handle
+
+ZERO_COPY_MIN = 64 << 10  # below this pyzmq's copying send is cheaper than its zero-copy bookkeeping
+
+
+class DataReq(msgspec.Struct, array_like=True):
+    op: str                                # "read" | "write"
+    xid: int
+    ranges: list[tuple[int, int, int]]     # (region, offset, length) on the serving side
+
+
+class DataRep(msgspec.Struct, array_like=True):
+    xid: int
+    error: str = ""
+
+
+_enc = msgspec.msgpack.Encoder()
+_req_dec = msgspec.msgpack.Decoder(DataReq)
+_rep_dec = msgspec.msgpack.Decoder(DataRep)
+
+
+def _data_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)  # a ROUTER drops over its HWM: never let it
+    sock.setsockopt(zmq.RCVHWM, 0)
+    return sock
+
+
+class TcpTransport(Endpoint):
+    name = "tcp"
+
+    def __init__(self, agent_name: str, compat_hash: str, host: str = "127.0.0.1", port: int = 0,
+                 frame_bytes: int = FRAME_BYTES, small_bytes: int = SMALL_BYTES) -> None:
+        super().__init__(agent_name, compat_hash, host, port)
+        self.frame_bytes = frame_bytes
+        self.small_bytes = small_bytes
+        self._data = _data_socket(self._ctx, zmq.ROUTER)
+        self._data_port = self._data.bind_to_random_port(f"tcp://{host}")
+        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._pump_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._xid = 0
+        self._xid_lock = threading.Lock()
+        self._stopping = False
+        self._server = threading.Thread(target=self._serve_data, name=f"kvrelay-tcp-{agent_name}-serve", daemon=True)
+        self._pump = threading.Thread(target=self._pump_loop, name=f"kvrelay-tcp-{agent_name}-pump", daemon=True)
+        self._server.start()
+        self._pump.start()
+
+    def _agent_meta(self) -> bytes:
+        return f"tcp://{self.host}:{self._data_port}".encode()
+
+    # -- client side -----------------------------------------------------------------------------
+    def _start(self, conn: PeerConn, op: str, descs: list[Desc], handle: Handle) -> None:
+        with self._xid_lock:
+            self._xid += 1
+            xid = self._xid
+        self._cmds.put(("xfer", conn, op, descs, handle, xid))
+        os.eventfd_write(self._pump_fd, 1)
+
+    def _peer_lost(self, conn: PeerConn) -> None:
+        if not self._stopping:
+            self._cmds.put(("drop", conn))
+            os.eventfd_write(self._pump_fd, 1)
+
+    def _local_slices(self, descs: list[Desc], frame: list[Piece]) -> Iterator[memoryview]:
+        for p in frame:
+            d = descs[p.desc]
+            start = d.local_offset + p.offset
+            yield self._regions[d.local_region].view[start:start + p.length]
+
+    def _pump_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._pump_fd, zmq.POLLIN)
+        socks: dict[zmq.Socket, PeerConn] = {}
+        pending: dict[int, tuple] = {}
+        scratch = bytearray(max(self.frame_bytes, self.small_bytes))
+        while True:
+            for sock, _ in poller.poll(1000):
+                if sock == self._pump_fd:
+                    try:
+                        os.eventfd_read(self._pump_fd)
+                    except BlockingIOError:
+                        pass
+                    while True:
+                        try:
+                            cmd = self._cmds.get_nowait()
+                        except queue.Empty:
+                            break
+                        if cmd[0] == "stop":
+                            for s in socks:
+                                s.close(0)
+                            return
+                        if cmd[0] == "drop":
+                            for s, c in list(socks.items()):
+                                if c is cmd[1]:
+                                    poller.unregister(s)
+                                    s.close(0)
+                                    del socks[s]
+                            for xid in [x for x, e in pending.items() if e[0] is cmd[1]]:
+                                del pending[xid]
+                            continue
+                        _, conn, op, descs, handle, xid = cmd
+                        if handle.done:
+                            continue
+                        if not conn.alive:
+                            handle.fail(conn.reason)
+                            continue
+                        sock = conn.extra.get("sock")
+                        if sock is None:
+                            sock = conn.extra["sock"] = _data_socket(self._ctx, zmq.DEALER)
+                            sock.connect(conn.peer.info.meta.decode())
+                            socks[sock] = conn
+                            poller.register(sock, zmq.POLLIN)
+                        plan = plan_frames([d.length for d in descs], self.frame_bytes, self.small_bytes)
+                        ranges = [(d.remote_region, d.remote_offset, d.length) for d in descs]
+                        handle.set_transferring()
+                        pending[xid] = (conn, op, descs, handle, plan)
+                        head = _enc.encode(DataReq(op, xid, ranges))
+                        if op == "read":
+                            sock.send(head)
+                        else:
+                            sock.send(head, zmq.SNDMORE)
+                            self._send_frames(sock, plan, lambda f: self._local_slices(descs, f))
+                elif sock in socks:
+                    self._receive_reply(sock, pending, scratch)
+
+    def _receive_reply(self, sock: zmq.Socket, pending: dict, scratch: bytearray) -> None:
+        while True:
+            try:
+                rep = _rep_dec.decode(sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            entry = pending.pop(rep.xid, None)
+            if entry is None:  # its peer was dropped: drain
+                while sock.getsockopt(zmq.RCVMORE):
+                    sock.recv_into(scratch)
+                continue
+            conn, op, descs, handle, plan = entry
+            if rep.error:
+                handle.fail(f"peer {conn.peer.name!r} refused the {op}: {rep.error}")
+                continue
+            if op == "read":
+                error = self._recv_frames(sock, plan, lambda f: self._local_slices(descs, f), scratch, handle)
+                if error:
+                    handle.fail(f"read from peer {conn.peer.name!r}: {error}")
+                    continue
+            handle.finish(XferState.DONE)
+
+    def _send_frames(self, sock: zmq.Socket, plan: list[list[Piece]], slices) -> None:
+        last = len(plan) - 1
+        for i, frame in enumerate(plan):
+            flags = zmq.SNDMORE if i < last else 0
+            if len(frame) == 1:
+                (view,) = slices(frame)
+                sock.send(view, flags, copy=view.nbytes < ZERO_COPY_MIN)
+            else:
+                sock.send(b"".join(slices(frame)), flags)
+
+    def _recv_frames(self, sock: zmq.Socket, plan: list[list[Piece]], slices, scratch: bytearray,
+                     handle: Handle | None) -> str:
+        """Receive the plan's frames into place; return an error message or ''."""
+        error = ""
+        for frame in plan:
+            if not sock.getsockopt(zmq.RCVMORE):
+                return error or "the peer sent fewer frames than the descriptors need"
+            want = frame_bytes_of(frame)
+            if error or (handle is not None and handle.done):
+                sock.recv_into(scratch)
+                continue
+            if len(frame) == 1:
+                (view,) = slices(frame)
+                got = sock.recv_into(view)
+            else:
+                got = sock.recv_into(scratch)
+                if got == want:
+                    pos = 0
+                    for view in slices(frame):
+                        view[:] = scratch[pos:pos + view.nbytes]
+                        pos += view.nbytes
+            if got != want:
+                error = f"frame of {got} bytes where {want} were expected"
+        while sock.getsockopt(zmq.RCVMORE):
+            sock.recv_into(scratch)
+            error = error or "the peer sent more frames than the descriptors need"
+        return error
+
+    # -- serving side ----------------------------------------------------------------------------
+    def _remote_slices(self, ranges: list[tuple[int, int, int]], frame: list[Piece]) -> Iterator[memoryview]:
+        for p in frame:
+            rid, off, _ = ranges[p.desc]
+            start = off + p.offset
+            yield self._regions[rid].view[start:start + p.length]
+
+    def _check_ranges(self, ranges: list[tuple[int, int, int]]) -> str:
+        for rid, off, n in ranges:
+            region = self._regions.get(rid)
+            if region is None:
+                return f"region {rid} is not registered on {self.agent_name!r}"
+            if off < 0 or n < 0 or off + n > region.view.nbytes:
+                return f"range [{off}, {off + n}) is outside region {rid} of {region.view.nbytes} bytes"
+        return ""
+
+    def _serve_data(self) -> None:
+        sock = self._data
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._stop_fd, zmq.POLLIN)
+        scratch = bytearray(max(self.frame_bytes, self.small_bytes))
+        while True:
+            events = dict(poller.poll())
+            if self._stop_fd in events:
+                return
+            while True:
+                try:
+                    ident = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    req = _req_dec.decode(sock.recv())
+                except msgspec.DecodeError:
+                    while sock.getsockopt(zmq.RCVMORE):
+                        sock.recv_into(scratch)
+                    continue
+                error = self._check_ranges(req.ranges)
+                plan = plan_frames([n for _, _, n in req.ranges], self.frame_bytes, self.small_bytes)
+                slices = lambda f, r=req.ranges: self._remote_slices(r, f)  # noqa: E731
+                if req.op == "read":
+                    if error or not plan:
+                        sock.send_multipart([ident, _enc.encode(DataRep(req.xid, error))])
+                    else:
+                        sock.send(ident, zmq.SNDMORE)
+                        sock.send(_enc.encode(DataRep(req.xid)), zmq.SNDMORE)
+                        self._send_frames(sock, plan, slices)
+                else:
+                    if error:
+                        while sock.getsockopt(zmq.RCVMORE):
+                            sock.recv_into(scratch)
+                    else:
+                        error = self._recv_frames(sock, plan, slices, scratch, None)
+                    sock.send_multipart([ident, _enc.encode(DataRep(req.xid, error))])
+
+    def _shutdown(self) -> None:
+        self._stopping = True
+        self._cmds.put(("stop",))
+        os.eventfd_write(self._pump_fd, 1)
+        os.eventfd_write(self._stop_fd, 1)
+        self._pump.join(timeout=5)
+        self._server.join(timeout=5)
+        self._data.close(0)
+        os.close(self._stop_fd)
+        os.close(self._pump_fd)
