@@ -1,0 +1,325 @@
+"""The engine: owns the model, the paged cache, the block manager and the scheduler, and runs steps.
+
+Owns: the step loop (one background thread, or `step()` called inline), request admission and aborts,
+token emission, and the hand-offs to the P/D hooks: a `KVPublisher` (prefill role: told before a
+prefill step, after each layer's KV is written, and after sampling) and a `KVPuller` (decode role: fills
+a sequence's blocks from the store, then reports back).  Blocks a hook still reads or writes are freed
+only once the hook says it is done.  Other threads talk to the engine only through `add()`/`abort()`
+(an inbox queue).  Must not touch: HTTP (server.py), the store or transports (kv_publish/kv_pull).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Protocol
+
+import torch
+
+from kvrelay.engines.reference.block_manager import BlockManager
+from kvrelay.engines.reference.config import EngineConfig, ModelConfig
+from kvrelay.engines.reference.metrics import EngineMetrics
+from kvrelay.engines.reference.model import LlamaModel, SeqInput, make_layout
+from kvrelay.engines.reference.sampler import Sampler
+from kvrelay.engines.reference.scheduler import Scheduler
+from kvrelay.engines.reference.sequence import Sequence, Status
+
+log = logging.getLogger("kvrelay.engine")
+
+
+class KVPublisher(Protocol):
+    def begin(self, engine: "Engine", seqs: list[Sequence]) -> None: ...
+    def layer_done(self, layer: int) -> None: ...
+    def end(self, seqs: list[Sequence], done: Callable[[Sequence], None]) -> None: ...
+    def close(self) -> None: ...
+
+
+class KVPuller(Protocol):
+    def start(self, engine: "Engine", seq: Sequence, done: Callable[[Sequence, str | None], None]) -> None: ...
+    def close(self) -> None: ...
+
+
+class PullFailed(RuntimeError):
+    """Decode role with policy 'fail': the prompt's KV could not be pulled."""
+
+
+class Engine:
+    def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, weights: dict[str, torch.Tensor],
+                 publisher: KVPublisher | None = None, puller: KVPuller | None = None) -> None:
+        if cfg.max_model_len > model_cfg.max_position:
+            raise ValueError(f"max_model_len {cfg.max_model_len} exceeds the model's max_position "
+                             f"{model_cfg.max_position}; lower --max-model-len")
+        self.model_cfg, self.cfg = model_cfg, cfg
+        self.model = LlamaModel(model_cfg, weights)
+        self.layout = make_layout(model_cfg, cfg.num_blocks, cfg.block_size, cfg.dtype)
+        self.cache = self.layout.allocate()
+        self.blocks = BlockManager(cfg.num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(cfg, self.blocks)
+        self.sampler = Sampler()
+        self.metrics = EngineMetrics(cfg.role)
+        self.publisher, self.puller = publisher, puller
+        self.compat_hash = self.layout.compat_hash(model_cfg.model_id)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._held: dict[int, Sequence] = {}  # finished, blocks still read by the publisher
+        self._by_id: dict[str, Sequence] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+
+    # ---- public, thread-safe ------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        n = len(seq.prompt)
+        if n == 0:
+            raise ValueError("the prompt is empty: send at least one token")
+        if n + seq.params.max_tokens > self.cfg.max_model_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({seq.params.max_tokens}) exceeds max_model_len "
+                             f"{self.cfg.max_model_len}; shorten the prompt or lower max_tokens")
+        bad = [t for t in seq.prompt if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_cfg.vocab_size})")
+        if seq.kv_params is not None:
+            self._check_params(seq)
+        self._inbox.put(("add", seq))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+            self._thread.start()
+        self.ready.set()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for hook in (self.publisher, self.puller):
+            if hook is not None:
+                hook.close()
+
+    def generate(self, prompts: list[list[int]], params, timeout: float = 600.0) -> list[list[int]]:
+        """Run prompts to completion inline (no background thread); returns the generated token ids."""
+        seqs = [Sequence(list(p), params) for p in prompts]
+        for s in seqs:
+            self.add(s)
+        deadline = time.monotonic() + timeout
+        while any(s.status is not Status.FINISHED for s in seqs):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"generate() did not finish within {timeout}s")
+            if not self.step():
+                self._wait_inbox(0.05)
+        return [s.output for s in seqs]
+
+    # ---- loop -------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                if not self.step():
+                    self._wait_inbox(0.5)
+            except Exception:  # an engine bug must not leave clients hanging: fail everything in flight
+                log.exception("engine step failed")
+                self._fail_all("internal engine error (see the engine log)")
+
+    def _wait_inbox(self, timeout: float) -> None:
+        try:
+            item = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._handle(item)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(item)
+
+    def _handle(self, item: tuple) -> None:
+        kind, arg = item[0], item[1]
+        if kind == "add":
+            self._by_id[arg.request_id] = arg
+            self.metrics.prompt_tokens.inc(len(arg.prompt))
+            self.scheduler.add(arg)
+        elif kind == "abort":
+            self._abort(arg)
+        elif kind == "published":
+            held = self._held.pop(arg.seq_id, None)
+            if held is not None:
+                self.blocks.free_seq(held)
+        elif kind == "pulled":
+            self._pulled(arg, item[2])
+
+    def step(self) -> bool:
+        """Run one step; False when there was nothing to do."""
+        self._drain()
+        self._admit_pulls()
+        batch = self.scheduler.schedule_prefill()
+        prefill = bool(batch)
+        if not prefill:
+            batch = self.scheduler.schedule_decode()
+        self._update_gauges()
+        if not batch:
+            return False
+        t0 = time.perf_counter()
+        inputs = [SeqInput(s.tokens[s.num_computed:], s.num_computed, s.block_table) for s in batch]
+        pubs = [s for s in batch if s.publish] if prefill and self.publisher is not None else []
+        hook = None
+        if pubs:
+            self.publisher.begin(self, pubs)
+            hook = self.publisher.layer_done
+        if prefill:
+            for s in batch:
+                self.metrics.prefix_hit_tokens.inc(s.num_cached_tokens)
+                self.metrics.computed_tokens.inc(len(s) - s.num_computed)
+        logits = self.model.forward(inputs, self.cache, self.layout, layer_hook=hook)
+        tokens = self.sampler.sample(logits, batch)
+        for s in batch:
+            s.num_computed = len(s)
+        if pubs:
+            self.publisher.end(pubs, self._on_published)
+        for s, tok in zip(batch, tokens):
+            if prefill and not s.publish:
+                self.scheduler.running.append(s)
+            self._emit(s, tok)
+        self.metrics.step_time.labels("prefill" if prefill else "decode").observe(time.perf_counter() - t0)
+        return True
+
+    def _emit(self, seq: Sequence, tok: int) -> None:
+        seq.output.append(tok)
+        self.metrics.generated_tokens.inc()
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+            self.metrics.ttft.observe(seq.first_token_time - seq.arrival)
+        p = seq.params
+        reason = None
+        if seq.publish:
+            reason = "length"  # prefill role: the first token only
+        elif len(seq.output) >= p.max_tokens:
+            reason = "length"
+        elif not p.ignore_eos and tok in p.stop_token_ids:
+            reason = "stop"
+        elif len(seq) >= self.cfg.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self._finish(seq, reason)
+        if seq.on_token is not None:
+            seq.on_token(seq, tok, reason is not None)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self.scheduler.finish(seq, reason)
+        seq.error = error
+        self.sampler.forget(seq)
+        self._by_id.pop(seq.request_id, None)
+        self.metrics.requests.labels("error" if error else reason).inc()
+        if seq.publish and self.publisher is not None and seq.block_table and "publish_pending" in seq.extra:
+            self._held[seq.seq_id] = seq  # freed when the publisher reports every layer committed
+        elif seq.block_table:
+            self.blocks.free_seq(seq)
+
+    def _on_published(self, seq: Sequence) -> None:
+        self._inbox.put(("published", seq))
+
+    def _fail_all(self, error: str) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._fail(seq, error)
+        self.scheduler.waiting.clear()
+
+    def _fail(self, seq: Sequence, error: str) -> None:
+        if seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)
+        self._finish(seq, "error", error)
+        if seq.on_token is not None:
+            seq.on_token(seq, -1, True)
+
+    def _abort(self, request_id: str) -> None:
+        seq = self._by_id.get(request_id)
+        if seq is None or seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.PULLING:
+            seq.extra["aborted"] = True  # blocks freed when the puller reports back
+            return
+        self._fail(seq, "aborted")
+
+    def _update_gauges(self) -> None:
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.waiting.set(len(self.scheduler.waiting))
+        self.metrics.free_blocks.set(self.blocks.num_free)
+
+    # ---- decode role ------------------------------------------------------------------------------------
+    def _check_params(self, seq: Sequence) -> None:
+        kp = seq.kv_params
+        if kp.compat_hash != self.compat_hash:
+            raise ValueError(f"kv_transfer_params.compat_hash {kp.compat_hash} does not match this engine's "
+                             f"{self.compat_hash} (model {self.model_cfg.model_id!r}); route the request to a "
+                             f"compatible decode worker")
+        if kp.num_tokens != len(seq.prompt):
+            raise ValueError(f"kv_transfer_params.num_tokens {kp.num_tokens} != prompt length {len(seq.prompt)}")
+        if kp.first_token is None:
+            raise ValueError("kv_transfer_params.first_token is missing: send the prefill's answer")
+        if self.puller is None:
+            raise ValueError("this engine cannot pull KV (start it with --role decode and a --store address)")
+
+    def _admit_pulls(self) -> None:
+        sched = self.scheduler
+        while sched.waiting and sched.waiting[0].kv_params is not None:
+            seq = sched.waiting[0]
+            if sched.num_active() >= self.cfg.max_num_seqs:
+                return
+            seq.output = [seq.kv_params.first_token]
+            if not self.blocks.can_allocate(seq):
+                seq.output = []
+                return
+            sched.waiting.popleft()
+            self.blocks.allocate(seq, cacheable_tokens=len(seq.prompt), register=False)
+            self.metrics.prefix_hit_tokens.inc(seq.num_cached_tokens)
+            self.metrics.pull_skipped_tokens.inc(seq.num_cached_tokens)
+            seq.status = Status.PULLING
+            sched.pulling[seq.seq_id] = seq
+            seq.extra["pull_start"] = time.monotonic()
+            self.puller.start(self, seq, self._on_pulled)
+
+    def _on_pulled(self, seq: Sequence, error: str | None) -> None:
+        self._inbox.put(("pulled", seq, error))
+
+    def _pulled(self, seq: Sequence, error: str | None) -> None:
+        self.scheduler.pulling.pop(seq.seq_id, None)
+        if seq.extra.get("aborted"):
+            self.blocks.forget(seq)
+            self._finish(seq, "abort", "aborted")
+            if seq.on_token is not None:
+                seq.on_token(seq, -1, True)
+            return
+        if error is None:
+            self.metrics.pulls.labels("ok", "").inc()
+            self.metrics.pull_time.observe(time.monotonic() - seq.extra["pull_start"])
+            self.blocks.register(seq, len(seq.prompt))
+            seq.num_computed = len(seq.prompt)
+            seq.status = Status.RUNNING
+            self.scheduler.running.append(seq)
+            first = seq.output.pop()
+            self._emit(seq, first)
+            return
+        reason = error.split(":", 1)[0]
+        log.warning("pull for %s failed (%s); policy %s", seq.request_id, error, self.cfg.failure_policy)
+        self.blocks.forget(seq)
+        seq.output = []
+        seq.num_computed = seq.num_cached_tokens = 0
+        if self.cfg.failure_policy == "fail":
+            self.metrics.pulls.labels("fail", reason).inc()
+            self._finish(seq, "error", f"KV pull failed: {error} (policy 'fail')")
+            if seq.on_token is not None:
+                seq.on_token(seq, -1, True)
+            return
+        self.metrics.pulls.labels("recompute", reason).inc()
+        seq.extra["recomputed"] = error
+        seq.kv_params = None
+        self.scheduler.add(seq)
+        self.scheduler.waiting.rotate(1)  # to the front: it has waited already
