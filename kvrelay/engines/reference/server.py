@@ -1,0 +1,234 @@
+"""`kvrelay engine`: the reference engine's OpenAI-compatible HTTP server (aiohttp, 127.0.0.1).
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both with ``stream``: SSE), GET /v1/models,
+/metrics, /healthz, /readyz.  Roles (``--role``): ``colocated`` (no kvrelay), ``prefill`` (every request
+computes its prompt, publishes its KV layer by layer and answers with the first token and
+``kv_transfer_params``), ``decode`` (a request carrying ``kv_transfer_params`` pulls its prompt's KV;
+one without is computed locally).  Owns: HTTP, argument parsing, process wiring.  Must not touch: the
+engine's internals (it talks to it through `Engine.add`/`abort` and token callbacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+from aiohttp import web
+
+from kvrelay.engines.reference import api
+from kvrelay.engines.reference.config import FAILURE_POLICIES, ROLES, EngineConfig, ModelConfig
+from kvrelay.engines.reference.engine import Engine
+from kvrelay.engines.reference.loader import load_model
+from kvrelay.engines.reference.sequence import Sequence
+from kvrelay.engines.reference.tokenizer import Tokenizer
+
+log = logging.getLogger("kvrelay.engine")
+
+
+class EngineServer:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str) -> None:
+        self.engine, self.tok, self.model_name = engine, tokenizer, model_name
+        self.app = web.Application(client_max_size=64 << 20)
+        self.app.add_routes([
+            web.post("/v1/completions", self.completions), web.post("/v1/chat/completions", self.chat),
+            web.get("/v1/models", self.models), web.get("/metrics", self.metrics),
+            web.get("/healthz", self.healthz), web.get("/readyz", self.readyz),
+        ])
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "owned_by": "kvrelay", "root": self.model_name,
+             "max_model_len": self.engine.cfg.max_model_len, "role": self.engine.cfg.role,
+             "compat_hash": self.engine.compat_hash}]})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.engine.metrics.render(), content_type="text/plain")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        alive = self.engine._thread is not None and self.engine._thread.is_alive()
+        return web.json_response({"status": "ok" if alive else "dead"}, status=200 if alive else 503)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ok = self.engine.ready.is_set()
+        return web.json_response({"ready": ok, "role": self.engine.cfg.role}, status=200 if ok else 503)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "the request body is not valid JSON")
+        model = body.get("model") if isinstance(body, dict) else None
+        if model not in (None, self.model_name):
+            return _error(404, f"model {model!r} is not served here; this server serves {self.model_name!r}")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        try:
+            req = api.parse(body, self.tok, chat)
+            seq = Sequence(req.prompt, req.params, request_id=req.request_id, kv_params=req.kv_params,
+                           publish=self.engine.cfg.role == "prefill",
+                           on_token=lambda s, t, fin: loop.call_soon_threadsafe(q.put_nowait, (t, fin)))
+            self.engine.add(seq)
+        except (ValueError, TypeError) as exc:
+            return _error(400, str(exc))
+        try:
+            if req.stream:
+                return await self._stream(request, req, seq, q)
+            tokens: list[int] = []
+            while True:
+                tok, fin = await q.get()
+                if tok >= 0:
+                    tokens.append(tok)
+                if fin:
+                    break
+            if seq.error:
+                return _error(500 if seq.error != "aborted" else 499, seq.error)
+            return web.json_response(api.response(req, self.model_name, self.tok.decode(tokens), tokens,
+                                                  seq.finish_reason, len(req.prompt), self._extra(seq)))
+        except asyncio.CancelledError:
+            self.engine.abort(seq.request_id)  # the client went away
+            raise
+
+    async def _stream(self, request: web.Request, req: api.ParsedRequest, seq: Sequence,
+                      q: asyncio.Queue) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        tokens: list[int] = []
+        sent = ""
+        while True:
+            tok, fin = await q.get()
+            if seq.error:
+                await resp.write(b"data: " + json.dumps({"error": {"message": seq.error}}).encode() + b"\n\n")
+                break
+            if tok >= 0:
+                tokens.append(tok)
+            text = self.tok.decode(tokens)
+            delta = text[len(sent):] if not text.endswith("\ufffd") or fin else ""
+            sent += delta
+            chunk = api.stream_chunk(req, self.model_name, delta, [tok] if tok >= 0 else [],
+                                     seq.finish_reason if fin else None, self._extra(seq) if fin else None)
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if fin:
+                break
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    def _extra(self, seq: Sequence) -> dict | None:
+        kp = seq.extra.get("kv_transfer_params")
+        out: dict = {}
+        if kp is not None:
+            out["kv_transfer_params"] = msgspec.to_builtins(kp)
+        if "recomputed" in seq.extra:
+            out["kvrelay"] = {"recomputed": seq.extra["recomputed"]}
+        return out or None
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": "invalid_request_error" if status < 500
+                                        else "server_error", "code": status}}, status=status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvrelay engine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback only)")
+    p.add_argument("--port", type=int, default=8100, help="HTTP port (0 picks a free one)")
+    p.add_argument("--ready-file", default="", help="write {port, pid} here once serving")
+    p.add_argument("--role", choices=ROLES, default="colocated")
+    p.add_argument("--checkpoint", default=None, help="local Llama/Qwen2 safetensors checkpoint directory")
+    p.add_argument("--model-id", default=None, help="model name (default: from the checkpoint or config)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (no --checkpoint)")
+    p.add_argument("--num-layers", type=int, default=None, help="random model: layers (default 8)")
+    p.add_argument("--vocab-size", type=int, default=None, help="random model: vocabulary (default 32000)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--store", default="", help="store control address, e.g. tcp://127.0.0.1:5600 (prefill/decode)")
+    p.add_argument("--transport", default="shm", help="data path to the store: shm, tcp, nixl")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="tokens per published chunk")
+    p.add_argument("--failure-policy", choices=FAILURE_POLICIES, default="recompute")
+    p.add_argument("--pull-timeout", type=float, default=30.0, help="decode: deadline (s) for a request's pull")
+    p.add_argument("--no-layerwise", action="store_true", help="prefill: publish after the whole forward pass")
+    p.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
+    return p
+
+
+def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
+    mcfg = None
+    if args.checkpoint is None:
+        mcfg = ModelConfig(seed=args.seed)
+        if args.num_layers:
+            mcfg.num_layers = args.num_layers
+        if args.vocab_size:
+            mcfg.vocab_size = args.vocab_size
+        mcfg.model_id = f"kvrelay-ref-{mcfg.num_layers}l-{mcfg.hidden_size}-v{mcfg.vocab_size}-seed{args.seed}"
+        mcfg.__post_init__()
+    mcfg, weights, tok = load_model(args.checkpoint, mcfg, args.model_id)
+    ecfg = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                        role=args.role, failure_policy=args.failure_policy, pull_timeout_s=args.pull_timeout,
+                        chunk_tokens=args.chunk_tokens)
+    publisher = puller = None
+    if args.role != "colocated":
+        if not args.store:
+            raise ValueError(f"--role {args.role} needs --store tcp://127.0.0.1:PORT (a running `kvrelay store`)")
+        from kvrelay.engines.reference.kv_connector import make_hooks
+        publisher, puller = make_hooks(args.role, mcfg, ecfg, args.store, args.transport,
+                                       layerwise=not args.no_layerwise)
+    return Engine(mcfg, ecfg, weights, publisher=publisher, puller=puller), tok
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"--host {args.host!r}: the engine binds loopback only (127.0.0.1)")
+    engine, tok = build_engine(args)
+    engine.start()
+    server = EngineServer(engine, tok, engine.model_cfg.model_id)
+    runner = web.AppRunner(server.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    log.info("kvrelay engine (%s, %s) serving http://%s:%d", args.role, engine.model_cfg.model_id, args.host, port)
+    if args.ready_file:
+        tmp = args.ready_file + ".tmp"
+        Path(tmp).write_text(json.dumps({"port": port, "pid": os.getpid(), "url": f"http://{args.host}:{port}"}))
+        os.replace(tmp, args.ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        engine.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(_serve(args))
+    except ValueError as exc:
+        print(f"kvrelay engine: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
