@@ -128,8 +128,8 @@ class ShmTransport(Endpoint):
             os.unlink(os.path.join(SHM_DIR, name))
         except FileNotFoundError:
             pass
-        region.view.release()
         try:
+            region.view.release()
             mm.close()
         except BufferError:
             pass  # the application still holds views of it; the mapping goes when they do
@@ -166,8 +166,8 @@ class ShmTransport(Endpoint):
         maps = conn.extra.pop("maps", {})
         for view in maps.values():
             obj = view.obj
-            view.release()
             try:
+                view.release()
                 obj.close()
             except BufferError:
                 pass
