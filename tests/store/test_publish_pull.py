@@ -1,0 +1,147 @@
+"""Publish and pull across processes through a real daemon; waiting pulls; lookups; concurrency."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import COMPAT, make_chunk
+from kvrelay.store.client import StoreClient, StoreError
+
+WORKER = str(Path(__file__).parent / "worker.py")
+
+
+def run_worker(*args, timeout: float = 60) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, WORKER, *map(str, args)])
+
+
+@pytest.mark.timeout(60)
+def test_publish_in_place_then_pull_byte_exact(daemon):
+    with StoreClient(daemon.address, compat_hash=COMPAT) as c:
+        k, h, d = make_chunk(1, 300_001)
+        assert c.lookup([k]) == 0
+        c.reserve("r1", [(k, h.nbytes)])
+        buf = c.publish_buffer(k)
+        assert buf.numel() == h.nbytes and buf.dtype == torch.uint8
+        buf.copy_(d)
+        c.commit(k, h)
+        assert c.lookup([k]) == 1
+        out = torch.zeros(h.nbytes, dtype=torch.uint8)
+        assert c.pull(k, out, time.monotonic() + 5) == h
+        assert torch.equal(out, d)
+        # publish() without reserve, and a prefix lookup that stops at the first missing chunk
+        k2, h2, d2 = make_chunk(2, 4096)
+        c.publish(k2, h2, d2)
+        k3, _, _ = make_chunk(3, 10)
+        assert c.lookup([k, k2, k3, k]) == 2
+        c.ping()  # hands back the pull's pin
+        assert c.stats()["pins"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_cross_process_publish_and_pull(daemon):
+    pullers = [run_worker("pull", daemon.address, "shm", 100, 8, 200_000) for _ in range(2)]
+    time.sleep(0.3)  # pullers are waiting on chunks nobody has reserved yet
+    pub = run_worker("publish", daemon.address, "shm", 100, 8, 200_000)
+    assert pub.wait(timeout=45) == 0
+    assert [p.wait(timeout=45) for p in pullers] == [0, 0]
+
+
+@pytest.mark.timeout(60)
+def test_pull_waits_for_commit_without_polling(daemon):
+    k, h, d = make_chunk(5, 65_536)
+    result: dict = {}
+    with StoreClient(daemon.address, compat_hash=COMPAT) as c:
+        def puller():
+            out = torch.empty(h.nbytes, dtype=torch.uint8)
+            t0 = time.monotonic()
+            result["header"] = c.pull(k, out, time.monotonic() + 10)
+            result["waited"] = time.monotonic() - t0
+            result["out"] = out
+        t = threading.Thread(target=puller)
+        t.start()
+        time.sleep(0.3)
+        c.reserve("r", [(k, h.nbytes)])
+        time.sleep(0.2)  # reserved but not committed: the puller still waits
+        assert t.is_alive()
+        c.publish_buffer(k).copy_(d)
+        c.commit(k, h)
+        t.join(timeout=10)
+        assert result["header"] == h and torch.equal(result["out"], d)
+        assert 0.45 < result["waited"] < 5
+
+
+@pytest.mark.timeout(30)
+def test_unknown_key_times_out_at_deadline(daemon):
+    k, h, _ = make_chunk(6, 100)
+    with StoreClient(daemon.address, compat_hash=COMPAT) as c:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="not ready within"):
+            c.pull(k, torch.empty(100, dtype=torch.uint8), time.monotonic() + 0.4)
+        assert 0.35 < time.monotonic() - t0 < 3
+        with pytest.raises(TimeoutError):
+            c.wait_ready([k], time.monotonic() + 0.1)
+        c.ping()  # still serving
+
+
+@pytest.mark.timeout(90)
+def test_concurrent_publishers_and_pullers(daemon):
+    with StoreClient(daemon.address, compat_hash=COMPAT) as c:
+        before = c.stats()
+        procs = [run_worker("pull", daemon.address, "shm", 1000 + 50 * i, 12, 100_000) for i in range(2)]
+        procs += [run_worker("publish", daemon.address, "shm", 1000 + 50 * i, 12, 100_000) for i in range(2)]
+        assert [p.wait(timeout=80) for p in procs] == [0] * 4
+        s = c.stats()
+        assert s["memory_chunks"] - before["memory_chunks"] == 24 and s["reserved_chunks"] == 0
+        assert s["commits"] - before.get("commits", 0) == 24
+
+
+@pytest.mark.timeout(60)
+def test_threads_share_one_client(daemon):
+    chunks = [make_chunk(2000 + i, 50_000) for i in range(16)]
+    errors: list[BaseException] = []
+    with StoreClient(daemon.address, compat_hash=COMPAT) as c:
+        def pull_all():
+            out = torch.empty(50_000, dtype=torch.uint8)
+            try:
+                for k, h, d in chunks:
+                    c.pull(k, out, time.monotonic() + 10)
+                    assert torch.equal(out, d)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+        threads = [threading.Thread(target=pull_all) for _ in range(3)]
+        for t in threads:
+            t.start()
+        c.reserve("big", [(k, h.nbytes) for k, h, _ in chunks])
+        for k, h, d in chunks:
+            c.publish_buffer(k).copy_(d)
+            c.commit(k, h)
+        for t in threads:
+            t.join(timeout=30)
+        assert not errors
+        c.ping()
+        assert c.stats()["pins"] == 0  # every pull handed its pin back
+
+
+@pytest.mark.timeout(60)
+def test_republish_of_present_chunk_is_a_cache_hit(daemon):
+    k, h, d = make_chunk(7, 5000)
+    with StoreClient(daemon.address, compat_hash=COMPAT) as c:
+        c.publish(k, h, d)
+        c.reserve("again", [(k, h.nbytes)])
+        buf = c.publish_buffer(k)  # scratch: the store already has it
+        buf.fill_(0)
+        c.commit(k, h)
+        out = torch.empty(5000, dtype=torch.uint8)
+        c.pull(k, out, time.monotonic() + 2)
+        assert torch.equal(out, d)
+        assert c.purge(prefix=k.block_hash) == 1
+        assert c.lookup([k]) == 0
+        with pytest.raises(StoreError, match="not reserved"):
+            c.publish_buffer(k)

@@ -1,0 +1,41 @@
+"""A separate client process for the store tests: publishes or pulls seeded chunks, exits 0 if byte-exact.
+
+usage: python worker.py publish|pull ADDRESS TRANSPORT FIRST_SEED COUNT NBYTES [LAYERS]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import COMPAT, make_chunk  # noqa: E402
+
+from kvrelay.store.client import StoreClient  # noqa: E402
+
+
+def main() -> int:
+    mode, address, transport, first, count, nbytes = sys.argv[1:7]
+    first, count, nbytes = int(first), int(count), int(nbytes)
+    with StoreClient(address, transport=transport, compat_hash=COMPAT, name=f"{mode}-{first}") as c:
+        chunks = [make_chunk(s, nbytes) for s in range(first, first + count)]
+        if mode == "publish":
+            c.reserve(f"req-{first}", [(k, h.nbytes) for k, h, _ in chunks])
+            for k, h, d in chunks:
+                c.publish_buffer(k).copy_(d)
+                c.commit(k, h)
+        else:
+            out = torch.empty(nbytes, dtype=torch.uint8)
+            for k, h, d in chunks:
+                got = c.pull(k, out, deadline=time.monotonic() + 20)
+                if got != h or not torch.equal(out, d):
+                    print(f"mismatch on chunk {k}", file=sys.stderr)
+                    return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
