@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from typing import Callable, Protocol
 
 import torch
@@ -32,7 +33,7 @@ log = logging.getLogger("kvrelay.engine")
 class KVPublisher(Protocol):
     def begin(self, engine: "Engine", seqs: list[Sequence]) -> None: ...
     def layer_done(self, layer: int) -> None: ...
-    def end(self, seqs: list[Sequence], done: Callable[[Sequence], None]) -> None: ...
+    def end(self, seqs: list[Sequence], first_tokens: list[int], done: Callable[[Sequence], None]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -61,6 +62,7 @@ class Engine:
         self.metrics = EngineMetrics(cfg.role)
         self.publisher, self.puller = publisher, puller
         self.compat_hash = self.layout.compat_hash(model_cfg.model_id)
+        self.epoch = uuid.uuid4().hex  # a restarted engine is a new peer
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._held: dict[int, Sequence] = {}  # finished, blocks still read by the publisher
         self._by_id: dict[str, Sequence] = {}
@@ -105,16 +107,20 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], params, timeout: float = 600.0) -> list[list[int]]:
         """Run prompts to completion inline (no background thread); returns the generated token ids."""
-        seqs = [Sequence(list(p), params) for p in prompts]
+        seqs = [Sequence(list(p), params, publish=self.cfg.role == "prefill") for p in prompts]
+        return [s.output for s in self.run(seqs, timeout)]
+
+    def run(self, seqs: list[Sequence], timeout: float = 600.0) -> list[Sequence]:
+        """Add ``seqs`` and step inline until all finished (and, prefill role, all published)."""
         for s in seqs:
             self.add(s)
         deadline = time.monotonic() + timeout
-        while any(s.status is not Status.FINISHED for s in seqs):
+        while any(s.status is not Status.FINISHED for s in seqs) or any(s.seq_id in self._held for s in seqs):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"generate() did not finish within {timeout}s")
+                raise TimeoutError(f"run() did not finish within {timeout}s")
             if not self.step():
                 self._wait_inbox(0.05)
-        return [s.output for s in seqs]
+        return seqs
 
     # ---- loop -------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -184,7 +190,8 @@ class Engine:
         for s in batch:
             s.num_computed = len(s)
         if pubs:
-            self.publisher.end(pubs, self._on_published)
+            first = {s.seq_id: t for s, t in zip(batch, tokens)}
+            self.publisher.end(pubs, [first[s.seq_id] for s in pubs], self._on_published)
         for s, tok in zip(batch, tokens):
             if prefill and not s.publish:
                 self.scheduler.running.append(s)

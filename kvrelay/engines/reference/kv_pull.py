@@ -1,0 +1,96 @@
+"""Decode role: fill a request's blocks with its prompt KV pulled from the store.
+
+Owns: `LayerPuller`, the engine's `KVPuller` hook.  For a request carrying `KVTransferParams` it skips
+the tokens the engine's own prefix cache already holds, then pulls layer by layer (each chunk as soon as
+the prefill commits it; the store parks the pull until then, within the request's deadline), verifies
+each header against what it asked for (checksums are verified by the client), and unpacks into this
+engine's block size (`kvrelay.kernels.unpack`).  It reports success or a reason to the engine, which
+applies the failure policy.  Must not touch: the engine's scheduling; blocks other than the request's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+from kvrelay.engines.reference.kv_publish import chunk_ranges
+from kvrelay.engines.reference.sequence import Sequence
+from kvrelay.keys import ChunkKey
+from kvrelay.kernels import unpack
+from kvrelay.kernels.layout import dtype_name
+
+log = logging.getLogger("kvrelay.engine.pull")
+
+
+class LayerPuller:
+    def __init__(self, client, store_address: str, workers: int = 2) -> None:
+        self.client = client
+        self.store_address = store_address
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kv-puller")
+        self._tls = threading.local()
+
+    def start(self, engine, seq: Sequence, done: Callable[[Sequence, str | None], None]) -> None:
+        self._pool.submit(self._pull_guarded, engine, seq, done)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.client.close()
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        buf = getattr(self._tls, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._tls.buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+    def _pull_guarded(self, engine, seq: Sequence, done: Callable[[Sequence, str | None], None]) -> None:
+        try:
+            self._pull(engine, seq)
+        except TimeoutError as exc:
+            done(seq, f"timeout: {exc}")
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reason for the policy
+            code = getattr(exc, "code", None) or type(exc).__name__
+            done(seq, f"{code}: {exc}")
+        else:
+            done(seq, None)
+
+    def _pull(self, engine, seq: Sequence) -> None:
+        kp = seq.kv_params
+        layout = engine.layout
+        if kp.store_address != self.store_address:
+            raise ValueError(f"kv_transfer_params name store {kp.store_address}, this worker uses "
+                             f"{self.store_address}")
+        if kp.num_layers != layout.num_layers:
+            raise ValueError(f"kv_transfer_params has {kp.num_layers} layers, this model {layout.num_layers}")
+        deadline = time.monotonic() + engine.cfg.pull_timeout_s
+        skip = seq.num_cached_tokens
+        todo = [(h, t0, t1) for h, (t0, t1) in zip(kp.block_hashes, chunk_ranges(kp.num_tokens, kp.chunk_tokens))
+                if t1 > skip]
+        want_dtype = dtype_name(layout.dtype)
+        buf = self._buffer(layout.chunk_nbytes(kp.chunk_tokens, kp.head_end - kp.head_start))
+        pulled = 0
+        for layer in range(layout.num_layers):
+            for h, t0, t1 in todo:
+                if seq.extra.get("aborted"):
+                    raise RuntimeError("aborted")
+                key = ChunkKey(h, layer, kp.head_start, kp.head_end)
+                hdr = self.client.pull(key, buf, deadline)
+                if (hdr.layer, hdr.token_start, hdr.token_end, hdr.head_start, hdr.head_end) != \
+                        (layer, t0, t1, kp.head_start, kp.head_end) or hdr.dtype != want_dtype:
+                    raise ValueError(f"chunk {key} has header layer {hdr.layer} tokens [{hdr.token_start}, "
+                                     f"{hdr.token_end}) heads [{hdr.head_start}, {hdr.head_end}) {hdr.dtype}; "
+                                     f"expected layer {layer} [{t0}, {t1}) [{kp.head_start}, {kp.head_end}) "
+                                     f"{want_dtype}")
+                pulled += hdr.nbytes
+                chunk = buf[:hdr.nbytes]
+                start = max(t0, skip)
+                if start > t0:  # this engine already holds the chunk's first tokens: unpack only the rest
+                    heads = hdr.head_end - hdr.head_start
+                    full = chunk.view(layout.dtype).view(layout.num_kv, t1 - t0, heads, layout.head_dim)
+                    chunk = full[:, start - t0:].contiguous()
+                unpack(layout, engine.cache[layer], seq.block_table, start, t1, chunk, hdr.head_start, hdr.head_end)
+        engine.metrics.pull_bytes.inc(pulled)
