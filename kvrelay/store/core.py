@@ -27,6 +27,12 @@ from kvrelay.store.ssd import SsdTier, parse_key
 from kvrelay.transfer.wire import ChunkHeader
 
 
+COUNTERS = ("lookups", "lookup_hits", "lookup_chunks", "lookup_chunks_hit", "commits", "pulls", "admission_refusals",
+            "evictions_memory", "evictions_dropped", "evictions_ssd", "checksum_failures", "ssd_promotions",
+            "lease_expiries", "pull_pin_expiries", "reservation_expiries", "ttl_expiries", "purged", "spill_errors",
+            "bad_requests")
+
+
 class OpError(Exception):
     """A request the store refuses; ``code`` goes into the reply (bad_request, full, not_found, corrupt)."""
 
@@ -46,7 +52,7 @@ class StoreCore:
         self.arena = Arena(cfg.pool_size)
         self.ix = Index()
         self.lock = threading.RLock()
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self.ssd: SsdTier | None = None
         self._spill_q: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
         self._spiller: threading.Thread | None = None

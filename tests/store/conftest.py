@@ -106,3 +106,22 @@ def make_chunk(seed: int, nbytes: int, layer: int = 0, compat: str = COMPAT) -> 
     header = ChunkHeader(compat_hash=compat, layer=layer, token_start=0, token_end=16, head_start=0, head_end=8,
                          dtype="uint8", nbytes=nbytes, checksum=checksum(data))
     return key, header, data
+
+
+def wait_for(cond, timeout: float = 10.0, what: str = "condition"):
+    """Test helper: re-check ``cond`` until true or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout}s")
+        time.sleep(0.05)
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
