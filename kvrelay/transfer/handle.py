@@ -61,12 +61,15 @@ class Handle(XferHandle):
         """Move to a terminal state unless already terminal; True if this call made the move."""
         if not state.terminal:
             raise ValueError(f"finish() needs a terminal state, got {state}")
+        now = time.monotonic()
+        if state is XferState.DONE and now > self.deadline:  # DONE means "within its deadline"
+            state, error = XferState.FAILED, self._deadline_reason()
         with self._cond:
             if self._state.terminal:
                 return False
             self._state = state
             self._error = error
-            self.finished_at = time.monotonic()
+            self.finished_at = now
             self._cond.notify_all()
         if state is not XferState.DONE and self._abort is not None:
             self._abort(state)
@@ -78,8 +81,11 @@ class Handle(XferHandle):
     def expire_if_due(self, now: float | None = None) -> bool:
         if (now if now is not None else time.monotonic()) < self.deadline:
             return False
-        return self.fail(f"{self.op} of {self.nbytes} bytes with peer {self.peer!r} did not finish within its "
-                         f"deadline of {self.timeout:.3g}s (pass a larger timeout= if the link is slow)")
+        return self.fail(self._deadline_reason())
+
+    def _deadline_reason(self) -> str:
+        return (f"{self.op} of {self.nbytes} bytes with peer {self.peer!r} did not finish within its deadline of "
+                f"{self.timeout:.3g}s (pass a larger timeout= if the link is slow)")
 
     # -- XferHandle --------------------------------------------------------------------------------
     @property

@@ -155,7 +155,11 @@ class NixlTransport(Endpoint):
             with lock:
                 if handle.done or released:
                     return
-                state = self._agent.check_xfer_state(xfer)
+                try:
+                    state = self._agent.check_xfer_state(xfer)
+                except Exception as exc:  # noqa: BLE001 - e.g. nixlRemoteDisconnectError
+                    handle.fail(f"NIXL {op} with peer {conn.peer.name!r} failed: {type(exc).__name__}: {exc}")
+                    return
             if state == "DONE":
                 handle.finish(XferState.DONE)
             elif state == "ERR":
@@ -166,7 +170,11 @@ class NixlTransport(Endpoint):
         handle._free = free
         handle._abort = lambda state: free()
         handle.set_transferring()
-        status = self._agent.transfer(xfer)
+        try:
+            status = self._agent.transfer(xfer)
+        except Exception as exc:  # noqa: BLE001 - e.g. nixlRemoteDisconnectError
+            handle.fail(f"NIXL could not post the {op} to peer {conn.peer.name!r}: {type(exc).__name__}: {exc}")
+            return
         if status == "DONE":
             handle.finish(XferState.DONE)
         elif status == "ERR":

@@ -249,14 +249,28 @@ def test_peer_killed_mid_transfer(transport_name, fresh_peer):
         peer = ep.connect(victim.address, timeout=30)
         info, view = ep.alloc(64 * MIB)
         finish(ep.read(peer, [Desc(info.region_id, 0, victim.regions[1], 0, MIB)]))  # it works first
-        handles = [ep.read(peer, [Desc(info.region_id, 0, victim.regions[0], 0, 64 * MIB)], timeout=8)
-                   for _ in range(6)]
-        time.sleep(0.005)
+        # Keep 64 MiB reads in flight from another thread while the peer is killed.
+        handles: list = []
+        stop = threading.Event()
+
+        def issue() -> None:
+            while not stop.is_set():
+                h = ep.read(peer, [Desc(info.region_id, 0, victim.regions[0], 0, 64 * MIB)], timeout=8)
+                handles.append(h)
+                if h.wait() is not XferState.DONE:
+                    return
+
+        thread = threading.Thread(target=issue)
+        thread.start()
+        time.sleep(0.3)
         victim.kill()
         t0 = time.monotonic()
+        thread.join(20)
+        stop.set()
+        assert not thread.is_alive()
         states = [h.wait() for h in handles]
         assert time.monotonic() - t0 < 9, "a handle outlived its deadline"
-        assert all(s.terminal for s in states)
+        assert len(handles) >= 2 and all(s.terminal for s in states)
         failed = [h for h in handles if h.state is XferState.FAILED]
         assert failed, "no transfer noticed the peer's death"
         assert all(h.error for h in failed)
