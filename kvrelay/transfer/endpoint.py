@@ -136,6 +136,7 @@ class Endpoint(Transport):
 
     def alloc(self, nbytes: int) -> tuple[RegionInfo, memoryview]:
         """Allocate ``nbytes`` of memory suited to this transport, register it, return it (zeroed)."""
+        self._check_open()
         if nbytes <= 0:
             raise ValueError(f"alloc needs nbytes > 0, got {nbytes}")
         arr = np.zeros(nbytes, dtype=np.uint8)

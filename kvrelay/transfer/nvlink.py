@@ -81,6 +81,7 @@ class NvlinkTransport(Endpoint):
         super().__init__(agent_name, compat_hash, host, port)
 
     def alloc(self, nbytes: int):
+        self._check_open()
         if nbytes <= 0:
             raise ValueError(f"alloc needs nbytes > 0, got {nbytes}")
         t = self._torch.zeros(nbytes, dtype=self._torch.uint8, device=self.device)

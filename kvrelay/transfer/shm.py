@@ -105,6 +105,7 @@ class ShmTransport(Endpoint):
 
     # -- regions ---------------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> tuple[RegionInfo, memoryview]:
+        self._check_open()
         if nbytes <= 0:
             raise ValueError(f"alloc needs nbytes > 0, got {nbytes}")
         with self._lock:
