@@ -243,7 +243,9 @@ def test_connect_to_nothing_fails_within_timeout(transport_name):
 
 
 def test_peer_killed_mid_transfer(transport_name, fresh_peer):
-    before = segments()
+    import os
+    mine = lambda: [s for s in segments() if s.startswith(f"kvrelay-xfer-{os.getpid()}-")]  # noqa: E731
+    before = mine()
     with create_transport(transport_name, "survivor", COMPAT) as ep:
         victim = fresh_peer()
         peer = ep.connect(victim.address, timeout=30)
@@ -286,7 +288,8 @@ def test_peer_killed_mid_transfer(transport_name, fresh_peer):
         for h in handles:
             h.release()
         assert ep.open_handles() == 0
-    assert segments() == before, "shared-memory segments leaked"
+    assert mine() == before, "shared-memory segments of this process leaked"
+    assert not [s for s in segments() if s.startswith(f"kvrelay-xfer-{victim.pid}-")], "the dead peer's segments leaked"
 
 
 def test_peer_restart_is_a_new_epoch(transport_name, fresh_peer, local, endpoint):
