@@ -269,8 +269,6 @@ class Engine:
                              f"compatible decode worker")
         if kp.num_tokens != len(seq.prompt):
             raise ValueError(f"kv_transfer_params.num_tokens {kp.num_tokens} != prompt length {len(seq.prompt)}")
-        if kp.first_token is None:
-            raise ValueError("kv_transfer_params.first_token is missing: send the prefill's answer")
         if self.puller is None:
             raise ValueError("this engine cannot pull KV (start it with --role decode and a --store address)")
 
@@ -280,7 +278,8 @@ class Engine:
             seq = sched.waiting[0]
             if sched.num_active() >= self.cfg.max_num_seqs:
                 return
-            seq.output = [seq.kv_params.first_token]
+            first = seq.kv_params.first_token
+            seq.output = [0 if first is None else first]  # None: the puller fetches it from the store
             if not self.blocks.can_allocate(seq):
                 seq.output = []
                 return

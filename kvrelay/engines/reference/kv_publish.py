@@ -18,6 +18,9 @@ import threading
 import time
 from typing import Callable
 
+import torch
+import xxhash
+
 from kvrelay.engines.reference.sequence import Sequence
 from kvrelay.keys import ChunkKey, block_hashes
 from kvrelay.kernels import pack
@@ -26,6 +29,19 @@ from kvrelay.params import KVTransferParams
 from kvrelay.transfer.wire import ChunkHeader, checksum
 
 log = logging.getLogger("kvrelay.engine.publish")
+
+
+def first_token_key(request_id: str, hashes: list[str]) -> ChunkKey:
+    """Where the prefill publishes a request's sampled first token (8 bytes, int64), after its last
+    layer: a decode leg sent before the prefill answered (``first_token`` unknown) pulls it from there.
+    Keyed by request id, not content: the first token depends on sampling."""
+    h = xxhash.xxh3_128_hexdigest(f"first-token|{request_id}|{hashes[-1] if hashes else ''}".encode())
+    return ChunkKey(h, -1, 0, 0)
+
+
+def first_token_header(compat_hash: str, num_tokens: int, payload: torch.Tensor) -> ChunkHeader:
+    return ChunkHeader(compat_hash=compat_hash, layer=-1, token_start=num_tokens, token_end=num_tokens + 1,
+                       head_start=0, head_end=0, dtype="int64", nbytes=8, checksum=checksum(payload))
 
 
 def chunk_ranges(num_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
@@ -58,9 +74,10 @@ class LayerPublisher:
             heads = (layout.head_start, layout.head_end)
             chunks = [(layer, ChunkKey(h, layer, *heads), t0, t1)
                       for layer in range(layout.num_layers) for h, (t0, t1) in zip(hashes, ranges)]
+            meta = first_token_key(seq.request_id, hashes)
             try:
-                self.client.reserve(seq.request_id, [(k, layout.chunk_nbytes(t1 - t0)) for _, k, t0, t1 in chunks],
-                                    ttl=self.reserve_ttl)
+                self.client.reserve(seq.request_id, [(k, layout.chunk_nbytes(t1 - t0)) for _, k, t0, t1 in chunks]
+                                    + [(meta, 8)], ttl=self.reserve_ttl)
             except Exception as exc:  # the store is full or gone: answer without kv_transfer_params
                 log.warning("reserve for %s failed: %s", seq.request_id, exc)
                 engine.metrics.publish_errors.labels(type(exc).__name__).inc()
@@ -68,6 +85,7 @@ class LayerPublisher:
                 continue
             seq.extra["publish_pending"] = True
             seq.extra["publish_chunks"] = chunks
+            seq.extra["publish_meta"] = meta
             seq.extra["kv_transfer_params"] = KVTransferParams(
                 request_id=seq.request_id, model_id=mcfg.model_id, compat_hash=engine.compat_hash, num_tokens=n,
                 chunk_tokens=ecfg.chunk_tokens, block_hashes=hashes, num_layers=layout.num_layers,
@@ -110,6 +128,8 @@ class LayerPublisher:
             else:
                 _, t_end, batch, done = job
                 for seq in batch:
+                    if "publish_error" not in seq.extra:
+                        self._publish_first_token(seq)
                     self.engine.metrics.publish_lag.observe(time.monotonic() - t_end)
                     if "publish_error" in seq.extra:
                         try:
@@ -118,6 +138,17 @@ class LayerPublisher:
                             pass
                     seq.extra.pop("publish_pending", None)
                     done(seq)
+
+    def _publish_first_token(self, seq: Sequence) -> None:
+        kp = seq.extra["kv_transfer_params"]
+        try:
+            buf = self.client.publish_buffer(seq.extra["publish_meta"])
+            payload = torch.tensor([kp.first_token], dtype=torch.int64).view(torch.uint8)
+            buf[:8].copy_(payload)
+            self.client.commit(seq.extra["publish_meta"], first_token_header(kp.compat_hash, kp.num_tokens, payload))
+        except Exception as exc:  # noqa: BLE001 - decode legs that know the first token do not need it
+            log.warning("publishing the first token of %s failed: %s", seq.request_id, exc)
+            self.engine.metrics.publish_errors.labels(type(exc).__name__).inc()
 
     def _publish(self, seq: Sequence, layer: int) -> None:
         engine = self.engine

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from kvrelay.engines.reference.kv_publish import chunk_ranges
+from kvrelay.engines.reference.kv_publish import chunk_ranges, first_token_key
 from kvrelay.engines.reference.sequence import Sequence
 from kvrelay.keys import ChunkKey
 from kvrelay.kernels import unpack
@@ -93,4 +93,9 @@ class LayerPuller:
                     full = chunk.view(layout.dtype).view(layout.num_kv, t1 - t0, heads, layout.head_dim)
                     chunk = full[:, start - t0:].contiguous()
                 unpack(layout, engine.cache[layer], seq.block_table, start, t1, chunk, hdr.head_start, hdr.head_end)
+        if kp.first_token is None:  # the decode leg was sent before the prefill answered
+            hdr = self.client.pull(first_token_key(kp.request_id, kp.block_hashes), buf, deadline)
+            if hdr.nbytes != 8 or hdr.dtype != "int64":
+                raise ValueError(f"first-token chunk of {kp.request_id} has {hdr.nbytes} bytes of {hdr.dtype}")
+            seq.output[-1] = int(buf[:8].view(torch.int64).item())
         engine.metrics.pull_bytes.inc(pulled)

@@ -85,6 +85,10 @@ class LlamaModel:
             lens.append(n)
         pos = torch.cat(positions)
         tables = [torch.tensor(s.block_table, dtype=torch.long) for s in seqs]
+        for t in tables:
+            if len(t) and (int(t.min()) < 0 or int(t.max()) >= layout.num_blocks):
+                raise ValueError(f"block ids must lie in [0, {layout.num_blocks}), got [{int(t.min())}, "
+                                 f"{int(t.max())}]")
         for s, table, p in zip(seqs, tables, positions):
             slots.append(table[p // bs] * bs + p % bs)
         slot = torch.cat(slots)
