@@ -39,7 +39,7 @@ class StoreConfig:
     metrics_port: int = 0  # /metrics /healthz /readyz; 0 picks a free port, -1 disables
     pool_size: int = 1 << 30
     pool_name: str = ""  # /dev/shm name; default kvrelay-store-<port>
-    max_chunk_bytes: int = 256 << 20
+    max_chunk_bytes: int = 0  # 0: min(64 MiB, pool_size)
     ssd_dir: str = ""  # empty disables the SSD tier
     ssd_size: int = 16 << 30
     ssd_segment_size: int = 256 << 20
@@ -64,6 +64,8 @@ class StoreConfig:
             setattr(self, name, parse_size(getattr(self, name), name))
         if self.pool_size < ALIGN or self.pool_size % ALIGN:
             raise ValueError(f"pool_size {self.pool_size} must be a positive multiple of {ALIGN} bytes")
+        if self.max_chunk_bytes == 0:
+            self.max_chunk_bytes = min(64 << 20, self.pool_size)
         if not 0 < self.max_chunk_bytes <= self.pool_size:
             raise ValueError(f"max_chunk_bytes {self.max_chunk_bytes} must be in 1..pool_size ({self.pool_size})")
         if self.ssd_dir and self.ssd_segment_size > self.ssd_size:
