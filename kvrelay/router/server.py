@@ -1,0 +1,214 @@
+"""`kvrelay router`: an OpenAI-compatible proxy that runs each request as a prefill leg and a decode leg.
+
+For each /v1/completions or /v1/chat/completions request it picks a prefill worker and a decode worker
+from their pools, sends the prefill leg (the prefill engine publishes the prompt's KV layer by layer
+into the store and answers with ``kv_transfer_params``), then the decode leg carrying those params; the
+decode worker pulls the KV and streams or returns the answer, which is relayed as is.  Failover: a
+prefill worker that fails is marked down and another is tried; with none left the decode worker runs
+the whole request itself (it recomputes the prefill).  A decode worker that fails before answering is
+marked down and another is tried.  A background task re-checks /healthz of every worker.
+
+Owns: request forwarding and failover.  Must not touch: engines or the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, CONTENT_TYPE_LATEST
+
+from kvrelay.router.pool import POLICIES, NoWorkerError, Pool, Worker
+
+log = logging.getLogger("kvrelay.router")
+
+
+class Router:
+    def __init__(self, prefill: Pool, decode: Pool, health_interval: float = 2.0, timeout: float = 600.0) -> None:
+        self.prefill, self.decode = prefill, decode
+        self.health_interval = health_interval
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.session: aiohttp.ClientSession | None = None
+        self.registry = CollectorRegistry()
+        self.requests = Counter("kvrelay_router_requests", "Requests by outcome", ["outcome"], registry=self.registry)
+        self.failovers = Counter("kvrelay_router_failovers", "Legs retried on another worker", ["role"],
+                                 registry=self.registry)
+        self.prefill_latency = Histogram("kvrelay_router_prefill_seconds", "Prefill leg latency",
+                                         registry=self.registry)
+        self.app = web.Application()
+        self.app.router.add_post("/v1/completions", self.handle)
+        self.app.router.add_post("/v1/chat/completions", self.handle)
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/readyz", self.readyz)
+        self.app.router.add_get("/metrics", self.metrics)
+        self.app.on_startup.append(self._start)
+        self.app.on_cleanup.append(self._stop)
+
+    async def _start(self, app: web.Application) -> None:
+        self.session = aiohttp.ClientSession(timeout=self.timeout)
+        await asyncio.gather(self.prefill.check(self.session), self.decode.check(self.session))
+        self._health_task = asyncio.create_task(self._health_loop())
+
+    async def _stop(self, app: web.Application) -> None:
+        self._health_task.cancel()
+        await self.session.close()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            await asyncio.gather(self.prefill.check(self.session), self.decode.check(self.session))
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready = bool(self.decode.healthy())
+        body = {"ready": ready, "prefill": [w.url for w in self.prefill.healthy()],
+                "decode": [w.url for w in self.decode.healthy()]}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def models(self, request: web.Request) -> web.Response:
+        try:
+            worker = self.decode.pick()
+            async with self.session.get(f"{worker.url}/v1/models") as r:
+                return web.Response(body=await r.read(), status=r.status, content_type="application/json")
+        except (NoWorkerError, aiohttp.ClientError) as exc:
+            return _error(503, str(exc))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _error(400, f"the request body is not valid JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error(400, "the request body must be a JSON object")
+        kv_params = await self._prefill_leg(request.path, body)
+        decode_body = dict(body)
+        if kv_params is not None:
+            decode_body["kv_transfer_params"] = kv_params
+        return await self._decode_leg(request, decode_body)
+
+    async def _prefill_leg(self, path: str, body: dict) -> dict | None:
+        leg = {**body, "stream": False, "max_tokens": 1}
+        leg.pop("max_completion_tokens", None)
+        tried: set[str] = set()
+        while True:
+            try:
+                worker = self.prefill.pick(tried)
+            except NoWorkerError as exc:
+                log.warning("prefill leg skipped, decode recomputes: %s", exc)
+                return None
+            tried.add(worker.url)
+            worker.in_flight += 1
+            try:
+                with self.prefill_latency.time():
+                    async with self.session.post(worker.url + path, json=leg) as r:
+                        data = await r.json(content_type=None)
+                if r.status >= 500:
+                    raise aiohttp.ClientError(f"HTTP {r.status}: {data}")
+                if r.status >= 400:  # the request itself is bad: the decode leg will say why
+                    return None
+                return data.get("kv_transfer_params")
+            except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+                self.prefill.mark_failed(worker, f"{type(exc).__name__}: {exc}")
+                self.failovers.labels("prefill").inc()
+                log.warning("prefill worker %s failed (%s); trying another", worker.url, exc)
+            finally:
+                worker.in_flight -= 1
+
+    async def _decode_leg(self, request: web.Request, body: dict) -> web.StreamResponse:
+        tried: set[str] = set()
+        while True:
+            try:
+                worker = self.decode.pick(tried)
+            except NoWorkerError as exc:
+                self.requests.labels("no_decode_worker").inc()
+                return _error(503, str(exc))
+            tried.add(worker.url)
+            worker.in_flight += 1
+            resp: web.StreamResponse | None = None
+            try:
+                async with self.session.post(worker.url + request.path, json=body) as r:
+                    resp = web.StreamResponse(status=r.status, headers={
+                        "Content-Type": r.headers.get("Content-Type", "application/json")})
+                    await resp.prepare(request)
+                    async for data in r.content.iter_any():
+                        await resp.write(data)
+                    await resp.write_eof()
+                    self.requests.labels("ok" if r.status < 400 else f"http_{r.status}").inc()
+                    return resp
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                self.decode.mark_failed(worker, f"{type(exc).__name__}: {exc}")
+                if resp is not None:  # bytes already went to the client: cannot retry
+                    self.requests.labels("decode_failed_midstream").inc()
+                    return resp
+                self.failovers.labels("decode").inc()
+                log.warning("decode worker %s failed (%s); trying another", worker.url, exc)
+            finally:
+                worker.in_flight -= 1
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "code": status}}, status=status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvrelay router", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--prefill", action="append", default=[], metavar="URL", help="a prefill worker (repeatable)")
+    p.add_argument("--decode", action="append", default=[], metavar="URL", help="a decode worker (repeatable)")
+    p.add_argument("--policy", choices=POLICIES, default="least_loaded")
+    p.add_argument("--health-interval", type=float, default=2.0)
+    p.add_argument("--ready-file", default="")
+    p.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    router = Router(Pool("prefill", args.prefill, args.policy), Pool("decode", args.decode, args.policy),
+                    args.health_interval)
+    runner = web.AppRunner(router.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    log.info("kvrelay router serving http://%s:%d (%d prefill, %d decode)", args.host, port,
+             len(args.prefill), len(args.decode))
+    if args.ready_file:
+        tmp = args.ready_file + ".tmp"
+        Path(tmp).write_text(json.dumps({"port": port, "pid": os.getpid(), "url": f"http://{args.host}:{port}"}))
+        os.replace(tmp, args.ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"kvrelay router: --host {args.host!r}: the router binds loopback only", file=sys.stderr)
+        return 2
+    if not args.decode:
+        print("kvrelay router: at least one --decode URL is needed", file=sys.stderr)
+        return 2
+    asyncio.run(_serve(args))
+    return 0
