@@ -115,7 +115,7 @@ static int want_threads = 2, pool_threads = 0, shutting_down = 0, atfork_done = 
 static pthread_t *workers = NULL;
 static const kv_job *cur_job = NULL;
 static int cur_parts = 0, remaining = 0;
-static uint64_t generation = 0;
+static uint64_t generation = 0, pool_start_gen = 0; /* workers start from pool_start_gen */
 static int64_t parallel_threshold = 1 << 20;
 
 static void run_part(const kv_job *j, int part, int parts) {
@@ -126,9 +126,8 @@ static void run_part(const kv_job *j, int part, int parts) {
 
 static void *worker_main(void *arg) {
     int idx = (int)(intptr_t)arg;
-    uint64_t seen = 0;
     pthread_mutex_lock(&mu);
-    seen = generation;
+    uint64_t seen = pool_start_gen; /* not `generation`: a job may already have been posted */
     for (;;) {
         while (generation == seen && !shutting_down) pthread_cond_wait(&cv_work, &mu);
         if (shutting_down) break;
@@ -174,6 +173,7 @@ static void pool_stop_locked(void) { /* submit_mu held */
 static int pool_start_locked(void) { /* submit_mu held */
     if (!atfork_done) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); atfork_done = 1; }
     int n = want_threads;
+    pool_start_gen = generation;
     workers = calloc((size_t)(n > 1 ? n - 1 : 1), sizeof(pthread_t));
     if (!workers) return -1;
     int started = 0;
