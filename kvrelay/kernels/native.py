@@ -52,7 +52,7 @@ def copy(view: LayerView, plan: CopyPlan, chunk: torch.Tensor, pack: bool) -> in
     t0, t1 = view.tensors[0], view.tensors[-1]
     ids = plan.ids
     chunk_nbytes = chunk.numel() * chunk.element_size()
-    return _native.copy(
+    _native.copy(
         1 if pack else 0,
         t0.data_ptr(), _extent(t0), view.offsets[0],
         t1.data_ptr(), _extent(t1), view.offsets[-1],
@@ -64,3 +64,4 @@ def copy(view: LayerView, plan: CopyPlan, chunk: torch.Tensor, pack: bool) -> in
         plan.cache_h0, plan.num_heads,
         chunk.data_ptr(), chunk_nbytes, plan.chunk_heads, plan.chunk_h0,
     )
+    return plan.nbytes
