@@ -93,22 +93,58 @@ class StoreClient:
     def _call(self, req: P.Req, wait: float | None = None) -> P.Reply:
         return self._roundtrip(self._sock(), req, self.timeout if wait is None else wait)
 
-    def _roundtrip(self, sock: zmq.Socket, req: P.Req, wait: float) -> P.Reply:
+    def _roundtrip(self, sock: zmq.Socket, req: P.Req, wait: float, expect_reply: bool = True) -> P.Reply | None:
         req.req_id = next(self._ids)
         with self._lock:
             req.unpin, self._unpin = self._unpin, []
         sock.send(P.encode(req))
+        pending = self._pending()
+        if not expect_reply:
+            pending[req.req_id] = type(req).__name__
+            return None
+        rep = self._recv_until(sock, req.req_id, wait, type(req).__name__)
+        self._raise_deferred()
+        return self._check(rep)
+
+    def _pending(self) -> dict[int, str]:
+        p = getattr(self._tls, "pending", None)
+        if p is None:
+            p = self._tls.pending = {}
+            self._tls.deferred = []
+        return p
+
+    def _recv_until(self, sock: zmq.Socket, req_id: int | None, wait: float, what: str) -> P.Reply | None:
+        """Receive replies until the one for ``req_id`` (None: until no pipelined request is pending)."""
+        pending = self._pending()
         deadline = time.monotonic() + wait
-        while True:
+        while req_id is not None or pending:
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(int(left * 1000) + 1):
                 if time.monotonic() >= deadline:
-                    raise StoreError(f"store at {self.address} did not answer {type(req).__name__} within "
-                                     f"{wait:.1f}s: is the daemon running?", "unreachable")
+                    raise StoreError(f"store at {self.address} did not answer {what} within {wait:.1f}s: is the "
+                                     f"daemon running?", "unreachable")
                 continue
             rep = P.decode_reply(sock.recv())
-            if rep.req_id in (req.req_id, -1):
-                break  # else: a late answer to an earlier call that timed out
+            if rep.req_id in pending:  # the answer to a pipelined commit(wait=False)
+                name = pending.pop(rep.req_id)
+                if not rep.ok:
+                    self._tls.deferred.append((name, rep))
+            elif rep.req_id == req_id or rep.req_id == -1:
+                return rep
+            # else: a late answer to an earlier call that timed out
+        return None
+
+    def _raise_deferred(self) -> None:
+        deferred = getattr(self._tls, "deferred", None)
+        if deferred:
+            name, rep = deferred.pop(0)
+            try:
+                self._check(rep)
+            except StoreError as exc:
+                raise type(exc)(f"an earlier {name}(wait=False) failed: {exc}", exc.code) from None
+
+    @staticmethod
+    def _check(rep: P.Reply) -> P.Reply:
         if not rep.ok:
             if rep.code == "full":
                 raise StoreFullError(rep.error, rep.code)
@@ -116,6 +152,11 @@ class StoreClient:
                 raise TimeoutError(rep.error)
             raise StoreError(rep.error, rep.code)
         return rep
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait for every pipelined ``commit(wait=False)`` of this thread; raise the first failure."""
+        self._recv_until(self._sock(), None, self.timeout if timeout is None else timeout, "pipelined commits")
+        self._raise_deferred()
 
     # --- API ---------------------------------------------------------------------------------------
     def lookup(self, keys: list[ChunkKey]) -> int:
@@ -144,7 +185,10 @@ class StoreClient:
                 self._views[kid] = view
         return view
 
-    def commit(self, key: ChunkKey, header: ChunkHeader) -> None:
+    def commit(self, key: ChunkKey, header: ChunkHeader, *, wait: bool = True) -> None:
+        """Hand the filled slot to the store, which verifies length and checksum, marks it ready and wakes
+        waiters.  ``wait=False`` pipelines: it returns once sent; a failure is raised by this thread's next
+        call or by `flush()` (so a layer's chunks cost one round trip, not one each)."""
         kid = kid_of(key)
         with self._lock:
             slot = self._slots.pop(kid, None)
@@ -156,7 +200,10 @@ class StoreClient:
             return  # the store already had this content-addressed chunk
         if slot is not None and view is not None:
             self._path.flush(slot, view, self.timeout)
-        self._call(P.Commit(key=key, header=header))
+        if wait:
+            self._call(P.Commit(key=key, header=header))
+        else:
+            self._roundtrip(self._sock(), P.Commit(key=key, header=header), self.timeout, expect_reply=False)
 
     def publish(self, key: ChunkKey, header: ChunkHeader, payload) -> None:
         src = _as_uint8(payload)

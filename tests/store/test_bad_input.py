@@ -70,7 +70,15 @@ def test_oversize_wrong_checksum_wrong_compat(daemon):
             c.commit(k, bad)
         c.reserve("r", [(k, h.nbytes)])
         c.publish_buffer(k).copy_(d)
-        c.commit(k, h)  # the honest retry works
+        c.publish_buffer(k)[0] ^= 1
+        c.commit(k, h, wait=False)  # pipelined: the failure surfaces at flush()
+        with pytest.raises(StoreError, match="earlier Commit.*checksum mismatch"):
+            c.flush()
+        c.flush()  # nothing pending any more
+        c.reserve("r", [(k, h.nbytes)])
+        c.publish_buffer(k).copy_(d)
+        c.commit(k, h, wait=False)  # the honest retry works
+        c.flush()
         with pytest.raises(ValueError, match="uint8"):
             c.pull(k, torch.empty(4096, dtype=torch.float32), time.monotonic() + 1)
         with pytest.raises(ValueError, match="out has"):

@@ -1,0 +1,87 @@
+"""Start a `kvrelay store` daemon as a child process and wait until it serves (bench, launcher, tests).
+
+Owns: spawning and stopping one daemon process.  Must not touch: the daemon's internals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+
+class DaemonProcess:
+    """``kvrelay store`` with ``options`` (flag names without dashes, e.g. pool_size="1GiB")."""
+
+    def __init__(self, **options) -> None:
+        self.options = options
+        self.pool_name = options.pop("pool_name", f"kvrelay-{uuid.uuid4().hex[:12]}")
+        self.proc: subprocess.Popen | None = None
+        self.info: dict = {}
+        self.spawn_to_ready_s = 0.0
+
+    def start(self, timeout: float = 60.0, log_path: str | None = None) -> "DaemonProcess":
+        ready = Path(tempfile.gettempdir()) / f"kvrelay-ready-{uuid.uuid4().hex[:8]}.json"
+        args = [sys.executable, "-m", "kvrelay.cli", "store", "--pool-name", self.pool_name,
+                "--ready-file", str(ready), "--log-level", "WARNING"]
+        opts = {"port": 0, "metrics_port": 0, **self.options}
+        for k, v in opts.items():
+            args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL)
+        deadline = t0 + timeout
+        try:
+            while not ready.exists():
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"kvrelay store exited with {self.proc.returncode} (args {args})")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"kvrelay store did not become ready within {timeout}s")
+                time.sleep(0.02)
+            self.spawn_to_ready_s = time.monotonic() - t0
+            self.info = json.loads(ready.read_text())
+            ready.unlink()
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+        return self
+
+    @property
+    def address(self) -> str:
+        return self.info["address"]
+
+    @property
+    def pid(self) -> int:
+        return self.info["pid"]
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+        try:
+            os.unlink(f"/dev/shm/{self.pool_name}")
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "DaemonProcess":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
