@@ -19,6 +19,10 @@ from kvrelay.engines.reference.weights import random_weights
 
 TRANSPORTS = ("shm", "tcp", "nixl")
 
+# One intra-op thread: on 2 shared cores, OpenMP's spinning threads run 2-3x slower than one thread, and
+# every engine in these tests (in-process or spawned with --threads 1) then uses identical GEMM paths.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def model_cfg() -> ModelConfig:

@@ -69,6 +69,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.ready = threading.Event()
+        self.record_logits = False  # tests: keep each sampled row's logits in seq.extra["logits"]
 
     # ---- public, thread-safe ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -187,6 +188,9 @@ class Engine:
                 self.metrics.computed_tokens.inc(len(s) - s.num_computed)
         logits = self.model.forward(inputs, self.cache, self.layout, layer_hook=hook)
         tokens = self.sampler.sample(logits, batch)
+        if self.record_logits:
+            for s, row in zip(batch, logits):
+                s.extra.setdefault("logits", []).append(row.clone())
         for s in batch:
             s.num_computed = len(s)
         if pubs:

@@ -44,6 +44,18 @@ def first_token_header(compat_hash: str, num_tokens: int, payload: torch.Tensor)
                        head_start=0, head_end=0, dtype="int64", nbytes=8, checksum=checksum(payload))
 
 
+def transfer_params(prompt: list[int], request_id: str, model_id: str, compat_hash: str, chunk_tokens: int,
+                    num_layers: int, head_start: int, head_end: int, store_address: str, transport: str,
+                    first_token: int | None = None, prefill_epoch: str = "") -> KVTransferParams:
+    """The `KVTransferParams` a prefill of ``prompt`` publishes under.  A router can build them itself and
+    send the decode leg at once (``first_token=None``: the decode pulls it from the store)."""
+    return KVTransferParams(
+        request_id=request_id, model_id=model_id, compat_hash=compat_hash, num_tokens=len(prompt),
+        chunk_tokens=chunk_tokens, block_hashes=block_hashes(prompt, chunk_tokens, model_id, compat_hash),
+        num_layers=num_layers, head_start=head_start, head_end=head_end, store_address=store_address,
+        transport=transport, first_token=first_token, prefill_epoch=prefill_epoch)
+
+
 def chunk_ranges(num_tokens: int, chunk_tokens: int) -> list[tuple[int, int]]:
     return [(s, min(num_tokens, s + chunk_tokens)) for s in range(0, num_tokens, chunk_tokens)]
 
@@ -69,7 +81,10 @@ class LayerPublisher:
         self._batch = []
         for seq in seqs:
             n = len(seq.prompt)
-            hashes = block_hashes(seq.prompt, ecfg.chunk_tokens, mcfg.model_id, engine.compat_hash)
+            kp = transfer_params(seq.prompt, seq.request_id, mcfg.model_id, engine.compat_hash, ecfg.chunk_tokens,
+                                 layout.num_layers, layout.head_start, layout.head_end, self.store_address,
+                                 self.transport, prefill_epoch=engine.epoch)
+            hashes = kp.block_hashes
             ranges = chunk_ranges(n, ecfg.chunk_tokens)
             heads = (layout.head_start, layout.head_end)
             chunks = [(layer, ChunkKey(h, layer, *heads), t0, t1)
@@ -86,11 +101,7 @@ class LayerPublisher:
             seq.extra["publish_pending"] = True
             seq.extra["publish_chunks"] = chunks
             seq.extra["publish_meta"] = meta
-            seq.extra["kv_transfer_params"] = KVTransferParams(
-                request_id=seq.request_id, model_id=mcfg.model_id, compat_hash=engine.compat_hash, num_tokens=n,
-                chunk_tokens=ecfg.chunk_tokens, block_hashes=hashes, num_layers=layout.num_layers,
-                head_start=layout.head_start, head_end=layout.head_end, store_address=self.store_address,
-                transport=self.transport, prefill_epoch=engine.epoch)
+            seq.extra["kv_transfer_params"] = kp
             self._batch.append(seq)
 
     def layer_done(self, layer: int) -> None:

@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failure-policy", choices=FAILURE_POLICIES, default="recompute")
     p.add_argument("--pull-timeout", type=float, default=30.0, help="decode: deadline (s) for a request's pull")
     p.add_argument("--no-layerwise", action="store_true", help="prefill: publish after the whole forward pass")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
     return p
 
@@ -193,6 +194,9 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError(f"--host {args.host!r}: the engine binds loopback only (127.0.0.1)")
     engine, tok = build_engine(args)
