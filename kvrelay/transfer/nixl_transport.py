@@ -37,7 +37,7 @@ _enc = msgspec.msgpack.Encoder()
 _meta_dec = msgspec.msgpack.Decoder(_RegionMeta)
 
 
-def _make_agent(name: str, delay_us: int):
+def make_agent(name: str, delay_us: int):
     """A nixl_agent with the UCX progress thread sleeping ``delay_us`` between rounds (not 0)."""
     import types
 
@@ -76,7 +76,7 @@ class NixlTransport(Endpoint):
                              f"got {progress_delay_us}")
         import uuid
         self._nixl_name = f"{agent_name}-{uuid.uuid4().hex[:8]}"
-        self._agent = _make_agent(self._nixl_name, progress_delay_us)
+        self._agent = make_agent(self._nixl_name, progress_delay_us)
         opts = {"ucx_error_handling_mode": error_handling_mode, **(backend_options or {})}
         self._agent.create_backend("UCX", opts)
         self._reg: dict[int, object] = {}

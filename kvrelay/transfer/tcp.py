@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from typing import Iterator
 
 import msgspec
@@ -26,7 +27,9 @@ from kvrelay.transfer.endpoint import Endpoint, PeerConn
 from kvrelay.transfer.frames import FRAME_BYTES, SMALL_BYTES, Piece, frame_bytes_of, plan_frames
 from kvrelay.transfer.handle import Handle
 
-ZERO_COPY_MIN = 64 << 10  # below this pyzmq's copying send is cheaper than its zero-copy bookkeeping
+ZERO_COPY_MIN = 64 << 10
+INLINE_BYTES = 64 << 10  # transfers up to this size run on the caller's thread
+SYNC_POLL_MS = 20  # an inline transfer checks its deadline and its peer's liveness this often  # below this pyzmq's copying send is cheaper than its zero-copy bookkeeping
 
 
 class DataReq(msgspec.Struct, array_like=True):
@@ -57,13 +60,14 @@ class TcpTransport(Endpoint):
     name = "tcp"
 
     def __init__(self, agent_name: str, compat_hash: str, host: str = "127.0.0.1", port: int = 0,
-                 frame_bytes: int = FRAME_BYTES, small_bytes: int = SMALL_BYTES) -> None:
+                 frame_bytes: int = FRAME_BYTES, small_bytes: int = SMALL_BYTES,
+                 inline_bytes: int = INLINE_BYTES) -> None:
         super().__init__(agent_name, compat_hash, host, port)
+        self.inline_bytes = inline_bytes
         self.frame_bytes = frame_bytes
         self.small_bytes = small_bytes
         self._data = _data_socket(self._ctx, zmq.ROUTER)
         self._data_port = self._data.bind_to_random_port(f"tcp://{host}")
-        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._pump_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._xid = 0
@@ -82,10 +86,70 @@ class TcpTransport(Endpoint):
         with self._xid_lock:
             self._xid += 1
             xid = self._xid
+        if handle.nbytes <= self.inline_bytes:
+            pair = self._sync_socket(conn)
+            if pair is not None:
+                try:
+                    self._inline(conn, pair, op, descs, handle, xid)
+                finally:
+                    self._return_sync(conn, pair)
+                return
         self._cmds.put(("xfer", conn, op, descs, handle, xid))
         os.eventfd_write(self._pump_fd, 1)
 
+    # Small transfers run on the caller's thread over a pooled DEALER (no hand-off to the pump, two
+    # thread wake-ups fewer per round trip); the handle is terminal when read()/write() returns.
+    def _sync_socket(self, conn: PeerConn) -> tuple[zmq.Socket, bytearray] | None:
+        with conn.lock:
+            if not conn.alive or self._stopping:
+                return None
+            pool = conn.extra.setdefault("sync", [])
+            if pool:
+                return pool.pop()
+        sock = _data_socket(self._ctx, zmq.DEALER)
+        sock.setsockopt(zmq.RCVTIMEO, SYNC_POLL_MS)
+        sock.connect(conn.peer.info.meta.decode())
+        return sock, bytearray(max(self.inline_bytes, self.small_bytes))
+
+    def _return_sync(self, conn: PeerConn, pair: tuple[zmq.Socket, bytearray]) -> None:
+        with conn.lock:
+            if conn.alive and not self._stopping:
+                conn.extra.setdefault("sync", []).append(pair)
+                return
+        pair[0].close(0)
+
+    def _inline(self, conn: PeerConn, pair: tuple[zmq.Socket, bytearray], op: str, descs: list[Desc],
+                handle: Handle, xid: int) -> None:
+        sock, scratch = pair
+        plan = plan_frames([d.length for d in descs], self.frame_bytes, self.small_bytes)
+        head = _enc.encode(DataReq(op, xid, [(d.remote_region, d.remote_offset, d.length) for d in descs]))
+        handle.set_transferring()
+        if op == "read":
+            sock.send(head)
+        else:
+            sock.send(head, zmq.SNDMORE)
+            self._send_frames(sock, plan, lambda f: self._local_slices(descs, f))
+        while not handle.done:
+            if time.monotonic() >= handle.deadline:
+                handle.expire_if_due()
+                break
+            try:
+                data = sock.recv()  # RCVTIMEO bounds the wait; then check the deadline and the peer
+            except zmq.Again:
+                if self.peer_exited(conn):
+                    handle.fail(conn.reason or f"peer {conn.peer.name!r} (pid {conn.peer.info.pid}) exited")
+                continue
+            rep = _rep_dec.decode(data)
+            if rep.xid != xid:  # the tail of an earlier, expired transfer on this socket
+                while sock.getsockopt(zmq.RCVMORE):
+                    sock.recv_into(scratch)
+                continue
+            self._complete(sock, rep, (conn, op, descs, handle, plan), scratch)
+
     def _peer_lost(self, conn: PeerConn) -> None:
+        with conn.lock:
+            for sock, _ in conn.extra.pop("sync", []):
+                sock.close(0)
         if not self._stopping:
             self._cmds.put(("drop", conn))
             os.eventfd_write(self._pump_fd, 1)
@@ -163,16 +227,21 @@ class TcpTransport(Endpoint):
                 while sock.getsockopt(zmq.RCVMORE):
                     sock.recv_into(scratch)
                 continue
-            conn, op, descs, handle, plan = entry
-            if rep.error:
-                handle.fail(f"peer {conn.peer.name!r} refused the {op}: {rep.error}")
-                continue
-            if op == "read":
-                error = self._recv_frames(sock, plan, lambda f: self._local_slices(descs, f), scratch, handle)
-                if error:
-                    handle.fail(f"read from peer {conn.peer.name!r}: {error}")
-                    continue
-            handle.finish(XferState.DONE)
+            self._complete(sock, rep, entry, scratch)
+
+    def _complete(self, sock: zmq.Socket, rep: DataRep, entry: tuple, scratch: bytearray) -> None:
+        conn, op, descs, handle, plan = entry
+        if rep.error:
+            while sock.getsockopt(zmq.RCVMORE):
+                sock.recv_into(scratch)
+            handle.fail(f"peer {conn.peer.name!r} refused the {op}: {rep.error}")
+            return
+        if op == "read":
+            error = self._recv_frames(sock, plan, lambda f: self._local_slices(descs, f), scratch, handle)
+            if error:
+                handle.fail(f"read from peer {conn.peer.name!r}: {error}")
+                return
+        handle.finish(XferState.DONE)
 
     def _send_frames(self, sock: zmq.Socket, plan: list[list[Piece]], slices) -> None:
         last = len(plan) - 1
@@ -230,50 +299,42 @@ class TcpTransport(Endpoint):
 
     def _serve_data(self) -> None:
         sock = self._data
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._stop_fd, zmq.POLLIN)
+        sock.setsockopt(zmq.RCVTIMEO, 100)  # blocking receives (cheapest wake-up); check for close() this often
         scratch = bytearray(max(self.frame_bytes, self.small_bytes))
-        while True:
-            events = dict(poller.poll())
-            if self._stop_fd in events:
-                return
-            while True:
-                try:
-                    ident = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                try:
-                    req = _req_dec.decode(sock.recv())
-                except msgspec.DecodeError:
+        while not self._stopping:
+            try:
+                ident = sock.recv()
+            except zmq.Again:
+                continue
+            try:
+                req = _req_dec.decode(sock.recv())
+            except msgspec.DecodeError:
+                while sock.getsockopt(zmq.RCVMORE):
+                    sock.recv_into(scratch)
+                continue
+            error = self._check_ranges(req.ranges)
+            plan = plan_frames([n for _, _, n in req.ranges], self.frame_bytes, self.small_bytes)
+            slices = lambda f, r=req.ranges: self._remote_slices(r, f)  # noqa: E731
+            if req.op == "read":
+                if error or not plan:
+                    sock.send_multipart([ident, _enc.encode(DataRep(req.xid, error))])
+                else:
+                    sock.send(ident, zmq.SNDMORE)
+                    sock.send(_enc.encode(DataRep(req.xid)), zmq.SNDMORE)
+                    self._send_frames(sock, plan, slices)
+            else:
+                if error:
                     while sock.getsockopt(zmq.RCVMORE):
                         sock.recv_into(scratch)
-                    continue
-                error = self._check_ranges(req.ranges)
-                plan = plan_frames([n for _, _, n in req.ranges], self.frame_bytes, self.small_bytes)
-                slices = lambda f, r=req.ranges: self._remote_slices(r, f)  # noqa: E731
-                if req.op == "read":
-                    if error or not plan:
-                        sock.send_multipart([ident, _enc.encode(DataRep(req.xid, error))])
-                    else:
-                        sock.send(ident, zmq.SNDMORE)
-                        sock.send(_enc.encode(DataRep(req.xid)), zmq.SNDMORE)
-                        self._send_frames(sock, plan, slices)
                 else:
-                    if error:
-                        while sock.getsockopt(zmq.RCVMORE):
-                            sock.recv_into(scratch)
-                    else:
-                        error = self._recv_frames(sock, plan, slices, scratch, None)
-                    sock.send_multipart([ident, _enc.encode(DataRep(req.xid, error))])
+                    error = self._recv_frames(sock, plan, slices, scratch, None)
+                sock.send_multipart([ident, _enc.encode(DataRep(req.xid, error))])
 
     def _shutdown(self) -> None:
         self._stopping = True
         self._cmds.put(("stop",))
         os.eventfd_write(self._pump_fd, 1)
-        os.eventfd_write(self._stop_fd, 1)
         self._pump.join(timeout=5)
         self._server.join(timeout=5)
         self._data.close(0)
-        os.close(self._stop_fd)
         os.close(self._pump_fd)

@@ -1,0 +1,134 @@
+"""The far side of `kvrelay bench transports`: a process that serves one transport or raw primitive.
+
+    python -m kvrelay.transfer.bench_peer KIND NBYTES
+
+KIND is a kvrelay transport (shm, tcp, nixl) or a raw baseline: ``socket`` (loopback TCP socket),
+``zmq`` (pyzmq ROUTER, zero-copy replies, 1 MiB frames), ``nixl-raw`` (a bare NIXL agent) or
+``mooncake`` (Mooncake's transfer engine over TCP).  Prints one JSON line describing how to reach it,
+then serves until stdin closes.  Owns: the serving side of every baseline.  Must not touch: the
+transports' internals (it uses their public API only).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import sys
+import threading
+
+import numpy as np
+
+RAW_FRAME = 1 << 20
+_REQ = struct.Struct("<cQ")  # op (b"r" | b"w"), nbytes
+
+
+def _serve_socket(buf: np.ndarray) -> dict:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    mv = memoryview(buf)
+
+    def client(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head = bytearray(_REQ.size)
+        while True:
+            if conn.recv_into(head, _REQ.size, socket.MSG_WAITALL) != _REQ.size:
+                return
+            op, n = _REQ.unpack(head)
+            if op == b"r":
+                conn.sendall(mv[:n])
+            else:
+                got = 0
+                while got < n:
+                    k = conn.recv_into(mv[got:n])
+                    if not k:
+                        return
+                    got += k
+                conn.sendall(b"k")
+
+    def accept() -> None:
+        while True:
+            conn, _ = srv.accept()
+            threading.Thread(target=client, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return {"port": srv.getsockname()[1]}
+
+
+def _serve_zmq(buf: np.ndarray) -> dict:
+    import zmq
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    mv = memoryview(buf)
+
+    def loop() -> None:
+        while True:
+            ident = sock.recv()
+            op, n = _REQ.unpack(sock.recv())
+            if op == b"r":
+                sock.send(ident, zmq.SNDMORE)
+                offs = list(range(0, n, RAW_FRAME))
+                for i, off in enumerate(offs):
+                    part = mv[off:min(n, off + RAW_FRAME)]
+                    sock.send(part, zmq.SNDMORE if i < len(offs) - 1 else 0, copy=part.nbytes < 65536)
+            else:
+                off = 0
+                while sock.getsockopt(zmq.RCVMORE):
+                    off += sock.recv_into(mv[off:off + RAW_FRAME])
+                sock.send_multipart([ident, b"k"])
+
+    threading.Thread(target=loop, daemon=True).start()
+    return {"port": port}
+
+
+def _serve_nixl_raw(buf: np.ndarray) -> dict:
+    from kvrelay.transfer.nixl_transport import make_agent
+    agent = make_agent("bench-raw-target", 1000)
+    agent.create_backend("UCX", {"ucx_error_handling_mode": "peer"})
+    agent.register_memory([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM")
+    _serve_nixl_raw.keep = agent  # type: ignore[attr-defined]
+    return {"meta": agent.get_agent_metadata().hex(), "address": buf.ctypes.data}
+
+
+def _serve_mooncake(buf: np.ndarray) -> dict:
+    from mooncake.engine import TransferEngine
+    te = TransferEngine()
+    if te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+        raise RuntimeError("mooncake TransferEngine.initialize failed")
+    if te.register_memory(buf.ctypes.data, buf.nbytes) != 0:
+        raise RuntimeError("mooncake register_memory failed")
+    _serve_mooncake.keep = te  # type: ignore[attr-defined]
+    return {"target": f"127.0.0.1:{te.get_rpc_port()}", "address": buf.ctypes.data}
+
+
+def _serve_transport(kind: str, nbytes: int) -> dict:
+    from kvrelay.transfer import create_transport
+    ep = create_transport(kind, f"bench-{kind}-target", "bench")
+    info, view = ep.alloc(nbytes)
+    np.frombuffer(view, np.uint8)[:] = 7
+    _serve_transport.keep = ep  # type: ignore[attr-defined]
+    return {"address": ep.address, "region": info.region_id}
+
+
+def main() -> None:
+    kind, nbytes = sys.argv[1], int(sys.argv[2])
+    if kind in ("shm", "tcp", "nixl"):
+        meta = _serve_transport(kind, nbytes)
+    else:
+        buf = np.full(nbytes, 7, dtype=np.uint8)
+        serve = {"socket": _serve_socket, "zmq": _serve_zmq, "nixl-raw": _serve_nixl_raw,
+                 "mooncake": _serve_mooncake}.get(kind)
+        if serve is None:
+            raise SystemExit(f"unknown bench peer kind {kind!r}")
+        meta = serve(buf)
+    print(json.dumps({"kind": kind, **meta}), flush=True)
+    sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()
