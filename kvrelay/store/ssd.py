@@ -32,6 +32,7 @@ from kvrelay.transfer.wire import ChunkHeader, decode_header, encode_header
 _HEAD = struct.Struct("<4sIIQ")
 _FRAME = struct.Struct("<IQ")
 MAGIC = b"KVR1"
+RECOVER_WINDOW = 16 << 20  # recovery reads segments sequentially in windows of this size
 
 
 class Loc(msgspec.Struct, frozen=True, array_like=True):
@@ -86,8 +87,14 @@ class SsdTier:
     def _decide_direct(self, mode: str) -> bool:
         if mode == "off" or not hasattr(os, "O_DIRECT"):
             return False
-        ok, direct_rate, buffered_rate = probe_direct(self.dir)
-        self.probe = {"direct_gbps": direct_rate, "buffered_gbps": buffered_rate}
+        cache = self.dir / "probe.json"  # measured once per directory, not at every start
+        try:
+            self.probe = msgspec.json.decode(cache.read_bytes())
+            ok, direct_rate, buffered_rate = self.probe["ok"], self.probe["direct_gbps"], self.probe["buffered_gbps"]
+        except (OSError, msgspec.DecodeError, KeyError, TypeError):
+            ok, direct_rate, buffered_rate = probe_direct(self.dir)
+            self.probe = {"ok": ok, "direct_gbps": direct_rate, "buffered_gbps": buffered_rate}
+            cache.write_bytes(msgspec.json.encode(self.probe))
         if mode == "on":
             if not ok:
                 raise ValueError(f"ssd_direct=on but {self.dir} does not support O_DIRECT; use auto or off")
@@ -123,49 +130,35 @@ class SsdTier:
                 elif e.op == "dropseg" and e.loc is not None:
                     live = {k: v for k, v in live.items() if v.seg != e.loc.seg}
         segs = {int(p.stem[4:]) for p in self.dir.glob("seg-*.kvs")}
+        by_seg: dict[int, list[tuple[str, Loc]]] = {}
+        for kstr, loc in live.items():
+            by_seg.setdefault(loc.seg, []).append((kstr, loc))
         out: list[Recovered] = []
         dropped = 0
-        buf = mmap.mmap(-1, ALIGN)
-        for kstr, loc in live.items():
-            rec = None
-            if loc.seg in segs:
-                fd = self._fds.get(loc.seg) or self._open_seg(loc.seg, create=False)
-                rec = self._verify(fd, kstr, loc, buf)
-            if rec is None:
-                dropped += 1
+        for seg, items in by_seg.items():
+            if seg not in segs:
+                dropped += len(items)
                 continue
-            out.append(rec)
-            self._live.setdefault(loc.seg, {})[kstr] = loc
-        buf.close()
+            self._open_seg(seg, create=False)
+            with open(self.dir / f"seg-{seg:08d}.kvs", "rb", buffering=0) as fh:  # sequential windows
+                win, win_start = b"", 0
+                for kstr, loc in sorted(items, key=lambda kv: kv[1].offset):
+                    end = loc.offset + ALIGN + align_up(max(loc.nbytes, 1))
+                    if loc.offset < win_start or end > win_start + len(win):
+                        fh.seek(loc.offset)
+                        win, win_start = fh.read(max(RECOVER_WINDOW, end - loc.offset)), loc.offset
+                    rec = _verify(memoryview(win)[loc.offset - win_start:end - win_start], kstr, loc)
+                    if rec is None:
+                        dropped += 1
+                        continue
+                    out.append(rec)
+                    self._live.setdefault(seg, {})[kstr] = loc
         for seg in segs - set(self._live):  # segments with nothing live
             self._remove_seg(seg)
         self._cur = max(segs, default=-1)
         self._pos = self.segment_size  # always start a fresh segment after recovery
         self._rewrite_journal()
         return out, dropped
-
-    def _verify(self, fd: int, kstr: str, loc: Loc, buf: mmap.mmap) -> Recovered | None:
-        try:
-            if os.preadv(fd, [buf], loc.offset) != ALIGN:
-                return None
-            head = bytes(buf)
-            if head[:4] != MAGIC or xxhash.xxh3_64_intdigest(head[:-8]) != struct.unpack("<Q", head[-8:])[0]:
-                return None
-            _, klen, hlen, nbytes = _HEAD.unpack_from(head)
-            off = _HEAD.size
-            if head[off:off + klen].decode() != kstr or nbytes != loc.nbytes:
-                return None
-            header = decode_header(head[off + klen: off + klen + hlen])
-            payload = mmap.mmap(-1, align_up(max(nbytes, 1)))
-            try:
-                got = os.preadv(fd, [payload], loc.offset + ALIGN)
-                if got < nbytes or xxhash.xxh3_64_intdigest(memoryview(payload)[:nbytes]) != header.checksum:
-                    return None
-            finally:
-                payload.close()
-            return Recovered(parse_key(kstr), header, loc)
-        except (OSError, ValueError, UnicodeDecodeError, struct.error):
-            return None
 
     def _rewrite_journal(self) -> None:
         jpath = self.dir / "journal.log"
@@ -284,6 +277,26 @@ class SsdTier:
             if self._journal:
                 self._journal.close()
             self._head.close()
+
+
+def _verify(rec: memoryview, kstr: str, loc: Loc) -> Recovered | None:
+    """Check one record (head + padded payload) read back from a segment; None if torn or corrupt."""
+    try:
+        if len(rec) < ALIGN + loc.nbytes:
+            return None
+        head = rec[:ALIGN]
+        if head[:4] != MAGIC or xxhash.xxh3_64_intdigest(head[:-8]) != struct.unpack("<Q", head[-8:])[0]:
+            return None
+        _, klen, hlen, nbytes = _HEAD.unpack_from(head)
+        off = _HEAD.size
+        if bytes(head[off:off + klen]).decode() != kstr or nbytes != loc.nbytes:
+            return None
+        header = decode_header(bytes(head[off + klen: off + klen + hlen]))
+        if header.nbytes != nbytes or xxhash.xxh3_64_intdigest(rec[ALIGN:ALIGN + nbytes]) != header.checksum:
+            return None
+        return Recovered(parse_key(kstr), header, loc)
+    except (ValueError, UnicodeDecodeError, struct.error):
+        return None
 
 
 def _frame(e: JEntry) -> bytes:
