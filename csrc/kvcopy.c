@@ -106,26 +106,41 @@ static void run_range(const kv_job *j, int64_t lo, int64_t hi) {
     if (r.len) memcpy(r.dst, r.src, r.len);
 }
 
-/* ---------------------------------------------------------------- worker pool */
+/* ---------------------------------------------------------------- worker pool
+ *
+ * A job is cut into pieces of about PIECE_BYTES; the caller and the workers claim pieces with an atomic
+ * counter, so a worker that the OS has descheduled (2 busy cores) does not hold the caller up: the
+ * caller simply takes the remaining pieces.  A worker joins a job only while holding `mu` and while the
+ * job is posted; the caller waits (under `mu`) until no worker is inside the job, then withdraws it, so
+ * no worker ever sees a job after its caller has returned.
+ */
+
+#define PIECE_BYTES (256 * 1024)
 
 static pthread_mutex_t submit_mu = PTHREAD_MUTEX_INITIALIZER; /* one pooled job at a time */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t cv_work = PTHREAD_COND_INITIALIZER, cv_done = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t cv_work = PTHREAD_COND_INITIALIZER, cv_idle = PTHREAD_COND_INITIALIZER;
 static int want_threads = 2, pool_threads = 0, shutting_down = 0, atfork_done = 0;
 static pthread_t *workers = NULL;
-static const kv_job *cur_job = NULL;
-static int cur_parts = 0, remaining = 0;
+static const kv_job *cur_job = NULL;  /* the posted job, NULL when none (guarded by mu) */
+static int active = 0;                /* workers inside cur_job (guarded by mu) */
+static int64_t piece_flat = 1, num_pieces = 0;
+static int64_t next_piece = 0;        /* claimed with __atomic_fetch_add */
 static uint64_t generation = 0, pool_start_gen = 0; /* workers start from pool_start_gen */
 static int64_t parallel_threshold = 1 << 20;
 
-static void run_part(const kv_job *j, int part, int parts) {
-    int64_t total = j->num_kv * (j->token_end - j->token_start);
-    int64_t lo = total * part / parts, hi = total * (part + 1) / parts;
-    if (lo < hi) run_range(j, lo, hi);
+static void claim_pieces(const kv_job *j) {
+    const int64_t total = j->num_kv * (j->token_end - j->token_start);
+    for (;;) {
+        int64_t p = __atomic_fetch_add(&next_piece, 1, __ATOMIC_RELAXED);
+        if (p >= num_pieces) return;
+        int64_t lo = p * piece_flat, hi = lo + piece_flat < total ? lo + piece_flat : total;
+        run_range(j, lo, hi);
+    }
 }
 
 static void *worker_main(void *arg) {
-    int idx = (int)(intptr_t)arg;
+    (void)arg;
     pthread_mutex_lock(&mu);
     uint64_t seen = pool_start_gen; /* not `generation`: a job may already have been posted */
     for (;;) {
@@ -133,11 +148,12 @@ static void *worker_main(void *arg) {
         if (shutting_down) break;
         seen = generation;
         const kv_job *j = cur_job;
-        int parts = cur_parts;
+        if (!j) continue; /* woke after the job was withdrawn: its caller did the work */
+        active++;
         pthread_mutex_unlock(&mu);
-        if (idx < parts) run_part(j, idx, parts);
+        claim_pieces(j);
         pthread_mutex_lock(&mu);
-        if (--remaining == 0) pthread_cond_signal(&cv_done);
+        if (--active == 0) pthread_cond_signal(&cv_idle);
     }
     pthread_mutex_unlock(&mu);
     return NULL;
@@ -150,11 +166,13 @@ static void atfork_child(void) {
     pthread_mutex_init(&mu, NULL);
     pthread_mutex_init(&submit_mu, NULL);
     pthread_cond_init(&cv_work, NULL);
-    pthread_cond_init(&cv_done, NULL);
+    pthread_cond_init(&cv_idle, NULL);
     free(workers);
     workers = NULL;
     pool_threads = 0;
     shutting_down = 0;
+    active = 0;
+    cur_job = NULL;
 }
 
 static void pool_stop_locked(void) { /* submit_mu held */
@@ -178,7 +196,7 @@ static int pool_start_locked(void) { /* submit_mu held */
     if (!workers) return -1;
     int started = 0;
     for (int i = 1; i < n; i++) {
-        if (pthread_create(&workers[i - 1], NULL, worker_main, (void *)(intptr_t)i) != 0) break;
+        if (pthread_create(&workers[i - 1], NULL, worker_main, NULL) != 0) break;
         started++;
     }
     pool_threads = started + 1;
@@ -186,30 +204,35 @@ static int pool_start_locked(void) { /* submit_mu held */
 }
 
 int64_t kv_run(const kv_job *j) {
-    int64_t bytes = (int64_t)j->num_kv * (j->token_end - j->token_start) * j->num_heads * j->row_bytes;
+    const int64_t total = j->num_kv * (j->token_end - j->token_start);
+    const int64_t flat_bytes = j->num_heads * j->row_bytes;
+    int64_t bytes = total * flat_bytes;
     if (want_threads <= 1 || bytes < parallel_threshold || pthread_mutex_trylock(&submit_mu) != 0) {
-        run_range(j, 0, j->num_kv * (j->token_end - j->token_start));
+        run_range(j, 0, total);
         return bytes;
     }
     if (pool_threads != want_threads) {
         pool_stop_locked();
-        if (pool_start_locked() != 0) {
+        if (pool_start_locked() != 0 || pool_threads == 1) {
             pthread_mutex_unlock(&submit_mu);
-            run_range(j, 0, j->num_kv * (j->token_end - j->token_start));
+            run_range(j, 0, total);
             return bytes;
         }
     }
-    int parts = pool_threads;
+    int64_t pf = PIECE_BYTES / flat_bytes;
+    if (pf < 1) pf = 1;
+    if (pf * pool_threads > total) pf = (total + pool_threads - 1) / pool_threads; /* small jobs: one piece each */
     pthread_mutex_lock(&mu);
+    piece_flat = pf;
+    num_pieces = (total + pf - 1) / pf;
+    __atomic_store_n(&next_piece, 0, __ATOMIC_RELAXED);
     cur_job = j;
-    cur_parts = parts;
-    remaining = parts - 1;
     generation++;
     pthread_cond_broadcast(&cv_work);
     pthread_mutex_unlock(&mu);
-    run_part(j, 0, parts);
+    claim_pieces(j);
     pthread_mutex_lock(&mu);
-    while (remaining > 0) pthread_cond_wait(&cv_done, &mu);
+    while (active > 0) pthread_cond_wait(&cv_idle, &mu);
     cur_job = NULL;
     pthread_mutex_unlock(&mu);
     pthread_mutex_unlock(&submit_mu);

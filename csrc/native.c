@@ -93,5 +93,6 @@ static PyMethodDef methods[] = {
     {"get_parallel_threshold", py_get_threshold, METH_NOARGS, "see set_parallel_threshold"},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "kvrelay native host library", -1, methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_native", .m_doc = "kvrelay native host library", .m_size = -1, .m_methods = methods};
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -37,14 +37,20 @@ def _choose(impl: str | None, device: torch.device) -> str:
     return impl
 
 
+def _validate(impl: str, layout: KVLayout, layer: LayerTensors, device: torch.device) -> None:
+    if impl == "native":
+        native.geometry(layout, layer)  # validates once per distinct tensor geometry (cached)
+    else:
+        layout.validate_layer(layer, device=device)
+
+
 def _run(impl: str, layout: KVLayout, layer: LayerTensors, plan: CopyPlan, chunk: torch.Tensor, pack_: bool) -> int:
     if impl == "torch":
         return reference.pack(layout, layer, plan, chunk) if pack_ else reference.unpack(layout, layer, plan, chunk)
-    view = layout.layer_view(layer)
     if impl == "native":
-        return native.copy(view, plan, chunk, pack_)
+        return native.copy(layout, layer, plan, chunk, pack_)
     from kvrelay.kernels import triton_kernels  # imported lazily: triton's import is slow
-    return triton_kernels.copy(view, plan, chunk, pack_)
+    return triton_kernels.copy(layout.layer_view(layer), plan, chunk, pack_)
 
 
 def pack(layout: KVLayout, layer: LayerTensors, block_ids: BlockIds, token_start: int, token_end: int,
@@ -60,7 +66,7 @@ def pack(layout: KVLayout, layer: LayerTensors, block_ids: BlockIds, token_start
     """
     device = _cache_device(layer)
     chosen = _choose(impl, device)
-    layout.validate_layer(layer, device=device)
+    _validate(chosen, layout, layer, device)
     plan = plan_pack(layout, block_ids, token_start, token_end, device, head_start, head_end)
     check_buffer(out, plan.nbytes, device, "out")
     if chosen != "torch" and out.device != device:  # e.g. a CUDA cache packed into pinned host memory
@@ -82,7 +88,7 @@ def unpack(layout: KVLayout, layer: LayerTensors, block_ids: BlockIds, token_sta
     """
     device = _cache_device(layer)
     chosen = _choose(impl, device)
-    layout.validate_layer(layer, device=device)
+    _validate(chosen, layout, layer, device)
     plan = plan_unpack(layout, block_ids, token_start, token_end, device, chunk_head_start, chunk_head_end)
     check_buffer(chunk, plan.nbytes, device, "chunk")
     if chosen != "torch" and chunk.device != device:

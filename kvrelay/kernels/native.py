@@ -13,7 +13,7 @@ import os
 import torch
 
 from kvrelay import _native
-from kvrelay.kernels.layout import LayerView
+from kvrelay.kernels.layout import KVLayout, LayerTensors
 from kvrelay.kernels.plan import CopyPlan
 
 _threads_env = os.environ.get("KVRELAY_NATIVE_THREADS")
@@ -45,23 +45,44 @@ def _extent(t: torch.Tensor) -> int:
     return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
-def copy(view: LayerView, plan: CopyPlan, chunk: torch.Tensor, pack: bool) -> int:
-    """Run one pack (cache -> chunk) or unpack (chunk -> cache) on CPU tensors."""
-    if chunk.device.type != "cpu" or any(t.device.type != "cpu" for t in view.tensors):
+# (layout, per-tensor (address, shape, strides, dtype, device)) -> the geometry ints `_native.copy` takes.
+# Only numbers are kept (no tensor references, so nothing stays alive); the key holds everything
+# `KVLayout.validate_layer` looks at, so a hit is a layer that was already validated.
+_GEOMETRY: dict[tuple, tuple[int, ...]] = {}
+_GEOMETRY_MAX = 4096
+
+
+def geometry(layout: KVLayout, layer: LayerTensors) -> tuple[int, ...]:
+    """Validate ``layer`` against ``layout`` (once per distinct tensor geometry) and reduce it to ints."""
+    tensors = (layer,) if isinstance(layer, torch.Tensor) else tuple(layer)
+    try:
+        key = (layout, tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors))
+    except AttributeError:
+        raise ValueError(f"layer must be a torch.Tensor or a (K, V) pair of tensors, got {layer!r:.80}") from None
+    geo = _GEOMETRY.get(key)
+    if geo is not None:
+        return geo
+    layout.validate_layer(layer, device=tensors[0].device)
+    view = layout.layer_view(layer)
+    if any(t.device.type != "cpu" for t in view.tensors):
         raise ValueError("the native path takes CPU tensors only; use impl='triton' for device tensors")
     t0, t1 = view.tensors[0], view.tensors[-1]
+    geo = (t0.data_ptr(), _extent(t0), view.offsets[0], t1.data_ptr(), _extent(t1), view.offsets[-1],
+           len(view.offsets), view.block_stride, view.token_stride, view.head_stride, view.row_bytes,
+           view.num_blocks, view.block_size, view.num_heads)
+    if len(_GEOMETRY) >= _GEOMETRY_MAX:
+        _GEOMETRY.clear()
+    _GEOMETRY[key] = geo
+    return geo
+
+
+def copy(layout: KVLayout, layer: LayerTensors, plan: CopyPlan, chunk: torch.Tensor, pack: bool) -> int:
+    """Run one pack (cache -> chunk) or unpack (chunk -> cache) on CPU tensors."""
+    if chunk.device.type != "cpu":
+        raise ValueError(f"the native path needs a CPU chunk buffer, got one on {chunk.device}")
+    geo = geometry(layout, layer)
     ids = plan.ids
-    chunk_nbytes = chunk.numel() * chunk.element_size()
-    _native.copy(
-        1 if pack else 0,
-        t0.data_ptr(), _extent(t0), view.offsets[0],
-        t1.data_ptr(), _extent(t1), view.offsets[-1],
-        len(view.offsets),
-        view.block_stride, view.token_stride, view.head_stride, view.row_bytes,
-        view.num_blocks, view.block_size, view.num_heads,
-        ids.ctypes.data, len(ids),
-        plan.token_start, plan.token_end,
-        plan.cache_h0, plan.num_heads,
-        chunk.data_ptr(), chunk_nbytes, plan.chunk_heads, plan.chunk_h0,
-    )
+    _native.copy(1 if pack else 0, *geo, ids.ctypes.data, len(ids), plan.token_start, plan.token_end,
+                 plan.cache_h0, plan.num_heads, chunk.data_ptr(), chunk.numel() * chunk.element_size(),
+                 plan.chunk_heads, plan.chunk_h0)
     return plan.nbytes

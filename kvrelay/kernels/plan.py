@@ -119,7 +119,7 @@ def plan_pack(layout: KVLayout, block_ids: BlockIds, token_start: int, token_end
                          f"[{layout.head_start}, {layout.head_end}); pick a sub-range of those")
     n = he - hs
     return CopyPlan(ids, int(token_start), int(token_end), hs, he, hs - layout.head_start, n, 0,
-                    layout.chunk_nbytes(token_end - token_start, n))
+                    _chunk_nbytes(layout, token_end - token_start, n))
 
 
 def plan_unpack(layout: KVLayout, block_ids: BlockIds, token_start: int, token_end: int, device: torch.device,
@@ -133,4 +133,9 @@ def plan_unpack(layout: KVLayout, block_ids: BlockIds, token_start: int, token_e
                          f"[{layout.head_start}, {layout.head_end}); route the chunk to the rank that holds them")
     ch = chunk_head_end - chunk_head_start
     return CopyPlan(ids, int(token_start), int(token_end), hs, he, hs - layout.head_start, ch, hs - chunk_head_start,
-                    layout.chunk_nbytes(token_end - token_start, ch))
+                    _chunk_nbytes(layout, token_end - token_start, ch))
+
+
+def _chunk_nbytes(layout: KVLayout, tokens: int, heads: int) -> int:
+    """``layout.chunk_nbytes`` without allocating a tensor to learn the item size (this runs per call)."""
+    return int(layout.num_kv * tokens * heads * layout.head_dim * layout.dtype.itemsize)

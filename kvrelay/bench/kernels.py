@@ -1,0 +1,163 @@
+"""Benchmark suite `kernels`: pack/unpack GB/s against a memcpy of the same bytes, measured in the same run.
+
+Owns: the Llama-3-8B-like workload (8 KV heads, head dim 128, block 16, bf16, vLLM GPU layout NHD
+fused ``[2, num_blocks, 16, 8, 128]``, a request's blocks scattered over a cache 25% larger than it)
+and its timing.  Cases: ``pack`` and ``unpack``, metric ``GB/s`` (payload bytes per second), baseline
+``memcpy`` (``Tensor.copy_`` of the same bytes between preallocated buffers, timed interleaved with
+the kernels so background load hits both alike).  ``layers=1`` moves one layer per call; ``layers=32``
+moves all 32 layers (one call per layer, buffers far larger than the caches).  On CUDA the same
+workload runs the Triton kernels and is reported against the device's peak memory bandwidth
+(read + write traffic).  Must not touch: the kernels themselves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from kvrelay.bench.harness import BenchContext, Record, median
+from kvrelay.kernels import KVLayout, get_num_threads, pack, unpack
+
+LLAMA = dict(block_size=16, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+# Peak DRAM bandwidth (GB/s) of common parts, for when the driver does not report it.
+KNOWN_PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0,
+                   "A100-SXM4-80GB": 2039.0, "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0,
+                   "A10": 600.0}
+
+
+@dataclass
+class Workload:
+    layout: KVLayout
+    layers: list[torch.Tensor]
+    ids: np.ndarray
+    chunks: list[torch.Tensor]  # one per layer: the packed output / unpack input
+    dst: list[torch.Tensor]  # memcpy baseline: chunks -> dst, the same bytes in the same number of calls
+    tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.numel() for c in self.chunks)
+
+
+def make_workload(tokens: int, layers: int, device: str = "cpu", seed: int = 0) -> Workload:
+    bs = LLAMA["block_size"]
+    need = -(-tokens // bs)
+    num_blocks = need + need // 4 + 1
+    layout = KVLayout(num_layers=layers, num_blocks=num_blocks, **LLAMA)
+    cache = [torch.empty(layout.tensor_shape(), dtype=layout.dtype, device=device) for _ in range(layers)]
+    for t in cache:
+        t.view(torch.uint8).fill_(0x3C)  # touch every page before timing
+    ids = np.random.default_rng(seed).permutation(num_blocks)[:need]
+    nbytes = layout.chunk_nbytes(tokens)
+
+    def buf(fill: int) -> torch.Tensor:
+        return torch.full((nbytes,), fill, dtype=torch.uint8, device=device)
+
+    return Workload(layout, cache, ids, [buf(1) for _ in range(layers)], [buf(2) for _ in range(layers)], tokens)
+
+
+def _ops(w: Workload, impl: str | None) -> dict[str, Callable[[], None]]:
+    n = w.tokens
+    h = w.layout.num_kv_heads
+
+    def memcpy() -> None:  # Tensor.copy_ (may use torch's intra-op threads)
+        for s, d in zip(w.chunks, w.dst):
+            d.copy_(s)
+
+    def memmove() -> None:  # libc memmove on one thread
+        for s, d in zip(w.chunks, w.dst):
+            ctypes.memmove(d.data_ptr(), s.data_ptr(), s.numel())
+
+    def do_pack() -> None:
+        for layer, out in zip(w.layers, w.chunks):
+            pack(w.layout, layer, w.ids, 0, n, out, impl=impl)
+
+    def do_unpack() -> None:
+        for layer, chunk in zip(w.layers, w.chunks):
+            unpack(w.layout, layer, w.ids, 0, n, chunk, 0, h, impl=impl)
+
+    ops = {"memcpy": memcpy, "pack": do_pack, "unpack": do_unpack}
+    if w.chunks[0].device.type == "cpu":
+        ops["memmove"] = memmove
+    return ops
+
+
+def measure(w: Workload, repeat: int, impl: str | None = None, sync: Callable[[], None] = lambda: None
+            ) -> dict[str, float]:
+    """Median seconds per op, the three ops interleaved round-robin (after one warm-up each)."""
+    ops = _ops(w, impl)
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    for fn in ops.values():
+        fn()
+    sync()
+    for _ in range(repeat):
+        for name, fn in ops.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {k: median(v) for k, v in times.items()}
+
+
+def cpu_records(w: Workload, secs: dict[str, float], layers: int) -> list[Record]:
+    """The baseline is the faster of Tensor.copy_ and single-threaded libc memmove in this run."""
+    fastest = min(("memcpy", "memmove"), key=lambda k: secs[k])
+    base = w.nbytes / secs[fastest] / 1e9
+    params = dict(tokens=w.tokens, layers=layers, device="cpu", threads=get_num_threads(), order="NHD",
+                  block_size=16, kv_heads=8, head_dim=128, dtype="bfloat16", bytes=w.nbytes,
+                  baseline_impl="Tensor.copy_" if fastest == "memcpy" else "libc memmove (1 thread)",
+                  copy_gbps=round(w.nbytes / secs["memcpy"] / 1e9, 3),
+                  memmove_gbps=round(w.nbytes / secs["memmove"] / 1e9, 3))
+    return [Record.compare("kernels", case, "GB/s", w.nbytes / secs[case] / 1e9, "GB/s", "memcpy", base, params)
+            for case in ("pack", "unpack")]
+
+
+def device_peak_gbps(device: int = 0) -> tuple[float, str]:
+    """The device's peak DRAM bandwidth and where the figure came from."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, "driver (memory clock x bus width)"
+    for key, value in KNOWN_PEAK_GBPS.items():
+        if key in props.name:
+            return value, f"datasheet ({key})"
+    raise RuntimeError(f"unknown peak bandwidth for {props.name}; add it to KNOWN_PEAK_GBPS")
+
+
+def cuda_records(w: Workload, secs: dict[str, float], layers: int) -> list[Record]:
+    peak, source = device_peak_gbps()
+    params = dict(tokens=w.tokens, layers=layers, device=torch.cuda.get_device_name(), peak_source=source,
+                  traffic="read+write", bytes=w.nbytes)
+    out = []
+    for case in ("memcpy", "pack", "unpack"):
+        traffic = 2 * w.nbytes / secs[case] / 1e9
+        out.append(Record.compare("kernels", f"cuda_{case}", "GB/s", traffic, "GB/s", "device_peak", peak, params))
+    return out
+
+
+def run(ctx: BenchContext) -> list[Record]:
+    cpu_cases = [(2048, 1), (8192, 1), (2048, 32)] if ctx.quick else \
+        [(2048, 1), (8192, 1), (32768, 1), (2048, 32), (8192, 32)]
+    repeat = 5 if ctx.quick else 15
+    for tokens, layers in ctx.steps(cpu_cases, "cpu pack/unpack", total=len(cpu_cases)):
+        w = make_workload(tokens, layers)
+        for r in cpu_records(w, measure(w, repeat), layers):
+            ctx.add(r)
+        del w
+        gc.collect()
+    if torch.cuda.is_available():
+        cuda_cases = [(8192, 1), (8192, 32)] if ctx.quick else [(2048, 1), (32768, 1), (8192, 32), (32768, 32)]
+        for tokens, layers in ctx.steps(cuda_cases, "cuda pack/unpack", total=len(cuda_cases)):
+            w = make_workload(tokens, layers, device="cuda")
+            for r in cuda_records(w, measure(w, repeat * 2, sync=torch.cuda.synchronize), layers):
+                ctx.add(r)
+            del w
+            torch.cuda.empty_cache()
+    return ctx.records
