@@ -153,7 +153,7 @@ with StoreClient(address, transport=transport, compat_hash=COMPAT, staging_bytes
     res["pull"] = median(times)
     res["ok"] = bool(torch.equal(out, src))
 print("RESULT " + json.dumps(res), flush=True)
-os._exit(0)  # the nixl endpoint crashes in interpreter finalization (see tests/store/worker.py)
+os._exit(0)  # the nixl endpoint crashes in interpreter finalization (see tests/store/store_worker.py)
 """
 
 

@@ -1,6 +1,6 @@
 """A separate client process for the store tests: publishes or pulls seeded chunks, exits 0 if byte-exact.
 
-usage: python worker.py publish|pull ADDRESS TRANSPORT FIRST_SEED COUNT NBYTES [LAYERS]
+usage: python store_worker.py publish|pull ADDRESS TRANSPORT FIRST_SEED COUNT NBYTES [LAYERS]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import COMPAT, make_chunk  # noqa: E402
+from store_helpers import COMPAT, make_chunk  # noqa: E402
 
 from kvrelay.store.client import StoreClient  # noqa: E402
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import zmq
 
-from conftest import COMPAT, make_chunk, metric
+from store_helpers import COMPAT, make_chunk, metric
 from kvrelay.store import protocol as P
 from kvrelay.store.client import StoreClient, StoreError
 from kvrelay.store.config import StoreConfig

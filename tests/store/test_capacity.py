@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import COMPAT, make_chunk, metric, wait_for
+from store_helpers import COMPAT, make_chunk, metric, wait_for
 from kvrelay.store.client import StoreClient, StoreError, StoreFullError
 
 SZ = 200 * 1024  # 50 pages; a 1 MiB pool (256 pages) holds 5

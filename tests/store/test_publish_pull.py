@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import COMPAT, make_chunk
+from store_helpers import COMPAT, make_chunk
 from kvrelay.store.client import StoreClient, StoreError
 
-WORKER = str(Path(__file__).parent / "worker.py")
+WORKER = str(Path(__file__).parent / "store_worker.py")
 
 
 def run_worker(*args, timeout: float = 60) -> subprocess.Popen:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import COMPAT, Daemon, make_chunk, wait_for
+from store_helpers import COMPAT, Daemon, make_chunk, wait_for
 from kvrelay.store.client import StoreClient, StoreError
 from kvrelay.store.pool import ALIGN
 

@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 
-from conftest import COMPAT, Daemon, make_chunk
+from store_helpers import COMPAT, Daemon, make_chunk
 from kvrelay.store.client import StoreClient, StoreError
 from kvrelay.transfer import available_transports
 
-WORKER = str(Path(__file__).parent / "worker.py")
+WORKER = str(Path(__file__).parent / "store_worker.py")
 REMOTE = [t for t, why in available_transports().items() if why is None and t != "shm"]
 UNAVAILABLE = {t: why for t, why in available_transports().items() if why is not None}
 
