@@ -62,7 +62,7 @@ def test_evict_lru_then_refuse_then_lease_expiry(daemon_factory):
 
 @pytest.mark.timeout(60)
 def test_release_and_reservation_expiry(daemon_factory):
-    d = daemon_factory(pool_size="1MiB", max_chunk_bytes="256KiB")
+    d = daemon_factory(pool_size="1MiB", max_chunk_bytes="256KiB", chunk_ttl=1.0)
     k1, h1, d1 = make_chunk(40, SZ)
     k2, h2, _ = make_chunk(41, SZ)
     with StoreClient(d.address, compat_hash=COMPAT) as c:
@@ -77,6 +77,13 @@ def test_release_and_reservation_expiry(daemon_factory):
         c.release("abort")  # an aborted request gives back everything it held
         s = c.stats()
         assert s["reserved_chunks"] == 0 and s["pool_used_bytes"] == 0
+        # chunk_ttl: a chunk nobody touches expires
+        k3, h3, d3 = make_chunk(42, SZ)
+        c.publish(k3, h3, d3)
+        assert c.lookup([k3]) == 1
+        wait_for(lambda: c.lookup([k3]) == 0, 5, "chunk ttl expiry")
+        s = c.stats()
+        assert s["ttl_expiries"] == 1 and s["pool_used_bytes"] == 0
 
 
 @pytest.mark.timeout(90)

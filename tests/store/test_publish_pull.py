@@ -141,6 +141,11 @@ def test_republish_of_present_chunk_is_a_cache_hit(daemon):
         out = torch.empty(5000, dtype=torch.uint8)
         c.pull(k, out, time.monotonic() + 2)
         assert torch.equal(out, d)
+        with StoreClient(daemon.address, compat_hash="another-model") as other:
+            ko, ho, do = make_chunk(8, 5000, compat="another-model")
+            other.publish(ko, ho, do)
+            assert other.purge(namespace="another-model") == 1  # a tenant's purge leaves the others alone
+            assert c.lookup([ko]) == 0 and c.lookup([k]) == 1
         assert c.purge(prefix=k.block_hash) == 1
         assert c.lookup([k]) == 0
         with pytest.raises(StoreError, match="not reserved"):
