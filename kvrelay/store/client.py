@@ -236,6 +236,11 @@ class StoreClient:
                 raise StoreError(f"pull({kid_of(key)}): {exc}", "corrupt") from None
         return header
 
+    def register_buffer(self, buf: torch.Tensor) -> None:
+        """Register a long-lived uint8 CPU tensor (e.g. the engine's staging buffer): remote-transport pulls
+        into it (or into a slice of it) go straight there with no staging copy.  A no-op on shm."""
+        self._path.register_buffer(buf)
+
     def wait_ready(self, keys: Sequence[ChunkKey], deadline: float) -> None:
         left = max(0.0, deadline - time.monotonic())
         self._call(P.WaitReady(keys=list(keys), timeout=left), wait=left + self.timeout)

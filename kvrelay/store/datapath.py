@@ -42,6 +42,9 @@ class SharedPath:
     def pull_into(self, slot: Slot, out: torch.Tensor, timeout: float) -> None:
         out.copy_(self.tensor[slot.offset:slot.offset + slot.nbytes])
 
+    def register_buffer(self, buf: torch.Tensor) -> None:
+        pass  # the pool is mapped: nothing to register
+
     def close(self) -> None:
         if self._pinned:
             torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
@@ -64,6 +67,7 @@ class TransportPath:
         self.arena = Arena(self.staging.numel())
         self.lock = threading.Lock()
         self._views: dict[int, tuple[int, int]] = {}  # data_ptr -> (offset, nbytes)
+        self._user: list[tuple[int, int, int, torch.Tensor]] = []  # (start ptr, nbytes, region id, tensor)
 
     def _alloc(self, nbytes: int) -> torch.Tensor:
         with self.lock:
@@ -94,8 +98,29 @@ class TransportPath:
         finally:
             self.discard(view)
 
+    def register_buffer(self, buf: torch.Tensor) -> None:
+        """Register a long-lived uint8 CPU tensor so pulls into it skip the staging copy."""
+        if buf.dtype != torch.uint8 or buf.device.type != "cpu" or not buf.is_contiguous():
+            raise ValueError(f"register_buffer needs a contiguous uint8 CPU tensor, got {buf.dtype} on {buf.device}")
+        region = self.t.register(buf)
+        with self.lock:
+            self._user.append((buf.data_ptr(), buf.numel(), region.region_id, buf))
+
+    def _registered(self, out: torch.Tensor) -> tuple[int, int] | None:
+        p, n = out.data_ptr(), out.numel()
+        for start, size, region, _ in self._user:
+            if start <= p and p + n <= start + size:
+                return region, p - start
+        return None
+
     def pull_into(self, slot: Slot, out: torch.Tensor, timeout: float) -> None:
         from kvrelay.transfer.base import Desc
+        direct = self._registered(out)
+        if direct is not None:  # straight into the caller's registered memory
+            with self.t.read(self.peer, [Desc(direct[0], direct[1], self.remote_region, slot.offset, slot.nbytes)],
+                             timeout=timeout) as h:
+                h.result(timeout)
+            return
         view = self._alloc(slot.nbytes)
         off = self._views[view.data_ptr()][0]
         try:
