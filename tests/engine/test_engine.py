@@ -3,6 +3,9 @@ one request at a time, preemption, sampling, validation, no leaked blocks."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from kvrelay.engines.reference.block_manager import BlockManager
@@ -112,3 +115,29 @@ def test_bad_requests_raise_clear_errors(model_cfg, weights):
         EngineConfig(role="both")
     with pytest.raises(ValueError, match="num_blocks"):
         EngineConfig(num_blocks=2, block_size=16, max_model_len=4096)
+
+
+@pytest.mark.timeout(120)
+def test_abort_frees_blocks(model_cfg, weights):
+    eng = Engine(model_cfg, EngineConfig(num_blocks=64, max_model_len=1024), weights).start()
+    try:
+        first = threading.Event()
+        done = threading.Event()
+
+        def on_token(seq, tok, fin):
+            first.set()
+            if fin:
+                done.set()
+
+        seq = Sequence(rand_prompt(40, seed=9), SamplingParams(max_tokens=500, ignore_eos=True), on_token=on_token)
+        eng.add(seq)
+        assert first.wait(60)
+        eng.abort(seq.request_id)
+        assert done.wait(60)
+        assert seq.error == "aborted" and len(seq.output) < 500
+        deadline = time.monotonic() + 10
+        while eng.blocks.num_free != 64 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.blocks.num_free == 64
+    finally:
+        eng.stop()

@@ -154,3 +154,17 @@ def test_config_validation():
         ModelConfig(num_heads=8, num_kv_heads=3)
     with pytest.raises(ValueError, match="hidden_size"):
         ModelConfig(hidden_size=0)
+
+
+def test_checkpoint_with_tokenizer_json_uses_it(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "kv": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    cfg = ModelConfig(num_layers=1, hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=1,
+                      head_dim=32, vocab_size=300)
+    d = write_random_checkpoint(tmp_path / "ck", cfg, tokenizer_json=tok.to_str())
+    _, _, loaded = load_model(d)
+    assert loaded.encode("hello kv world") == [1, 3, 2]
+    _, _, byte_tok = load_model(None, cfg)
+    assert byte_tok.encode("hi") == [104, 105] and byte_tok.decode([104, 105, 299]) == "hi<299>"
