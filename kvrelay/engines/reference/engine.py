@@ -15,12 +15,12 @@ import queue
 import threading
 import time
 import uuid
-from typing import Callable, Protocol
 
 import torch
 
 from kvrelay.engines.reference.block_manager import BlockManager
 from kvrelay.engines.reference.config import EngineConfig, ModelConfig
+from kvrelay.engines.reference.hooks import KVPublisher, KVPuller
 from kvrelay.engines.reference.metrics import EngineMetrics
 from kvrelay.engines.reference.model import LlamaModel, SeqInput, make_layout
 from kvrelay.engines.reference.sampler import Sampler
@@ -28,22 +28,6 @@ from kvrelay.engines.reference.scheduler import Scheduler
 from kvrelay.engines.reference.sequence import Sequence, Status
 
 log = logging.getLogger("kvrelay.engine")
-
-
-class KVPublisher(Protocol):
-    def begin(self, engine: "Engine", seqs: list[Sequence]) -> None: ...
-    def layer_done(self, layer: int) -> None: ...
-    def end(self, seqs: list[Sequence], first_tokens: list[int], done: Callable[[Sequence], None]) -> None: ...
-    def close(self) -> None: ...
-
-
-class KVPuller(Protocol):
-    def start(self, engine: "Engine", seq: Sequence, done: Callable[[Sequence, str | None], None]) -> None: ...
-    def close(self) -> None: ...
-
-
-class PullFailed(RuntimeError):
-    """Decode role with policy 'fail': the prompt's KV could not be pulled."""
 
 
 class Engine:
