@@ -23,7 +23,8 @@ from kvrelay.store.config import StoreConfig
 from kvrelay.store.index import Entry, Index, State
 from kvrelay.store.pool import Arena, SharedPool, align_up
 from kvrelay.store.protocol import Slot
-from kvrelay.store.ssd import SsdTier, parse_key
+from kvrelay.store.spill import spill_loop
+from kvrelay.store.ssd import SsdTier
 from kvrelay.transfer.wire import ChunkHeader
 
 
@@ -66,7 +67,8 @@ class StoreCore:
                           namespace=r.header.compat_hash, last_access=now, ssd=r.loc)
                 self.ix.add_recovered(e)
             self.recovered = len(recs)
-            self._spiller = threading.Thread(target=self._spill_loop, name="kvrelay-spill", daemon=True)
+            self._spiller = threading.Thread(target=spill_loop, args=(self, self._spill_q), name="kvrelay-spill",
+                                             daemon=True)
             self._spiller.start()
 
     # --- queries -----------------------------------------------------------------------------------
@@ -264,7 +266,9 @@ class StoreCore:
 
     def purge(self, prefix: str | None, namespace: str | None) -> int:
         with self.lock:
+            # reserved slots may still be being written by their publisher: only READY chunks go
             victims = [e for e in self.ix.entries.values() if e.pins == 0 and not e.spilling
+                       and e.state is State.READY
                        and (prefix is None or e.key.block_hash.startswith(prefix))
                        and (namespace is None or e.namespace == namespace)]
             for e in victims:
@@ -298,48 +302,6 @@ class StoreCore:
                           and not e.spilling and now - e.last_access > self.cfg.chunk_ttl]:
                     self._drop(e)
                     self.counters["ttl_expiries"] += 1
-
-    # --- background spill --------------------------------------------------------------------------
-    def _spill_loop(self) -> None:
-        while (kid := self._spill_q.get()) is not None:
-            with self.lock:
-                e = self.ix.get(kid)
-                if e is None or e.offset < 0 or e.ssd is not None or e.state is not State.READY:
-                    continue
-                e.spilling = True
-                view = self.pool.view[e.offset:e.offset + align_up(e.nbytes)]
-            try:
-                loc, evicted = self.ssd.append(e.key, e.header, view)
-            except (OSError, ValueError) as exc:
-                with self.lock:
-                    e.spilling = False
-                    self.counters["spill_errors"] += 1
-                    self.last_spill_error = str(exc)
-                continue
-            finally:
-                view.release()
-            with self.lock:
-                e.spilling = False
-                for k in evicted:
-                    v = self.ix.get(k)
-                    if v is not None and v.ssd is not None and v.ssd.seg != loc.seg:
-                        self.ix.set_ssd(v, None)
-                        self.counters["evictions_ssd"] += 1
-                        if v.offset < 0:
-                            self.ix.remove(v)
-                if self.ix.get(kid) is e:
-                    self.ix.set_ssd(e, loc)
-                else:
-                    self.ssd.drop(e.key, loc)
-
-    def flush_spill(self, timeout: float) -> bool:
-        """Wait until the spill queue is empty (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        while not self._spill_q.empty() or any(e.spilling for e in list(self.ix.entries.values())):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
 
     def stats(self) -> dict:
         with self.lock:

@@ -4,10 +4,7 @@ Owns: the files under ``ssd_dir`` (``seg-NNNNNNNN.kvs`` and ``journal.log``), re
 and segment reclamation.  Must not touch: the pool allocator or the in-memory index (the caller moves
 entries between tiers; this module only stores and returns bytes).
 
-Record = one ALIGN-byte head block + payload padded to ALIGN (so both can be written with O_DIRECT
-straight from the page-aligned pool):
-    head: "KVR1" | u32 keylen | u32 hdrlen | u64 nbytes | key | msgpack ChunkHeader | ... | u64 xxh3(head[:-8])
-The payload's xxh3 is the ChunkHeader's checksum.  A record counts only once its journal frame
+Records and journal frames are laid out in ssd_format.py.  A record counts only once its journal frame
 ("add", after the record is written) exists; frames are ``u32 len | u64 xxh3(body) | body``.  After a
 crash, replay stops at the first torn frame, and every surviving record is re-read and verified: a torn
 or flipped record is dropped.  Space is reclaimed a whole segment at a time, oldest first.
@@ -27,39 +24,11 @@ import xxhash
 
 from kvrelay.keys import ChunkKey
 from kvrelay.store.pool import ALIGN, align_up
-from kvrelay.transfer.wire import ChunkHeader, decode_header, encode_header
+from kvrelay.store.ssd_format import (FRAME, HEAD, JDEC, MAGIC, RECOVER_WINDOW, JEntry, Loc, Recovered, frame,
+                                      parse_key, probe_direct, verify_record)
+from kvrelay.transfer.wire import ChunkHeader, encode_header
 
-_HEAD = struct.Struct("<4sIIQ")
-_FRAME = struct.Struct("<IQ")
-MAGIC = b"KVR1"
-RECOVER_WINDOW = 16 << 20  # recovery reads segments sequentially in windows of this size
-
-
-class Loc(msgspec.Struct, frozen=True, array_like=True):
-    seg: int
-    offset: int
-    nbytes: int  # payload bytes (the record spans ALIGN + align_up(nbytes))
-
-
-class JEntry(msgspec.Struct, frozen=True, array_like=True):
-    op: str  # "add" | "del" | "dropseg"
-    key: str = ""
-    loc: Loc | None = None
-
-
-class Recovered(msgspec.Struct):
-    key: ChunkKey
-    header: ChunkHeader
-    loc: Loc
-
-
-_jenc = msgspec.msgpack.Encoder()
-_jdec = msgspec.msgpack.Decoder(JEntry)
-
-
-def parse_key(s: str) -> ChunkKey:
-    h, layer, hs, he = s.split(":")
-    return ChunkKey(h, int(layer), int(hs), int(he))
+__all__ = ["SsdTier", "Loc", "Recovered", "parse_key", "probe_direct"]
 
 
 class SsdTier:
@@ -116,13 +85,13 @@ class SsdTier:
         if jpath.exists():
             data = jpath.read_bytes()
             pos = 0
-            while pos + _FRAME.size <= len(data):
-                n, crc = _FRAME.unpack_from(data, pos)
-                body = data[pos + _FRAME.size: pos + _FRAME.size + n]
+            while pos + FRAME.size <= len(data):
+                n, crc = FRAME.unpack_from(data, pos)
+                body = data[pos + FRAME.size: pos + FRAME.size + n]
                 if len(body) != n or xxhash.xxh3_64_intdigest(body) != crc:
                     break  # torn tail
-                pos += _FRAME.size + n
-                e = _jdec.decode(body)
+                pos += FRAME.size + n
+                e = JDEC.decode(body)
                 if e.op == "add" and e.loc is not None:
                     live[e.key] = e.loc
                 elif e.op == "del":
@@ -147,7 +116,7 @@ class SsdTier:
                     if loc.offset < win_start or end > win_start + len(win):
                         fh.seek(loc.offset)
                         win, win_start = fh.read(max(RECOVER_WINDOW, end - loc.offset)), loc.offset
-                    rec = _verify(memoryview(win)[loc.offset - win_start:end - win_start], kstr, loc)
+                    rec = verify_record(memoryview(win)[loc.offset - win_start:end - win_start], kstr, loc)
                     if rec is None:
                         dropped += 1
                         continue
@@ -166,7 +135,7 @@ class SsdTier:
         with open(tmp, "wb") as fh:
             for seg in sorted(self._live):
                 for k, loc in self._live[seg].items():
-                    fh.write(_frame(JEntry("add", k, loc)))
+                    fh.write(frame(JEntry("add", k, loc)))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, jpath)
@@ -179,7 +148,7 @@ class SsdTier:
         kstr = key.encode().decode()
         hb = encode_header(header)
         kb = kstr.encode()
-        if _HEAD.size + len(kb) + len(hb) + 8 > ALIGN:
+        if HEAD.size + len(kb) + len(hb) + 8 > ALIGN:
             raise ValueError(f"chunk key + header of {len(kb) + len(hb)} bytes do not fit a record head")
         nbytes = header.nbytes
         padded = align_up(max(nbytes, 1))
@@ -192,9 +161,9 @@ class SsdTier:
             fd, off = self._fds[self._cur], self._pos
             h = self._head
             h[:] = bytes(ALIGN)
-            _HEAD.pack_into(h, 0, MAGIC, len(kb), len(hb), nbytes)
-            h[_HEAD.size:_HEAD.size + len(kb)] = kb
-            h[_HEAD.size + len(kb):_HEAD.size + len(kb) + len(hb)] = hb
+            HEAD.pack_into(h, 0, MAGIC, len(kb), len(hb), nbytes)
+            h[HEAD.size:HEAD.size + len(kb)] = kb
+            h[HEAD.size + len(kb):HEAD.size + len(kb) + len(hb)] = hb
             h[ALIGN - 8:] = struct.pack("<Q", xxhash.xxh3_64_intdigest(memoryview(h)[:ALIGN - 8]))
             t0 = time.perf_counter()
             n = os.pwritev(fd, [h, payload[:padded]], off)
@@ -261,7 +230,7 @@ class SsdTier:
                 self._journal_write(JEntry("del", kstr, None))
 
     def _journal_write(self, e: JEntry) -> None:
-        self._journal.write(_frame(e))
+        self._journal.write(frame(e))
         if self.fsync:
             os.fdatasync(self._journal.fileno())
 
@@ -277,57 +246,3 @@ class SsdTier:
             if self._journal:
                 self._journal.close()
             self._head.close()
-
-
-def _verify(rec: memoryview, kstr: str, loc: Loc) -> Recovered | None:
-    """Check one record (head + padded payload) read back from a segment; None if torn or corrupt."""
-    try:
-        if len(rec) < ALIGN + loc.nbytes:
-            return None
-        head = rec[:ALIGN]
-        if head[:4] != MAGIC or xxhash.xxh3_64_intdigest(head[:-8]) != struct.unpack("<Q", head[-8:])[0]:
-            return None
-        _, klen, hlen, nbytes = _HEAD.unpack_from(head)
-        off = _HEAD.size
-        if bytes(head[off:off + klen]).decode() != kstr or nbytes != loc.nbytes:
-            return None
-        header = decode_header(bytes(head[off + klen: off + klen + hlen]))
-        if header.nbytes != nbytes or xxhash.xxh3_64_intdigest(rec[ALIGN:ALIGN + nbytes]) != header.checksum:
-            return None
-        return Recovered(parse_key(kstr), header, loc)
-    except (ValueError, UnicodeDecodeError, struct.error):
-        return None
-
-
-def _frame(e: JEntry) -> bytes:
-    body = _jenc.encode(e)
-    return _FRAME.pack(len(body), xxhash.xxh3_64_intdigest(body)) + body
-
-
-def probe_direct(directory: Path, nbytes: int = 32 << 20, block: int = 4 << 20) -> tuple[bool, float, float]:
-    """Write ``nbytes`` with and without O_DIRECT; returns (O_DIRECT works, direct GB/s, buffered GB/s)."""
-    buf = mmap.mmap(-1, block)
-    buf.write(os.urandom(4096) * (block // 4096))
-    rates = []
-    ok = True
-    for direct in (True, False):
-        path = directory / f".probe-{os.getpid()}-{int(direct)}"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0), 0o600)
-        except OSError:
-            ok, rates = False, rates + [0.0]
-            continue
-        try:
-            t0 = time.perf_counter()
-            for off in range(0, nbytes, block):
-                os.pwrite(fd, buf, off)
-            if not direct:
-                os.fdatasync(fd)  # buffered writes only count once they reach the device
-            rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
-        except OSError:
-            ok, rates = False, rates + [0.0]
-        finally:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-    buf.close()
-    return ok, rates[0], rates[1]

@@ -1,0 +1,51 @@
+"""Background write-behind of committed chunks to the SSD tier (one thread; publishers never wait for it).
+
+Owns: the spill loop.  Must not touch: the record format (ssd_format.py) or admission rules (core.py).
+A chunk being written is marked ``spilling`` so it is neither evicted nor purged meanwhile; the disk
+write runs without the store lock.  A failed write (e.g. a full disk) is counted and the chunk stays in
+memory, dirty (it can still be evicted, and is then lost, counted as dropped).
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import TYPE_CHECKING
+
+from kvrelay.store.index import State
+from kvrelay.store.pool import align_up
+
+if TYPE_CHECKING:
+    from kvrelay.store.core import StoreCore
+
+
+def spill_loop(core: "StoreCore", q: "queue.SimpleQueue[str | None]") -> None:
+    while (kid := q.get()) is not None:
+        with core.lock:
+            e = core.ix.get(kid)
+            if e is None or e.offset < 0 or e.ssd is not None or e.state is not State.READY:
+                continue
+            e.spilling = True
+            view = core.pool.view[e.offset:e.offset + align_up(e.nbytes)]
+        try:
+            loc, evicted = core.ssd.append(e.key, e.header, view)
+        except (OSError, ValueError) as exc:
+            with core.lock:
+                e.spilling = False
+                core.counters["spill_errors"] += 1
+                core.last_spill_error = str(exc)
+            continue
+        finally:
+            view.release()
+        with core.lock:
+            e.spilling = False
+            for k in evicted:
+                v = core.ix.get(k)
+                if v is not None and v.ssd is not None and v.ssd.seg != loc.seg:
+                    core.ix.set_ssd(v, None)
+                    core.counters["evictions_ssd"] += 1
+                    if v.offset < 0:
+                        core.ix.remove(v)
+            if core.ix.get(kid) is e:
+                core.ix.set_ssd(e, loc)
+            else:
+                core.ssd.drop(e.key, loc)
