@@ -33,7 +33,7 @@ LATENCY_TARGET_US = 100.0
 Op = Callable[[int], None]
 
 
-def _spawn(kind: str, nbytes: int, stack: ExitStack, timeout: float = 60.0) -> dict:
+def _launch(kind: str, nbytes: int, stack: ExitStack) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "kvrelay.transfer.bench_peer", kind, str(nbytes)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
@@ -42,6 +42,10 @@ def _spawn(kind: str, nbytes: int, stack: ExitStack, timeout: float = 60.0) -> d
         proc.wait(10)
 
     stack.callback(stop)
+    return proc
+
+
+def _ready(kind: str, proc: subprocess.Popen, timeout: float = 90.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
@@ -51,6 +55,10 @@ def _spawn(kind: str, nbytes: int, stack: ExitStack, timeout: float = 60.0) -> d
             raise RuntimeError(f"bench peer {kind} exited with {proc.wait()}")
         if line.startswith("{"):
             return json.loads(line)
+
+
+def _spawn(kind: str, nbytes: int, stack: ExitStack) -> dict:
+    return _ready(kind, _launch(kind, nbytes, stack))
 
 
 def _transport_ops(kind: str, meta: dict, nbytes: int, stack: ExitStack) -> dict[str, Op]:
@@ -217,7 +225,7 @@ def measure_all(ctx: BenchContext) -> tuple[dict, dict[str, str]]:
     for n in sizes:
         results["memcpy"]["read"][n] = results["memcpy"]["write"][n] = _measure(ops["read"], n, ctx.quick)
     for kind in ctx.steps(kinds, "kinds"):
-        with ExitStack() as stack:
+        with ExitStack() as stack:  # one peer process at a time (two NIXL agents starting together can stall)
             try:
                 meta = _spawn(kind, nbytes, stack)
                 if kind in ("shm", "tcp", "nixl"):

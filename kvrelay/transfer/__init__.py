@@ -11,8 +11,10 @@ Owns: the registry of transport implementations.  Must not touch: their internal
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from kvrelay.transfer.base import Transport
+if TYPE_CHECKING:  # importing base pulls in torch (through the layout's wire version): keep it lazy
+    from kvrelay.transfer.base import Transport
 
 _IMPLS = {
     "shm": ("kvrelay.transfer.shm", "ShmTransport"),
