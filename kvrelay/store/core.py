@@ -58,6 +58,7 @@ class StoreCore:
         self._spill_q: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
         self._spiller: threading.Thread | None = None
         self.recovered = self.recover_dropped = 0
+        self.last_spill_error = ""
         if cfg.ssd_dir:
             self.ssd = SsdTier(cfg.ssd_dir, cfg.ssd_size, cfg.ssd_segment_size, cfg.ssd_direct, cfg.ssd_fsync)
             now = time.monotonic()
@@ -311,7 +312,7 @@ class StoreCore:
                     "reserved_chunks": sum(len(v) for v in ix.requests.values()), "reserved_bytes": ix.reserved_bytes,
                     "ssd_chunks": ix.ssd_chunks, "ssd_bytes": ix.ssd_bytes, "chunks": len(ix.entries),
                     "pins": len(ix.pins), "recovered": self.recovered, "recover_dropped": self.recover_dropped,
-                    "ssd_direct": bool(self.ssd and self.ssd.direct),
+                    "ssd_direct": bool(self.ssd and self.ssd.direct), "last_spill_error": self.last_spill_error,
                     "ssd_bytes_written": self.ssd.bytes_written if self.ssd else 0,
                     "ssd_write_seconds": self.ssd.write_seconds if self.ssd else 0.0,
                     "ssd_bytes_read": self.ssd.bytes_read if self.ssd else 0,

@@ -8,14 +8,18 @@ memory, dirty (it can still be evicted, and is then lost, counted as dropped).
 
 from __future__ import annotations
 
+import logging
 import queue
 from typing import TYPE_CHECKING
 
 from kvrelay.store.index import State
 from kvrelay.store.pool import align_up
+from kvrelay.store.ssd import SsdFullError
 
 if TYPE_CHECKING:
     from kvrelay.store.core import StoreCore
+
+log = logging.getLogger("kvrelay.store")
 
 
 def spill_loop(core: "StoreCore", q: "queue.SimpleQueue[str | None]") -> None:
@@ -26,26 +30,36 @@ def spill_loop(core: "StoreCore", q: "queue.SimpleQueue[str | None]") -> None:
                 continue
             e.spilling = True
             view = core.pool.view[e.offset:e.offset + align_up(e.nbytes)]
+        loc = None
         try:
             loc, evicted = core.ssd.append(e.key, e.header, view)
-        except (OSError, ValueError) as exc:
-            with core.lock:
-                e.spilling = False
-                core.counters["spill_errors"] += 1
-                core.last_spill_error = str(exc)
-            continue
+        except SsdFullError as exc:
+            evicted = exc.evicted
+            _failed(core, e, exc)
+        except Exception as exc:  # noqa: BLE001 - the spiller must outlive any single bad write
+            evicted = []
+            _failed(core, e, exc)
         finally:
             view.release()
         with core.lock:
             e.spilling = False
             for k in evicted:
                 v = core.ix.get(k)
-                if v is not None and v.ssd is not None and v.ssd.seg != loc.seg:
+                if v is not None and v.ssd is not None and (loc is None or v.ssd.seg != loc.seg):
                     core.ix.set_ssd(v, None)
                     core.counters["evictions_ssd"] += 1
                     if v.offset < 0:
                         core.ix.remove(v)
+            if loc is None:
+                continue
             if core.ix.get(kid) is e:
                 core.ix.set_ssd(e, loc)
             else:
                 core.ssd.drop(e.key, loc)
+
+
+def _failed(core: "StoreCore", e, exc: BaseException) -> None:
+    with core.lock:
+        core.counters["spill_errors"] += 1
+        core.last_spill_error = f"{type(exc).__name__}: {exc}"
+    log.warning("spill of %s failed: %s", e.kid, exc)

@@ -28,7 +28,15 @@ from kvrelay.store.ssd_format import (FRAME, HEAD, JDEC, MAGIC, RECOVER_WINDOW, 
                                       parse_key, probe_direct, verify_record)
 from kvrelay.transfer.wire import ChunkHeader, encode_header
 
-__all__ = ["SsdTier", "Loc", "Recovered", "parse_key", "probe_direct"]
+__all__ = ["SsdTier", "SsdFullError", "Loc", "Recovered", "parse_key", "probe_direct"]
+
+
+class SsdFullError(OSError):
+    """A spill could not get disk space; ``evicted`` lists keys whose records were reclaimed meanwhile."""
+
+    def __init__(self, errno_: int | None, message: str, evicted: list[str]) -> None:
+        super().__init__(errno_, message)
+        self.evicted = evicted
 
 
 class SsdTier:
@@ -187,16 +195,19 @@ class SsdTier:
             evicted += list(self._live.get(oldest, {}))
             self._journal_write(JEntry("dropseg", "", Loc(oldest, 0, 0)))
             self._remove_seg(oldest)
-        self._cur += 1
-        self._pos = 0
-        fd = self._open_seg(self._cur, create=True)
+        seg, fd = self._cur + 1, -1
         try:
+            fd = self._open_seg(seg, create=True)
             os.posix_fallocate(fd, 0, self.segment_size)
         except OSError as exc:
-            os.close(self._fds.pop(self._cur))
-            (self.dir / f"seg-{self._cur:08d}.kvs").unlink(missing_ok=True)
-            self._pos = self.segment_size
-            raise OSError(exc.errno, f"SSD tier {self.dir} is full ({exc.strerror}): lower ssd_size")
+            if fd >= 0:
+                os.close(self._fds.pop(seg))
+            (self.dir / f"seg-{seg:08d}.kvs").unlink(missing_ok=True)
+            self._pos = self.segment_size  # try a fresh segment again on the next spill
+            raise SsdFullError(exc.errno, f"SSD tier {self.dir}: cannot create segment {seg} of "
+                                          f"{self.segment_size} bytes ({exc.strerror}); free disk space or "
+                                          f"lower ssd_size", evicted) from None
+        self._cur, self._pos = seg, 0
         return evicted
 
     def _remove_seg(self, seg: int) -> None:

@@ -129,3 +129,30 @@ def test_flipped_byte_on_ssd_detected_on_read_back(tmp_path):
 def fill_part(c: StoreClient, chunks) -> None:
     for k, h, data in chunks:
         c.publish(k, h, data)
+
+
+@pytest.mark.timeout(90)
+def test_disk_failure_is_counted_and_the_daemon_keeps_serving(tmp_path):
+    """The SSD directory disappears (a stand-in for a full or failed disk): spills fail and are counted,
+    publishers are not blocked, and every chunk stays pullable from memory."""
+    import shutil
+    d = Daemon(tmp_path, ssd_dir=tmp_path / "ssd", pool_size="4MiB", max_chunk_bytes="256KiB",
+               ssd_size="4MiB", ssd_segment_size="512KiB").start()
+    try:
+        with StoreClient(d.address, compat_hash=COMPAT) as c:
+            first = [make_chunk(600 + i, 50_000) for i in range(4)]
+            fill_part(c, first)
+            wait_for(lambda: c.stats()["ssd_chunks"] == 4, 20, "spill")
+            shutil.rmtree(tmp_path / "ssd")
+            more = [make_chunk(610 + i, 50_000) for i in range(30)]
+            t0 = time.monotonic()
+            fill_part(c, more)
+            assert time.monotonic() - t0 < 20
+            wait_for(lambda: c.stats()["spill_errors"] > 0, 20, "a failed spill")
+            s = c.stats()
+            assert "cannot create segment" in s["last_spill_error"]
+            out = torch.empty(50_000, dtype=torch.uint8)
+            for k, h, data in first + more:
+                assert c.pull(k, out, time.monotonic() + 5) == h and torch.equal(out, data)
+    finally:
+        d.cleanup()
