@@ -28,11 +28,16 @@ def main() -> None:
     transport, name, compat, seed, *sizes = sys.argv[1:]
     ep = create_transport(transport, name, compat)
     regions = []
+    views = {}
     for i, size in enumerate(map(int, sizes)):
         info, view = ep.alloc(size)
-        np.frombuffer(view, np.uint8)[:] = region_bytes(int(seed), i, size)
+        if hasattr(view, "is_cuda"):  # nvlink: a CUDA tensor
+            import torch
+            view.copy_(torch.from_numpy(region_bytes(int(seed), i, size)))
+        else:
+            np.frombuffer(view, np.uint8)[:] = region_bytes(int(seed), i, size)
         regions.append(info.region_id)
-    views = {rid: ep.local_region(rid).view for rid in regions}
+        views[info.region_id] = view
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     print(json.dumps({"address": ep.address, "pid": os.getpid(), "regions": regions}), flush=True)
@@ -44,7 +49,8 @@ def main() -> None:
                 stop.set()
             elif msg.startswith("sum:") and peer is not None:
                 rid = int(msg[4:])
-                ep.notify(peer, f"sum:{rid}:{xxhash.xxh3_64_hexdigest(views[rid])}".encode())
+                data = views[rid].cpu().numpy() if hasattr(views[rid], "is_cuda") else views[rid]
+                ep.notify(peer, f"sum:{rid}:{xxhash.xxh3_64_hexdigest(data)}".encode())
             elif msg.startswith("echo:") and peer is not None:
                 ep.notify(peer, msg[5:].encode())
     ep.close()
