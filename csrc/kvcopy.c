@@ -1,8 +1,9 @@
 /* kvrelay native host library: pack/unpack copies between a paged KV cache and a canonical chunk.
  *
  * Owns: bounds checks (nothing is written before every bound holds), the copy plan (contiguous runs
- * merged into single memcpy calls: a full NHD block of one plane is one 32 KiB run) and a small
- * persistent worker pool (the caller is worker 0).  Must not touch: Python objects.
+ * merged into single memcpy calls: a full NHD block of one plane is one 32 KiB run; jobs larger than
+ * the stream threshold copy with non-temporal stores) and a small persistent worker pool (the caller
+ * is worker 0).  Must not touch: Python objects.
  */
 #define _GNU_SOURCE
 #include "kvcopy.h"
@@ -11,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <emmintrin.h>
 
 /* ---------------------------------------------------------------- validation */
 
@@ -60,11 +62,36 @@ int kv_validate(const kv_job *j, char *err, size_t errlen) {
 
 /* ---------------------------------------------------------------- copy plan */
 
-typedef struct { char *dst; const char *src; size_t len; } run_t;
+typedef struct { char *dst; const char *src; size_t len; int stream; } run_t;
+
+/* Copy with non-temporal (streaming) stores: no read-for-ownership of the destination lines and no
+ * eviction of the cache's working set.  Used for jobs much larger than the last-level cache. */
+static void copy_stream(char *dst, const char *src, size_t len) {
+    size_t head = (size_t)(-(uintptr_t)dst & 15);
+    if (head > len) head = len;
+    memcpy(dst, src, head);
+    dst += head; src += head; len -= head;
+    size_t n64 = len / 64;
+    for (size_t i = 0; i < n64; i++, dst += 64, src += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)src), b = _mm_loadu_si128((const __m128i *)(src + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + 32)), d = _mm_loadu_si128((const __m128i *)(src + 48));
+        _mm_stream_si128((__m128i *)dst, a);
+        _mm_stream_si128((__m128i *)(dst + 16), b);
+        _mm_stream_si128((__m128i *)(dst + 32), c);
+        _mm_stream_si128((__m128i *)(dst + 48), d);
+    }
+    memcpy(dst, src, len % 64);
+}
+
+static inline void flush_run(run_t *r) {
+    if (!r->len) return;
+    if (r->stream && r->len >= 4096) copy_stream(r->dst, r->src, r->len);
+    else memcpy(r->dst, r->src, r->len);
+}
 
 static inline void emit(run_t *r, char *dst, const char *src, size_t len) {
     if (r->len && r->dst + r->len == dst && r->src + r->len == src) { r->len += len; return; }
-    if (r->len) memcpy(r->dst, r->src, r->len);
+    flush_run(r);
     r->dst = dst; r->src = src; r->len = len;
 }
 
@@ -72,14 +99,20 @@ static inline void copy_pair(run_t *r, int pack, char *cache, char *chunk, size_
     if (pack) emit(r, chunk, cache, len); else emit(r, cache, chunk, len);
 }
 
+/* Jobs this large write with streaming stores.  Below it the chunk is likely still cached when it is
+ * read next (checksum, transport), and a repeated copy may stay in the last-level cache (32 MiB here;
+ * sysconf's figure is unreliable in VMs, so this is a fixed default, configurable). */
+static int64_t stream_threshold = (int64_t)16 << 20;
+
 /* Copy flat (kv, token) indexes [lo, hi) of the job, where flat = kv * T + (token - token_start). */
-static void run_range(const kv_job *j, int64_t lo, int64_t hi) {
+static void run_range(const kv_job *j, int64_t lo, int64_t hi, int stream) {
     const int64_t T = j->token_end - j->token_start, bs = j->block_size, row = j->row_bytes;
     const int64_t nh = j->num_heads, ch = j->chunk_heads;
     const int64_t chunk_tok = ch * row;                           /* chunk bytes per token */
     const int heads_dense = j->head_stride == row;                /* a token's heads are one run */
     const int tokens_dense = heads_dense && j->token_stride == nh * row && (ch == nh);
     run_t r = {0};
+    r.stream = stream;
     int64_t flat = lo;
     while (flat < hi) {
         int64_t kv = flat / T, i = flat % T;
@@ -103,7 +136,8 @@ static void run_range(const kv_job *j, int64_t lo, int64_t hi) {
         }
         flat += n;
     }
-    if (r.len) memcpy(r.dst, r.src, r.len);
+    flush_run(&r);
+    if (r.stream) _mm_sfence();
 }
 
 /* ---------------------------------------------------------------- worker pool
@@ -126,6 +160,7 @@ static const kv_job *cur_job = NULL;  /* the posted job, NULL when none (guarded
 static int active = 0;                /* workers inside cur_job (guarded by mu) */
 static int64_t piece_flat = 1, num_pieces = 0;
 static int64_t next_piece = 0;        /* claimed with __atomic_fetch_add */
+static int stream_job = 0;            /* the posted job uses streaming stores */
 static uint64_t generation = 0, pool_start_gen = 0; /* workers start from pool_start_gen */
 static int64_t parallel_threshold = 1 << 20;
 
@@ -135,7 +170,7 @@ static void claim_pieces(const kv_job *j) {
         int64_t p = __atomic_fetch_add(&next_piece, 1, __ATOMIC_RELAXED);
         if (p >= num_pieces) return;
         int64_t lo = p * piece_flat, hi = lo + piece_flat < total ? lo + piece_flat : total;
-        run_range(j, lo, hi);
+        run_range(j, lo, hi, stream_job);
     }
 }
 
@@ -207,15 +242,16 @@ int64_t kv_run(const kv_job *j) {
     const int64_t total = j->num_kv * (j->token_end - j->token_start);
     const int64_t flat_bytes = j->num_heads * j->row_bytes;
     int64_t bytes = total * flat_bytes;
+    const int stream = bytes >= stream_threshold;
     if (want_threads <= 1 || bytes < parallel_threshold || pthread_mutex_trylock(&submit_mu) != 0) {
-        run_range(j, 0, total);
+        run_range(j, 0, total, stream);
         return bytes;
     }
     if (pool_threads != want_threads) {
         pool_stop_locked();
         if (pool_start_locked() != 0 || pool_threads == 1) {
             pthread_mutex_unlock(&submit_mu);
-            run_range(j, 0, total);
+            run_range(j, 0, total, stream);
             return bytes;
         }
     }
@@ -224,6 +260,7 @@ int64_t kv_run(const kv_job *j) {
     if (pf * pool_threads > total) pf = (total + pool_threads - 1) / pool_threads; /* small jobs: one piece each */
     pthread_mutex_lock(&mu);
     piece_flat = pf;
+    stream_job = stream;
     num_pieces = (total + pf - 1) / pf;
     __atomic_store_n(&next_piece, 0, __ATOMIC_RELAXED);
     cur_job = j;
@@ -251,3 +288,5 @@ int kv_set_threads(int n) {
 int kv_get_threads(void) { return want_threads; }
 void kv_set_parallel_threshold(int64_t nbytes) { parallel_threshold = nbytes < 0 ? 0 : nbytes; }
 int64_t kv_get_parallel_threshold(void) { return parallel_threshold; }
+void kv_set_stream_threshold(int64_t nbytes) { stream_threshold = nbytes < 0 ? 0 : nbytes; }
+int64_t kv_get_stream_threshold(void) { return stream_threshold; }

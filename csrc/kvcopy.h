@@ -40,5 +40,8 @@ int kv_set_threads(int n);
 int kv_get_threads(void);
 void kv_set_parallel_threshold(int64_t nbytes);
 int64_t kv_get_parallel_threshold(void);
+/* Jobs of at least this many bytes write with non-temporal (streaming) stores; default 16 MiB. */
+void kv_set_stream_threshold(int64_t nbytes);
+int64_t kv_get_stream_threshold(void);
 
 #endif

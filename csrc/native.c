@@ -82,6 +82,19 @@ static PyObject *py_get_threshold(PyObject *self, PyObject *unused) {
     return PyLong_FromLongLong(kv_get_parallel_threshold());
 }
 
+static PyObject *py_set_stream_threshold(PyObject *self, PyObject *arg) {
+    (void)self;
+    long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    kv_set_stream_threshold(n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_stream_threshold(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return PyLong_FromLongLong(kv_get_stream_threshold());
+}
+
 static PyMethodDef methods[] = {
     {"copy", (PyCFunction)(void (*)(void))py_copy, METH_FASTCALL,
      "copy(pack, base0, extent0, offset0, base1, extent1, offset1, num_kv, block_stride, token_stride, "
@@ -91,6 +104,9 @@ static PyMethodDef methods[] = {
     {"get_num_threads", py_get_threads, METH_NOARGS, "the copy pool size"},
     {"set_parallel_threshold", py_set_threshold, METH_O, "copies smaller than this many bytes run inline"},
     {"get_parallel_threshold", py_get_threshold, METH_NOARGS, "see set_parallel_threshold"},
+    {"set_stream_threshold", py_set_stream_threshold, METH_O,
+     "copies of at least this many bytes use non-temporal stores (bypass the cache)"},
+    {"get_stream_threshold", py_get_stream_threshold, METH_NOARGS, "see set_stream_threshold"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {

@@ -38,6 +38,16 @@ def set_parallel_threshold(nbytes: int) -> None:
     _native.set_parallel_threshold(int(nbytes))
 
 
+def set_stream_threshold(nbytes: int) -> None:
+    """Copies of at least ``nbytes`` (default 16 MiB) write with non-temporal stores, bypassing the cache:
+    faster for data far larger than the cache, slower when the result is read again at once."""
+    _native.set_stream_threshold(int(nbytes))
+
+
+def get_stream_threshold() -> int:
+    return _native.get_stream_threshold()
+
+
 def _extent(t: torch.Tensor) -> int:
     """Bytes addressable from ``t.data_ptr()`` (the tensor's span; strides are non-negative here)."""
     if t.numel() == 0:

@@ -111,21 +111,35 @@ def test_native_parallel_pool(c):
     """The same matrix with the pool forced on (every copy split across threads)."""
     from kvrelay.kernels import native
     native.set_parallel_threshold(0)
+    saved = native.get_stream_threshold()
+    native.set_stream_threshold(0)
     try:
         run_case(c, "native")
     finally:
         native.set_parallel_threshold(1 << 20)
+        native.set_stream_threshold(saved)
 
 
-@pytest.mark.parametrize("src,dst", [(16, 32), (128, 16), (16, 16)])
+@pytest.mark.parametrize("src,dst,head_dim,dtype", [(16, 32, 128, torch.bfloat16), (128, 16, 128, torch.bfloat16),
+                                                   (16, 16, 67, torch.float16), (32, 8, 33, torch.float8_e4m3fn)])
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.timeout(120)
-def test_llama_shape(src, dst):
-    """Llama-3-8B-like geometry (8 KV heads, head dim 128, bf16, NHD fused), TP=1 -> TP=2, multi-threaded."""
-    c = dict(dtype=torch.bfloat16, src=("NHD", True), dst=("NHD", True), total=8, head_dim=128, tp_src=1,
-             tp_dst=2, n=1000, start=5, end=997, bs_src=src, bs_dst=dst, padded=False, ids_as="list", seed=src)
-    run_case(c, "native")
-    c.update(tp_src=2, tp_dst=1, dst=("HND", False), padded=True)
-    run_case(c, "native")
+def test_llama_shape(src, dst, head_dim, dtype, stream):
+    """Llama-3-8B-like geometry (8 KV heads, NHD fused), TP=1 -> TP=2 and back, pooled, with and without
+    streaming stores (odd head dims make runs that start and end off 16-byte boundaries)."""
+    from kvrelay.kernels import native
+    native.set_parallel_threshold(0)
+    saved = native.get_stream_threshold()
+    native.set_stream_threshold(0 if stream else 1 << 60)
+    try:
+        c = dict(dtype=dtype, src=("NHD", True), dst=("NHD", True), total=8, head_dim=head_dim, tp_src=1,
+                 tp_dst=2, n=1000, start=5, end=997, bs_src=src, bs_dst=dst, padded=False, ids_as="list", seed=src)
+        run_case(c, "native")
+        c.update(tp_src=2, tp_dst=1, dst=("HND", False), padded=True)
+        run_case(c, "native")
+    finally:
+        native.set_parallel_threshold(1 << 20)
+        native.set_stream_threshold(saved)
 
 
 def test_order_enum_accepted():
