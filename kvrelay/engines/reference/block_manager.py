@@ -132,8 +132,9 @@ class BlockManager:
         seq.block_table = []
 
     def forget(self, seq: Sequence) -> None:
-        """Drop ``seq``'s blocks from the prefix cache (their KV never became valid) and free them."""
-        for block_id in seq.block_table:
+        """Free ``seq``'s blocks, dropping from the prefix cache those past its cache hits (their KV never
+        became valid)."""
+        for block_id in seq.block_table[seq.num_cached_tokens // self.block_size:]:
             b = self.blocks[block_id]
             if b.ref_count == 1 and b.hash is not None and self.hash_to_block.get(b.hash) == block_id:
                 del self.hash_to_block[b.hash]
