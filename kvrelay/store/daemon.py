@@ -14,6 +14,8 @@ import signal
 import sys
 import time
 
+import zmq
+
 from kvrelay.store.config import from_args, add_arguments, StoreConfig
 from kvrelay.store.core import StoreCore
 from kvrelay.store.datapath import STORE_COMPAT
@@ -48,22 +50,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log_level = args.__dict__.pop("log_level")
-    del log_level
+    del args.log_level
     try:
         cfg = from_args(args)
     except ValueError as exc:
         print(f"kvrelay store: {exc}", file=sys.stderr)
         return 2
     t0 = time.monotonic()
-    core = StoreCore(cfg)
+    try:
+        core = StoreCore(cfg)
+    except (ValueError, OSError) as exc:
+        print(f"kvrelay store: {exc}", file=sys.stderr)
+        return 2
     metrics = StoreMetrics(core.stats)
     transports: list = []
     server = None
     try:
-        endpoints, transports = open_endpoints(cfg, core)
-        server = StoreServer(core, metrics, cfg.host, cfg.port, endpoints)
-        mport = metrics.serve(cfg.metrics_port) if cfg.metrics_port >= 0 else -1
+        try:
+            endpoints, transports = open_endpoints(cfg, core)
+            server = StoreServer(core, metrics, cfg.host, cfg.port, endpoints)
+            mport = metrics.serve(cfg.metrics_port) if cfg.metrics_port >= 0 else -1
+        except (ValueError, OSError, RuntimeError, zmq.ZMQError) as exc:
+            print(f"kvrelay store: cannot start: {exc} (control port {cfg.port}, metrics port {cfg.metrics_port})",
+                  file=sys.stderr)
+            return 2
 
         def stop(signum, frame) -> None:
             server.running = False
@@ -83,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             os.replace(tmp, cfg.ready_file)
         server.serve_forever()
     finally:
+        if server is not None and not server.sock.closed:
+            server.sock.close()
         metrics.close()
         for t in transports:
             t.close()

@@ -16,6 +16,16 @@ import uuid
 from pathlib import Path
 
 
+def die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent (thread that started it) dies, so no daemon
+    outlives its starter."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class DaemonProcess:
     """``kvrelay store`` with ``options`` (flag names without dashes, e.g. pool_size="1GiB")."""
 
@@ -35,7 +45,8 @@ class DaemonProcess:
             args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL)
+        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL,
+                                     preexec_fn=die_with_parent)
         deadline = t0 + timeout
         try:
             while not ready.exists():

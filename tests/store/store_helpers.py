@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kvrelay.keys import ChunkKey
+from kvrelay.store.process import die_with_parent
 from kvrelay.transfer.wire import ChunkHeader, checksum
 
 COMPAT = "test-compat-0001"
@@ -34,7 +35,7 @@ class Daemon:
         for k, v in self.opts.items():
             args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
         self.log = open(self.tmp / "daemon.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if self.proc.poll() is not None:
