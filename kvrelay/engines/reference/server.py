@@ -85,7 +85,11 @@ class EngineServer:
             return _error(400, str(exc))
         try:
             if req.stream:
-                return await self._stream(request, req, seq, q)
+                try:
+                    return await self._stream(request, req, seq, q)
+                except ConnectionResetError:  # the client went away mid-stream
+                    self.engine.abort(seq.request_id)
+                    raise
             tokens: list[int] = []
             while True:
                 tok, fin = await q.get()
