@@ -98,7 +98,7 @@ def run_case(c: dict, impl: str) -> None:
 
 
 @pytest.mark.timeout(240)
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_native_roundtrip(c):
     run_case(c, "native")

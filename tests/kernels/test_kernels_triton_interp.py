@@ -21,7 +21,7 @@ from test_kernels_roundtrip import cases, run_case  # noqa: E402
 
 
 @pytest.mark.timeout(300)
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(cases(max_tokens=24))
 def test_triton_roundtrip(c):
     run_case(c, "triton")
