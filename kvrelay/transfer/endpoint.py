@@ -260,7 +260,9 @@ class Endpoint(Transport):
         descs = list(descs)
         conn = self._conn(peer)
         info_peer = conn.peer if isinstance(conn, PeerConn) else peer
-        check_descs(descs, {rid: r.nbytes for rid, r in self._regions.items()}, info_peer)
+        with self._lock:
+            sizes = {rid: r.nbytes for rid, r in self._regions.items()}
+        check_descs(descs, sizes, info_peer)
         self._validate(info_peer, op, descs)
         handle = Handle(peer=peer.name, op=op, nbytes=sum(d.length for d in descs), timeout=timeout,
                         on_release=self._released)

@@ -11,10 +11,15 @@ and uses a few percent of a core).  A transfer's completion is read with `check_
 the waiting thread polls (see handle.py).
 Dead peers: the UCX backend runs in ``ucx_error_handling_mode=peer`` so a transfer to a dead peer
 errors out instead of hanging, and the endpoint's pidfd watch fails in-flight handles at once.
+Exit crash: the UCX bundled with NIXL 1.5.1 loads its InfiniBand modules, whose libnl-route crashes
+in its destructor at interpreter exit (SIGSEGV in rtnl_tc_unregister, even after every agent is
+gone).  On hosts without InfiniBand devices we set ``UCX_MODULES=^ib`` (unless the user set
+UCX_MODULES) before UCX loads, which avoids it.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 import msgspec
@@ -25,6 +30,15 @@ from kvrelay.transfer.endpoint import Endpoint, PeerConn
 from kvrelay.transfer.handle import Handle
 
 _construct_lock = threading.Lock()
+
+
+def _avoid_ib_exit_crash() -> None:
+    try:
+        has_ib = bool(os.listdir("/sys/class/infiniband"))
+    except OSError:
+        has_ib = False
+    if not has_ib:
+        os.environ.setdefault("UCX_MODULES", "^ib")
 
 
 class _RegionMeta(msgspec.Struct, array_like=True):
@@ -41,6 +55,7 @@ def make_agent(name: str, delay_us: int):
     """A nixl_agent with the UCX progress thread sleeping ``delay_us`` between rounds (not 0)."""
     import types
 
+    _avoid_ib_exit_crash()
     from nixl import _api
 
     real = _api.nixlBind

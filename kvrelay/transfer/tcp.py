@@ -312,7 +312,7 @@ class TcpTransport(Endpoint):
                 while sock.getsockopt(zmq.RCVMORE):
                     sock.recv_into(scratch)
                 continue
-            error = self._check_ranges(req.ranges)
+            error = self._check_ranges(req.ranges) if req.op in ("read", "write") else f"unknown op {req.op!r}"
             plan = plan_frames([n for _, _, n in req.ranges], self.frame_bytes, self.small_bytes)
             slices = lambda f, r=req.ranges: self._remote_slices(r, f)  # noqa: E731
             if req.op == "read":
