@@ -57,22 +57,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvrelay store: {exc}", file=sys.stderr)
         return 2
     t0 = time.monotonic()
+    holder: dict = {}
+    # health first: /healthz answers and /readyz says "recovering" while the SSD index is replayed
+    metrics = StoreMetrics(lambda: holder["core"].stats() if "core" in holder else {})
     try:
-        core = StoreCore(cfg)
+        mport = metrics.serve(cfg.metrics_port) if cfg.metrics_port >= 0 else -1
+        core = holder["core"] = StoreCore(cfg)
     except (ValueError, OSError) as exc:
-        print(f"kvrelay store: {exc}", file=sys.stderr)
+        print(f"kvrelay store: cannot start: {exc} (metrics port {cfg.metrics_port})", file=sys.stderr)
+        metrics.close()
         return 2
-    metrics = StoreMetrics(core.stats)
     transports: list = []
     server = None
     try:
         try:
             endpoints, transports = open_endpoints(cfg, core)
             server = StoreServer(core, metrics, cfg.host, cfg.port, endpoints)
-            mport = metrics.serve(cfg.metrics_port) if cfg.metrics_port >= 0 else -1
         except (ValueError, OSError, RuntimeError, zmq.ZMQError) as exc:
-            print(f"kvrelay store: cannot start: {exc} (control port {cfg.port}, metrics port {cfg.metrics_port})",
-                  file=sys.stderr)
+            print(f"kvrelay store: cannot start: {exc} (control port {cfg.port})", file=sys.stderr)
             return 2
 
         def stop(signum, frame) -> None:

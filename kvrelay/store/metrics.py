@@ -48,6 +48,8 @@ class StoreMetrics:
 
     def collect(self):
         s = self._stats()
+        if not s:  # still recovering
+            return
         nb = GaugeMetricFamily("kvrelay_store_bytes", "bytes per tier", labels=["tier"])
         nc = GaugeMetricFamily("kvrelay_store_chunks", "chunks per tier", labels=["tier"])
         for tier, b, c in (("memory", "memory_bytes", "memory_chunks"), ("ssd", "ssd_bytes", "ssd_chunks"),
@@ -86,7 +88,7 @@ class StoreMetrics:
                 if self.path == "/metrics":
                     body, code, ctype = generate_latest(metrics.registry), 200, "text/plain; version=0.0.4"
                 elif self.path == "/healthz":
-                    alive = time.monotonic() - metrics.heartbeat < 5.0
+                    alive = not metrics.ready or time.monotonic() - metrics.heartbeat < 5.0  # recovering is alive
                     body, code, ctype = (b"ok\n" if alive else b"event loop stalled\n"), 200 if alive else 503, \
                         "text/plain"
                 elif self.path == "/readyz":
