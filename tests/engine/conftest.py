@@ -1,27 +1,24 @@
-"""Fixtures for the reference engine tests: the default model's weights (built once), prompt makers,
-and a real `kvrelay store` daemon process (shm, tcp and nixl endpoints) killed in teardown."""
+"""Fixtures for the reference engine tests: the default model's weights (built once) and a real
+`kvrelay store` daemon process (shm, tcp and nixl endpoints) killed in teardown."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-import time
-import uuid
-from pathlib import Path
 
 import pytest
 import torch
 
-from kvrelay.engines.reference.config import EngineConfig, ModelConfig
+from engine_helpers import StoreProc
+from kvrelay.engines.reference.config import ModelConfig
 from kvrelay.engines.reference.weights import random_weights
 
-TRANSPORTS = ("shm", "tcp", "nixl")
 
-# One intra-op thread: on 2 shared cores, OpenMP's spinning threads run 2-3x slower than one thread, and
-# every engine in these tests (in-process or spawned with --threads 1) then uses identical GEMM paths.
-torch.set_num_threads(1)
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on 2 shared cores OpenMP's spinning threads run 2-3x slower than one thread
+    (engines spawned by these tests get --threads 1 too).  Restored after each module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -32,48 +29,6 @@ def model_cfg() -> ModelConfig:
 @pytest.fixture(scope="session")
 def weights(model_cfg):
     return random_weights(model_cfg)
-
-
-def rand_prompt(n: int, seed: int, vocab: int = 32000) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n,), generator=g).tolist()
-
-
-def engine_cfg(**kw) -> EngineConfig:
-    kw.setdefault("num_blocks", 2048 // kw.get("block_size", 16) * 16)
-    return EngineConfig(**kw)
-
-
-class StoreProc:
-    """A `kvrelay store` daemon on free ports (127.0.0.1), with its own /dev/shm pool."""
-
-    def __init__(self, tmp: Path, pool_size: str = "1GiB", transports: str = "shm,tcp,nixl") -> None:
-        self.tmp = tmp
-        self.pool_name = f"kvrelay-enginetest-{uuid.uuid4().hex[:10]}"
-        ready = tmp / f"store-{uuid.uuid4().hex[:6]}.json"
-        self.log = open(tmp / "store.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvrelay.cli", "store", "--port", "0", "--metrics-port", "-1",
-             "--pool-name", self.pool_name, "--pool-size", pool_size, "--transports", transports,
-             "--ready-file", str(ready), "--log-level", "WARNING"], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"store did not start: {(tmp / 'store.log').read_text()[-2000:]}")
-            time.sleep(0.05)
-        self.info = json.loads(ready.read_text())
-        self.address = self.info["address"]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
-        self.log.close()
-        try:
-            os.unlink(f"/dev/shm/{self.pool_name}")
-        except FileNotFoundError:
-            pass
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from kvrelay.engines.reference.config import EngineConfig
 from kvrelay.engines.reference.engine import Engine
 from kvrelay.engines.reference.sequence import SamplingParams, Sequence
 
-from conftest import rand_prompt
+from engine_helpers import rand_prompt
 
 
 def test_block_manager_prefix_hits_and_release():

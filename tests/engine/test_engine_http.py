@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import StoreProc, rand_prompt
+from engine_helpers import StoreProc, rand_prompt
 
 
 class EngineProc:

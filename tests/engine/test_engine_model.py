@@ -15,7 +15,7 @@ from kvrelay.engines.reference.loader import load_model
 from kvrelay.engines.reference.model import LlamaModel, SeqInput, make_layout
 from kvrelay.engines.reference.weights import write_random_checkpoint
 
-from conftest import rand_prompt
+from engine_helpers import rand_prompt
 
 
 def dense_forward(cfg: ModelConfig, w: dict, ids: list[int]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from kvrelay.engines.reference.kv_connector import make_hooks
 from kvrelay.engines.reference.kv_publish import transfer_params
 from kvrelay.engines.reference.sequence import SamplingParams, Sequence, Status
 
-from conftest import TRANSPORTS, rand_prompt
+from engine_helpers import TRANSPORTS, rand_prompt
 
 SP = SamplingParams(max_tokens=3)
 LENGTHS = [1, 2, 3, 5, 7, 8, 15, 16, 17, 24, 31, 33, 47, 63, 64, 65, 90, 100, 127, 129, 150, 200, 255, 256, 257,
