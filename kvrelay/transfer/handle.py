@@ -9,6 +9,8 @@ Callbacks (all optional, called without the handle's lock held):
   * ``poll()``       progresses/checks the underlying operation (NIXL); called from `wait`/`state`.
   * ``abort(state)`` stops the underlying operation after the handle turned FAILED or CANCELLED.
   * ``free()``       releases what the handle holds; called once, by `release`.
+  * ``_progress(t)`` (set by the transport) receives the transfer's completion on the waiting thread,
+                     blocking up to ``t`` seconds; `wait` and `state` drive it.
 
 Thread safety: every method may be called from any thread.
 """
@@ -41,6 +43,7 @@ class Handle(XferHandle):
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
         self._poll = poll
+        self._progress: Callable[[float], None] | None = None  # blocking progress (tcp direct transfers)
         self._abort = abort
         self._free = free
         self._on_release = on_release
@@ -93,6 +96,8 @@ class Handle(XferHandle):
         if not self._state.terminal:
             if self._poll is not None:
                 self._poll()
+            elif self._progress is not None:
+                self._progress(0.0)
             self.expire_if_due()
         return self._state
 
@@ -107,7 +112,11 @@ class Handle(XferHandle):
     def wait(self, timeout: float | None = None) -> XferState:
         now = time.monotonic()
         until = self.deadline if timeout is None else min(self.deadline, now + max(0.0, timeout))
-        if self._poll is None:
+        if self._progress is not None:
+            while not self._state.terminal and now < until:
+                self._progress(until - now)
+                now = time.monotonic()
+        elif self._poll is None:
             with self._cond:
                 self._cond.wait_for(lambda: self._state.terminal, timeout=max(0.0, until - now))
         else:

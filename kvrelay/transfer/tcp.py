@@ -27,9 +27,9 @@ from kvrelay.transfer.endpoint import Endpoint, PeerConn
 from kvrelay.transfer.frames import FRAME_BYTES, SMALL_BYTES, Piece, frame_bytes_of, plan_frames
 from kvrelay.transfer.handle import Handle
 
-ZERO_COPY_MIN = 64 << 10
-INLINE_BYTES = 64 << 10  # transfers up to this size run on the caller's thread
-SYNC_POLL_MS = 20  # an inline transfer checks its deadline and its peer's liveness this often  # below this pyzmq's copying send is cheaper than its zero-copy bookkeeping
+ZERO_COPY_MIN = 64 << 10  # below this pyzmq's copying send is cheaper than its zero-copy bookkeeping
+DIRECT_SOCKETS = 16  # per peer: transfers beyond this many in flight go through the pump thread
+SLICE_S = 0.02  # a waiting thread checks the deadline and the peer's liveness this often
 
 
 class DataReq(msgspec.Struct, array_like=True):
@@ -61,9 +61,9 @@ class TcpTransport(Endpoint):
 
     def __init__(self, agent_name: str, compat_hash: str, host: str = "127.0.0.1", port: int = 0,
                  frame_bytes: int = FRAME_BYTES, small_bytes: int = SMALL_BYTES,
-                 inline_bytes: int = INLINE_BYTES) -> None:
+                 direct_sockets: int = DIRECT_SOCKETS) -> None:
         super().__init__(agent_name, compat_hash, host, port)
-        self.inline_bytes = inline_bytes
+        self.direct_sockets = direct_sockets
         self.frame_bytes = frame_bytes
         self.small_bytes = small_bytes
         self._data = _data_socket(self._ctx, zmq.ROUTER)
@@ -86,65 +86,92 @@ class TcpTransport(Endpoint):
         with self._xid_lock:
             self._xid += 1
             xid = self._xid
-        if handle.nbytes <= self.inline_bytes:
-            pair = self._sync_socket(conn)
-            if pair is not None:
-                try:
-                    self._inline(conn, pair, op, descs, handle, xid)
-                finally:
-                    self._return_sync(conn, pair)
-                return
-        self._cmds.put(("xfer", conn, op, descs, handle, xid))
-        os.eventfd_write(self._pump_fd, 1)
+        pair = self._sync_socket(conn)
+        if pair is None:
+            self._cmds.put(("xfer", conn, op, descs, handle, xid))
+            os.eventfd_write(self._pump_fd, 1)
+        else:
+            self._direct(conn, pair, op, descs, handle, xid)
 
-    # Small transfers run on the caller's thread over a pooled DEALER (no hand-off to the pump, two
-    # thread wake-ups fewer per round trip); the handle is terminal when read()/write() returns.
+    # Direct transfers: the caller's thread sends the request on a pooled DEALER and whichever thread
+    # waits on the handle receives the reply (recv_into the destination): no hand-off to the pump,
+    # so a round trip costs the same thread wake-ups as raw pyzmq.
     def _sync_socket(self, conn: PeerConn) -> tuple[zmq.Socket, bytearray] | None:
         with conn.lock:
             if not conn.alive or self._stopping:
                 return None
             pool = conn.extra.setdefault("sync", [])
             if pool:
+                conn.extra["sync_out"] = conn.extra.get("sync_out", 0) + 1
                 return pool.pop()
+            if conn.extra.get("sync_out", 0) >= self.direct_sockets:
+                return None
+            conn.extra["sync_out"] = conn.extra.get("sync_out", 0) + 1
         sock = _data_socket(self._ctx, zmq.DEALER)
-        sock.setsockopt(zmq.RCVTIMEO, SYNC_POLL_MS)
         sock.connect(conn.peer.info.meta.decode())
-        return sock, bytearray(max(self.inline_bytes, self.small_bytes))
+        return sock, bytearray(max(self.frame_bytes, self.small_bytes))
 
     def _return_sync(self, conn: PeerConn, pair: tuple[zmq.Socket, bytearray]) -> None:
         with conn.lock:
+            conn.extra["sync_out"] -= 1
             if conn.alive and not self._stopping:
                 conn.extra.setdefault("sync", []).append(pair)
                 return
         pair[0].close(0)
 
-    def _inline(self, conn: PeerConn, pair: tuple[zmq.Socket, bytearray], op: str, descs: list[Desc],
+    def _direct(self, conn: PeerConn, pair: tuple[zmq.Socket, bytearray], op: str, descs: list[Desc],
                 handle: Handle, xid: int) -> None:
         sock, scratch = pair
         plan = plan_frames([d.length for d in descs], self.frame_bytes, self.small_bytes)
-        head = _enc.encode(DataReq(op, xid, [(d.remote_region, d.remote_offset, d.length) for d in descs]))
+        entry = (conn, op, descs, handle, plan)
+        lock = threading.Lock()
+        returned: list[bool] = []
+
+        def give_back() -> None:  # with lock held; a reply still in flight is drained by the next user
+            if not returned:
+                returned.append(True)
+                self._return_sync(conn, pair)
+
+        def progress(timeout: float) -> None:
+            if not lock.acquire(timeout=max(0.0, timeout)):
+                return
+            try:
+                until = time.monotonic() + timeout
+                while not returned:
+                    if handle.done:
+                        give_back()
+                        return
+                    left = until - time.monotonic()
+                    if not sock.poll(int(max(0.0, min(left, SLICE_S)) * 1000)):
+                        if self.peer_exited(conn):
+                            handle.fail(conn.reason or f"peer {conn.peer.name!r} (pid {conn.peer.info.pid}) exited")
+                        handle.expire_if_due()
+                        if left <= 0:
+                            return
+                        continue
+                    rep = _rep_dec.decode(sock.recv())
+                    if rep.xid != xid:  # the tail of an earlier, abandoned transfer on this socket
+                        while sock.getsockopt(zmq.RCVMORE):
+                            sock.recv_into(scratch)
+                        continue
+                    self._complete(sock, rep, entry, scratch)
+                    give_back()
+            finally:
+                lock.release()
+
+        def free() -> None:
+            with lock:
+                give_back()
+
+        handle._progress = progress
+        handle._free = free
         handle.set_transferring()
+        head = _enc.encode(DataReq(op, xid, [(d.remote_region, d.remote_offset, d.length) for d in descs]))
         if op == "read":
             sock.send(head)
         else:
             sock.send(head, zmq.SNDMORE)
             self._send_frames(sock, plan, lambda f: self._local_slices(descs, f))
-        while not handle.done:
-            if time.monotonic() >= handle.deadline:
-                handle.expire_if_due()
-                break
-            try:
-                data = sock.recv()  # RCVTIMEO bounds the wait; then check the deadline and the peer
-            except zmq.Again:
-                if self.peer_exited(conn):
-                    handle.fail(conn.reason or f"peer {conn.peer.name!r} (pid {conn.peer.info.pid}) exited")
-                continue
-            rep = _rep_dec.decode(data)
-            if rep.xid != xid:  # the tail of an earlier, expired transfer on this socket
-                while sock.getsockopt(zmq.RCVMORE):
-                    sock.recv_into(scratch)
-                continue
-            self._complete(sock, rep, (conn, op, descs, handle, plan), scratch)
 
     def _peer_lost(self, conn: PeerConn) -> None:
         with conn.lock:
