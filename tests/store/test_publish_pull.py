@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from store_helpers import COMPAT, make_chunk
+from store_helpers import COMPAT, make_chunk, wait_for
 from kvrelay.store.client import StoreClient, StoreError
 
 WORKER = str(Path(__file__).parent / "store_worker.py")
@@ -42,15 +42,6 @@ def test_publish_in_place_then_pull_byte_exact(daemon):
         assert c.lookup([k, k2, k3, k]) == 2
         c.ping()  # hands back the pull's pin
         assert c.stats()["pins"] == 0
-
-
-@pytest.mark.timeout(60)
-def test_cross_process_publish_and_pull(daemon):
-    pullers = [run_worker("pull", daemon.address, "shm", 100, 8, 200_000) for _ in range(2)]
-    time.sleep(0.3)  # pullers are waiting on chunks nobody has reserved yet
-    pub = run_worker("publish", daemon.address, "shm", 100, 8, 200_000)
-    assert pub.wait(timeout=45) == 0
-    assert [p.wait(timeout=45) for p in pullers] == [0, 0]
 
 
 @pytest.mark.timeout(60)
@@ -92,9 +83,11 @@ def test_unknown_key_times_out_at_deadline(daemon):
 
 @pytest.mark.timeout(90)
 def test_concurrent_publishers_and_pullers(daemon):
+    """Two puller processes wait on chunks nobody has reserved yet; two publisher processes then fill them."""
     with StoreClient(daemon.address, compat_hash=COMPAT) as c:
         before = c.stats()
         procs = [run_worker("pull", daemon.address, "shm", 1000 + 50 * i, 12, 100_000) for i in range(2)]
+        wait_for(lambda: c.stats()["waiters"] == 2, 60, "both pullers waiting")
         procs += [run_worker("publish", daemon.address, "shm", 1000 + 50 * i, 12, 100_000) for i in range(2)]
         assert [p.wait(timeout=80) for p in procs] == [0] * 4
         s = c.stats()
