@@ -32,6 +32,7 @@ __all__ = ["SsdTier", "SsdFullError", "Loc", "Recovered", "parse_key", "probe_di
 
 
 DIRECT_BIAS = 0.8
+JOURNAL_COMPACT_MIN = 65536  # frames; below this the journal is never compacted while running
 
 
 class SsdFullError(OSError):
@@ -62,6 +63,7 @@ class SsdTier:
         self.read_seconds = 0.0
         self.direct = self._decide_direct(direct)
         self._journal = None
+        self._frames = 0
 
     # --- O_DIRECT decision -------------------------------------------------------------------------
     def _decide_direct(self, mode: str) -> bool:
@@ -151,8 +153,11 @@ class SsdTier:
                     fh.write(frame(JEntry("add", k, loc)))
             fh.flush()
             os.fsync(fh.fileno())
+        if self._journal is not None:
+            self._journal.close()
         os.replace(tmp, jpath)
         self._journal = open(jpath, "ab", buffering=0)
+        self._frames = sum(map(len, self._live.values()))
 
     # --- write / read / drop -----------------------------------------------------------------------
     def append(self, key: ChunkKey, header: ChunkHeader, payload: memoryview) -> tuple[Loc, list[str]]:
@@ -246,9 +251,13 @@ class SsdTier:
                 self._journal_write(JEntry("del", kstr, None))
 
     def _journal_write(self, e: JEntry) -> None:
+        """Append a frame (caller holds the lock); compact once dead frames dominate the journal."""
         self._journal.write(frame(e))
         if self.fsync:
             os.fdatasync(self._journal.fileno())
+        self._frames += 1
+        if self._frames > JOURNAL_COMPACT_MIN and self._frames > 4 * sum(map(len, self._live.values())):
+            self._rewrite_journal()
 
     @property
     def used_bytes(self) -> int:
