@@ -22,8 +22,7 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Sequence
 
 import msgspec
 import numpy as np
@@ -32,55 +31,13 @@ import zmq
 from kvrelay.transfer.base import (DEFAULT_TIMEOUT_S, AgentInfo, Desc, HandshakeError, Notification, Peer,
                                    RegionInfo, Transport, XferHandle, XferState, check_compat, check_descs)
 from kvrelay.transfer.buffers import LocalRegion, byte_view
+from kvrelay.transfer.control import Bye, Hello, Notify, PeerConn, Refuse, Welcome
+from kvrelay.transfer.control import decoder as _dec
+from kvrelay.transfer.control import encoder as _enc
 from kvrelay.transfer.handle import Handle
 
 MAX_NOTIFICATION_BYTES = 1 << 20
 HOSTNAME = socket.gethostname()
-
-
-class Hello(msgspec.Struct, tag="hello"):
-    info: AgentInfo
-
-
-class Welcome(msgspec.Struct, tag="welcome"):
-    info: AgentInfo
-
-
-class Refuse(msgspec.Struct, tag="refuse"):
-    reason: str
-
-
-class Notify(msgspec.Struct, tag="notify"):
-    name: str
-    epoch: str
-    payload: bytes
-
-
-class Bye(msgspec.Struct, tag="bye"):
-    name: str
-    epoch: str
-
-
-Message = Union[Hello, Welcome, Refuse, Notify, Bye]
-_enc = msgspec.msgpack.Encoder()
-_dec = msgspec.msgpack.Decoder(Message)
-
-
-@dataclass(eq=False)
-class PeerConn:
-    """A peer's live state.  ``alive`` turns False once (death, restart, disconnect) and stays False."""
-
-    peer: Peer
-    alive: bool = True
-    reason: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    ctrl: zmq.Socket | None = None
-    pidfd: int | None = None
-    extra: dict = field(default_factory=dict)  # transport-specific state
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.peer.info.name, self.peer.info.epoch)
 
 
 class Endpoint(Transport):

@@ -19,44 +19,19 @@ import threading
 import time
 from typing import Iterator
 
-import msgspec
 import zmq
 
 from kvrelay.transfer.base import Desc, XferState
 from kvrelay.transfer.endpoint import Endpoint, PeerConn
-from kvrelay.transfer.frames import FRAME_BYTES, SMALL_BYTES, Piece, frame_bytes_of, plan_frames
+from kvrelay.transfer.frames import FRAME_BYTES, SMALL_BYTES, Piece, plan_frames
 from kvrelay.transfer.handle import Handle
+from kvrelay.transfer.tcp_server import DataRep, DataReq, DataServer, _data_socket, _enc, _rep_dec
 
-ZERO_COPY_MIN = 64 << 10  # below this pyzmq's copying send is cheaper than its zero-copy bookkeeping
 DIRECT_SOCKETS = 16  # per peer: transfers beyond this many in flight go through the pump thread
 SLICE_S = 0.02  # a waiting thread checks the deadline and the peer's liveness this often
 
 
-class DataReq(msgspec.Struct, array_like=True):
-    op: str                                # "read" | "write"
-    xid: int
-    ranges: list[tuple[int, int, int]]     # (region, offset, length) on the serving side
-
-
-class DataRep(msgspec.Struct, array_like=True):
-    xid: int
-    error: str = ""
-
-
-_enc = msgspec.msgpack.Encoder()
-_req_dec = msgspec.msgpack.Decoder(DataReq)
-_rep_dec = msgspec.msgpack.Decoder(DataRep)
-
-
-def _data_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
-    sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)  # a ROUTER drops over its HWM: never let it
-    sock.setsockopt(zmq.RCVHWM, 0)
-    return sock
-
-
-class TcpTransport(Endpoint):
+class TcpTransport(DataServer, Endpoint):
     name = "tcp"
 
     def __init__(self, agent_name: str, compat_hash: str, host: str = "127.0.0.1", port: int = 0,
@@ -269,93 +244,6 @@ class TcpTransport(Endpoint):
                 handle.fail(f"read from peer {conn.peer.name!r}: {error}")
                 return
         handle.finish(XferState.DONE)
-
-    def _send_frames(self, sock: zmq.Socket, plan: list[list[Piece]], slices) -> None:
-        last = len(plan) - 1
-        for i, frame in enumerate(plan):
-            flags = zmq.SNDMORE if i < last else 0
-            if len(frame) == 1:
-                (view,) = slices(frame)
-                sock.send(view, flags, copy=view.nbytes < ZERO_COPY_MIN)
-            else:
-                sock.send(b"".join(slices(frame)), flags)
-
-    def _recv_frames(self, sock: zmq.Socket, plan: list[list[Piece]], slices, scratch: bytearray,
-                     handle: Handle | None) -> str:
-        """Receive the plan's frames into place; return an error message or ''."""
-        error = ""
-        for frame in plan:
-            if not sock.getsockopt(zmq.RCVMORE):
-                return error or "the peer sent fewer frames than the descriptors need"
-            want = frame_bytes_of(frame)
-            if error or (handle is not None and handle.done):
-                sock.recv_into(scratch)
-                continue
-            if len(frame) == 1:
-                (view,) = slices(frame)
-                got = sock.recv_into(view)
-            else:
-                got = sock.recv_into(scratch)
-                if got == want:
-                    pos = 0
-                    for view in slices(frame):
-                        view[:] = scratch[pos:pos + view.nbytes]
-                        pos += view.nbytes
-            if got != want:
-                error = f"frame of {got} bytes where {want} were expected"
-        while sock.getsockopt(zmq.RCVMORE):
-            sock.recv_into(scratch)
-            error = error or "the peer sent more frames than the descriptors need"
-        return error
-
-    # -- serving side ----------------------------------------------------------------------------
-    def _remote_slices(self, ranges: list[tuple[int, int, int]], frame: list[Piece]) -> Iterator[memoryview]:
-        for p in frame:
-            rid, off, _ = ranges[p.desc]
-            start = off + p.offset
-            yield self._regions[rid].view[start:start + p.length]
-
-    def _check_ranges(self, ranges: list[tuple[int, int, int]]) -> str:
-        for rid, off, n in ranges:
-            region = self._regions.get(rid)
-            if region is None:
-                return f"region {rid} is not registered on {self.agent_name!r}"
-            if off < 0 or n < 0 or off + n > region.view.nbytes:
-                return f"range [{off}, {off + n}) is outside region {rid} of {region.view.nbytes} bytes"
-        return ""
-
-    def _serve_data(self) -> None:
-        sock = self._data
-        sock.setsockopt(zmq.RCVTIMEO, 100)  # blocking receives (cheapest wake-up); check for close() this often
-        scratch = bytearray(max(self.frame_bytes, self.small_bytes))
-        while not self._stopping:
-            try:
-                ident = sock.recv()
-            except zmq.Again:
-                continue
-            try:
-                req = _req_dec.decode(sock.recv())
-            except msgspec.DecodeError:
-                while sock.getsockopt(zmq.RCVMORE):
-                    sock.recv_into(scratch)
-                continue
-            error = self._check_ranges(req.ranges) if req.op in ("read", "write") else f"unknown op {req.op!r}"
-            plan = plan_frames([n for _, _, n in req.ranges], self.frame_bytes, self.small_bytes)
-            slices = lambda f, r=req.ranges: self._remote_slices(r, f)  # noqa: E731
-            if req.op == "read":
-                if error or not plan:
-                    sock.send_multipart([ident, _enc.encode(DataRep(req.xid, error))])
-                else:
-                    sock.send(ident, zmq.SNDMORE)
-                    sock.send(_enc.encode(DataRep(req.xid)), zmq.SNDMORE)
-                    self._send_frames(sock, plan, slices)
-            else:
-                if error:
-                    while sock.getsockopt(zmq.RCVMORE):
-                        sock.recv_into(scratch)
-                else:
-                    error = self._recv_frames(sock, plan, slices, scratch, None)
-                sock.send_multipart([ident, _enc.encode(DataRep(req.xid, error))])
 
     def _shutdown(self) -> None:
         self._stopping = True

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvrelay.transfer import available_transports, create_transport
+from kvrelay.transfer import available_transports
 
 PEER_MAIN = Path(__file__).with_name("peer_main.py")
 ROOT = Path(__file__).resolve().parents[2]
