@@ -59,6 +59,9 @@ setup(
     ],
     extras_require={
         "nixl": ["nixl"],
+        # `kvrelay bench transports` baselines: the plot, and Mooncake's TCP transfer engine as a peer
+        # (the latter also needs Debian's libibverbs1; the suite skips it, saying why, when missing)
+        "bench": ["matplotlib", "mooncake-transfer-engine-non-cuda"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-timeout", "nixl", "matplotlib"],
     },
     ext_modules=[CMakeExtension("kvrelay._native", ROOT)],
