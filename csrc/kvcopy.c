@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <emmintrin.h>
 
 /* ---------------------------------------------------------------- validation */
@@ -163,6 +164,18 @@ static int64_t next_piece = 0;        /* claimed with __atomic_fetch_add */
 static int stream_job = 0;            /* the posted job uses streaming stores */
 static uint64_t generation = 0, pool_start_gen = 0; /* workers start from pool_start_gen */
 static int64_t parallel_threshold = 1 << 20;
+/* Back-off: a worker preempted in the middle of a piece makes the caller wait for a whole scheduler
+ * time slice (milliseconds, on busy cores).  When the caller waited longer than a quarter of its own
+ * copying time, jobs run on the caller alone until backoff_until (monotonic ns). */
+static int64_t backoff_ns = 50 * 1000 * 1000LL;
+static int64_t backoff_until = 0;
+static uint64_t backoffs = 0;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
 
 static void claim_pieces(const kv_job *j) {
     const int64_t total = j->num_kv * (j->token_end - j->token_start);
@@ -243,7 +256,8 @@ int64_t kv_run(const kv_job *j) {
     const int64_t flat_bytes = j->num_heads * j->row_bytes;
     int64_t bytes = total * flat_bytes;
     const int stream = bytes >= stream_threshold;
-    if (want_threads <= 1 || bytes < parallel_threshold || pthread_mutex_trylock(&submit_mu) != 0) {
+    if (want_threads <= 1 || bytes < parallel_threshold || now_ns() < __atomic_load_n(&backoff_until, __ATOMIC_RELAXED) ||
+        pthread_mutex_trylock(&submit_mu) != 0) {
         run_range(j, 0, total, stream);
         return bytes;
     }
@@ -267,11 +281,18 @@ int64_t kv_run(const kv_job *j) {
     generation++;
     pthread_cond_broadcast(&cv_work);
     pthread_mutex_unlock(&mu);
+    int64_t t0 = now_ns();
     claim_pieces(j);
+    int64_t t1 = now_ns();
     pthread_mutex_lock(&mu);
     while (active > 0) pthread_cond_wait(&cv_idle, &mu);
     cur_job = NULL;
     pthread_mutex_unlock(&mu);
+    int64_t t2 = now_ns();
+    if (backoff_ns > 0 && t2 - t1 > (t1 - t0) / 4 + 200000) { /* waited > 1/4 of own work (+0.2 ms) */
+        __atomic_store_n(&backoff_until, t2 + backoff_ns, __ATOMIC_RELAXED);
+        backoffs++;
+    }
     pthread_mutex_unlock(&submit_mu);
     return bytes;
 }
@@ -288,5 +309,10 @@ int kv_set_threads(int n) {
 int kv_get_threads(void) { return want_threads; }
 void kv_set_parallel_threshold(int64_t nbytes) { parallel_threshold = nbytes < 0 ? 0 : nbytes; }
 int64_t kv_get_parallel_threshold(void) { return parallel_threshold; }
+uint64_t kv_get_backoffs(void) { return backoffs; }
+void kv_set_backoff_ns(int64_t ns) {
+    backoff_ns = ns < 0 ? 0 : ns;
+    __atomic_store_n(&backoff_until, 0, __ATOMIC_RELAXED);
+}
 void kv_set_stream_threshold(int64_t nbytes) { stream_threshold = nbytes < 0 ? 0 : nbytes; }
 int64_t kv_get_stream_threshold(void) { return stream_threshold; }

@@ -95,6 +95,19 @@ static PyObject *py_get_stream_threshold(PyObject *self, PyObject *unused) {
     return PyLong_FromLongLong(kv_get_stream_threshold());
 }
 
+static PyObject *py_get_backoffs(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return PyLong_FromUnsignedLongLong(kv_get_backoffs());
+}
+
+static PyObject *py_set_backoff_ns(PyObject *self, PyObject *arg) {
+    (void)self;
+    long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    kv_set_backoff_ns(n);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"copy", (PyCFunction)(void (*)(void))py_copy, METH_FASTCALL,
      "copy(pack, base0, extent0, offset0, base1, extent1, offset1, num_kv, block_stride, token_stride, "
@@ -107,6 +120,9 @@ static PyMethodDef methods[] = {
     {"set_stream_threshold", py_set_stream_threshold, METH_O,
      "copies of at least this many bytes use non-temporal stores (bypass the cache)"},
     {"get_stream_threshold", py_get_stream_threshold, METH_NOARGS, "see set_stream_threshold"},
+    {"get_backoffs", py_get_backoffs, METH_NOARGS,
+     "times the pool fell back to caller-only copies for 50 ms because a worker lagged (busy cores)"},
+    {"set_backoff_ns", py_set_backoff_ns, METH_O, "back-off length in ns (0: never back off)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {

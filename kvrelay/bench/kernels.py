@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kvrelay.bench.harness import BenchContext, Record, median
-from kvrelay.kernels import KVLayout, get_num_threads, pack, unpack
+from kvrelay.kernels import KVLayout, get_num_threads, native, pack, unpack
 
 LLAMA = dict(block_size=16, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
 # Peak DRAM bandwidth (GB/s) of common parts, for when the driver does not report it.
@@ -113,7 +113,7 @@ def cpu_records(w: Workload, secs: dict[str, float], layers: int) -> list[Record
                   block_size=16, kv_heads=8, head_dim=128, dtype="bfloat16", bytes=w.nbytes,
                   baseline_impl="Tensor.copy_" if fastest == "memcpy" else "libc memmove (1 thread)",
                   copy_gbps=round(w.nbytes / secs["memcpy"] / 1e9, 3),
-                  memmove_gbps=round(w.nbytes / secs["memmove"] / 1e9, 3))
+                  memmove_gbps=round(w.nbytes / secs["memmove"] / 1e9, 3), pool_backoffs=native.backoffs())
     return [Record.compare("kernels", case, "GB/s", w.nbytes / secs[case] / 1e9, "GB/s", "memcpy", base, params)
             for case in ("pack", "unpack")]
 

@@ -44,6 +44,17 @@ def set_stream_threshold(nbytes: int) -> None:
     _native.set_stream_threshold(int(nbytes))
 
 
+def set_backoff(seconds: float) -> None:
+    """When a pool worker lags (preempted on busy cores), copies run on the caller alone for this long
+    (default 0.05 s); 0 disables backing off (every large copy uses the pool)."""
+    _native.set_backoff_ns(int(seconds * 1e9))
+
+
+def backoffs() -> int:
+    """How many times the pool backed off since the process started."""
+    return _native.get_backoffs()
+
+
 def get_stream_threshold() -> int:
     return _native.get_stream_threshold()
 

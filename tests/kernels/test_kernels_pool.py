@@ -27,8 +27,10 @@ def llama():
     ref = torch.empty(layout.chunk_nbytes(1000), dtype=torch.uint8)
     pack(layout, layer, ids, 7, 1007, ref, impl="torch")
     native.set_parallel_threshold(0)  # every copy goes through the pool
+    native.set_backoff(0)  # ... even when a lagging worker would make it back off
     yield layout, layer, ids, ref
     native.set_parallel_threshold(1 << 20)
+    native.set_backoff(0.05)
     set_num_threads(2)
 
 
@@ -80,6 +82,7 @@ def test_concurrent_callers(llama):
 def _child_pack(layout, layer, ids, q) -> None:
     out = torch.empty(layout.chunk_nbytes(1000), dtype=torch.uint8)
     native.set_parallel_threshold(0)
+    native.set_backoff(0)
     pack(layout, layer, ids, 7, 1007, out)
     q.put(out.numpy().tobytes())
 
@@ -134,3 +137,35 @@ def test_gil_released_during_copy():
     inside = [x for x in ticks if t0 < x < t1]
     # With the GIL held for the whole copy the ticker could not run at all between t0 and t1.
     assert len(inside) >= 10, f"ticker ran {len(inside)} times during {t1 - t0:.3f}s of copying"
+
+
+@pytest.mark.timeout(60)
+def test_exact_when_the_pool_is_starved(llama):
+    """Workers starved of CPU (caller, 2 workers and 2 spinning threads on one core), with back-off on:
+    workers join late or lag, the caller may back off to copying alone; results stay exact."""
+    layout, layer, ids, ref = llama
+    native.set_backoff(0.05)
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    import os
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(old)})  # this thread, the pool's workers (inherit on restart) and spinners
+    set_num_threads(3)  # restart the pool so its workers inherit the one-core affinity
+    spinners = [threading.Thread(target=spin) for _ in range(2)]
+    for t in spinners:
+        t.start()
+    try:
+        for _ in range(30):
+            out = torch.zeros_like(ref)
+            pack(layout, layer, ids, 7, 1007, out)
+            assert torch.equal(out, ref)
+    finally:
+        stop.set()
+        for t in spinners:
+            t.join(timeout=5)
+        os.sched_setaffinity(0, old)
+    assert native.backoffs() >= 0

@@ -111,12 +111,14 @@ def test_native_parallel_pool(c):
     """The same matrix with the pool forced on (every copy split across threads)."""
     from kvrelay.kernels import native
     native.set_parallel_threshold(0)
+    native.set_backoff(0)
     saved = native.get_stream_threshold()
     native.set_stream_threshold(0)
     try:
         run_case(c, "native")
     finally:
         native.set_parallel_threshold(1 << 20)
+        native.set_backoff(0.05)
         native.set_stream_threshold(saved)
 
 
@@ -129,6 +131,7 @@ def test_llama_shape(src, dst, head_dim, dtype, stream):
     streaming stores (odd head dims make runs that start and end off 16-byte boundaries)."""
     from kvrelay.kernels import native
     native.set_parallel_threshold(0)
+    native.set_backoff(0)
     saved = native.get_stream_threshold()
     native.set_stream_threshold(0 if stream else 1 << 60)
     try:
@@ -139,6 +142,7 @@ def test_llama_shape(src, dst, head_dim, dtype, stream):
         run_case(c, "native")
     finally:
         native.set_parallel_threshold(1 << 20)
+        native.set_backoff(0.05)
         native.set_stream_threshold(saved)
 
 
