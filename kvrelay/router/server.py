@@ -1,12 +1,15 @@
 """`kvrelay router`: an OpenAI-compatible proxy that runs each request as a prefill leg and a decode leg.
 
 For each /v1/completions or /v1/chat/completions request it picks a prefill worker and a decode worker
-from their pools, sends the prefill leg (the prefill engine publishes the prompt's KV layer by layer
-into the store and answers with ``kv_transfer_params``), then the decode leg carrying those params; the
-decode worker pulls the KV and streams or returns the answer, which is relayed as is.  Failover: a
-prefill worker that fails is marked down and another is tried; with none left the decode worker runs
-the whole request itself (it recomputes the prefill).  A decode worker that fails before answering is
-marked down and another is tried.  A background task re-checks /healthz of every worker.
+from their pools and sends both legs at once, under one request id.  The prefill engine publishes the
+prompt's KV layer by layer into the store; the decode leg carries ``kv_transfer_params:
+{"do_remote_prefill": true}``, so the decode worker derives the chunk addresses from the prompt itself
+and pulls each layer as soon as it is committed, while the prefill is still computing later layers.
+Chunks are content-addressed, so a failed prefill leg is simply sent again to another prefill worker
+under the same request id, and the waiting decode never notices; with no prefill worker left the decode
+recomputes the prompt once its pull deadline passes (or at once, when no prefill worker was healthy to
+begin with).  A decode worker that fails before answering is marked down and the request goes to
+another.  A background task re-checks /healthz of every worker.
 
 Owns: request forwarding and failover.  Must not touch: engines or the store.
 """
@@ -20,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -94,22 +98,34 @@ class Router:
             return _error(400, f"the request body is not valid JSON: {exc}")
         if not isinstance(body, dict):
             return _error(400, "the request body must be a JSON object")
-        kv_params = await self._prefill_leg(request.path, body)
-        decode_body = dict(body)
-        if kv_params is not None:
-            decode_body["kv_transfer_params"] = kv_params
-        return await self._decode_leg(request, decode_body)
+        if not self.prefill.healthy():
+            log.warning("no healthy prefill worker: the decode worker computes the whole request")
+            return await self._decode_leg(request, body)
+        rid = str(body.get("request_id") or f"kvrelay-{uuid.uuid4().hex}")
+        body = {**body, "request_id": rid}
+        prefill = asyncio.create_task(self._prefill_leg(request.path, body))
+        try:
+            return await self._decode_leg(request, {**body, "kv_transfer_params": {"do_remote_prefill": True}})
+        finally:
+            if not prefill.done():  # the decode is answered: the prefill leg has no one left to serve
+                prefill.cancel()
+            try:
+                await prefill
+            except asyncio.CancelledError:
+                pass
 
-    async def _prefill_leg(self, path: str, body: dict) -> dict | None:
-        leg = {**body, "stream": False, "max_tokens": 1}
+    async def _prefill_leg(self, path: str, body: dict) -> bool:
+        """Run the prefill leg, failing over to other prefill workers; True once one published."""
+        leg = {**body, "stream": False, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
         leg.pop("max_completion_tokens", None)
         tried: set[str] = set()
         while True:
             try:
                 worker = self.prefill.pick(tried)
             except NoWorkerError as exc:
-                log.warning("prefill leg skipped, decode recomputes: %s", exc)
-                return None
+                log.warning("prefill leg of %s failed everywhere; the decode recomputes after its deadline: %s",
+                            body["request_id"], exc)
+                return False
             tried.add(worker.url)
             worker.in_flight += 1
             try:
@@ -118,9 +134,13 @@ class Router:
                         data = await r.json(content_type=None)
                 if r.status >= 500:
                     raise aiohttp.ClientError(f"HTTP {r.status}: {data}")
-                if r.status >= 400:  # the request itself is bad: the decode leg will say why
-                    return None
-                return data.get("kv_transfer_params")
+                if r.status >= 400:  # the request itself is bad: the decode leg says why to the client
+                    return False
+                if not data.get("kv_transfer_params"):  # e.g. the store was full: nothing was published,
+                    log.warning("prefill of %s published nothing (the decode recomputes after its deadline)",
+                                body["request_id"])  # and another prefill worker would meet the same store
+                    return False
+                return True
             except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
                 self.prefill.mark_failed(worker, f"{type(exc).__name__}: {exc}")
                 self.failovers.labels("prefill").inc()

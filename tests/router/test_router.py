@@ -26,6 +26,8 @@ class Worker:
     def __init__(self, role: str, status: int = 200, params: dict | None = None, stream_chunks: int = 0):
         self.role, self.status, self.params, self.stream_chunks = role, status, params, stream_chunks
         self.bodies: list[dict] = []
+        self.received = asyncio.Event()  # set once a request came in (a prefill "published")
+        self.wait_for: asyncio.Event | None = None  # a decode waits for its prefill, as on the store
         self.app = web.Application()
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_post("/v1/chat/completions", self.completions)
@@ -37,6 +39,10 @@ class Worker:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
+        if self.status == 200:
+            self.received.set()
+        if self.wait_for is not None:
+            await asyncio.wait_for(self.wait_for.wait(), 10)
         if self.status != 200:
             return web.json_response({"error": "boom"}, status=self.status)
         if self.stream_chunks and body.get("stream"):
@@ -84,6 +90,7 @@ def test_params_flow_and_prefill_failover():
         good = Worker("prefill", params={"request_id": "r", "block_hashes": ["ab"]})
         dec = Worker("decode")
         urls = [await w.start() for w in (bad, good, dec)]
+        dec.wait_for = good.received
         try:
             async def fn(router, session, url):
                 router.prefill.policy = "round_robin"
@@ -93,7 +100,10 @@ def test_params_flow_and_prefill_failover():
                 assert r.status == 200
                 assert bad.bodies and good.bodies, "the failing prefill worker must be tried, then the next"
                 assert good.bodies[0]["max_tokens"] == 1 and good.bodies[0]["stream"] is False
-                assert body["received"]["kv_transfer_params"] == good.params
+                assert good.bodies[0]["kv_transfer_params"] == {"do_remote_decode": True}
+                # Both legs run under one request id; the decode derives the chunk addresses itself.
+                assert body["received"]["kv_transfer_params"] == {"do_remote_prefill": True}
+                assert body["received"]["request_id"] == good.bodies[0]["request_id"] == bad.bodies[0]["request_id"]
                 assert body["received"]["max_tokens"] == 7
                 assert not router.prefill.workers[0].healthy
                 assert "HTTP 500" in router.prefill.workers[0].last_error

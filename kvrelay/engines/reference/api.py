@@ -65,6 +65,17 @@ def parse(body: Any, tok: Tokenizer, chat: bool) -> ParsedRequest:
     return ParsedRequest(rid, prompt, params, bool(body.get("stream", False)), chat, kv_params)
 
 
+def wants_remote_prefill(body: dict) -> bool:
+    """A decode leg whose prefill runs concurrently elsewhere: ``kv_transfer_params`` is the light form
+    ``{"do_remote_prefill": true}`` and ``request_id`` names the prefill leg's request."""
+    kvp = body.get("kv_transfer_params")
+    if not (isinstance(kvp, dict) and kvp.get("do_remote_prefill") and "block_hashes" not in kvp):
+        return False
+    if not body.get("request_id"):
+        raise ValueError("kv_transfer_params.do_remote_prefill needs the prefill leg's 'request_id' in the body")
+    return True
+
+
 def response(req: ParsedRequest, model: str, text: str, token_ids: list[int], finish: str | None,
              prompt_tokens: int, extra: dict | None = None) -> dict:
     if req.chat:

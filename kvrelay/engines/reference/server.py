@@ -77,6 +77,8 @@ class EngineServer:
         q: asyncio.Queue = asyncio.Queue()
         try:
             req = api.parse(body, self.tok, chat)
+            if req.kv_params is None and api.wants_remote_prefill(body):
+                req.kv_params = self._remote_prefill_params(req)
             seq = Sequence(req.prompt, req.params, request_id=req.request_id, kv_params=req.kv_params,
                            publish=self.engine.cfg.role == "prefill",
                            on_token=lambda s, t, fin: loop.call_soon_threadsafe(q.put_nowait, (t, fin)))
@@ -129,6 +131,20 @@ class EngineServer:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    def _remote_prefill_params(self, req: api.ParsedRequest):
+        """Decode leg sent at the same time as its prefill leg (``kv_transfer_params:
+        {"do_remote_prefill": true}`` and the prefill's ``request_id``): derive the chunk addresses
+        from this engine's own tokenization, model and layout, the same way the prefill publishes them,
+        and pull the first token from the store."""
+        puller = self.engine.puller
+        if self.engine.cfg.role != "decode" or puller is None:
+            raise ValueError("do_remote_prefill needs a decode worker (--role decode with --store)")
+        from kvrelay.engines.reference.kv_publish import transfer_params
+        layout = self.engine.layout
+        return transfer_params(req.prompt, req.request_id, self.engine.model_cfg.model_id, self.engine.compat_hash,
+                               self.engine.cfg.chunk_tokens, layout.num_layers, layout.head_start, layout.head_end,
+                               puller.store_address, puller.client.transport)
 
     def _extra(self, seq: Sequence) -> dict | None:
         kp = seq.extra.get("kv_transfer_params")
