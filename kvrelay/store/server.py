@@ -22,6 +22,7 @@ from kvrelay.store.metrics import StoreMetrics
 
 log = logging.getLogger("kvrelay.store")
 SWEEP_INTERVAL = 0.25  # housekeeping (expiry) period and the longest the loop sleeps
+MAX_SESSIONS = 65536
 
 
 @dataclass(eq=False)
@@ -31,6 +32,7 @@ class Waiter:
     deadline: float
     start: float
     done: bool = False
+    kid: str = ""  # the key it is parked on
 
 
 class StoreServer:
@@ -118,7 +120,10 @@ class StoreServer:
             if req.transport != "shm" and req.transport not in self.endpoints:
                 raise OpError("bad_request", f"transport {req.transport!r} is not served by this store; it serves "
                                              f"{['shm', *self.endpoints]}: start it with --transports")
+            self.sessions.pop(ident, None)
             self.sessions[ident] = req
+            if len(self.sessions) > MAX_SESSIONS:  # forget the longest-idle client socket's hello
+                del self.sessions[next(iter(self.sessions))]
             return P.Reply(req_id=req.req_id, info={"pool_name": core.pool.name, "pool_bytes": core.pool.nbytes,
                                                     "endpoints": self.endpoints, "protocol": P.PROTOCOL_VERSION})
         ns = self.sessions[ident].compat_hash if ident in self.sessions else ""
@@ -163,6 +168,7 @@ class StoreServer:
             missing = kid_of(req.keys[n])
         if time.monotonic() >= w.deadline:
             return self._timeout_reply(w, missing)
+        w.kid = missing
         self.waiters.setdefault(missing, []).append(w)
         if park:
             heapq.heappush(self.deadlines, (w.deadline, next(self._seq), w))
@@ -189,9 +195,11 @@ class StoreServer:
     def _expire_waiters(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:
             _, _, w = heapq.heappop(self.deadlines)
-            if not w.done:
-                key = w.req.key if isinstance(w.req, P.Pull) else w.req.keys[0]
-                self._send(w.ident, self._timeout_reply(w, kid_of(key)))
-        if len(self.deadlines) == 0 and self.waiters:
-            self.waiters = {k: [w for w in ws if not w.done] for k, ws in self.waiters.items()}
-            self.waiters = {k: ws for k, ws in self.waiters.items() if ws}
+            if w.done:
+                continue
+            self._send(w.ident, self._timeout_reply(w, w.kid))
+            parked = self.waiters.get(w.kid)
+            if parked is not None:
+                parked.remove(w)
+                if not parked:
+                    del self.waiters[w.kid]

