@@ -79,6 +79,7 @@ def test_unknown_key_times_out_at_deadline(daemon):
         with pytest.raises(TimeoutError):
             c.wait_ready([k], time.monotonic() + 0.1)
         c.ping()  # still serving
+        assert c.stats()["waiters"] == 0  # expired waiters are forgotten, not leaked
 
 
 @pytest.mark.timeout(90)
