@@ -200,7 +200,7 @@ class Endpoint(Transport):
             h.fail(reason)
         with conn.lock:
             if conn.ctrl is not None:
-                conn.ctrl.close(0)
+                conn.ctrl.close(linger=100)  # let a queued Bye reach the peer
                 conn.ctrl = None
         self._peer_lost(conn)
         self._wake()  # the control thread closes the ctrl socket and pidfd
@@ -332,8 +332,13 @@ class Endpoint(Transport):
                 except HandshakeError as exc:
                     self._ctrl.send_multipart([ident, _enc.encode(Refuse(str(exc)))])
                     continue
-                self._add_peer(msg.info)
-                self._ctrl.send_multipart([ident, _enc.encode(Welcome(self.info()))])
+                try:
+                    self._add_peer(msg.info)
+                    welcome = _enc.encode(Welcome(self.info()))
+                except Exception as exc:  # noqa: BLE001 - a transport hook failed: refuse, keep serving
+                    welcome = _enc.encode(Refuse(f"{self.name} endpoint {self.agent_name!r} could not add the "
+                                                 f"peer: {type(exc).__name__}: {exc}"))
+                self._ctrl.send_multipart([ident, welcome])
             elif isinstance(msg, Notify):
                 with self._notif_cond:
                     self._notifs.append(Notification(msg.name, msg.epoch, msg.payload))

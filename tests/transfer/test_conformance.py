@@ -19,7 +19,7 @@ from kvrelay.transfer.shm import segments
 
 from xfer_peers import COMPAT, MIB
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # includes starting peer processes (importing torch) on a loaded host
 
 
 def random_descs(rng: np.random.Generator, count: int, max_len: int, local_size: int,

@@ -68,7 +68,7 @@ class PeerProc:
 
 
 def spawn_peer(transport: str, name: str = "peer", seed: int = 1, sizes: tuple[int, ...] = PEER_SIZES,
-               compat: str = COMPAT, timeout: float = 60.0) -> PeerProc:
+               compat: str = COMPAT, timeout: float = 240.0) -> PeerProc:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, str(PEER_MAIN), transport, name, compat, str(seed), *map(str, sizes)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
