@@ -12,9 +12,23 @@ import os
 
 import torch
 
-from kvrelay import _native
+try:
+    from kvrelay import _native
+except ImportError as _exc:  # layouts, the reference and Triton still work; the native calls explain the fix
+    _native = None
+    _IMPORT_ERROR = _exc
 from kvrelay.kernels.layout import KVLayout, LayerTensors
 from kvrelay.kernels.plan import CopyPlan
+
+
+class _Missing:
+    def __getattr__(self, name: str):
+        raise ImportError(f"the native library kvrelay._native is not built ({_IMPORT_ERROR}); run "
+                          f"`pip install --no-deps -e .` in the repository (needs cmake and a C compiler)")
+
+
+if _native is None:
+    _native = _Missing()  # type: ignore[assignment]
 
 _threads_env = os.environ.get("KVRELAY_NATIVE_THREADS")
 if _threads_env:
