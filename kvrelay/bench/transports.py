@@ -34,8 +34,11 @@ Op = Callable[[int], None]
 
 
 def _launch(kind: str, nbytes: int, stack: ExitStack) -> subprocess.Popen:
+    # unbuffered stdout: select() must see every byte the peer wrote (NIXL logs to stdout too)
+    env = {"NIXL_LOG_LEVEL": "WARNING", **os.environ}  # NIXL logs to stdout, which nobody reads after start-up
     proc = subprocess.Popen([sys.executable, "-m", "kvrelay.transfer.bench_peer", kind, str(nbytes)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
+                            env=env)
 
     def stop() -> None:
         proc.kill()
@@ -53,7 +56,7 @@ def _ready(kind: str, proc: subprocess.Popen, timeout: float = 300.0) -> dict:
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError(f"bench peer {kind} exited with {proc.wait()}")
-        if line.startswith("{"):
+        if line.startswith(b"{"):
             return json.loads(line)
 
 

@@ -69,9 +69,10 @@ class PeerProc:
 
 def spawn_peer(transport: str, name: str = "peer", seed: int = 1, sizes: tuple[int, ...] = PEER_SIZES,
                compat: str = COMPAT, timeout: float = 240.0) -> PeerProc:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict({"NIXL_LOG_LEVEL": "WARNING"}, **os.environ)  # NIXL logs to stdout, unread after start-up
+    env = dict(env, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, str(PEER_MAIN), transport, name, compat, str(seed), *map(str, sizes)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env)  # unbuffered: see select()
     deadline = time.monotonic() + timeout
     import select
     while True:
@@ -82,7 +83,7 @@ def spawn_peer(transport: str, name: str = "peer", seed: int = 1, sizes: tuple[i
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError(f"peer {name} ({transport}) exited with {proc.wait()} before it was ready")
-        if line.startswith("{"):
+        if line.startswith(b"{"):
             meta = json.loads(line)
             return PeerProc(transport, name, seed, sizes, proc, meta["address"], meta["pid"], meta["regions"])
 
