@@ -26,8 +26,7 @@ from typing import Sequence, Union
 
 import torch
 
-# Bumped whenever the chunk byte order or the header changes (see transfer/wire.py for the history).
-WIRE_VERSION = 1
+from kvrelay.versions import WIRE_VERSION  # noqa: E402  (re-exported: bumped when the chunk format changes)
 
 SUPPORTED_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,

@@ -18,7 +18,7 @@ import zmq
 
 from kvrelay.store.config import from_args, add_arguments, StoreConfig
 from kvrelay.store.core import StoreCore
-from kvrelay.store.datapath import STORE_COMPAT
+from kvrelay.store.protocol import STORE_COMPAT
 from kvrelay.store.metrics import StoreMetrics
 from kvrelay.store.server import StoreServer
 

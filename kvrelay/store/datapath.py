@@ -12,9 +12,7 @@ import threading
 import torch
 
 from kvrelay.store.pool import ALIGN, Arena, SharedPool, align_up
-from kvrelay.store.protocol import Slot
-
-STORE_COMPAT = "kvrelay-store-v1"
+from kvrelay.store.protocol import STORE_COMPAT, Slot  # noqa: F401  (STORE_COMPAT re-exported)
 
 
 class SharedPath:

@@ -36,7 +36,7 @@ class DaemonProcess:
         self.info: dict = {}
         self.spawn_to_ready_s = 0.0
 
-    def start(self, timeout: float = 60.0, log_path: str | None = None) -> "DaemonProcess":
+    def start(self, timeout: float = 120.0, log_path: str | None = None) -> "DaemonProcess":
         ready = Path(tempfile.gettempdir()) / f"kvrelay-ready-{uuid.uuid4().hex[:8]}.json"
         args = [sys.executable, "-m", "kvrelay.cli", "store", "--pool-name", self.pool_name,
                 "--ready-file", str(ready), "--log-level", "WARNING"]

@@ -21,6 +21,8 @@ from kvrelay.keys import ChunkKey
 from kvrelay.transfer.wire import ChunkHeader
 
 PROTOCOL_VERSION = 1
+# The compat hash the daemon's own transport endpoints announce (the store moves bytes, whatever model).
+STORE_COMPAT = "kvrelay-store-v1"
 
 
 class Req(msgspec.Struct, tag_field="op", kw_only=True):

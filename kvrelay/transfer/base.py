@@ -30,7 +30,7 @@ from typing import Sequence
 
 import msgspec
 
-from kvrelay.kernels.layout import WIRE_VERSION
+from kvrelay.versions import WIRE_VERSION
 
 DEFAULT_TIMEOUT_S = 30.0
 

@@ -10,10 +10,12 @@ Wire versions:
 
 from __future__ import annotations
 
+import sys
+
 import msgspec
 import xxhash
 
-from kvrelay.kernels.layout import WIRE_VERSION
+from kvrelay.versions import WIRE_VERSION
 
 
 class ChunkHeader(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,15 +76,12 @@ def verify(header: ChunkHeader, payload) -> None:
 
 
 def _as_buffer(payload) -> memoryview:
-    try:
-        import torch
-        if isinstance(payload, torch.Tensor):
-            if payload.device.type != "cpu":
-                raise ValueError(f"checksum needs a CPU buffer, got a tensor on {payload.device}")
-            if not payload.is_contiguous():
-                raise ValueError("checksum needs a contiguous tensor")
-            payload = payload.view(torch.uint8).numpy() if payload.numel() else b""
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    torch = sys.modules.get("torch")  # a tensor can only exist if torch is imported: never import it here
+    if torch is not None and isinstance(payload, torch.Tensor):
+        if payload.device.type != "cpu":
+            raise ValueError(f"checksum needs a CPU buffer, got a tensor on {payload.device}")
+        if not payload.is_contiguous():
+            raise ValueError("checksum needs a contiguous tensor")
+        payload = payload.view(torch.uint8).numpy() if payload.numel() else b""
     mv = memoryview(payload)
     return mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv

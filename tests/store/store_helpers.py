@@ -28,7 +28,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
 
-    def start(self, timeout: float = 30.0) -> "Daemon":
+    def start(self, timeout: float = 120.0) -> "Daemon":
         ready = self.tmp / f"ready-{uuid.uuid4().hex[:6]}.json"
         args = [sys.executable, "-m", "kvrelay.cli", "store", "--port", "0", "--metrics-port", "0",
                 "--pool-name", self.pool_name, "--ready-file", str(ready), "--log-level", "WARNING"]
@@ -42,7 +42,7 @@ class Daemon:
                 raise RuntimeError(f"daemon exited {self.proc.returncode}: {(self.tmp / 'daemon.log').read_text()}")
             if time.monotonic() > deadline:
                 self.kill()
-                raise TimeoutError("daemon did not become ready")
+                raise TimeoutError(f"daemon did not become ready within {timeout}s: {(self.tmp / 'daemon.log').read_text()[-2000:]}")
             time.sleep(0.05)
         self.info = json.loads(ready.read_text())
         return self
