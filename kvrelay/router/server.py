@@ -21,16 +21,15 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 import uuid
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, CONTENT_TYPE_LATEST
 
-from kvrelay.router.pool import POLICIES, NoWorkerError, Pool, Worker
+from kvrelay.router.pool import POLICIES, NoWorkerError, Pool
+from kvrelay.serving import check_loopback, serve_until_signal
 
 log = logging.getLogger("kvrelay.router")
 
@@ -200,32 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
 async def _serve(args: argparse.Namespace) -> None:
     router = Router(Pool("prefill", args.prefill, args.policy), Pool("decode", args.decode, args.policy),
                     args.health_interval)
-    runner = web.AppRunner(router.app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    log.info("kvrelay router serving http://%s:%d (%d prefill, %d decode)", args.host, port,
-             len(args.prefill), len(args.decode))
-    if args.ready_file:
-        tmp = args.ready_file + ".tmp"
-        Path(tmp).write_text(json.dumps({"port": port, "pid": os.getpid(), "url": f"http://{args.host}:{port}"}))
-        os.replace(tmp, args.ready_file)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await serve_until_signal(router.app, args.host, args.port, args.ready_file,
+                             f"kvrelay router ({len(args.prefill)} prefill, {len(args.decode)} decode)", log)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"kvrelay router: --host {args.host!r}: the router binds loopback only", file=sys.stderr)
+    try:
+        check_loopback(args.host, "router")
+    except ValueError as exc:
+        print(f"kvrelay router: {exc}", file=sys.stderr)
         return 2
     if not args.decode:
         print("kvrelay router: at least one --decode URL is needed", file=sys.stderr)

@@ -15,9 +15,7 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
-from pathlib import Path
 
 import msgspec
 from aiohttp import web
@@ -28,6 +26,7 @@ from kvrelay.engines.reference.engine import Engine
 from kvrelay.engines.reference.loader import load_model
 from kvrelay.engines.reference.sequence import Sequence
 from kvrelay.engines.reference.tokenizer import Tokenizer
+from kvrelay.serving import check_loopback, serve_until_signal
 
 log = logging.getLogger("kvrelay.engine")
 
@@ -217,29 +216,14 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.threads > 0:
         import torch
         torch.set_num_threads(args.threads)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(f"--host {args.host!r}: the engine binds loopback only (127.0.0.1)")
+    check_loopback(args.host, "engine")
     engine, tok = build_engine(args)
     engine.start()
     server = EngineServer(engine, tok, engine.model_cfg.model_id)
-    runner = web.AppRunner(server.app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    log.info("kvrelay engine (%s, %s) serving http://%s:%d", args.role, engine.model_cfg.model_id, args.host, port)
-    if args.ready_file:
-        tmp = args.ready_file + ".tmp"
-        Path(tmp).write_text(json.dumps({"port": port, "pid": os.getpid(), "url": f"http://{args.host}:{port}"}))
-        os.replace(tmp, args.ready_file)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await serve_until_signal(server.app, args.host, args.port, args.ready_file,
+                                 f"kvrelay engine ({args.role}, {engine.model_cfg.model_id})", log)
     finally:
-        await runner.cleanup()
         engine.stop()
 
 

@@ -1,0 +1,50 @@
+"""Running an aiohttp app as a kvrelay process: bind, announce readiness, serve until SIGTERM/SIGINT.
+
+Owns: the ready-file convention (JSON ``{port, pid, url}`` renamed into place once serving, which the
+launcher and the tests wait for) and the loopback-only rule.  Must not touch: the app's routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_loopback(host: str, what: str) -> None:
+    if host not in LOOPBACK:
+        raise ValueError(f"--host {host!r}: the {what} binds loopback only (127.0.0.1)")
+
+
+def write_ready_file(path: str, info: dict) -> None:
+    tmp = path + ".tmp"
+    Path(tmp).write_text(json.dumps(info))
+    os.replace(tmp, path)
+
+
+async def serve_until_signal(app: web.Application, host: str, port: int, ready_file: str, name: str,
+                             log: logging.Logger) -> None:
+    """Serve ``app`` on host:port (0 picks a free port) until SIGTERM or SIGINT, then clean up."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    log.info("%s serving http://%s:%d", name, host, port)
+    if ready_file:
+        write_ready_file(ready_file, {"port": port, "pid": os.getpid(), "url": f"http://{host}:{port}"})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
