@@ -5,8 +5,11 @@ Owns: the store suite only.  Must not touch: the harness or other suites.
 Cases (each beside a baseline measured in the same run):
   publish/shm      reserve + pack into the mapped pool slot + commit (daemon verifies) vs memcpy
   pull/shm         pull (wait, copy out of the pool, verify xxh3) vs a plain copy out of the mapped pool
+  pull/shm/batch   pull_many of BATCH chunks per call (one round trip, copy+verify fused, in parallel) into
+                   BATCH distinct slots, vs the same plain copy
   pull/<t>         pull through transport t (tcp, nixl) vs that transport's raw one-sided read of the same
-                   bytes from the daemon's pool (measured in a child process: one endpoint per process)
+                   bytes from the daemon's pool (measured in a child process: one endpoint per process);
+  pull/<t>/batch   pull_many of the child's chunks in one call (one multi-descriptor read) vs the same raw read
   spill/ssd        background spill write rate while busy vs an O_DIRECT write baseline in the same dir
   rss              daemon RSS vs pool size + 300 MB (lower is better)
   restart/ssd      kill -9 then restart with 10,000 chunks on SSD: spawn-to-ready vs an empty daemon's
@@ -34,6 +37,7 @@ from kvrelay.transfer.wire import ChunkHeader, checksum
 
 SUITE = "store"
 COMPAT = "bench-store"
+BATCH = 8  # chunks per pull_many: about one layer's worth for a request
 
 
 def _chunks(tag: str, n: int, nbytes: int, seed: int = 0) -> tuple[list[ChunkKey], ChunkHeader, torch.Tensor]:
@@ -119,6 +123,19 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
                                _gbps(chunk, median(times)), "GB/s", "copy out of the mapped pool",
                                _gbps(chunk, median(raw)), {**params, "verify_checksum": verify}))
     assert torch.equal(out, src)
+    big = torch.zeros(BATCH * chunk, dtype=torch.uint8)
+    outs = [big[i * chunk:(i + 1) * chunk] for i in range(BATCH)]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for j in range(0, n, BATCH):
+            c.pull_many(ks[j:j + BATCH], outs[:len(ks[j:j + BATCH])], time.monotonic() + 10)
+        times.append((time.perf_counter() - t0) / n)
+    ctx.add(Record.compare(SUITE, "pull/shm/batch", "pull_gbps", _gbps(chunk, median(times)), "GB/s",
+                           "copy out of the mapped pool", _gbps(chunk, median(raw)),
+                           {**params, "verify_checksum": True, "batch": BATCH,
+                            "includes": "one round trip per batch, copy + xxh3 verify of every chunk"}))
+    assert all(torch.equal(o, src) for o in outs)
 
 
 _CHILD = r"""
@@ -154,6 +171,16 @@ with StoreClient(address, transport=transport, compat_hash=COMPAT, staging_bytes
         times.append((time.perf_counter() - t0) / n)
     res["pull"] = median(times)
     res["ok"] = bool(torch.equal(out, src))
+    big = torch.empty(n * chunk, dtype=torch.uint8)
+    c.register_buffer(big)
+    outs = [big[i * chunk:(i + 1) * chunk] for i in range(n)]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        c.pull_many(keys, outs, time.monotonic() + 10)
+        times.append((time.perf_counter() - t0) / n)
+    res["pull_many"] = median(times)
+    res["ok"] = res["ok"] and all(bool(torch.equal(o, src)) for o in outs)
 print("RESULT " + json.dumps(res), flush=True)
 os._exit(0)  # the nixl endpoint crashes in interpreter finalization (see tests/store/store_worker.py)
 """
@@ -171,6 +198,10 @@ def _remote_case(ctx: BenchContext, address: str, transport: str, chunk: int, re
     ctx.add(Record.compare(SUITE, f"pull/{transport}", "pull_gbps", _gbps(chunk, res["pull"]), "GB/s",
                            f"raw {transport} one-sided read", _gbps(chunk, res["raw"]),
                            {**params, "includes": "control round trip, read into a registered buffer, verify xxh3"}))
+    ctx.add(Record.compare(SUITE, f"pull/{transport}/batch", "pull_gbps", _gbps(chunk, res["pull_many"]), "GB/s",
+                           f"raw {transport} one-sided read", _gbps(chunk, res["raw"]),
+                           {**params, "batch": 8, "includes": "pull_many: one round trip, one multi-descriptor read "
+                                                               "into a registered buffer, verify xxh3 of each"}))
 
 
 def _restart_case(ctx: BenchContext, tmp: Path, count: int) -> None:

@@ -13,6 +13,7 @@ transport).  Must not touch: the daemon's state or the pool allocator.
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
 from typing import Sequence
@@ -26,6 +27,10 @@ from kvrelay.store import protocol as P
 from kvrelay.store.core import kid_of
 from kvrelay.store.datapath import SharedPath, TransportPath
 from kvrelay.transfer.wire import ChunkHeader, verify
+
+
+PARALLEL_ABOVE = 1 << 20  # pull_many spreads chunks this big over PULL_THREADS (smaller: a hand-off costs more)
+PULL_THREADS = 2
 
 
 class StoreError(RuntimeError):
@@ -236,6 +241,56 @@ class StoreClient:
                 raise StoreError(f"pull({kid_of(key)}): {exc}", "corrupt") from None
         return header
 
+    def pull_many(self, keys: Sequence[ChunkKey], outs: Sequence[torch.Tensor], deadline: float,
+                  verify_checksum: bool = True) -> list[ChunkHeader]:
+        """`pull` for many chunks with ONE control round trip: waits (until ``deadline``) until every key is
+        ready, then moves them (one multi-descriptor transfer where ``outs`` lie in registered memory) and
+        verifies every checksum (on shm, hashed block by block right behind the copy; chunks in parallel).
+        ``outs[i]`` receives chunk i; ``outs`` must not overlap; the batch must fit in the pool pinned at
+        once.  Raises like `pull` (TimeoutError names the first missing key, "corrupt" the first bad chunk)."""
+        keys, outs = list(keys), list(outs)
+        if len(keys) != len(outs):
+            raise ValueError(f"pull_many: {len(keys)} keys but {len(outs)} output tensors")
+        for out in outs:
+            if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous():
+                raise ValueError(f"pull_many needs contiguous uint8 CPU tensors, got {out.dtype} on {out.device}")
+        if not keys:
+            return []
+        left = deadline - time.monotonic()
+        rep = self._call(P.PullMany(keys=keys, timeout=max(0.0, left)), wait=max(0.0, left) + self.timeout)
+        slots, headers = rep.slots, rep.headers
+        try:
+            if len(slots) != len(keys) or len(headers) != len(keys):
+                raise StoreError(f"pull_many: the store answered {len(slots)} slots for {len(keys)} keys", "internal")
+            dsts = []
+            for k, out, h in zip(keys, outs, headers):
+                if out.numel() < h.nbytes:
+                    raise ValueError(f"pull_many({kid_of(k)}): out has {out.numel()} bytes, the chunk has {h.nbytes}")
+                dsts.append(out[:h.nbytes])
+            big = sum(h.nbytes >= PARALLEL_ABOVE for h in headers) > 1
+            bad = self._path.pull_many_into(slots, dsts, max(0.1, deadline - time.monotonic()),
+                                            [h.checksum for h in headers] if verify_checksum else None,
+                                            self._workers() if big else None)
+        finally:
+            with self._lock:
+                self._unpin.extend(s.pin for s in slots)
+        if bad:
+            i = bad[0]
+            try:
+                verify(headers[i], dsts[i])  # the full message (length or checksum)
+                msg = "checksum mismatch"
+            except ValueError as exc:
+                msg = str(exc)
+            raise StoreError(f"pull_many({kid_of(keys[i])}): {msg} ({len(bad)} of {len(keys)} chunks bad)", "corrupt")
+        return headers
+
+    def _workers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            pool = getattr(self, "_copy_pool", None)
+            if pool is None:
+                pool = self._copy_pool = ThreadPoolExecutor(max_workers=PULL_THREADS, thread_name_prefix="kvrelay-pull")
+            return pool
+
     def register_buffer(self, buf: torch.Tensor) -> None:
         """Register a long-lived uint8 CPU tensor (e.g. the engine's staging buffer): remote-transport pulls
         into it (or into a slice of it) go straight there with no staging copy.  A no-op on shm."""
@@ -280,6 +335,9 @@ class StoreClient:
         except (StoreError, zmq.ZMQError):
             pass
         self._closed = True
+        vp = getattr(self, "_copy_pool", None)
+        if vp is not None:
+            vp.shutdown(wait=True)
         path = getattr(self, "_path", None)
         if path is not None:
             path.close()

@@ -217,6 +217,39 @@ class StoreCore:
             self.counters["pulls"] += 1
             return Slot(e.offset, e.nbytes, pin=pid), e.header
 
+    def acquire_many(self, keys: list[ChunkKey], max_bytes: int = 0) -> tuple[list[Slot], list[ChunkHeader]] | int:
+        """All or nothing: if every chunk is ready, bring each into memory, pin it and return slots and headers;
+        else the index of the first key that is not ready (nothing pinned).  ``max_bytes`` > 0 refuses a batch
+        larger than that (it could not all be pinned in the pool at once)."""
+        now = time.monotonic()
+        with self.lock:
+            entries = []
+            for i, k in enumerate(keys):
+                e = self.ix.get(kid_of(k))
+                if e is None or e.state is not State.READY:
+                    return i
+                entries.append(e)
+            if max_bytes and sum(align_up(e.nbytes) for e in {e.kid: e for e in entries}.values()) > max_bytes:
+                raise OpError("bad_request", f"pull_many of {len(keys)} chunks needs more than the pool's "
+                                             f"{max_bytes} bytes pinned at once; pull fewer keys per call")
+            pids: list[int] = []
+            try:
+                slots, headers = [], []
+                for e in entries:
+                    if e.offset < 0:
+                        self._promote(e)
+                    self.ix.touch(e, now)
+                    pid = self.ix.add_pin(e, now + self.cfg.pull_pin_ttl, lease=False)
+                    pids.append(pid)
+                    slots.append(Slot(e.offset, e.nbytes, pin=pid))
+                    headers.append(e.header)
+            except BaseException:
+                for pid in pids:
+                    self.ix.drop_pin(pid)
+                raise
+            self.counters["pulls"] += len(keys)
+            return slots, headers
+
     def _promote(self, e: Entry) -> None:
         off = self._alloc(e.nbytes)
         if off is None:

@@ -8,11 +8,31 @@ Must not touch: the control protocol (client.py) or the pool allocator in the da
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Executor
 
+import numpy as np
 import torch
+import xxhash
 
 from kvrelay.store.pool import ALIGN, Arena, SharedPool, align_up
 from kvrelay.store.protocol import STORE_COMPAT, Slot  # noqa: F401  (STORE_COMPAT re-exported)
+
+
+COPY_BLOCK = 512 << 10  # copy+hash in blocks this size, so the hash reads the block while it is in cache
+
+
+def copy_and_check(src: torch.Tensor, dst: torch.Tensor, expect: int | None) -> bool:
+    """Copy ``src`` into ``dst`` (same size); with ``expect``, the xxh3-64 of what landed in ``dst``, computed
+    block by block right behind the copy, must equal it.  Releases the GIL (numpy copy, xxhash)."""
+    if expect is None:
+        dst.copy_(src)
+        return True
+    s, d = src.numpy(), dst.numpy()
+    h = xxhash.xxh3_64()
+    for o in range(0, d.size, COPY_BLOCK):
+        np.copyto(d[o:o + COPY_BLOCK], s[o:o + COPY_BLOCK])
+        h.update(d[o:o + COPY_BLOCK])
+    return h.intdigest() == expect
 
 
 class SharedPath:
@@ -39,6 +59,19 @@ class SharedPath:
 
     def pull_into(self, slot: Slot, out: torch.Tensor, timeout: float) -> None:
         out.copy_(self.tensor[slot.offset:slot.offset + slot.nbytes])
+
+    def pull_many_into(self, slots: list[Slot], outs: list[torch.Tensor], timeout: float,
+                       expect: list[int] | None, pool: Executor | None) -> list[int]:
+        """Copy each slot into its ``out``; with ``expect``, hash each block of the copy while it is still in
+        cache (one pass over memory, not two) and return the indices whose checksum differs.  Chunks run
+        in parallel on ``pool``."""
+        jobs = [(self.tensor[s.offset:s.offset + s.nbytes], out, None if expect is None else expect[i])
+                for i, (s, out) in enumerate(zip(slots, outs))]
+        if pool is None or len(jobs) < 2:
+            ok = [copy_and_check(*j) for j in jobs]
+        else:
+            ok = list(pool.map(lambda j: copy_and_check(*j), jobs))
+        return [i for i, good in enumerate(ok) if not good]
 
     def register_buffer(self, buf: torch.Tensor) -> None:
         pass  # the pool is mapped: nothing to register
@@ -129,8 +162,32 @@ class TransportPath:
         finally:
             self.discard(view)
 
+    def pull_many_into(self, slots: list[Slot], outs: list[torch.Tensor], timeout: float,
+                       expect: list[int] | None, pool: Executor | None) -> list[int]:
+        """Outs in registered memory move in ONE transfer of many descriptors; the others one by one through
+        staging.  With ``expect``, returns the indices whose checksum differs (hashed in parallel on ``pool``)."""
+        from kvrelay.transfer.base import Desc
+        direct, rest = [], []
+        for i, (slot, out) in enumerate(zip(slots, outs)):
+            reg = self._registered(out)
+            if reg is None:
+                rest.append(i)
+            else:
+                direct.append((i, Desc(reg[0], reg[1], self.remote_region, slot.offset, slot.nbytes)))
+        if direct:
+            with self.t.read(self.peer, [d for _, d in direct], timeout=timeout) as h:
+                h.result(timeout)
+        for i in rest:
+            self.pull_into(slots[i], outs[i], timeout)
+        if expect is None:
+            return []
+        check = lambda i: xxhash.xxh3_64_intdigest(outs[i].numpy()) == expect[i]  # noqa: E731
+        ok = list(pool.map(check, range(len(outs)))) if pool is not None and len(outs) > 1 else \
+            [check(i) for i in range(len(outs))]
+        return [i for i, good in enumerate(ok) if not good]
+
     def close(self) -> None:
         self.t.close()
 
 
-__all__ = ["SharedPath", "TransportPath", "STORE_COMPAT", "ALIGN"]
+__all__ = ["SharedPath", "TransportPath", "copy_and_check", "STORE_COMPAT", "ALIGN"]

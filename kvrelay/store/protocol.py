@@ -8,7 +8,7 @@ Every request carries ``version`` and ``req_id``; the daemon answers every reque
 malformed messages it cannot decode, which are answered with ``req_id=-1``).
 
 Versions:
-  1  first version.
+  1  first version.  Additive since (old peers never send or read them): `PullMany` and `Reply.headers`.
 """
 
 from __future__ import annotations
@@ -59,6 +59,13 @@ class Pull(Req, tag="pull"):
     timeout: float  # seconds from now the client is willing to wait
 
 
+class PullMany(Req, tag="pull_many"):
+    """Pull several chunks with one round trip: answered once every key is ready (slots and headers in
+    key order, each pinned) or with a timeout naming the first missing key."""
+    keys: list[ChunkKey]
+    timeout: float
+
+
 class WaitReady(Req, tag="wait"):
     keys: list[ChunkKey]
     timeout: float
@@ -87,7 +94,7 @@ class Ping(Req, tag="ping"):
     pass
 
 
-Request = Union[Hello, Lookup, Reserve, Commit, Pull, WaitReady, Lease, Release, Purge, Stats, Ping]
+Request = Union[Hello, Lookup, Reserve, Commit, Pull, PullMany, WaitReady, Lease, Release, Purge, Stats, Ping]
 
 
 class Slot(msgspec.Struct, array_like=True):
@@ -108,6 +115,7 @@ class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
     count: int = 0
     slots: list[Slot] = []
     header: ChunkHeader | None = None
+    headers: list[ChunkHeader] = []  # PullMany: one per key, beside ``slots``
     info: dict = {}
 
 

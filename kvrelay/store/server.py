@@ -28,7 +28,7 @@ MAX_SESSIONS = 65536
 @dataclass(eq=False)
 class Waiter:
     ident: bytes
-    req: P.Pull | P.WaitReady
+    req: P.Pull | P.PullMany | P.WaitReady
     deadline: float
     start: float
     done: bool = False
@@ -136,7 +136,7 @@ class StoreServer:
             if fresh:
                 self._wake(kid_of(req.key))
             return P.Reply(req_id=req.req_id, count=int(fresh))
-        if isinstance(req, (P.Pull, P.WaitReady)):
+        if isinstance(req, (P.Pull, P.PullMany, P.WaitReady)):
             now = time.monotonic()
             return self._try_waiter(Waiter(ident, req, now + max(0.0, req.timeout), now), park=True)
         if isinstance(req, P.Lease):
@@ -161,6 +161,14 @@ class StoreServer:
                 slot, header = got
                 return P.Reply(req_id=req.req_id, slots=[slot], header=header)
             missing = kid_of(req.key)
+        elif isinstance(req, P.PullMany):
+            if not req.keys:
+                return P.Reply(req_id=req.req_id)
+            got = self.core.acquire_many(req.keys, self.core.arena.capacity)  # may raise OpError
+            if not isinstance(got, int):
+                self.metrics.pull_latency.observe(time.monotonic() - w.start)
+                return P.Reply(req_id=req.req_id, slots=got[0], headers=got[1], count=len(got[0]))
+            missing = kid_of(req.keys[got])
         else:
             n = self.core.lookup(req.keys, record=False)
             if n == len(req.keys):

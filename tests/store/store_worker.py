@@ -43,6 +43,16 @@ def main() -> int:
                 if got != h or not torch.equal(out, d):
                     print(f"mismatch on chunk {k}", file=sys.stderr)
                     return 1
+            # the batched pull: registered outs move in one multi-descriptor transfer, the rest via staging
+            many = torch.empty(count * (nbytes + 4096), dtype=torch.uint8)
+            c.register_buffer(many)
+            outs = [many[i * (nbytes + 4096):i * (nbytes + 4096) + nbytes] if i % 2 else
+                    torch.empty(nbytes, dtype=torch.uint8) for i in range(count)]
+            got = c.pull_many([k for k, _, _ in chunks], outs, deadline=time.monotonic() + 20)
+            for (k, h, d), g, o in zip(chunks, got, outs):
+                if g != h or not torch.equal(o, d):
+                    print(f"pull_many mismatch on chunk {k}", file=sys.stderr)
+                    return 1
     return 0
 
 

@@ -144,3 +144,58 @@ def test_republish_of_present_chunk_is_a_cache_hit(daemon):
         assert c.lookup([k]) == 0
         with pytest.raises(StoreError, match="not reserved"):
             c.publish_buffer(k)
+
+
+@pytest.mark.timeout(60)
+def test_pull_many_one_round_trip_waits_verifies_and_unpins(daemon):
+    chunks = [make_chunk(900 + i, n) for i, n in enumerate((4096, 1 << 20, 3 << 20, 77))]
+    with StoreClient(daemon.address, compat_hash=COMPAT) as c:
+        result: dict = {}
+
+        def puller():
+            outs = [torch.empty(h.nbytes + 5, dtype=torch.uint8) for _, h, _ in chunks]
+            try:
+                result["headers"] = c.pull_many([k for k, _, _ in chunks], outs, time.monotonic() + 10)
+                result["outs"] = outs
+            except BaseException as exc:  # noqa: BLE001
+                result["error"] = exc
+        t = threading.Thread(target=puller)
+        t.start()
+        c.reserve("many", [(k, h.nbytes) for k, h, _ in chunks])
+        for k, h, d in chunks[:-1]:
+            c.publish_buffer(k).copy_(d)
+            c.commit(k, h)
+        time.sleep(0.3)
+        assert t.is_alive()  # waits for ALL the keys
+        k, h, d = chunks[-1]
+        c.publish_buffer(k).copy_(d)
+        c.commit(k, h)
+        t.join(timeout=10)
+        assert "error" not in result, result.get("error")
+        assert result["headers"] == [h for _, h, _ in chunks]
+        for out, (_, h, d) in zip(result["outs"], chunks):
+            assert torch.equal(out[:h.nbytes], d)
+        assert c.pull_many([], [], time.monotonic() + 1) == []
+        c.ping()  # hands back the pins
+        assert c.stats()["pins"] == 0
+        # a byte flipped in the pool after commit: the receiver's end-to-end verify catches it
+        k, h, d = chunks[2]
+        s = c._call(__import__("kvrelay.store.protocol", fromlist=["Pull"]).Pull(key=k, timeout=1)).slots[0]
+        c._unpin.append(s.pin)
+        c._path.tensor[s.offset + 12345] ^= 0xFF
+        outs = [torch.empty(h.nbytes, dtype=torch.uint8) for _, h, _ in chunks]
+        with pytest.raises(StoreError, match="checksum") as ei:
+            c.pull_many([k for k, _, _ in chunks], outs, time.monotonic() + 5)
+        assert ei.value.code == "corrupt"
+        c._path.tensor[s.offset + 12345] ^= 0xFF
+        # a missing key: a timeout at the deadline that names it, nothing left pinned
+        missing, _, _ = make_chunk(999, 10)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="not ready within"):
+            c.pull_many([chunks[0][0], missing], [outs[0], torch.empty(10, dtype=torch.uint8)],
+                        time.monotonic() + 0.4)
+        assert 0.35 < time.monotonic() - t0 < 10
+        with pytest.raises(ValueError, match="2 keys but 1"):
+            c.pull_many([chunks[0][0], missing], [outs[0]], time.monotonic() + 1)
+        c.ping()
+        assert c.stats()["pins"] == 0
