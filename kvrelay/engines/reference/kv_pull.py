@@ -1,8 +1,9 @@
 """Decode role: fill a request's blocks with its prompt KV pulled from the store.
 
 Owns: `LayerPuller`, the engine's `KVPuller` hook.  For a request carrying `KVTransferParams` it skips
-the tokens the engine's own prefix cache already holds, then pulls layer by layer (each chunk as soon as
-the prefill commits it; the store parks the pull until then, within the request's deadline), verifies
+the tokens the engine's own prefix cache already holds, then pulls layer by layer, up to
+PULL_BATCH chunks of a layer per round trip (as soon as the prefill has committed them all; the store
+parks the pull until then, within the request's deadline), verifies
 each header against what it asked for (checksums are verified by the client), and unpacks into this
 engine's block size (`kvrelay.kernels.unpack`).  It reports success or a reason to the engine, which
 applies the failure policy.  Must not touch: the engine's scheduling; blocks other than the request's.
@@ -25,6 +26,7 @@ from kvrelay.kernels import unpack
 from kvrelay.kernels.layout import dtype_name
 
 log = logging.getLogger("kvrelay.engine.pull")
+PULL_BATCH = 8  # chunks of one layer pulled per store round trip (StoreClient.pull_many)
 
 
 class LayerPuller:
@@ -71,28 +73,35 @@ class LayerPuller:
         todo = [(h, t0, t1) for h, (t0, t1) in zip(kp.block_hashes, chunk_ranges(kp.num_tokens, kp.chunk_tokens))
                 if t1 > skip]
         want_dtype = dtype_name(layout.dtype)
-        buf = self._buffer(layout.chunk_nbytes(kp.chunk_tokens, kp.head_end - kp.head_start))
+        cbytes = layout.chunk_nbytes(kp.chunk_tokens, kp.head_end - kp.head_start)
+        batch = max(1, min(PULL_BATCH, len(todo)))
+        buf = self._buffer(batch * cbytes)
+        outs = [buf[i * cbytes:(i + 1) * cbytes] for i in range(batch)]
         pulled = 0
         for layer in range(layout.num_layers):
-            for h, t0, t1 in todo:
+            for g in range(0, len(todo), batch):
+                group = todo[g:g + batch]
                 if seq.extra.get("aborted"):
                     raise RuntimeError("aborted")
-                key = ChunkKey(h, layer, kp.head_start, kp.head_end)
-                hdr = self.client.pull(key, buf, deadline)
-                if (hdr.layer, hdr.token_start, hdr.token_end, hdr.head_start, hdr.head_end) != \
-                        (layer, t0, t1, kp.head_start, kp.head_end) or hdr.dtype != want_dtype:
-                    raise ValueError(f"chunk {key} has header layer {hdr.layer} tokens [{hdr.token_start}, "
-                                     f"{hdr.token_end}) heads [{hdr.head_start}, {hdr.head_end}) {hdr.dtype}; "
-                                     f"expected layer {layer} [{t0}, {t1}) [{kp.head_start}, {kp.head_end}) "
-                                     f"{want_dtype}")
-                pulled += hdr.nbytes
-                chunk = buf[:hdr.nbytes]
-                start = max(t0, skip)
-                if start > t0:  # this engine already holds the chunk's first tokens: unpack only the rest
-                    heads = hdr.head_end - hdr.head_start
-                    full = chunk.view(layout.dtype).view(layout.num_kv, t1 - t0, heads, layout.head_dim)
-                    chunk = full[:, start - t0:].contiguous()
-                unpack(layout, engine.cache[layer], seq.block_table, start, t1, chunk, hdr.head_start, hdr.head_end)
+                keys = [ChunkKey(h, layer, kp.head_start, kp.head_end) for h, _, _ in group]
+                # one store round trip for the group (each chunk's checksum is still verified by the client)
+                hdrs = self.client.pull_many(keys, outs[:len(group)], deadline)
+                for (h, t0, t1), key, hdr, out in zip(group, keys, hdrs, outs):
+                    if (hdr.layer, hdr.token_start, hdr.token_end, hdr.head_start, hdr.head_end) != \
+                            (layer, t0, t1, kp.head_start, kp.head_end) or hdr.dtype != want_dtype:
+                        raise ValueError(f"chunk {key} has header layer {hdr.layer} tokens [{hdr.token_start}, "
+                                         f"{hdr.token_end}) heads [{hdr.head_start}, {hdr.head_end}) {hdr.dtype}; "
+                                         f"expected layer {layer} [{t0}, {t1}) [{kp.head_start}, {kp.head_end}) "
+                                         f"{want_dtype}")
+                    pulled += hdr.nbytes
+                    chunk = out[:hdr.nbytes]
+                    start = max(t0, skip)
+                    if start > t0:  # this engine already holds the chunk's first tokens: unpack only the rest
+                        heads = hdr.head_end - hdr.head_start
+                        full = chunk.view(layout.dtype).view(layout.num_kv, t1 - t0, heads, layout.head_dim)
+                        chunk = full[:, start - t0:].contiguous()
+                    unpack(layout, engine.cache[layer], seq.block_table, start, t1, chunk, hdr.head_start,
+                           hdr.head_end)
         if kp.first_token is None:  # the decode leg was sent before the prefill answered
             hdr = self.client.pull(first_token_key(kp.request_id, kp.block_hashes), buf, deadline)
             if hdr.nbytes != 8 or hdr.dtype != "int64":
