@@ -21,6 +21,6 @@ def test_store_bench_publish_pull_records():
             _publish_and_pull(ctx, c, n=4, chunk=1 << 20, reps=2, params={"smoke": True})
             assert c.stats()["commits"] == 16
     cases = {r.case for r in ctx.records}
-    assert cases == {"publish/shm", "publish/shm/sync", "pull/shm", "pull/shm/noverify"}
+    assert cases == {"publish/shm", "publish/shm/sync", "pull/shm", "pull/shm/noverify", "pull/shm/batch"}
     for r in ctx.records:
         assert r.value > 0 and r.baseline_value > 0 and math.isfinite(r.ratio), r

@@ -135,7 +135,7 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
                            "copy out of the mapped pool", _gbps(chunk, median(raw)),
                            {**params, "verify_checksum": True, "batch": BATCH,
                             "includes": "one round trip per batch, copy + xxh3 verify of every chunk"}))
-    assert all(torch.equal(o, src) for o in outs)
+    assert all(torch.equal(o, src) for o in outs[:min(n, BATCH)])  # the slots a batch filled
 
 
 _CHILD = r"""
