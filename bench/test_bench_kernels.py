@@ -1,6 +1,6 @@
 """pytest-benchmark view of the `kernels` suite: memcpy vs pack vs unpack for a Llama-3-8B-like layer.
 
-Run: ``python -m pytest bench/test_kernels.py --benchmark-group-by=param:tokens`` (add
+Run: ``python -m pytest bench/test_bench_kernels.py --benchmark-group-by=param:tokens`` (add
 ``--benchmark-json FILE`` to keep the numbers).  Each benchmark stores its payload GB/s in
 ``extra_info``; the pack/unpack results are byte-checked against the reference once per size.  A
 smoke test runs the suite's own record path on a small workload.

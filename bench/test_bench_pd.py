@@ -1,4 +1,4 @@
-"""Smoke test of `kvrelay bench pd --quick` (run explicitly: ``python -m pytest bench/test_pd.py``).
+"""Smoke test of `kvrelay bench pd --quick` (run explicitly: ``python -m pytest bench/test_bench_pd.py``).
 
 Checks the suite runs end to end on a real store over every available CPU transport, reports each
 figure beside its baseline, and that layer-wise publishing hides most of the transfer (the exposed part
