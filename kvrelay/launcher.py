@@ -8,7 +8,6 @@ not touch: what the processes do (see kvrelay/store, kvrelay/engines, kvrelay/ro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvrelay.readyfile import wait_ready_file
 from kvrelay.transfer import available_transports
 
 
@@ -50,17 +50,10 @@ class Cluster:
         if out is not None:
             out.close()
         self.procs.append(proc)
-        deadline = time.monotonic() + timeout
-        # A child announces readiness by renaming its ready file into place; poll for it while checking
-        # the child is alive, with a deadline.
-        while not ready.exists():
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.popen.returncode} before it was ready; "
-                                   f"its log: {log_path}\n{_tail(log_path)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} was not ready within {timeout:.0f}s; its log: {log_path}\n{_tail(log_path)}")
-            time.sleep(0.05)
-        proc.info = json.loads(ready.read_text())
+        try:
+            proc.info = wait_ready_file(ready, proc.popen, timeout)
+        except (ChildProcessError, TimeoutError) as exc:
+            raise RuntimeError(f"{name} {exc}; its log: {log_path}\n{_tail(log_path)}") from None
         return proc.info
 
     def close(self, grace: float = 5.0) -> None:

@@ -1,19 +1,19 @@
 """Running an aiohttp app as a kvrelay process: bind, announce readiness, serve until SIGTERM/SIGINT.
 
-Owns: the ready-file convention (JSON ``{port, pid, url}`` renamed into place once serving, which the
-launcher and the tests wait for) and the loopback-only rule.  Must not touch: the app's routes.
+Owns: what an HTTP process puts in its ready file (``{port, pid, url}``; the convention itself is
+kvrelay/readyfile.py) and the loopback-only rule.  Must not touch: the app's routes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
-from pathlib import Path
 
 from aiohttp import web
+
+from kvrelay.readyfile import write_ready_file
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -21,12 +21,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def check_loopback(host: str, what: str) -> None:
     if host not in LOOPBACK:
         raise ValueError(f"--host {host!r}: the {what} binds loopback only (127.0.0.1)")
-
-
-def write_ready_file(path: str, info: dict) -> None:
-    tmp = path + ".tmp"
-    Path(tmp).write_text(json.dumps(info))
-    os.replace(tmp, path)
 
 
 async def serve_until_signal(app: web.Application, host: str, port: int, ready_file: str, name: str,

@@ -7,7 +7,6 @@ Owns: process wiring, signals and the ready file.  Must not touch: store rules (
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -16,6 +15,7 @@ import time
 
 import zmq
 
+from kvrelay.readyfile import write_ready_file
 from kvrelay.store.config import from_args, add_arguments, StoreConfig
 from kvrelay.store.core import StoreCore
 from kvrelay.store.protocol import STORE_COMPAT
@@ -89,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("store serving %s (metrics :%s, pool %d bytes, recovered %d chunks, dropped %d) in %.2fs",
                  server.address, mport, cfg.pool_size, core.recovered, core.recover_dropped, info["startup_seconds"])
         if cfg.ready_file:
-            tmp = cfg.ready_file + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump(info, fh)
-            os.replace(tmp, cfg.ready_file)
+            write_ready_file(cfg.ready_file, info)
         server.serve_forever()
     finally:
         if server is not None and not server.sock.closed:

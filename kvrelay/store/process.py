@@ -5,7 +5,6 @@ Owns: spawning and stopping one daemon process.  Must not touch: the daemon's in
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from kvrelay.readyfile import wait_ready_file
 
 
 def die_with_parent() -> None:
@@ -47,16 +48,14 @@ class DaemonProcess:
         t0 = time.monotonic()
         self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL,
                                      preexec_fn=die_with_parent)
-        deadline = t0 + timeout
         try:
-            while not ready.exists():
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"kvrelay store exited with {self.proc.returncode} (args {args})")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"kvrelay store did not become ready within {timeout}s")
-                time.sleep(0.02)
+            try:
+                self.info = wait_ready_file(ready, self.proc, timeout)
+            except ChildProcessError as exc:
+                raise RuntimeError(f"kvrelay store {exc} (args {args})") from None
+            except TimeoutError:
+                raise TimeoutError(f"kvrelay store did not become ready within {timeout}s") from None
             self.spawn_to_ready_s = time.monotonic() - t0
-            self.info = json.loads(ready.read_text())
             ready.unlink()
         except BaseException:
             self.stop(signal.SIGKILL)

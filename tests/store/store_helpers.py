@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from kvrelay.readyfile import wait_ready_file
 from kvrelay.keys import ChunkKey
 from kvrelay.store.process import die_with_parent
 from kvrelay.transfer.wire import ChunkHeader, checksum
@@ -36,15 +36,14 @@ class Daemon:
             args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
         self.log = open(self.tmp / "daemon.log", "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {(self.tmp / 'daemon.log').read_text()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise TimeoutError(f"daemon did not become ready within {timeout}s: {(self.tmp / 'daemon.log').read_text()[-2000:]}")
-            time.sleep(0.05)
-        self.info = json.loads(ready.read_text())
+        try:
+            self.info = wait_ready_file(ready, self.proc, timeout)
+        except ChildProcessError:
+            raise RuntimeError(f"daemon exited {self.proc.returncode}: {(self.tmp / 'daemon.log').read_text()}") from None
+        except TimeoutError:
+            self.kill()
+            raise TimeoutError(f"daemon did not become ready within {timeout}s: "
+                               f"{(self.tmp / 'daemon.log').read_text()[-2000:]}") from None
         return self
 
     @property
