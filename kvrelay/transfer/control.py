@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Callable, Union
 
 import msgspec
 import zmq
 
-from kvrelay.transfer.base import AgentInfo, Peer
+from kvrelay.transfer.base import AgentInfo, Peer, RegionInfo
 
 
 class Hello(msgspec.Struct, tag="hello"):
@@ -54,7 +54,19 @@ class PeerConn:
     lock: threading.Lock = field(default_factory=threading.Lock)
     ctrl: zmq.Socket | None = None
     pidfd: int | None = None
+    pid_poll: object = None  # a select.poll() holding pidfd: the cheapest "has it exited?" check
     extra: dict = field(default_factory=dict)  # transport-specific state
+    _sizes: tuple = (None, {})  # (the Peer they were computed for, region id -> nbytes)
+
+    def sizes_for(self, reachable: Callable[[RegionInfo], bool]) -> dict[int, int]:
+        """Sizes of the peer's regions that ``reachable`` accepts, cached until the peer record changes
+        (``reachable`` must be the same function for a given connection)."""
+        peer, sizes = self._sizes
+        if peer is not self.peer:
+            peer = self.peer
+            sizes = {r.region_id: r.nbytes for r in peer.info.regions if reachable(r)}
+            self._sizes = (peer, sizes)
+        return sizes
 
     @property
     def key(self) -> tuple[str, str]:

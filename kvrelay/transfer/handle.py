@@ -12,7 +12,9 @@ Callbacks (all optional, called without the handle's lock held):
   * ``_progress(t)`` (set by the transport) receives the transfer's completion on the waiting thread,
                      blocking up to ``t`` seconds; `wait` and `state` drive it.
 
-Thread safety: every method may be called from any thread.
+Thread safety: every method may be called from any thread.  A handle is cheap (one lock; the event a
+waiter blocks on is made only when someone waits on an unfinished transfer): small transfers create
+one per call, and its cost is part of every round trip.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from kvrelay.transfer.base import XferHandle, XferState
 # for a few microseconds (small transfers complete there), then sleep with a growing interval.
 _SPIN_S = 50e-6
 _MAX_SLEEP_S = 1e-3
+_TERMINAL = (XferState.DONE, XferState.FAILED, XferState.CANCELLED)
 
 
 class Handle(XferHandle):
@@ -47,33 +50,40 @@ class Handle(XferHandle):
         self._abort = abort
         self._free = free
         self._on_release = on_release
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._event: threading.Event | None = None  # made by the first wait() on an unfinished handle
+        self._done = False
         self._state = XferState.PENDING
         self._error: str | None = None
         self._released = False
-        self.started_at = time.monotonic()
+        self.started_at = self.deadline - timeout
         self.finished_at: float | None = None
 
     # -- transitions (transports call these) -------------------------------------------------------
     def set_transferring(self) -> None:
-        with self._cond:
+        with self._lock:
             if self._state is XferState.PENDING:
                 self._state = XferState.TRANSFERRING
 
     def finish(self, state: XferState, error: str | None = None) -> bool:
         """Move to a terminal state unless already terminal; True if this call made the move."""
-        if not state.terminal:
+        if state not in _TERMINAL:
             raise ValueError(f"finish() needs a terminal state, got {state}")
+        if self._done:
+            return False
         now = time.monotonic()
         if state is XferState.DONE and now > self.deadline:  # DONE means "within its deadline"
             state, error = XferState.FAILED, self._deadline_reason()
-        with self._cond:
-            if self._state.terminal:
+        with self._lock:
+            if self._done:
                 return False
             self._state = state
             self._error = error
             self.finished_at = now
-            self._cond.notify_all()
+            self._done = True
+            event = self._event
+        if event is not None:
+            event.set()
         if state is not XferState.DONE and self._abort is not None:
             self._abort(state)
         return True
@@ -93,7 +103,7 @@ class Handle(XferHandle):
     # -- XferHandle --------------------------------------------------------------------------------
     @property
     def state(self) -> XferState:
-        if not self._state.terminal:
+        if not self._done:
             if self._poll is not None:
                 self._poll()
             elif self._progress is not None:
@@ -107,25 +117,26 @@ class Handle(XferHandle):
 
     @property
     def done(self) -> bool:
-        return self._state.terminal
+        return self._done
 
     def wait(self, timeout: float | None = None) -> XferState:
+        if self._done:
+            return self._state
         now = time.monotonic()
         until = self.deadline if timeout is None else min(self.deadline, now + max(0.0, timeout))
         if self._progress is not None:
-            while not self._state.terminal and now < until:
+            while not self._done and now < until:
                 self._progress(until - now)
                 now = time.monotonic()
         elif self._poll is None:
-            with self._cond:
-                self._cond.wait_for(lambda: self._state.terminal, timeout=max(0.0, until - now))
+            self.block(until - now)
         else:
             sleep = 0.0
             spin_until = now + _SPIN_S
-            while not self._state.terminal:
+            while not self._done:
                 self._poll()
                 now = time.monotonic()
-                if self._state.terminal or now >= until:
+                if self._done or now >= until:
                     break
                 if now >= spin_until:
                     sleep = min(_MAX_SLEEP_S, max(20e-6, sleep * 2), until - now)
@@ -133,11 +144,21 @@ class Handle(XferHandle):
         self.expire_if_due()
         return self._state
 
+    def block(self, timeout: float) -> None:
+        """Sleep until the handle is terminal or ``timeout`` seconds pass (no progress, no expiry)."""
+        with self._lock:
+            if self._done:
+                return
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        event.wait(max(0.0, timeout))
+
     def cancel(self) -> None:
         self.finish(XferState.CANCELLED, "cancelled by the caller")
 
     def release(self) -> None:
-        with self._cond:
+        with self._lock:
             if self._released:
                 return
             self._released = True

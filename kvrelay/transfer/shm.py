@@ -11,8 +11,9 @@ ordinary memory gives a local-only region (usable as the local side of descripto
 a peer's remote region raises ValueError saying to use `alloc`.
 
 Transfers of up to `INLINE_BYTES` copy on the caller's thread before `read`/`write` returns; larger
-ones run on the endpoint's copy thread in `STEP_BYTES` steps, checking cancel, deadline and peer
-liveness between steps.  A transfer whose peer exited before it finished FAILS (a write into a dead
+ones are cut into `STEP_BYTES` steps that the endpoint's copy thread claims one by one, and so does a
+thread that waits on the handle (two threads copy at once, no hand-off when the caller waits anyway);
+cancel, deadline and peer liveness are checked between steps.  A transfer whose peer exited before it finished FAILS (a write into a dead
 process's memory went nowhere), and that peer's segments are unlinked.
 """
 
@@ -33,7 +34,21 @@ from kvrelay.transfer.handle import Handle
 SHM_DIR = "/dev/shm"
 PREFIX = "kvrelay-xfer-"
 INLINE_BYTES = 1 << 20
-STEP_BYTES = 8 << 20
+STEP_BYTES = 2 << 20  # small enough for two threads to share a 4 MiB transfer
+
+
+class _Job:
+    """A large transfer cut into steps that the copy thread and waiting callers claim one by one."""
+
+    __slots__ = ("conn", "handle", "steps", "next", "left", "lock")
+
+    def __init__(self, conn: PeerConn, handle: Handle, steps: list[tuple[memoryview, memoryview]]) -> None:
+        self.conn = conn
+        self.handle = handle
+        self.steps = steps
+        self.next = 0            # the first unclaimed step
+        self.left = len(steps)   # steps not yet copied
+        self.lock = threading.Lock()
 
 
 def segments() -> list[str]:
@@ -157,6 +172,10 @@ class ShmTransport(Endpoint):
                     view = maps[region_id] = memoryview(_map(info.meta.decode(), info.nbytes, create=False))
         return view
 
+    @staticmethod
+    def _reachable(region: RegionInfo) -> bool:
+        return bool(region.meta)  # only shared-memory regions (made by alloc) can be a remote side
+
     def _validate(self, peer: Peer, op: str, descs: list[Desc]) -> None:
         for i, d in enumerate(descs):
             if not peer.region(d.remote_region).meta:
@@ -184,22 +203,32 @@ class ShmTransport(Endpoint):
     # -- copies ----------------------------------------------------------------------------------
     def _start(self, conn: PeerConn, op: str, descs: list[Desc], handle: Handle) -> None:
         try:
-            pairs = [self._pair(conn, op, d) for d in descs]
+            pairs = self._pairs(conn, op, descs)
         except (ValueError, OSError) as exc:
             handle.fail(f"cannot map peer {conn.peer.name!r} memory: {exc}")
             return
         if handle.nbytes <= self.inline_bytes:
             handle.set_transferring()
             for dst, src in pairs:
-                dst[:] = src
+                dst[:] = src  # memoryview assignment: the cheapest call for small copies (holds the GIL)
             self._complete(conn, handle)
-        else:
-            self._jobs.put((conn, pairs, handle))
+            return
+        steps = [(dst[off:off + STEP_BYTES], src[off:off + STEP_BYTES])
+                 for dst, src in pairs for off in range(0, len(dst), STEP_BYTES)]
+        job = _Job(conn, handle, steps)
+        handle._progress = lambda timeout: self._help(job, timeout)
+        self._jobs.put(job)
 
-    def _pair(self, conn: PeerConn, op: str, d: Desc) -> tuple[np.ndarray, np.ndarray]:
-        local = np.frombuffer(self.local_region(d.local_region).view, np.uint8, d.length, d.local_offset)
-        remote = np.frombuffer(self._mapped(conn, d.remote_region), np.uint8, d.length, d.remote_offset)
-        return (local, remote) if op == "read" else (remote, local)
+    def _pairs(self, conn: PeerConn, op: str, descs: list[Desc]) -> list[tuple[memoryview, memoryview]]:
+        regions = self._regions
+        maps = conn.extra.get("maps") or {}
+        pairs = []
+        for d in descs:
+            local = regions[d.local_region].view[d.local_offset:d.local_offset + d.length]
+            remote = maps.get(d.remote_region) or self._mapped(conn, d.remote_region)
+            remote = remote[d.remote_offset:d.remote_offset + d.length]
+            pairs.append((local, remote) if op == "read" else (remote, local))
+        return pairs
 
     def _complete(self, conn: PeerConn, handle: Handle) -> None:
         if self.peer_exited(conn):
@@ -208,22 +237,46 @@ class ShmTransport(Endpoint):
         else:
             handle.finish(XferState.DONE)
 
+    def _help(self, job: "_Job", timeout: float) -> None:
+        """A thread waiting on a large transfer copies its unclaimed steps itself (beside the copy thread),
+        then sleeps until the steps others claimed are done."""
+        if timeout > 0:
+            self._run(job)
+            job.handle.block(timeout)
+
+    def _run(self, job: "_Job") -> None:
+        """Claim and copy steps until none is left (several threads may run one job; numpy's copy releases
+        the GIL, so they copy in parallel).  Checks cancel, deadline and the peer's life between steps;
+        whoever finishes the last step completes the handle."""
+        conn, handle = job.conn, job.handle
+        handle.set_transferring()
+        while True:
+            with job.lock:
+                if job.next >= len(job.steps):
+                    return
+                dst, src = job.steps[job.next]
+                job.next += 1
+            if handle.done or handle.expire_if_due() or self.peer_exited(conn):
+                with job.lock:
+                    job.next = len(job.steps)  # nobody copies more of it
+                self._complete(conn, handle)  # FAILED (peer exited) unless already terminal
+                if self.peer_exited(conn) and conn.alive:
+                    self._lose(conn, f"peer {conn.peer.name!r} (pid {conn.peer.info.pid}) exited")
+                return
+            np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))
+            with job.lock:
+                job.left -= 1
+                last = job.left == 0
+            if last:
+                self._complete(conn, handle)
+                return
+
     def _copy_loop(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            conn, pairs, handle = job
-            handle.set_transferring()
-            for dst, src in pairs:
-                for off in range(0, len(dst), STEP_BYTES):
-                    if handle.done or handle.expire_if_due() or self.peer_exited(conn):
-                        break
-                    dst[off:off + STEP_BYTES] = src[off:off + STEP_BYTES]
-            if not handle.done:
-                self._complete(conn, handle)
-            if self.peer_exited(conn) and conn.alive:
-                self._lose(conn, f"peer {conn.peer.name!r} (pid {conn.peer.info.pid}) exited")
+            self._run(job)
 
     def _shutdown(self) -> None:
         self._jobs.put(None)
