@@ -2,17 +2,15 @@
  *
  * Owns: bounds checks (nothing is written before every bound holds), the copy plan (contiguous runs
  * merged into single memcpy calls: a full NHD block of one plane is one 32 KiB run; jobs larger than
- * the stream threshold copy with non-temporal stores) and a small persistent worker pool (the caller
- * is worker 0).  Must not touch: Python objects.
+ * the stream threshold copy with non-temporal stores), cut into pieces for the worker pool (pool.c).
+ * Must not touch: Python objects.
  */
 #define _GNU_SOURCE
 #include "kvcopy.h"
 
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <emmintrin.h>
 
 /* ---------------------------------------------------------------- validation */
@@ -141,178 +139,29 @@ static void run_range(const kv_job *j, int64_t lo, int64_t hi, int stream) {
     if (r.stream) _mm_sfence();
 }
 
-/* ---------------------------------------------------------------- worker pool
- *
- * A job is cut into pieces of about PIECE_BYTES; the caller and the workers claim pieces with an atomic
- * counter, so a worker that the OS has descheduled (2 busy cores) does not hold the caller up: the
- * caller simply takes the remaining pieces.  A worker joins a job only while holding `mu` and while the
- * job is posted; the caller waits (under `mu`) until no worker is inside the job, then withdraws it, so
- * no worker ever sees a job after its caller has returned.
- */
+/* ---------------------------------------------------------------- pieces for the pool */
 
 #define PIECE_BYTES (256 * 1024)
 
-static pthread_mutex_t submit_mu = PTHREAD_MUTEX_INITIALIZER; /* one pooled job at a time */
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t cv_work = PTHREAD_COND_INITIALIZER, cv_idle = PTHREAD_COND_INITIALIZER;
-static int want_threads = 2, pool_threads = 0, shutting_down = 0, atfork_done = 0;
-static pthread_t *workers = NULL;
-static const kv_job *cur_job = NULL;  /* the posted job, NULL when none (guarded by mu) */
-static int active = 0;                /* workers inside cur_job (guarded by mu) */
-static int64_t piece_flat = 1, num_pieces = 0;
-static int64_t next_piece = 0;        /* claimed with __atomic_fetch_add */
-static int stream_job = 0;            /* the posted job uses streaming stores */
-static uint64_t generation = 0, pool_start_gen = 0; /* workers start from pool_start_gen */
-static int64_t parallel_threshold = 1 << 20;
-/* Back-off: a worker preempted in the middle of a piece makes the caller wait for a whole scheduler
- * time slice (milliseconds, on busy cores).  When the caller waited longer than a quarter of its own
- * copying time, jobs run on the caller alone until backoff_until (monotonic ns). */
-static int64_t backoff_ns = 50 * 1000 * 1000LL;
-static int64_t backoff_until = 0;
-static uint64_t backoffs = 0;
+typedef struct { const kv_job *j; int64_t piece_flat, total; int stream; } kv_ctx;
 
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static void claim_pieces(const kv_job *j) {
-    const int64_t total = j->num_kv * (j->token_end - j->token_start);
-    for (;;) {
-        int64_t p = __atomic_fetch_add(&next_piece, 1, __ATOMIC_RELAXED);
-        if (p >= num_pieces) return;
-        int64_t lo = p * piece_flat, hi = lo + piece_flat < total ? lo + piece_flat : total;
-        run_range(j, lo, hi, stream_job);
-    }
-}
-
-static void *worker_main(void *arg) {
-    (void)arg;
-    pthread_mutex_lock(&mu);
-    uint64_t seen = pool_start_gen; /* not `generation`: a job may already have been posted */
-    for (;;) {
-        while (generation == seen && !shutting_down) pthread_cond_wait(&cv_work, &mu);
-        if (shutting_down) break;
-        seen = generation;
-        const kv_job *j = cur_job;
-        if (!j) continue; /* woke after the job was withdrawn: its caller did the work */
-        active++;
-        pthread_mutex_unlock(&mu);
-        claim_pieces(j);
-        pthread_mutex_lock(&mu);
-        if (--active == 0) pthread_cond_signal(&cv_idle);
-    }
-    pthread_mutex_unlock(&mu);
-    return NULL;
-}
-
-/* fork(): the child has no workers; hold the locks across fork and reset the pool in the child. */
-static void atfork_prepare(void) { pthread_mutex_lock(&submit_mu); pthread_mutex_lock(&mu); }
-static void atfork_parent(void) { pthread_mutex_unlock(&mu); pthread_mutex_unlock(&submit_mu); }
-static void atfork_child(void) {
-    pthread_mutex_init(&mu, NULL);
-    pthread_mutex_init(&submit_mu, NULL);
-    pthread_cond_init(&cv_work, NULL);
-    pthread_cond_init(&cv_idle, NULL);
-    free(workers);
-    workers = NULL;
-    pool_threads = 0;
-    shutting_down = 0;
-    active = 0;
-    cur_job = NULL;
-}
-
-static void pool_stop_locked(void) { /* submit_mu held */
-    if (!pool_threads) return;
-    pthread_mutex_lock(&mu);
-    shutting_down = 1;
-    pthread_cond_broadcast(&cv_work);
-    pthread_mutex_unlock(&mu);
-    for (int i = 0; i < pool_threads - 1; i++) pthread_join(workers[i], NULL);
-    free(workers);
-    workers = NULL;
-    pool_threads = 0;
-    shutting_down = 0;
-}
-
-static int pool_start_locked(void) { /* submit_mu held */
-    if (!atfork_done) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); atfork_done = 1; }
-    int n = want_threads;
-    pool_start_gen = generation;
-    workers = calloc((size_t)(n > 1 ? n - 1 : 1), sizeof(pthread_t));
-    if (!workers) return -1;
-    int started = 0;
-    for (int i = 1; i < n; i++) {
-        if (pthread_create(&workers[i - 1], NULL, worker_main, NULL) != 0) break;
-        started++;
-    }
-    pool_threads = started + 1;
-    return 0;
+static void kv_piece(void *arg, int64_t p) {
+    const kv_ctx *c = arg;
+    int64_t lo = p * c->piece_flat, hi = lo + c->piece_flat < c->total ? lo + c->piece_flat : c->total;
+    run_range(c->j, lo, hi, c->stream);
 }
 
 int64_t kv_run(const kv_job *j) {
     const int64_t total = j->num_kv * (j->token_end - j->token_start);
-    const int64_t flat_bytes = j->num_heads * j->row_bytes;
-    int64_t bytes = total * flat_bytes;
-    const int stream = bytes >= stream_threshold;
-    if (want_threads <= 1 || bytes < parallel_threshold || now_ns() < __atomic_load_n(&backoff_until, __ATOMIC_RELAXED) ||
-        pthread_mutex_trylock(&submit_mu) != 0) {
-        run_range(j, 0, total, stream);
-        return bytes;
-    }
-    if (pool_threads != want_threads) {
-        pool_stop_locked();
-        if (pool_start_locked() != 0 || pool_threads == 1) {
-            pthread_mutex_unlock(&submit_mu);
-            run_range(j, 0, total, stream);
-            return bytes;
-        }
-    }
-    int64_t pf = PIECE_BYTES / flat_bytes;
+    const int64_t bytes = total * j->num_heads * j->row_bytes;
+    const int threads = kv_get_threads();
+    int64_t pf = PIECE_BYTES / (j->num_heads * j->row_bytes);
     if (pf < 1) pf = 1;
-    if (pf * pool_threads > total) pf = (total + pool_threads - 1) / pool_threads; /* small jobs: one piece each */
-    pthread_mutex_lock(&mu);
-    piece_flat = pf;
-    stream_job = stream;
-    num_pieces = (total + pf - 1) / pf;
-    __atomic_store_n(&next_piece, 0, __ATOMIC_RELAXED);
-    cur_job = j;
-    generation++;
-    pthread_cond_broadcast(&cv_work);
-    pthread_mutex_unlock(&mu);
-    int64_t t0 = now_ns();
-    claim_pieces(j);
-    int64_t t1 = now_ns();
-    pthread_mutex_lock(&mu);
-    while (active > 0) pthread_cond_wait(&cv_idle, &mu);
-    cur_job = NULL;
-    pthread_mutex_unlock(&mu);
-    int64_t t2 = now_ns();
-    if (backoff_ns > 0 && t2 - t1 > (t1 - t0) / 4 + 200000) { /* waited > 1/4 of own work (+0.2 ms) */
-        __atomic_store_n(&backoff_until, t2 + backoff_ns, __ATOMIC_RELAXED);
-        backoffs++;
-    }
-    pthread_mutex_unlock(&submit_mu);
+    if (pf * threads > total) pf = (total + threads - 1) / threads; /* small jobs: one piece each */
+    kv_ctx c = {j, pf, total, bytes >= stream_threshold};
+    pool_run(kv_piece, &c, (total + pf - 1) / pf, bytes);
     return bytes;
 }
 
-int kv_set_threads(int n) {
-    if (n < 1) return -1;
-    pthread_mutex_lock(&submit_mu);
-    want_threads = n;
-    if (pool_threads && pool_threads != n) pool_stop_locked();
-    pthread_mutex_unlock(&submit_mu);
-    return 0;
-}
-
-int kv_get_threads(void) { return want_threads; }
-void kv_set_parallel_threshold(int64_t nbytes) { parallel_threshold = nbytes < 0 ? 0 : nbytes; }
-int64_t kv_get_parallel_threshold(void) { return parallel_threshold; }
-uint64_t kv_get_backoffs(void) { return backoffs; }
-void kv_set_backoff_ns(int64_t ns) {
-    backoff_ns = ns < 0 ? 0 : ns;
-    __atomic_store_n(&backoff_until, 0, __ATOMIC_RELAXED);
-}
 void kv_set_stream_threshold(int64_t nbytes) { stream_threshold = nbytes < 0 ? 0 : nbytes; }
 int64_t kv_get_stream_threshold(void) { return stream_threshold; }

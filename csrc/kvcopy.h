@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "pool.h"
+
 typedef struct {
     int pack;                 /* 1: cache -> chunk (pack); 0: chunk -> cache (unpack) */
     int num_kv;               /* planes per token: 2 (K, V) or 1 (MLA) */
@@ -35,15 +37,6 @@ int kv_validate(const kv_job *job, char *err, size_t errlen);
  * Call without the GIL.  Returns bytes of chunk touched. */
 int64_t kv_run(const kv_job *job);
 
-/* Pool size (threads including the caller); n >= 1.  Restarts the pool lazily. */
-int kv_set_threads(int n);
-int kv_get_threads(void);
-void kv_set_parallel_threshold(int64_t nbytes);
-int64_t kv_get_parallel_threshold(void);
-/* How often the pool backed off to caller-only copies because a worker lagged (preempted). */
-uint64_t kv_get_backoffs(void);
-/* How long a back-off lasts (default 50 ms); 0 disables backing off. */
-void kv_set_backoff_ns(int64_t ns);
 /* Jobs of at least this many bytes write with non-temporal (streaming) stores; default 16 MiB. */
 void kv_set_stream_threshold(int64_t nbytes);
 int64_t kv_get_stream_threshold(void);
