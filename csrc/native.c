@@ -1,12 +1,13 @@
 /* kvrelay native host library: the CPython binding (module kvrelay._native).
  *
- * Owns: argument conversion and GIL release around the copies in kvcopy.c.  Must not touch: torch
+ * Owns: argument conversion and GIL release around the copies in kvcopy.c and chunksum.c.  Must not touch: torch
  * (this is a plain C extension; Python passes raw addresses, lengths and strides, see
  * kvrelay/kernels/native.py, which validates first; kv_validate checks again before any write).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "chunksum.h"
 #include "kvcopy.h"
 
 #define COPY_NARGS 25
@@ -108,11 +109,76 @@ static PyObject *py_set_backoff_ns(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+
+/* Buffers (bytes, bytearray, memoryview, numpy arrays: anything C-contiguous with the buffer protocol). */
+static int get_buf(PyObject *o, Py_buffer *b, int writable, const char *what) {
+    if (PyObject_GetBuffer(o, b, writable ? (PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) : PyBUF_C_CONTIGUOUS) != 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous%s buffer (bytes, memoryview, numpy array), got %s",
+                     what, writable ? " writable" : "", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_checksum(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_buffer b;
+    if (get_buf(arg, &b, 0, "checksum's argument") != 0) return NULL;
+    uint64_t h = 0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ks_checksum(b.buf, (int64_t)b.len, &h);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    if (rc != 0) return PyErr_NoMemory();
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+/* copy_into(dst, src, checksum: bool) -> checksum of dst after the copy, or None. */
+static PyObject *py_copy_into(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "_native.copy_into(dst, src, with_checksum) takes 3 arguments, got %zd", nargs);
+        return NULL;
+    }
+    int want = PyObject_IsTrue(args[2]);
+    if (want < 0) return NULL;
+    Py_buffer d, s;
+    if (get_buf(args[0], &d, 1, "dst") != 0) return NULL;
+    if (get_buf(args[1], &s, 0, "src") != 0) { PyBuffer_Release(&d); return NULL; }
+    if (d.len != s.len) {
+        PyErr_Format(PyExc_ValueError, "copy_into: dst has %zd bytes, src %zd", d.len, s.len);
+        PyBuffer_Release(&d); PyBuffer_Release(&s);
+        return NULL;
+    }
+    char *dp = d.buf;
+    const char *sp = s.buf;
+    if (dp < sp + s.len && sp < dp + d.len && d.len > 0) {
+        PyErr_SetString(PyExc_ValueError, "copy_into: dst and src overlap");
+        PyBuffer_Release(&d); PyBuffer_Release(&s);
+        return NULL;
+    }
+    uint64_t h = 0;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (want) rc = ks_copy_checksum(dp, sp, (int64_t)d.len, &h);
+    else ks_copy(dp, sp, (int64_t)d.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&d); PyBuffer_Release(&s);
+    if (rc != 0) return PyErr_NoMemory();
+    if (!want) Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(h);
+}
+
 static PyMethodDef methods[] = {
     {"copy", (PyCFunction)(void (*)(void))py_copy, METH_FASTCALL,
      "copy(pack, base0, extent0, offset0, base1, extent1, offset1, num_kv, block_stride, token_stride, "
      "head_stride, row_bytes, num_blocks, block_size, cache_heads, ids_ptr, num_ids, token_start, token_end, "
      "cache_h0, num_heads, chunk_ptr, chunk_nbytes, chunk_heads, chunk_h0) -> bytes; ValueError on bad bounds"},
+    {"checksum", py_checksum, METH_O, "checksum(buf) -> int: the chunk checksum (see csrc/chunksum.h)"},
+    {"copy_into", (PyCFunction)(void (*)(void))py_copy_into, METH_FASTCALL,
+     "copy_into(dst, src, with_checksum) -> checksum of dst or None: a parallel copy, hashed behind it"},
     {"set_num_threads", py_set_threads, METH_O, "set the copy pool size (threads including the caller)"},
     {"get_num_threads", py_get_threads, METH_NOARGS, "the copy pool size"},
     {"set_parallel_threshold", py_set_threshold, METH_O, "copies smaller than this many bytes run inline"},

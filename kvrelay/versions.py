@@ -4,4 +4,4 @@ daemon, the router) can check them without importing torch.
 WIRE_VERSION: the chunk byte order and ChunkHeader (history in kvrelay/transfer/wire.py).
 """
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2

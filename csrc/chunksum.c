@@ -1,0 +1,63 @@
+/* kvrelay native host library: chunk checksums (see chunksum.h for the definition) and pooled copies.
+ *
+ * Owns: leaf hashing and the fused copy+hash.  Must not touch: Python objects, the pool's internals.
+ */
+#define XXH_INLINE_ALL
+#include "third_party/xxhash/xxhash.h"
+#if defined(__x86_64__) || defined(_M_X64)
+#include "third_party/xxhash/xxh_x86dispatch.h"
+#define LEAF_HASH XXH3_64bits_dispatch /* AVX2/AVX-512 when the CPU has it, checked once at run time */
+#else
+#define LEAF_HASH XXH3_64bits
+#endif
+
+#include "chunksum.h"
+#include "pool.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct { char *dst; const char *src; int64_t n; uint64_t *leaves; } ks_ctx;
+
+static void leaf_piece(void *arg, int64_t p) {
+    const ks_ctx *c = arg;
+    int64_t off = p * KS_LEAF, len = c->n - off < KS_LEAF ? c->n - off : KS_LEAF;
+    const char *bytes = c->src + off;
+    if (c->dst) {
+        memcpy(c->dst + off, c->src + off, (size_t)len);
+        bytes = c->dst + off; /* hash what landed, while it is in cache */
+    }
+    if (c->leaves) c->leaves[p] = LEAF_HASH(bytes, (size_t)len);
+}
+
+static int run(char *dst, const char *src, int64_t n, uint64_t *out) {
+    int64_t m = (n + KS_LEAF - 1) / KS_LEAF;
+    if (n <= KS_LEAF) {
+        if (dst && n > 0) memcpy(dst, src, (size_t)n);
+        if (out) *out = LEAF_HASH(dst ? dst : src, (size_t)n);
+        return 0;
+    }
+    uint64_t stack[64], *leaves = NULL;
+    if (out) {
+        leaves = m <= 64 ? stack : malloc((size_t)m * sizeof(uint64_t));
+        if (!leaves) return -1;
+    }
+    ks_ctx c = {dst, src, n, leaves};
+    pool_run(leaf_piece, &c, m, n);
+    if (out) {
+        unsigned char *le = (unsigned char *)leaves;
+        for (int64_t i = 0; i < m; i++) { /* serialize little-endian in place */
+            uint64_t v = leaves[i];
+            for (int b = 0; b < 8; b++) le[i * 8 + b] = (unsigned char)(v >> (8 * b));
+        }
+        *out = XXH3_64bits_withSeed(le, (size_t)m * 8, (uint64_t)n);
+        if (leaves != stack) free(leaves);
+    }
+    return 0;
+}
+
+int ks_checksum(const char *src, int64_t n, uint64_t *out) { return run(NULL, src, n, out); }
+
+int ks_copy_checksum(char *dst, const char *src, int64_t n, uint64_t *out) { return run(dst, src, n, out); }
+
+void ks_copy(char *dst, const char *src, int64_t n) { (void)run(dst, src, n, NULL); }
