@@ -3,7 +3,8 @@
 Owns: the store suite only.  Must not touch: the harness or other suites.
 
 Cases (each beside a baseline measured in the same run):
-  publish/shm      reserve + pack into the mapped pool slot + commit (daemon verifies) vs memcpy
+  publish/shm      reserve + copy into the mapped pool slot with the checksum computed behind it + commit
+                   (pipelined; /sync: one round trip each) vs memcpy (torch copy_) into preallocated slots
   pull/shm         pull (wait, copy out of the pool, verify xxh3) vs a plain copy out of the mapped pool
   pull/shm/batch   pull_many of BATCH chunks per call (one round trip, copy+verify fused, in parallel) into
                    BATCH distinct slots, vs the same plain copy
@@ -95,8 +96,7 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
             c.reserve(f"bench-{r}-{wait}", [(k, chunk) for k in ks])
             t0 = time.perf_counter()
             for k in ks:
-                c.publish_buffer(k).copy_(src)
-                c.commit(k, header, wait=wait)
+                c.publish(k, header, src, wait=wait)  # copy into the slot, checksum behind it, commit
             c.flush()
             pub[wait].append((time.perf_counter() - t0) / n)
     for wait in (False, True):
@@ -104,7 +104,8 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
                                _gbps(chunk, median(pub[wait])), "GB/s", "memcpy into n preallocated chunk slots",
                                _gbps(chunk, median(base)),
                                {**params, "commit": "one round trip each" if wait else "pipelined, flush per layer",
-                                "includes": "reserve amortized, pack copy, commit, daemon xxh3 verify"}))
+                                "includes": "reserve amortized, copy into the mapped slot with the checksum "
+                                            "computed behind it (one pass), commit"}))
     ks = keys[-n:]
     out = torch.empty(chunk, dtype=torch.uint8)
     pool_t = c._path.tensor

@@ -26,7 +26,7 @@ from kvrelay.keys import ChunkKey
 from kvrelay.store import protocol as P
 from kvrelay.store.core import kid_of
 from kvrelay.store.datapath import SharedPath, TransportPath
-from kvrelay.transfer.wire import ChunkHeader, verify
+from kvrelay.transfer.wire import ChunkHeader, copy_into, verify
 
 
 PARALLEL_ABOVE = 1 << 20  # pull_many spreads chunks this big over PULL_THREADS (smaller: a hand-off costs more)
@@ -210,15 +210,22 @@ class StoreClient:
         else:
             self._roundtrip(self._sock(), P.Commit(key=key, header=header), self.timeout, expect_reply=False)
 
-    def publish(self, key: ChunkKey, header: ChunkHeader, payload) -> None:
+    def publish(self, key: ChunkKey, header: ChunkHeader, payload, *, wait: bool = True) -> None:
+        """Copy ``payload`` into the chunk's slot and commit it (reserving first if needed).  The checksum of
+        the copied bytes is computed behind the copy (one pass) and must equal ``header.checksum``, so a wrong
+        header is refused here, before anything is committed.  ``wait`` as in `commit`."""
         src = _as_uint8(payload)
+        kid = kid_of(key)
         if src.numel() != header.nbytes:
-            raise ValueError(f"publish({kid_of(key)}): payload is {src.numel()} bytes, header says {header.nbytes}")
-        if kid_of(key) not in self._slots:
-            self.reserve(f"publish:{kid_of(key)}", [(key, header.nbytes)])
+            raise ValueError(f"publish({kid}): payload is {src.numel()} bytes, header says {header.nbytes}")
+        if kid not in self._slots:
+            self.reserve(f"publish:{kid}", [(key, header.nbytes)])
         buf = self.publish_buffer(key)
-        buf.copy_(src)
-        self.commit(key, header)
+        got = copy_into(buf, src, True)
+        if got != header.checksum:
+            raise ValueError(f"publish({kid}): the payload's checksum is {got:#018x}, the header says "
+                             f"{header.checksum:#018x}; nothing was committed")
+        self.commit(key, header, wait=wait)
 
     def pull(self, key: ChunkKey, out: torch.Tensor, deadline: float, verify_checksum: bool = True) -> ChunkHeader:
         if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous():
@@ -230,15 +237,18 @@ class StoreClient:
             if out.numel() < header.nbytes:
                 raise ValueError(f"pull({kid_of(key)}): out has {out.numel()} bytes, the chunk has {header.nbytes}")
             dst = out[:header.nbytes]
-            self._path.pull_into(slot, dst, max(0.1, deadline - time.monotonic()))
+            bad = self._path.pull_many_into([slot], [dst], max(0.1, deadline - time.monotonic()),
+                                            [header.checksum] if verify_checksum else None, None)
         finally:
             with self._lock:
                 self._unpin.append(slot.pin)
-        if verify_checksum:
+        if bad:  # copied and hashed in one pass; the full message names what differs
             try:
                 verify(header, dst)
+                msg = "checksum mismatch"
             except ValueError as exc:
-                raise StoreError(f"pull({kid_of(key)}): {exc}", "corrupt") from None
+                msg = str(exc)
+            raise StoreError(f"pull({kid_of(key)}): {msg}", "corrupt")
         return header
 
     def pull_many(self, keys: Sequence[ChunkKey], outs: Sequence[torch.Tensor], deadline: float,

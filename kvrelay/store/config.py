@@ -50,6 +50,10 @@ class StoreConfig:
     chunk_ttl: float = 0.0  # drop chunks not touched for this long (0: never)
     pull_pin_ttl: float = 30.0  # a pulled chunk stays pinned at most this long while the client copies
     eviction: str = "lru"
+    # who re-hashes a committed slot before it is marked ready: "remote" (commits whose bytes crossed a
+    # transport; a same-host publisher wrote the pool itself and every puller verifies end to end, and the
+    # spiller checks each chunk before it reaches the SSD), "all", or "none"
+    verify_commits: str = "remote"
     ready_file: str = ""  # written (control and metrics addresses) once the daemon serves
 
     def __post_init__(self) -> None:
@@ -85,6 +89,8 @@ class StoreConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.chunk_ttl < 0:
             raise ValueError(f"chunk_ttl must be >= 0 (0 disables), got {self.chunk_ttl}")
+        if self.verify_commits not in ("remote", "all", "none"):
+            raise ValueError(f"verify_commits {self.verify_commits!r}: choose remote, all or none")
         if self.eviction != "lru":
             raise ValueError(f"eviction policy {self.eviction!r} is not supported; use 'lru'")
         if not self.pool_name:
@@ -149,6 +155,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-ttl", type=float)
     p.add_argument("--pull-pin-ttl", type=float)
     p.add_argument("--eviction")
+    p.add_argument("--verify-commits", choices=["remote", "all", "none"],
+                   help="re-hash committed slots of remote publishers (default), of all, or of none")
     p.add_argument("--ready-file", help="write the daemon's addresses (JSON) here once it serves")
 
 

@@ -16,8 +16,6 @@ import threading
 import time
 from collections import Counter
 
-import xxhash
-
 from kvrelay.keys import ChunkKey
 from kvrelay.store.config import StoreConfig
 from kvrelay.store.index import Entry, Index, State
@@ -25,7 +23,7 @@ from kvrelay.store.pool import Arena, SharedPool, align_up
 from kvrelay.store.protocol import Slot
 from kvrelay.store.spill import spill_loop
 from kvrelay.store.ssd import SsdTier
-from kvrelay.transfer.wire import ChunkHeader
+from kvrelay.transfer.wire import ChunkHeader, checksum
 
 
 COUNTERS = ("lookups", "lookup_hits", "lookup_chunks", "lookup_chunks_hit", "commits", "pulls", "admission_refusals",
@@ -174,32 +172,52 @@ class StoreCore:
             self.counters["evictions_dropped"] += 1
             self.ix.remove(e)
 
-    def commit(self, key: ChunkKey, header: ChunkHeader, namespace: str) -> bool:
-        """Verify and mark ready; returns False if the chunk was already present (nothing to do)."""
+    def commit(self, key: ChunkKey, header: ChunkHeader, namespace: str, verify: bool = True) -> bool:
+        """Check (and with ``verify``, re-hash the slot: outside the lock) and mark ready; returns False if the
+        chunk was already present (nothing to do)."""
         kid = kid_of(key)
         with self.lock:
-            e = self.ix.get(kid)
+            e = self._committable(kid, header, namespace)
             if e is None:
-                raise OpError("not_found", f"commit of {kid}: no reservation (it expired or was released); "
-                                           f"reserve before publishing")
-            if e.state is State.READY:
                 return False
-            if namespace and header.compat_hash != namespace:
-                raise OpError("bad_request", f"commit of {kid}: header compat hash {header.compat_hash} differs from "
-                                             f"this client's {namespace}")
-            if header.nbytes != e.nbytes:
-                raise OpError("bad_request", f"commit of {kid}: header says {header.nbytes} bytes, reserved "
-                                             f"{e.nbytes}")
-            got = xxhash.xxh3_64_intdigest(self.pool.view[e.offset:e.offset + e.nbytes])
+            e.verified = False
+            if verify:
+                e.spilling = True  # neither evicted nor purged while hashed without the lock
+        if verify:
+            try:
+                got = checksum(self.pool.view[e.offset:e.offset + e.nbytes])
+            finally:
+                with self.lock:
+                    e.spilling = False
             if got != header.checksum:
-                self.counters["checksum_failures"] += 1
+                with self.lock:
+                    self.counters["checksum_failures"] += 1
                 raise OpError("corrupt", f"commit of {kid}: checksum mismatch (header {header.checksum:#018x}, "
                                          f"pool slot {got:#018x}); the slot was not fully written")
+            e.verified = True
+        with self.lock:
+            if e.state is State.READY:  # a concurrent commit of the same content won
+                return False
             self.ix.mark_ready(e, header, time.monotonic())
             self.counters["commits"] += 1
         if self.ssd is not None:
             self._spill_q.put(kid)
         return True
+
+    def _committable(self, kid: str, header: ChunkHeader, namespace: str) -> Entry | None:
+        e = self.ix.get(kid)
+        if e is None:
+            raise OpError("not_found", f"commit of {kid}: no reservation (it expired or was released); "
+                                       f"reserve before publishing")
+        if e.state is State.READY:
+            return None
+        if namespace and header.compat_hash != namespace:
+            raise OpError("bad_request", f"commit of {kid}: header compat hash {header.compat_hash} differs from "
+                                         f"this client's {namespace}")
+        if header.nbytes != e.nbytes:
+            raise OpError("bad_request", f"commit of {kid}: header says {header.nbytes} bytes, reserved "
+                                         f"{e.nbytes}")
+        return e
 
     # --- pull --------------------------------------------------------------------------------------
     def acquire(self, key: ChunkKey) -> tuple[Slot, ChunkHeader] | None:
@@ -288,7 +306,7 @@ class StoreCore:
         with self.lock:
             for kid in list(self.ix.requests.get(request_id, ())) if request_id else []:
                 e = self.ix.entries[kid]
-                if e.pins == 0:
+                if e.pins == 0 and not e.spilling:
                     self._drop(e)
                     n += 1
             wanted = {kid_of(k) for k in keys}
@@ -328,7 +346,7 @@ class StoreCore:
             for kids in list(self.ix.requests.values()):
                 for kid in list(kids):
                     e = self.ix.entries[kid]
-                    if e.deadline <= now and e.pins == 0:
+                    if e.deadline <= now and e.pins == 0 and not e.spilling:
                         self._drop(e)
                         self.counters["reservation_expiries"] += 1
             if self.cfg.chunk_ttl:

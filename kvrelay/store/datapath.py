@@ -10,29 +10,18 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Executor
 
-import numpy as np
 import torch
-import xxhash
 
 from kvrelay.store.pool import ALIGN, Arena, SharedPool, align_up
 from kvrelay.store.protocol import STORE_COMPAT, Slot  # noqa: F401  (STORE_COMPAT re-exported)
-
-
-COPY_BLOCK = 512 << 10  # copy+hash in blocks this size, so the hash reads the block while it is in cache
+from kvrelay.transfer.wire import checksum, copy_into
 
 
 def copy_and_check(src: torch.Tensor, dst: torch.Tensor, expect: int | None) -> bool:
-    """Copy ``src`` into ``dst`` (same size); with ``expect``, the xxh3-64 of what landed in ``dst``, computed
-    block by block right behind the copy, must equal it.  Releases the GIL (numpy copy, xxhash)."""
-    if expect is None:
-        dst.copy_(src)
-        return True
-    s, d = src.numpy(), dst.numpy()
-    h = xxhash.xxh3_64()
-    for o in range(0, d.size, COPY_BLOCK):
-        np.copyto(d[o:o + COPY_BLOCK], s[o:o + COPY_BLOCK])
-        h.update(d[o:o + COPY_BLOCK])
-    return h.intdigest() == expect
+    """Copy ``src`` into ``dst`` (same size); with ``expect``, the checksum of what landed in ``dst``, hashed
+    leaf by leaf right behind the copy (native, parallel, without the GIL), must equal it."""
+    got = copy_into(dst, src, expect is not None)
+    return expect is None or got == expect
 
 
 class SharedPath:
@@ -58,7 +47,7 @@ class SharedPath:
         pass
 
     def pull_into(self, slot: Slot, out: torch.Tensor, timeout: float) -> None:
-        out.copy_(self.tensor[slot.offset:slot.offset + slot.nbytes])
+        copy_into(out, self.tensor[slot.offset:slot.offset + slot.nbytes], False)
 
     def pull_many_into(self, slots: list[Slot], outs: list[torch.Tensor], timeout: float,
                        expect: list[int] | None, pool: Executor | None) -> list[int]:
@@ -181,7 +170,7 @@ class TransportPath:
             self.pull_into(slots[i], outs[i], timeout)
         if expect is None:
             return []
-        check = lambda i: xxhash.xxh3_64_intdigest(outs[i].numpy()) == expect[i]  # noqa: E731
+        check = lambda i: checksum(outs[i]) == expect[i]  # noqa: E731
         ok = list(pool.map(check, range(len(outs)))) if pool is not None and len(outs) > 1 else \
             [check(i) for i in range(len(outs))]
         return [i for i, good in enumerate(ok) if not good]

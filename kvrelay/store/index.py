@@ -40,6 +40,7 @@ class Entry:
     pins: int = 0
     ssd: Loc | None = None
     spilling: bool = False
+    verified: bool = True  # False: a same-host commit not re-hashed (the spiller checks it before the SSD)
 
 
 @dataclass(slots=True)

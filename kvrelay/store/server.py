@@ -132,7 +132,9 @@ class StoreServer:
         if isinstance(req, P.Reserve):
             return P.Reply(req_id=req.req_id, slots=core.reserve(req.request_id, req.keys, req.nbytes, req.ttl, ns))
         if isinstance(req, P.Commit):
-            fresh = core.commit(req.key, req.header, ns)
+            mode = core.cfg.verify_commits
+            remote = ident in self.sessions and self.sessions[ident].transport != "shm"
+            fresh = core.commit(req.key, req.header, ns, verify=mode == "all" or (mode == "remote" and remote))
             if fresh:
                 self._wake(kid_of(req.key))
             return P.Reply(req_id=req.req_id, count=int(fresh))

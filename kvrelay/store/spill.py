@@ -2,7 +2,10 @@
 
 Owns: the spill loop.  Must not touch: the record format (ssd_format.py) or admission rules (core.py).
 A chunk being written is marked ``spilling`` so it is neither evicted nor purged meanwhile; the disk
-write runs without the store lock.  A failed write (e.g. a full disk) is counted and the chunk stays in
+write runs without the store lock.  A chunk whose commit was not re-hashed (a same-host publisher, see
+``verify_commits``) is checked here first: a mismatch drops it and counts a checksum failure, so a bad
+slot never reaches the SSD and stops being served.  (Not run at a lower CPU priority: under a publish
+burst a starved spiller means dirty chunks evicted unsaved, i.e. a lost prefix cache.)  A failed write (e.g. a full disk) is counted and the chunk stays in
 memory, dirty (it can still be evicted, and is then lost, counted as dropped).
 """
 
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING
 from kvrelay.store.index import State
 from kvrelay.store.pool import align_up
 from kvrelay.store.ssd import SsdFullError
+from kvrelay.transfer.wire import checksum
 
 if TYPE_CHECKING:
     from kvrelay.store.core import StoreCore
@@ -31,6 +35,9 @@ def spill_loop(core: "StoreCore", q: "queue.SimpleQueue[str | None]") -> None:
             e.spilling = True
             view = core.pool.view[e.offset:e.offset + align_up(e.nbytes)]
         loc = None
+        if not e.verified and not _verified(core, e, view):
+            view.release()
+            continue
         try:
             loc, evicted = core.ssd.append(e.key, e.header, view)
         except SsdFullError as exc:
@@ -63,3 +70,19 @@ def _failed(core: "StoreCore", e, exc: BaseException) -> None:
         core.counters["spill_errors"] += 1
         core.last_spill_error = f"{type(exc).__name__}: {exc}"
     log.warning("spill of %s failed: %s", e.kid, exc)
+
+
+def _verified(core: "StoreCore", e, view: memoryview) -> bool:
+    """Re-hash a chunk committed without verification; drop it on a mismatch."""
+    got = checksum(view[:e.nbytes])
+    with core.lock:
+        if got == e.header.checksum:
+            e.verified = True
+            return True
+        e.spilling = False
+        core.counters["checksum_failures"] += 1
+        if core.ix.get(e.kid) is e and e.pins == 0:
+            core._drop(e)
+    log.warning("chunk %s does not match its checksum (header %#018x, pool %#018x): dropped before spilling; "
+                "its publisher wrote the slot wrongly", e.kid, e.header.checksum, got)
+    return False

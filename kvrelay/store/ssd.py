@@ -27,6 +27,7 @@ from kvrelay.store.pool import ALIGN, align_up
 from kvrelay.store.ssd_format import (FRAME, HEAD, JDEC, MAGIC, RECOVER_WINDOW, JEntry, Loc, Recovered, frame,
                                       parse_key, probe_direct, verify_record)
 from kvrelay.transfer.wire import ChunkHeader, encode_header
+from kvrelay.transfer.wire import checksum as chunk_checksum
 
 __all__ = ["SsdTier", "SsdFullError", "Loc", "Recovered", "parse_key", "probe_direct"]
 
@@ -241,7 +242,7 @@ class SsdTier:
             return False
         self.read_seconds += time.perf_counter() - t0
         self.bytes_read += padded
-        return got >= loc.nbytes and xxhash.xxh3_64_intdigest(out[:loc.nbytes]) == checksum
+        return got >= loc.nbytes and chunk_checksum(out[:loc.nbytes]) == checksum
 
     def drop(self, key: ChunkKey, loc: Loc) -> None:
         kstr = key.encode().decode()

@@ -23,7 +23,7 @@ import xxhash
 
 from kvrelay.keys import ChunkKey
 from kvrelay.store.pool import ALIGN
-from kvrelay.transfer.wire import ChunkHeader, decode_header
+from kvrelay.transfer.wire import ChunkHeader, checksum, decode_header
 
 HEAD = struct.Struct("<4sIIQ")
 FRAME = struct.Struct("<IQ")
@@ -71,7 +71,7 @@ def verify_record(rec: memoryview, kstr: str, loc: Loc) -> Recovered | None:
         if bytes(head[off:off + klen]).decode() != kstr or nbytes != loc.nbytes:
             return None
         header = decode_header(bytes(head[off + klen: off + klen + hlen]))
-        if header.nbytes != nbytes or xxhash.xxh3_64_intdigest(rec[ALIGN:ALIGN + nbytes]) != header.checksum:
+        if header.nbytes != nbytes or checksum(rec[ALIGN:ALIGN + nbytes]) != header.checksum:
             return None
         return Recovered(parse_key(kstr), header, loc)
     except (ValueError, UnicodeDecodeError, struct.error):

@@ -47,7 +47,8 @@ def test_malformed_messages_are_answered_and_nothing_is_lost(daemon):
 
 
 @pytest.mark.timeout(60)
-def test_oversize_wrong_checksum_wrong_compat(daemon):
+def test_oversize_wrong_checksum_wrong_compat(daemon_factory):
+    daemon = daemon_factory(pool_size="64MiB", max_chunk_bytes="8MiB", verify_commits="all")
     with StoreClient(daemon.address, compat_hash=COMPAT) as c:
         k, h, d = make_chunk(701, 4096)
         with pytest.raises(StoreError, match="max_chunk_bytes") as ei:
@@ -87,6 +88,41 @@ def test_oversize_wrong_checksum_wrong_compat(daemon):
             c.lease([k], ttl=-1)
         c.ping()
         assert c.stats()["pins"] == 0  # the refused pull gave its pin back
+
+
+@pytest.mark.timeout(60)
+def test_unverified_same_host_commit_is_caught_by_puller_and_spiller(daemon_factory, tmp_path):
+    """Default verify_commits=remote: a same-host commit is not re-hashed, but a slot that does not match its
+    checksum is refused by every puller ("corrupt") and dropped by the spiller before it reaches the SSD."""
+    def publish(c):
+        (k, h, d), (k2, h2, d2) = make_chunk(801, 3 << 20), make_chunk(802, 4096)
+        c.reserve("r", [(k, h.nbytes), (k2, h2.nbytes)])
+        buf = c.publish_buffer(k)
+        buf.copy_(d)
+        buf[(2 << 20) + 5] ^= 1
+        c.commit(k, h)  # accepted: nobody re-hashed it
+        c.publish_buffer(k2).copy_(d2)
+        c.commit(k2, h2)
+        return k, h, k2, h2, d2
+
+    memory_only = daemon_factory(pool_size="64MiB", max_chunk_bytes="8MiB")
+    with StoreClient(memory_only.address, compat_hash=COMPAT) as c:
+        k, h, k2, h2, d2 = publish(c)
+        with pytest.raises(StoreError, match="checksum mismatch") as ei:
+            c.pull(k, torch.empty(h.nbytes, dtype=torch.uint8), time.monotonic() + 2)
+        assert ei.value.code == "corrupt"
+    with_ssd = daemon_factory(pool_size="64MiB", max_chunk_bytes="8MiB", ssd_dir=tmp_path / "ssd",
+                              ssd_size="256MiB", ssd_segment_size="32MiB")
+    with StoreClient(with_ssd.address, compat_hash=COMPAT) as c:
+        k, h, k2, h2, d2 = publish(c)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (c.stats()["checksum_failures"] < 1 or c.stats()["ssd_chunks"] < 1):
+            time.sleep(0.05)
+        s = c.stats()
+        assert s["checksum_failures"] == 1 and s["ssd_chunks"] == 1  # only the good chunk was spilled
+        assert c.lookup([k]) == 0 and c.lookup([k2]) == 1
+        out = torch.empty(h2.nbytes, dtype=torch.uint8)
+        assert c.pull(k2, out, time.monotonic() + 2) == h2 and torch.equal(out, d2)
 
 
 @pytest.mark.timeout(30)
