@@ -25,6 +25,8 @@ def plan_frames(lengths: list[int], frame_bytes: int = FRAME_BYTES, small_bytes:
     """Frames, each a list of pieces; a frame with one piece maps to one contiguous range."""
     if frame_bytes <= 0 or small_bytes <= 0:
         raise ValueError(f"frame_bytes and small_bytes must be > 0, got {frame_bytes}, {small_bytes}")
+    if len(lengths) == 1 and 0 < lengths[0] <= frame_bytes:  # the common case, what the loop below gives
+        return [[Piece(0, 0, lengths[0])]]
     frames: list[list[Piece]] = []
     batch: list[Piece] = []
     batch_bytes = 0

@@ -13,6 +13,7 @@ Framing is `frames.plan_frames` on both sides.  A cancelled or expired read stil
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -31,6 +32,67 @@ DIRECT_SOCKETS = 16  # per peer: transfers beyond this many in flight go through
 SLICE_S = 0.02  # a waiting thread checks the deadline and the peer's liveness this often
 
 
+class _Direct:
+    """A direct transfer's receiving side: whichever thread waits on the handle receives the reply on the
+    pooled socket (``recv_into`` the destination), then gives the socket back to the pool."""
+
+    __slots__ = ("tp", "conn", "pair", "entry", "xid", "lock", "returned")
+
+    def __init__(self, tp: "TcpTransport", conn: PeerConn, pair: tuple[zmq.Socket, bytearray], entry: tuple,
+                 xid: int) -> None:
+        self.tp = tp
+        self.conn = conn
+        self.pair = pair
+        self.entry = entry
+        self.xid = xid
+        self.lock = threading.Lock()
+        self.returned = False
+
+    def give_back(self) -> None:  # with lock held; a reply still in flight is drained by the next user
+        if not self.returned:
+            self.returned = True
+            self.tp._return_sync(self.conn, self.pair)
+
+    def free(self) -> None:
+        with self.lock:
+            self.give_back()
+
+    def progress(self, timeout: float) -> None:
+        if not self.lock.acquire(timeout=max(0.0, timeout)):
+            return
+        try:
+            self._receive(timeout)
+        finally:
+            self.lock.release()
+
+    def _receive(self, timeout: float) -> None:
+        sock, scratch = self.pair
+        handle, conn = self.entry[3], self.conn
+        until = time.monotonic() + timeout
+        while not self.returned:
+            if handle.done:
+                self.give_back()
+                return
+            # A blocking recv bounded by RCVTIMEO (= SLICE_S): cheaper than zmq_poll + recv (whose poll leaves
+            # the next send on this socket paying for pending commands).
+            try:
+                data = sock.recv() if until - time.monotonic() >= 1e-3 else sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                if self.tp.peer_exited(conn):
+                    handle.fail(conn.reason or f"peer {conn.peer.name!r} (pid {conn.peer.info.pid}) exited")
+                handle.expire_if_due()
+                if time.monotonic() >= until:
+                    return
+                continue
+            rep = _rep_dec.decode(data)
+            if rep.xid != self.xid:  # the tail of an earlier, abandoned transfer on this socket
+                while sock.getsockopt(zmq.RCVMORE):
+                    sock.recv_into(scratch)
+                continue
+            self.tp._complete(sock, rep, self.entry, scratch)
+            self.give_back()
+
+
 class TcpTransport(DataServer, Endpoint):
     name = "tcp"
 
@@ -45,8 +107,7 @@ class TcpTransport(DataServer, Endpoint):
         self._data_port = self._data.bind_to_random_port(f"tcp://{host}")
         self._pump_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
-        self._xid = 0
-        self._xid_lock = threading.Lock()
+        self._xids = itertools.count(1)
         self._stopping = False
         self._server = threading.Thread(target=self._serve_data, name=f"kvrelay-tcp-{agent_name}-serve", daemon=True)
         self._pump = threading.Thread(target=self._pump_loop, name=f"kvrelay-tcp-{agent_name}-pump", daemon=True)
@@ -58,9 +119,7 @@ class TcpTransport(DataServer, Endpoint):
 
     # -- client side -----------------------------------------------------------------------------
     def _start(self, conn: PeerConn, op: str, descs: list[Desc], handle: Handle) -> None:
-        with self._xid_lock:
-            self._xid += 1
-            xid = self._xid
+        xid = next(self._xids)  # atomic under the GIL
         pair = self._sync_socket(conn)
         if pair is None:
             self._cmds.put(("xfer", conn, op, descs, handle, xid))
@@ -97,55 +156,11 @@ class TcpTransport(DataServer, Endpoint):
 
     def _direct(self, conn: PeerConn, pair: tuple[zmq.Socket, bytearray], op: str, descs: list[Desc],
                 handle: Handle, xid: int) -> None:
-        sock, scratch = pair
+        sock = pair[0]
         plan = plan_frames([d.length for d in descs], self.frame_bytes, self.small_bytes)
-        entry = (conn, op, descs, handle, plan)
-        lock = threading.Lock()
-        returned: list[bool] = []
-
-        def give_back() -> None:  # with lock held; a reply still in flight is drained by the next user
-            if not returned:
-                returned.append(True)
-                self._return_sync(conn, pair)
-
-        def progress(timeout: float) -> None:
-            if not lock.acquire(timeout=max(0.0, timeout)):
-                return
-            try:
-                until = time.monotonic() + timeout
-                while not returned:
-                    if handle.done:
-                        give_back()
-                        return
-                    left = until - time.monotonic()
-                    # A blocking recv bounded by RCVTIMEO: cheaper than zmq_poll + recv (whose poll leaves
-                    # the next send on this socket paying for pending commands).
-                    ms = int(max(0.0, min(left, SLICE_S)) * 1000)
-                    try:
-                        data = sock.recv(zmq.NOBLOCK) if ms <= 0 else sock.recv()  # RCVTIMEO = SLICE_S
-                    except zmq.Again:
-                        if self.peer_exited(conn):
-                            handle.fail(conn.reason or f"peer {conn.peer.name!r} (pid {conn.peer.info.pid}) exited")
-                        handle.expire_if_due()
-                        if left <= 0:
-                            return
-                        continue
-                    rep = _rep_dec.decode(data)
-                    if rep.xid != xid:  # the tail of an earlier, abandoned transfer on this socket
-                        while sock.getsockopt(zmq.RCVMORE):
-                            sock.recv_into(scratch)
-                        continue
-                    self._complete(sock, rep, entry, scratch)
-                    give_back()
-            finally:
-                lock.release()
-
-        def free() -> None:
-            with lock:
-                give_back()
-
-        handle._progress = progress
-        handle._free = free
+        direct = _Direct(self, conn, pair, (conn, op, descs, handle, plan), xid)
+        handle._progress = direct.progress
+        handle._free = direct.free
         handle.set_transferring()
         head = _enc.encode(DataReq(op, xid, [(d.remote_region, d.remote_offset, d.length) for d in descs]))
         if op == "read":
