@@ -1,12 +1,14 @@
 """`kvrelay bench transports`: each transport's throughput and latency beside its raw primitive.
 
 Owns: the transports benchmark (chunk sizes 4 KiB..64 MiB, read and write, GB/s and latency p50/p99),
-its baselines measured in the same run (memcpy, loopback sockets, pyzmq with recv_into, a bare
-two-agent NIXL transfer, Mooncake's transfer engine over TCP when installed) and the plot
+its baselines measured in the same run (memcpy on one and on two threads, torch's copy_, loopback
+sockets, pyzmq with recv_into, a bare two-agent NIXL transfer, Mooncake's transfer engine over TCP when
+installed) and the plot
 ``transports.png`` in ``ctx.out_dir``.  The far side of every pair runs in its own process
 (kvrelay/transfer/bench_peer.py).  Must not touch: the transports (public API only).
 
-Ratios (Record.ratio): shm vs memcpy, tcp vs raw pyzmq, tcp vs raw socket, tcp vs Mooncake TCP,
+Ratios (Record.ratio): shm vs each memcpy (one numpy thread, two numpy threads, torch) and vs the best
+of them at each size, tcp vs raw pyzmq, tcp vs raw socket, tcp vs Mooncake TCP,
 nixl vs raw NIXL; at 4 KiB, round-trip p50 of shm and tcp vs the 100 us target.
 """
 
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from typing import Callable
@@ -174,12 +178,51 @@ def _mooncake_ops(meta: dict, nbytes: int, stack: ExitStack) -> dict[str, Op]:
     return {"read": read, "write": write}
 
 
-def _memcpy_ops(nbytes: int) -> dict[str, Op]:
+def _memcpy_ops(nbytes: int, stack: ExitStack) -> dict[str, dict[str, Op]]:
+    """The copy baselines, all between preallocated numpy buffers: ``memcpy`` (np.copyto on one thread),
+    ``memcpy-mt`` (the same on two threads, a half each: the primitive behind shm's large transfers, where
+    the copy thread and the waiting caller share the steps) and ``memcpy-torch`` (torch's copy_ on its
+    intra-op threads).  shm's target is against the best of them at each size."""
     src, dst = np.full(nbytes, 7, np.uint8), np.zeros(nbytes, np.uint8)
 
     def copy(n: int) -> None:
         np.copyto(dst[:n], src[:n])
-    return {"read": copy, "write": copy}
+
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def helper() -> None:
+        while (job := jobs.get()) is not None:
+            np.copyto(*job)
+            done.put(None)
+
+    thread = threading.Thread(target=helper, name="bench-memcpy-helper", daemon=True)
+    thread.start()
+    stack.callback(lambda: (jobs.put(None), thread.join(5)))
+
+    def copy_mt(n: int) -> None:
+        half = (n // 2) & ~63
+        jobs.put((dst[half:n], src[half:n]))
+        np.copyto(dst[:half], src[:half])
+        done.get()
+
+    ops = {"memcpy": {"read": copy, "write": copy}, "memcpy-mt": {"read": copy_mt, "write": copy_mt}}
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return ops
+    tsrc, tdst = torch.from_numpy(src), torch.from_numpy(dst)
+
+    def copy_torch(n: int) -> None:
+        tdst[:n].copy_(tsrc[:n])
+    ops["memcpy-torch"] = {"read": copy_torch, "write": copy_torch}
+    return ops
+
+
+MEMCPY_KINDS = ("memcpy", "memcpy-mt", "memcpy-torch")
+# Measured in a pass of their own, not taking turns with the others: torch's OpenMP workers spin for a
+# while after each copy_, which on two cores would slow down whichever kind runs next.
+ALONE = ("memcpy-torch",)
 
 
 def _reps(n: int, quick: bool) -> int:
@@ -231,7 +274,7 @@ def measure_all(ctx: BenchContext) -> tuple[dict, dict[str, str]]:
     nbytes = max(sizes)
     kinds, skipped = _kinds()
     with ExitStack() as stack:
-        ops: dict[str, dict[str, Op]] = {"memcpy": _memcpy_ops(nbytes)}
+        ops: dict[str, dict[str, Op]] = _memcpy_ops(nbytes, stack)
         for kind in ctx.steps(kinds, "start peers"):  # one at a time: two NIXL agents starting together can stall
             try:
                 meta = _spawn(kind, nbytes, stack)
@@ -245,12 +288,17 @@ def measure_all(ctx: BenchContext) -> tuple[dict, dict[str, str]]:
         results: dict = {kind: {"read": {}, "write": {}} for kind in ops}
         for op in ("read", "write"):
             for n in ctx.steps(sizes, f"{op} sizes"):
-                for kind, r in _measure_interleaved({k: o[op] for k, o in ops.items()}, n, ctx.quick).items():
+                found = _measure_interleaved({k: o[op] for k, o in ops.items() if k not in ALONE}, n, ctx.quick)
+                for kind in ALONE:
+                    if kind in ops:
+                        found.update(_measure_interleaved({kind: ops[kind][op]}, n, ctx.quick))
+                for kind, r in found.items():
                     results[kind][op][n] = r
     return results, skipped
 
 
-PAIRS = (("shm", "memcpy"), ("tcp", "zmq"), ("tcp", "socket"), ("tcp", "mooncake"), ("nixl", "nixl-raw"))
+PAIRS = (("shm", "memcpy"), ("shm", "memcpy-mt"), ("shm", "memcpy-torch"), ("tcp", "zmq"), ("tcp", "socket"),
+         ("tcp", "mooncake"), ("nixl", "nixl-raw"))
 
 
 def run(ctx: BenchContext) -> None:
@@ -268,6 +316,13 @@ def run(ctx: BenchContext) -> None:
                 ctx.add(Record.compare("transports", case, "throughput", gbs, "GB/s", base, b_gbs, params))
                 ctx.add(Record.compare("transports", case, "latency_p50", p50, "us", base, b_p50, params, True))
                 ctx.add(Record.compare("transports", case, "latency_p99", p99, "us", base, b_p99, params, True))
+    if "shm" in results:  # the target: shm against the fastest copy measured at that size
+        for op in ("read", "write"):
+            for n, (gbs, _, _) in results["shm"][op].items():
+                best = max((k for k in MEMCPY_KINDS if k in results), key=lambda k: results[k][op][n][0])
+                ctx.add(Record.compare("transports", f"shm/{op}/{n // KIB}KiB", "throughput_vs_best_memcpy", gbs,
+                                       "GB/s", "memcpy-best", results[best][op][n][0],
+                                       {"transport": "shm", "op": op, "bytes": n, "best": best}))
     for kind in ("shm", "tcp"):
         if kind in results:
             n = min(results[kind]["read"])
