@@ -8,7 +8,8 @@ Must not touch: the control protocol (client.py) or the pool allocator in the da
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Executor
+import time
+from concurrent.futures import Executor, Future
 
 import torch
 
@@ -51,15 +52,11 @@ class SharedPath:
 
     def pull_many_into(self, slots: list[Slot], outs: list[torch.Tensor], timeout: float,
                        expect: list[int] | None, pool: Executor | None) -> list[int]:
-        """Copy each slot into its ``out``; with ``expect``, hash each block of the copy while it is still in
-        cache (one pass over memory, not two) and return the indices whose checksum differs.  Chunks run
-        in parallel on ``pool``."""
-        jobs = [(self.tensor[s.offset:s.offset + s.nbytes], out, None if expect is None else expect[i])
-                for i, (s, out) in enumerate(zip(slots, outs))]
-        if pool is None or len(jobs) < 2:
-            ok = [copy_and_check(*j) for j in jobs]
-        else:
-            ok = list(pool.map(lambda j: copy_and_check(*j), jobs))
+        """Copy each slot into its ``out``; with ``expect``, hash each leaf of the copy right behind it (one
+        pass over memory, both native pool threads) and return the indices whose checksum differs.  Chunks
+        go one after another: each is already spread over the native pool (``pool`` is not needed)."""
+        ok = [copy_and_check(self.tensor[s.offset:s.offset + s.nbytes], out, None if expect is None else expect[i])
+              for i, (s, out) in enumerate(zip(slots, outs))]
         return [i for i, good in enumerate(ok) if not good]
 
     def register_buffer(self, buf: torch.Tensor) -> None:
@@ -153,9 +150,13 @@ class TransportPath:
 
     def pull_many_into(self, slots: list[Slot], outs: list[torch.Tensor], timeout: float,
                        expect: list[int] | None, pool: Executor | None) -> list[int]:
-        """Outs in registered memory move in ONE transfer of many descriptors; the others one by one through
-        staging.  With ``expect``, returns the indices whose checksum differs (hashed in parallel on ``pool``)."""
+        """Outs in registered memory move straight there, the others one by one through staging.  Without
+        checksums (or a ``pool``), the direct ones move in ONE transfer of many descriptors.  With both, they
+        move one chunk per transfer and each chunk's checksum runs on ``pool`` while the next chunk moves
+        (verification hidden behind the transfers).  Returns the indices whose checksum differs."""
         from kvrelay.transfer.base import Desc
+        deadline = time.monotonic() + timeout
+        left = lambda: max(0.1, deadline - time.monotonic())  # noqa: E731
         direct, rest = [], []
         for i, (slot, out) in enumerate(zip(slots, outs)):
             reg = self._registered(out)
@@ -163,17 +164,20 @@ class TransportPath:
                 rest.append(i)
             else:
                 direct.append((i, Desc(reg[0], reg[1], self.remote_region, slot.offset, slot.nbytes)))
-        if direct:
-            with self.t.read(self.peer, [d for _, d in direct], timeout=timeout) as h:
-                h.result(timeout)
+        sums: dict[int, Future] = {}
+        if direct and expect is not None and pool is not None and len(direct) > 1:
+            for i, d in direct:
+                with self.t.read(self.peer, [d], timeout=left()) as h:
+                    h.result(left())
+                sums[i] = pool.submit(checksum, outs[i])
+        elif direct:
+            with self.t.read(self.peer, [d for _, d in direct], timeout=left()) as h:
+                h.result(left())
         for i in rest:
-            self.pull_into(slots[i], outs[i], timeout)
+            self.pull_into(slots[i], outs[i], left())
         if expect is None:
             return []
-        check = lambda i: checksum(outs[i]) == expect[i]  # noqa: E731
-        ok = list(pool.map(check, range(len(outs)))) if pool is not None and len(outs) > 1 else \
-            [check(i) for i in range(len(outs))]
-        return [i for i, good in enumerate(ok) if not good]
+        return [i for i in range(len(outs)) if (sums[i].result() if i in sums else checksum(outs[i])) != expect[i]]
 
     def close(self) -> None:
         self.t.close()
