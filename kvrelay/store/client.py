@@ -327,6 +327,10 @@ class StoreClient:
         else:
             self._call(P.Release(keys=list(request_id_or_keys)))
 
+    def delete(self, keys: Sequence[ChunkKey]) -> int:
+        """Drop these chunks (memory and SSD) unless pinned or still reserved; returns how many went."""
+        return self._call(P.Delete(keys=list(keys))).count
+
     def purge(self, prefix: str | None = None, namespace: str | None = None) -> int:
         return self._call(P.Purge(prefix=prefix, namespace=namespace)).count
 

@@ -94,7 +94,7 @@ class StoreConfig:
         if self.eviction != "lru":
             raise ValueError(f"eviction policy {self.eviction!r} is not supported; use 'lru'")
         if not self.pool_name:
-            self.pool_name = f"kvrelay-store-{self.port}-{os.getpid()}" if self.port == 0 else \
+            self.pool_name = f"kvrelay-store-0-{os.getpid()}" if self.port == 0 else \
                 f"kvrelay-store-{self.port}"
 
     @classmethod

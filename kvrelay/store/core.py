@@ -316,6 +316,17 @@ class StoreCore:
                     n += 1
         return n
 
+    def delete(self, keys: list[ChunkKey]) -> int:
+        """Drop these ready chunks from memory and SSD; pinned (being pulled, leased) or still reserved ones
+        stay.  Returns how many were dropped."""
+        with self.lock:
+            victims = [e for k in keys if (e := self.ix.get(kid_of(k))) is not None and e.pins == 0
+                       and not e.spilling and e.state is State.READY]
+            for e in {e.kid: e for e in victims}.values():
+                self._drop(e)
+            self.counters["purged"] += len(victims)
+            return len(victims)
+
     def purge(self, prefix: str | None, namespace: str | None) -> int:
         with self.lock:
             # reserved slots may still be being written by their publisher: only READY chunks go

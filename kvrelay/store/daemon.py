@@ -18,6 +18,7 @@ import zmq
 from kvrelay.readyfile import write_ready_file
 from kvrelay.store.config import from_args, add_arguments, StoreConfig
 from kvrelay.store.core import StoreCore
+from kvrelay.store.pool import sweep_stale_pools
 from kvrelay.store.protocol import STORE_COMPAT
 from kvrelay.store.metrics import StoreMetrics
 from kvrelay.store.server import StoreServer
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvrelay store: {exc}", file=sys.stderr)
         return 2
     t0 = time.monotonic()
+    for name in sweep_stale_pools():
+        log.info("removed /dev/shm/%s, the pool of a store daemon that is gone", name)
     holder: dict = {}
     # health first: /healthz answers and /readyz says "recovering" while the SSD index is replayed
     metrics = StoreMetrics(lambda: holder["core"].stats() if "core" in holder else {})

@@ -31,6 +31,35 @@ def shm_path(name: str) -> str:
     return f"/dev/shm/{name}"
 
 
+AUTO_POOL_PREFIX = "kvrelay-store-0-"  # + pid: the pool of a daemon started with --port 0 and no --pool-name
+
+
+def sweep_stale_pools() -> list[str]:
+    """Unlink automatically named pools whose daemon is dead (killed with -9, it could not unlink its own)."""
+    gone = []
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return gone
+    for name in names:
+        pid = name[len(AUTO_POOL_PREFIX):]
+        if not name.startswith(AUTO_POOL_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or a reused pid: keep it, to be safe)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.unlink(f"/dev/shm/{name}")
+            gone.append(name)
+        except OSError:
+            pass
+    return gone
+
+
 class SharedPool:
     """A mapped shared-memory segment.  ``create=True`` makes (or replaces a stale) segment of ``nbytes``."""
 

@@ -81,6 +81,10 @@ class Release(Req, tag="release"):
     keys: list[ChunkKey] = []
 
 
+class Delete(Req, tag="delete"):
+    keys: list[ChunkKey] = []
+
+
 class Purge(Req, tag="purge"):
     prefix: str | None = None
     namespace: str | None = None
@@ -94,7 +98,7 @@ class Ping(Req, tag="ping"):
     pass
 
 
-Request = Union[Hello, Lookup, Reserve, Commit, Pull, PullMany, WaitReady, Lease, Release, Purge, Stats, Ping]
+Request = Union[Hello, Lookup, Reserve, Commit, Pull, PullMany, WaitReady, Lease, Release, Delete, Purge, Stats, Ping]
 
 
 class Slot(msgspec.Struct, array_like=True):

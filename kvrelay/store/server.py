@@ -145,6 +145,8 @@ class StoreServer:
             return P.Reply(req_id=req.req_id, count=len(core.lease(req.keys, req.ttl)))
         if isinstance(req, P.Release):
             return P.Reply(req_id=req.req_id, count=core.release(req.request_id, req.keys))
+        if isinstance(req, P.Delete):
+            return P.Reply(req_id=req.req_id, count=core.delete(req.keys))
         if isinstance(req, P.Purge):
             return P.Reply(req_id=req.req_id, count=core.purge(req.prefix, req.namespace))
         if isinstance(req, P.Stats):

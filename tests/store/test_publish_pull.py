@@ -144,6 +144,15 @@ def test_republish_of_present_chunk_is_a_cache_hit(daemon):
         assert c.lookup([k]) == 0
         with pytest.raises(StoreError, match="not reserved"):
             c.publish_buffer(k)
+        # delete by key: only the named chunk goes; a leased one stays until its lease is released
+        (k1, h1, d1), (k2, h2, d2) = make_chunk(9, 3000), make_chunk(10, 3000)
+        c.publish(k1, h1, d1)
+        c.publish(k2, h2, d2)
+        c.lease([k2], ttl=30)
+        assert c.delete([k1, k2, make_chunk(11, 10)[0]]) == 1  # k2 leased, the third never stored
+        assert c.lookup([k1]) == 0 and c.lookup([k2]) == 1
+        c.release([k2])
+        assert c.delete([k2]) == 1 and c.lookup([k2]) == 0
 
 
 @pytest.mark.timeout(60)

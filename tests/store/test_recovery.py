@@ -156,3 +156,34 @@ def test_disk_failure_is_counted_and_the_daemon_keeps_serving(tmp_path):
                 assert c.pull(k, out, time.monotonic() + 5) == h and torch.equal(out, data)
     finally:
         d.cleanup()
+
+
+@pytest.mark.timeout(120)
+def test_auto_named_pool_of_a_killed_daemon_is_swept_by_the_next(tmp_path):
+    """--port 0 without --pool-name names the pool after the daemon's pid; kill -9 leaves it in /dev/shm
+    and the next daemon to start removes it (its owner is dead)."""
+    import os
+    import subprocess
+    import sys
+    from kvrelay.readyfile import wait_ready_file
+
+    def spawn(i: int):
+        ready = tmp_path / f"ready{i}.json"
+        p = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "store", "--port", "0", "--metrics-port", "-1",
+                              "--pool-size", "8MiB", "--ready-file", str(ready), "--log-level", "WARNING"])
+        return p, wait_ready_file(ready, p, 60)
+
+    p1, info1 = spawn(1)
+    seg = f"/dev/shm/{info1['pool_name']}"
+    assert info1["pool_name"] == f"kvrelay-store-0-{p1.pid}" and os.path.exists(seg)
+    p1.kill()
+    p1.wait()
+    assert os.path.exists(seg)  # SIGKILL: nobody unlinked it
+    p2, info2 = spawn(2)
+    try:
+        assert not os.path.exists(seg)
+        assert os.path.exists(f"/dev/shm/{info2['pool_name']}")  # a live daemon's pool is left alone
+    finally:
+        p2.terminate()
+        p2.wait(timeout=30)
+    assert not os.path.exists(f"/dev/shm/{info2['pool_name']}")  # a clean stop unlinks its own
