@@ -173,9 +173,10 @@ class LayerPublisher:
                 header = ChunkHeader(compat_hash=engine.compat_hash, layer=layer, token_start=t0, token_end=t1,
                                      head_start=layout.head_start, head_end=layout.head_end,
                                      dtype=dtype_name(layout.dtype), nbytes=n, checksum=checksum(buf[:n]))
-                self.client.commit(key, header)
+                self.client.commit(key, header, wait=False)  # pipelined: one round trip per layer, below
                 engine.metrics.publish_chunks.inc()
                 engine.metrics.publish_bytes.inc(n)
+            self.client.flush()  # the layer's commits are answered; the first failure raises here
         except Exception as exc:  # noqa: BLE001 - the decode side times out and recomputes
             log.warning("publishing layer %d of %s failed: %s", layer, seq.request_id, exc)
             engine.metrics.publish_errors.labels(type(exc).__name__).inc()
