@@ -227,11 +227,13 @@ class StoreClient:
                              f"{header.checksum:#018x}; nothing was committed")
         self.commit(key, header, wait=wait)
 
-    def pull(self, key: ChunkKey, out: torch.Tensor, deadline: float, verify_checksum: bool = True) -> ChunkHeader:
+    def pull(self, key: ChunkKey, out: torch.Tensor, deadline: float, verify_checksum: bool = True,
+             request_id: str = "") -> ChunkHeader:
         if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous():
             raise ValueError(f"pull needs a contiguous uint8 CPU tensor, got {out.dtype} on {out.device}")
         left = deadline - time.monotonic()
-        rep = self._call(P.Pull(key=key, timeout=max(0.0, left)), wait=max(0.0, left) + self.timeout)
+        rep = self._call(P.Pull(key=key, timeout=max(0.0, left), request_id=request_id),
+                         wait=max(0.0, left) + self.timeout)
         slot, header = rep.slots[0], rep.header
         try:
             if out.numel() < header.nbytes:
@@ -252,7 +254,7 @@ class StoreClient:
         return header
 
     def pull_many(self, keys: Sequence[ChunkKey], outs: Sequence[torch.Tensor], deadline: float,
-                  verify_checksum: bool = True) -> list[ChunkHeader]:
+                  verify_checksum: bool = True, request_id: str = "") -> list[ChunkHeader]:
         """`pull` for many chunks with ONE control round trip: waits (until ``deadline``) until every key is
         ready, then moves them (one multi-descriptor transfer where ``outs`` lie in registered memory) and
         verifies every checksum (on shm, hashed block by block right behind the copy; chunks in parallel).
@@ -267,7 +269,8 @@ class StoreClient:
         if not keys:
             return []
         left = deadline - time.monotonic()
-        rep = self._call(P.PullMany(keys=keys, timeout=max(0.0, left)), wait=max(0.0, left) + self.timeout)
+        rep = self._call(P.PullMany(keys=keys, timeout=max(0.0, left), request_id=request_id),
+                         wait=max(0.0, left) + self.timeout)
         slots, headers = rep.slots, rep.headers
         try:
             if len(slots) != len(keys) or len(headers) != len(keys):
@@ -306,9 +309,14 @@ class StoreClient:
         into it (or into a slice of it) go straight there with no staging copy.  A no-op on shm."""
         self._path.register_buffer(buf)
 
-    def wait_ready(self, keys: Sequence[ChunkKey], deadline: float) -> None:
+    def wait_ready(self, keys: Sequence[ChunkKey], deadline: float, request_id: str = "") -> None:
         left = max(0.0, deadline - time.monotonic())
-        self._call(P.WaitReady(keys=list(keys), timeout=left), wait=left + self.timeout)
+        self._call(P.WaitReady(keys=list(keys), timeout=left, request_id=request_id), wait=left + self.timeout)
+
+    def abort(self, request_id: str, reason: str) -> int:
+        """Tell the store this client will not publish ``request_id``: pulls waiting for it (passed the same
+        ``request_id``) fail at once with StoreError code "aborted"; returns how many were waiting."""
+        return self._call(P.Abort(request_id=request_id, reason=reason)).count
 
     def lease(self, keys: Sequence[ChunkKey], ttl: float) -> None:
         self._call(P.Lease(keys=list(keys), ttl=ttl))

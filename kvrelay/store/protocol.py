@@ -57,6 +57,7 @@ class Commit(Req, tag="commit"):
 class Pull(Req, tag="pull"):
     key: ChunkKey
     timeout: float  # seconds from now the client is willing to wait
+    request_id: str = ""  # answered at once with code "aborted" once this request is aborted (Abort)
 
 
 class PullMany(Req, tag="pull_many"):
@@ -64,11 +65,21 @@ class PullMany(Req, tag="pull_many"):
     key order, each pinned) or with a timeout naming the first missing key."""
     keys: list[ChunkKey]
     timeout: float
+    request_id: str = ""
 
 
 class WaitReady(Req, tag="wait"):
     keys: list[ChunkKey]
     timeout: float
+    request_id: str = ""
+
+
+class Abort(Req, tag="abort"):
+    """The publisher of ``request_id`` gave up (e.g. the store refused its reservation): every pull parked
+    for that request, and every one that arrives in the next ABORT_TTL seconds, fails at once with code
+    "aborted" and ``reason``, so a decode recomputes now instead of waiting for its deadline."""
+    request_id: str
+    reason: str = ""
 
 
 class Lease(Req, tag="lease"):
@@ -98,7 +109,8 @@ class Ping(Req, tag="ping"):
     pass
 
 
-Request = Union[Hello, Lookup, Reserve, Commit, Pull, PullMany, WaitReady, Lease, Release, Delete, Purge, Stats, Ping]
+Request = Union[Hello, Lookup, Reserve, Commit, Pull, PullMany, WaitReady, Abort, Lease, Release, Delete, Purge, Stats,
+                Ping]
 
 
 class Slot(msgspec.Struct, array_like=True):

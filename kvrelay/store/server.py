@@ -22,6 +22,7 @@ from kvrelay.store.metrics import StoreMetrics
 
 log = logging.getLogger("kvrelay.store")
 SWEEP_INTERVAL = 0.25  # housekeeping (expiry) period and the longest the loop sleeps
+ABORT_TTL = 120.0  # an aborted request id fails new pulls this long
 MAX_SESSIONS = 65536
 
 
@@ -55,6 +56,7 @@ class StoreServer:
         self.waiters: dict[str, list[Waiter]] = {}
         self.deadlines: list[tuple[float, int, Waiter]] = []
         self._seq = itertools.count()
+        self.aborted: dict[str, tuple[str, float]] = {}  # request id -> (reason, expiry)
         self.running = True
 
     # --- loop --------------------------------------------------------------------------------------
@@ -77,6 +79,8 @@ class StoreServer:
             self._expire_waiters(now)
             if now >= next_sweep:
                 self.core.sweep()
+                for rid in [r for r, (_, exp) in self.aborted.items() if exp <= now]:
+                    del self.aborted[rid]
                 next_sweep = now + SWEEP_INTERVAL
         self.sock.close()
         self.ctx.term()
@@ -139,8 +143,12 @@ class StoreServer:
                 self._wake(kid_of(req.key))
             return P.Reply(req_id=req.req_id, count=int(fresh))
         if isinstance(req, (P.Pull, P.PullMany, P.WaitReady)):
+            if req.request_id in self.aborted:
+                return self._aborted_reply(req)
             now = time.monotonic()
             return self._try_waiter(Waiter(ident, req, now + max(0.0, req.timeout), now), park=True)
+        if isinstance(req, P.Abort):
+            return P.Reply(req_id=req.req_id, count=self._abort(req.request_id, req.reason))
         if isinstance(req, P.Lease):
             return P.Reply(req_id=req.req_id, count=len(core.lease(req.keys, req.ttl)))
         if isinstance(req, P.Release):
@@ -185,6 +193,30 @@ class StoreServer:
         if park:
             heapq.heappush(self.deadlines, (w.deadline, next(self._seq), w))
         return None
+
+    def _abort(self, rid: str, reason: str) -> int:
+        if not rid:
+            raise OpError("bad_request", "abort needs a request_id")
+        self.aborted[rid] = (reason or "no reason given", time.monotonic() + ABORT_TTL)
+        n = 0
+        for kid in list(self.waiters):
+            keep = []
+            for w in self.waiters[kid]:
+                if not w.done and w.req.request_id == rid:
+                    w.done = True
+                    self._send(w.ident, self._aborted_reply(w.req))
+                    n += 1
+                elif not w.done:
+                    keep.append(w)
+            if keep:
+                self.waiters[kid] = keep
+            else:
+                del self.waiters[kid]
+        return n
+
+    def _aborted_reply(self, req: P.Pull | P.PullMany | P.WaitReady) -> P.Reply:
+        return P.Reply(req_id=req.req_id, ok=False, code="aborted",
+                       error=f"request {req.request_id} was aborted by its publisher: {self.aborted[req.request_id][0]}")
 
     def _timeout_reply(self, w: Waiter, kid: str) -> P.Reply:
         w.done = True

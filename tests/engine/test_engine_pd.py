@@ -194,3 +194,34 @@ def test_decode_leg_sent_before_the_prefill_starts(model_cfg, weights, store):
         assert seq.output == want and seq.error is None and "recomputed" not in seq.extra
     finally:
         dec.stop()
+
+
+@pytest.mark.timeout(120)
+def test_store_full_aborts_the_waiting_decode_at_once(model_cfg, weights):
+    """The prefill's reservation is refused (store too small): it aborts the request in the store, and the
+    decode leg already parked on its chunks recomputes now instead of at its 60 s pull deadline."""
+    from kvrelay.store.process import DaemonProcess
+    prompt = rand_prompt(300, seed=464646)
+    want = Engine(model_cfg, EngineConfig(num_blocks=64, max_model_len=1024), weights).generate([prompt], SP)[0]
+    with DaemonProcess(pool_size="1MiB", max_chunk_bytes="1MiB") as small:
+        dec = _decode_engine(model_cfg, weights, small, "shm", pull_timeout_s=60).start()
+        try:
+            kp = _unpublished(model_cfg, small, prompt, "store-full-1", dec, None)
+            done = threading.Event()
+            seq = Sequence(prompt, SP, kv_params=kp, on_token=lambda s, t, fin: fin and done.set())
+            dec.add(seq)
+            time.sleep(1.0)
+            assert seq.status is Status.PULLING  # parked on the store
+            t0 = time.monotonic()
+            pre = _prefill_engine(model_cfg, weights, small)
+            try:
+                (p,) = pre.run([Sequence(prompt, SP, publish=True, request_id="store-full-1")])
+            finally:
+                pre.stop()
+            assert "publish_error" in p.extra and p.output == want[:1]  # the prefill still answers its token
+            assert done.wait(30)
+            assert time.monotonic() - t0 < 20  # not the 60 s deadline
+            assert seq.output == want and seq.error is None and "aborted" in seq.extra["recomputed"]
+            assert _value(dec.metrics.pulls, "recompute", "aborted") == 1
+        finally:
+            dec.stop()

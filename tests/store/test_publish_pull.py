@@ -208,3 +208,32 @@ def test_pull_many_one_round_trip_waits_verifies_and_unpins(daemon):
             c.pull_many([chunks[0][0], missing], [outs[0]], time.monotonic() + 1)
         c.ping()
         assert c.stats()["pins"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_abort_fails_parked_and_later_pulls_of_that_request_at_once(daemon):
+    (k, h, d), (k2, h2, d2) = make_chunk(1201, 1000), make_chunk(1202, 1000)
+    with StoreClient(daemon.address, compat_hash=COMPAT) as c, \
+            StoreClient(daemon.address, compat_hash=COMPAT) as publisher:
+        got: dict = {}
+
+        def waiter() -> None:
+            t0 = time.monotonic()
+            try:
+                c.pull_many([k, k2], [torch.empty(1000, dtype=torch.uint8),
+                            torch.empty(1000, dtype=torch.uint8)], time.monotonic() + 30, request_id="req-a")
+            except StoreError as exc:
+                got["exc"], got["after"] = exc, time.monotonic() - t0
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.5)  # parked
+        assert publisher.abort("req-a", "the store refused the prefill's reservation") == 1
+        t.join(10)
+        assert got["exc"].code == "aborted" and "refused the prefill" in str(got["exc"]) and got["after"] < 10
+        with pytest.raises(StoreError, match="aborted"):  # a pull that arrives later fails at once too
+            c.pull(k, torch.empty(1000, dtype=torch.uint8), time.monotonic() + 30, request_id="req-a")
+        publisher.publish(k, h, d)  # other requests (or none) for the same content are unaffected
+        out = torch.empty(1000, dtype=torch.uint8)
+        assert c.pull(k, out, time.monotonic() + 5, request_id="req-b") == h and torch.equal(out, d)
+        with pytest.raises(StoreError, match="request_id"):
+            publisher.abort("", "no id")

@@ -97,6 +97,7 @@ class LayerPublisher:
                 log.warning("reserve for %s failed: %s", seq.request_id, exc)
                 engine.metrics.publish_errors.labels(type(exc).__name__).inc()
                 seq.extra["publish_error"] = str(exc)
+                self._abort(seq, f"the prefill could not reserve its chunks: {exc}")
                 continue
             seq.extra["publish_pending"] = True
             seq.extra["publish_chunks"] = chunks
@@ -160,6 +161,7 @@ class LayerPublisher:
         except Exception as exc:  # noqa: BLE001 - decode legs that know the first token do not need it
             log.warning("publishing the first token of %s failed: %s", seq.request_id, exc)
             self.engine.metrics.publish_errors.labels(type(exc).__name__).inc()
+            self._abort(seq, f"the prefill could not publish its first token: {exc}")
 
     def _publish(self, seq: Sequence, layer: int) -> None:
         engine = self.engine
@@ -181,3 +183,12 @@ class LayerPublisher:
             log.warning("publishing layer %d of %s failed: %s", layer, seq.request_id, exc)
             engine.metrics.publish_errors.labels(type(exc).__name__).inc()
             seq.extra["publish_error"] = str(exc)
+            self._abort(seq, f"the prefill could not publish layer {layer}: {exc}")
+
+    def _abort(self, seq: Sequence, reason: str) -> None:
+        """A decode leg may already wait for this request's chunks: make its pulls fail now (it recomputes)
+        instead of at its deadline."""
+        try:
+            self.client.abort(seq.request_id, reason)
+        except Exception as exc:  # noqa: BLE001 - the store is gone: the decode's deadline still bounds the wait
+            log.warning("could not tell the store that %s is aborted: %s", seq.request_id, exc)

@@ -85,7 +85,7 @@ class LayerPuller:
                     raise RuntimeError("aborted")
                 keys = [ChunkKey(h, layer, kp.head_start, kp.head_end) for h, _, _ in group]
                 # one store round trip for the group (each chunk's checksum is still verified by the client)
-                hdrs = self.client.pull_many(keys, outs[:len(group)], deadline)
+                hdrs = self.client.pull_many(keys, outs[:len(group)], deadline, request_id=kp.request_id)
                 for (h, t0, t1), key, hdr, out in zip(group, keys, hdrs, outs):
                     if (hdr.layer, hdr.token_start, hdr.token_end, hdr.head_start, hdr.head_end) != \
                             (layer, t0, t1, kp.head_start, kp.head_end) or hdr.dtype != want_dtype:
@@ -103,7 +103,8 @@ class LayerPuller:
                     unpack(layout, engine.cache[layer], seq.block_table, start, t1, chunk, hdr.head_start,
                            hdr.head_end)
         if kp.first_token is None:  # the decode leg was sent before the prefill answered
-            hdr = self.client.pull(first_token_key(kp.request_id, kp.block_hashes), buf, deadline)
+            hdr = self.client.pull(first_token_key(kp.request_id, kp.block_hashes), buf, deadline,
+                                   request_id=kp.request_id)
             if hdr.nbytes != 8 or hdr.dtype != "int64":
                 raise ValueError(f"first-token chunk of {kp.request_id} has {hdr.nbytes} bytes of {hdr.dtype}")
             seq.output[-1] = int(buf[:8].view(torch.int64).item())
