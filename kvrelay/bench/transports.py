@@ -1,13 +1,13 @@
 """`kvrelay bench transports`: each transport's throughput and latency beside its raw primitive.
 
 Owns: the transports benchmark (chunk sizes 4 KiB..64 MiB, read and write, GB/s and latency p50/p99),
-its baselines measured in the same run (memcpy on one and on two threads, torch's copy_, loopback
-sockets, pyzmq with recv_into, a bare two-agent NIXL transfer, Mooncake's transfer engine over TCP when
+its baselines measured in the same run (memcpy on one and on two threads and between shm mappings,
+loopback sockets, pyzmq with recv_into, a bare two-agent NIXL transfer, Mooncake's transfer engine over TCP when
 installed) and the plot
 ``transports.png`` in ``ctx.out_dir``.  The far side of every pair runs in its own process
 (kvrelay/transfer/bench_peer.py).  Must not touch: the transports (public API only).
 
-Ratios (Record.ratio): shm vs each memcpy (one numpy thread, two numpy threads, torch) and vs the best
+Ratios (Record.ratio): shm vs each memcpy (one thread, two threads, between shm mappings) and vs the best
 of them at each size, tcp vs raw pyzmq, tcp vs raw socket, tcp vs Mooncake TCP,
 nixl vs raw NIXL; at 4 KiB, round-trip p50 of shm and tcp vs the 100 us target.
 """
@@ -15,6 +15,7 @@ nixl vs raw NIXL; at 4 KiB, round-trip p50 of shm and tcp vs the 100 us target.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import queue
 import select
@@ -45,8 +46,14 @@ def _launch(kind: str, nbytes: int, stack: ExitStack) -> subprocess.Popen:
                             env=env)
 
     def stop() -> None:
-        proc.kill()
-        proc.wait(10)
+        try:
+            proc.stdin.close()  # the peer closes its endpoint and exits
+            proc.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
     stack.callback(stop)
     return proc
@@ -179,10 +186,12 @@ def _mooncake_ops(meta: dict, nbytes: int, stack: ExitStack) -> dict[str, Op]:
 
 
 def _memcpy_ops(nbytes: int, stack: ExitStack) -> dict[str, dict[str, Op]]:
-    """The copy baselines, all between preallocated numpy buffers: ``memcpy`` (np.copyto on one thread),
-    ``memcpy-mt`` (the same on two threads, a half each: the primitive behind shm's large transfers, where
-    the copy thread and the waiting caller share the steps) and ``memcpy-torch`` (torch's copy_ on its
-    intra-op threads).  shm's target is against the best of them at each size."""
+    """The copy baselines: ``memcpy`` (np.copyto on one thread between preallocated heap buffers, which
+    numpy backs with transparent huge pages), ``memcpy-mt`` (the same on two threads, a half each: the
+    primitive behind shm's large transfers, where the copy thread and the waiting caller share the steps)
+    and ``memcpy-shm`` (one thread between two /dev/shm mappings: shm's own memory, 4 KiB pages here).
+    shm's target is against the best of them at each size.  torch's copy_ is left out: its OpenMP workers
+    spin after each call, stalling whichever kind runs next on two cores (and its own copies, up to ms)."""
     src, dst = np.full(nbytes, 7, np.uint8), np.zeros(nbytes, np.uint8)
 
     def copy(n: int) -> None:
@@ -206,23 +215,29 @@ def _memcpy_ops(nbytes: int, stack: ExitStack) -> dict[str, dict[str, Op]]:
         np.copyto(dst[:half], src[:half])
         done.get()
 
-    ops = {"memcpy": {"read": copy, "write": copy}, "memcpy-mt": {"read": copy_mt, "write": copy_mt}}
+    ssrc, sdst = _shm_array(nbytes), _shm_array(nbytes)
+    ssrc[:] = 7
+
+    def copy_shm(n: int) -> None:
+        np.copyto(sdst[:n], ssrc[:n])
+    return {"memcpy": {"read": copy, "write": copy}, "memcpy-mt": {"read": copy_mt, "write": copy_mt},
+            "memcpy-shm": {"read": copy_shm, "write": copy_shm}}
+
+
+def _shm_array(nbytes: int) -> np.ndarray:
+    """A /dev/shm mapping like the shm transport's (MAP_SHARED, populated), unlinked at once."""
+    path = f"/dev/shm/kvrelay-bench-{os.getpid()}-{time.monotonic_ns()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return ops
-    tsrc, tdst = torch.from_numpy(src), torch.from_numpy(dst)
-
-    def copy_torch(n: int) -> None:
-        tdst[:n].copy_(tsrc[:n])
-    ops["memcpy-torch"] = {"read": copy_torch, "write": copy_torch}
-    return ops
+        os.unlink(path)
+        os.ftruncate(fd, nbytes)
+        mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        os.close(fd)
+    return np.frombuffer(mm, np.uint8)  # the mapping goes with the last view of it
 
 
-MEMCPY_KINDS = ("memcpy", "memcpy-mt", "memcpy-torch")
-# Measured in a pass of their own, not taking turns with the others: torch's OpenMP workers spin for a
-# while after each copy_, which on two cores would slow down whichever kind runs next.
-ALONE = ("memcpy-torch",)
+MEMCPY_KINDS = ("memcpy", "memcpy-mt", "memcpy-shm")
 
 
 def _reps(n: int, quick: bool) -> int:
@@ -288,16 +303,12 @@ def measure_all(ctx: BenchContext) -> tuple[dict, dict[str, str]]:
         results: dict = {kind: {"read": {}, "write": {}} for kind in ops}
         for op in ("read", "write"):
             for n in ctx.steps(sizes, f"{op} sizes"):
-                found = _measure_interleaved({k: o[op] for k, o in ops.items() if k not in ALONE}, n, ctx.quick)
-                for kind in ALONE:
-                    if kind in ops:
-                        found.update(_measure_interleaved({kind: ops[kind][op]}, n, ctx.quick))
-                for kind, r in found.items():
+                for kind, r in _measure_interleaved({k: o[op] for k, o in ops.items()}, n, ctx.quick).items():
                     results[kind][op][n] = r
     return results, skipped
 
 
-PAIRS = (("shm", "memcpy"), ("shm", "memcpy-mt"), ("shm", "memcpy-torch"), ("tcp", "zmq"), ("tcp", "socket"),
+PAIRS = (("shm", "memcpy"), ("shm", "memcpy-mt"), ("shm", "memcpy-shm"), ("tcp", "zmq"), ("tcp", "socket"),
          ("tcp", "mooncake"), ("nixl", "nixl-raw"))
 
 

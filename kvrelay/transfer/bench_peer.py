@@ -5,7 +5,7 @@
 KIND is a kvrelay transport (shm, tcp, nixl) or a raw baseline: ``socket`` (loopback TCP socket),
 ``zmq`` (pyzmq ROUTER, zero-copy replies, 1 MiB frames), ``nixl-raw`` (a bare NIXL agent) or
 ``mooncake`` (Mooncake's transfer engine over TCP).  Prints one JSON line describing how to reach it,
-then serves until stdin closes.  Owns: the serving side of every baseline.  Must not touch: the
+then serves until stdin closes (a kvrelay transport is then closed).  Owns: the serving side of every baseline.  Must not touch: the
 transports' internals (it uses their public API only).
 """
 
@@ -128,6 +128,9 @@ def main() -> None:
         meta = serve(buf)
     print(json.dumps({"kind": kind, **meta}), flush=True)
     sys.stdin.read()
+    ep = getattr(_serve_transport, "keep", None)
+    if ep is not None:
+        ep.close()  # unlinks its shared-memory segments (a killed peer leaves them to the next sweep)
 
 
 if __name__ == "__main__":
