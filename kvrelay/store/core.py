@@ -21,6 +21,7 @@ from kvrelay.store.config import StoreConfig
 from kvrelay.store.index import Entry, Index, State
 from kvrelay.store.pool import Arena, SharedPool, align_up
 from kvrelay.store.protocol import Slot
+from kvrelay.store.promote import Promoter
 from kvrelay.store.spill import spill_loop
 from kvrelay.store.ssd import SsdTier
 from kvrelay.transfer.wire import ChunkHeader, checksum
@@ -55,6 +56,7 @@ class StoreCore:
         self.ssd: SsdTier | None = None
         self._spill_q: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
         self._spiller: threading.Thread | None = None
+        self.promoter: Promoter | None = None
         self.recovered = self.recover_dropped = 0
         self.last_spill_error = ""
         if cfg.ssd_dir:
@@ -69,6 +71,7 @@ class StoreCore:
             self._spiller = threading.Thread(target=spill_loop, args=(self, self._spill_q), name="kvrelay-spill",
                                              daemon=True)
             self._spiller.start()
+            self.promoter = Promoter(self)
 
     # --- queries -----------------------------------------------------------------------------------
     def lookup(self, keys: list[ChunkKey], record: bool = True) -> int:
@@ -221,7 +224,8 @@ class StoreCore:
 
     # --- pull --------------------------------------------------------------------------------------
     def acquire(self, key: ChunkKey) -> tuple[Slot, ChunkHeader] | None:
-        """If the chunk is ready, make sure it is in memory, pin it and return its slot; else None."""
+        """If the chunk is ready and in memory, pin it and return its slot; else None (an SSD-only chunk is
+        read back in the background first: the server wakes the waiter when it lands)."""
         kid = kid_of(key)
         now = time.monotonic()
         with self.lock:
@@ -230,15 +234,16 @@ class StoreCore:
                 return None
             if e.offset < 0:
                 self._promote(e)
+                return None
             self.ix.touch(e, now)
             pid = self.ix.add_pin(e, now + self.cfg.pull_pin_ttl, lease=False)
             self.counters["pulls"] += 1
             return Slot(e.offset, e.nbytes, pin=pid), e.header
 
     def acquire_many(self, keys: list[ChunkKey], max_bytes: int = 0) -> tuple[list[Slot], list[ChunkHeader]] | int:
-        """All or nothing: if every chunk is ready, bring each into memory, pin it and return slots and headers;
-        else the index of the first key that is not ready (nothing pinned).  ``max_bytes`` > 0 refuses a batch
-        larger than that (it could not all be pinned in the pool at once)."""
+        """All or nothing: if every chunk is ready and in memory, pin each and return slots and headers; else
+        the index of the first key that is not (nothing pinned; SSD-only ones start coming back).
+        ``max_bytes`` > 0 refuses a batch larger than that (it could not all be pinned in the pool at once)."""
         now = time.monotonic()
         with self.lock:
             entries = []
@@ -250,37 +255,32 @@ class StoreCore:
             if max_bytes and sum(align_up(e.nbytes) for e in {e.kid: e for e in entries}.values()) > max_bytes:
                 raise OpError("bad_request", f"pull_many of {len(keys)} chunks needs more than the pool's "
                                              f"{max_bytes} bytes pinned at once; pull fewer keys per call")
-            pids: list[int] = []
-            try:
-                slots, headers = [], []
-                for e in entries:
-                    if e.offset < 0:
-                        self._promote(e)
+            away = [i for i, e in enumerate(entries) if e.offset < 0]
+            for e in entries:  # most recently used: the room made for the SSD-only ones is not taken from these
+                if e.offset >= 0:
                     self.ix.touch(e, now)
-                    pid = self.ix.add_pin(e, now + self.cfg.pull_pin_ttl, lease=False)
-                    pids.append(pid)
-                    slots.append(Slot(e.offset, e.nbytes, pin=pid))
-                    headers.append(e.header)
-            except BaseException:
-                for pid in pids:
-                    self.ix.drop_pin(pid)
-                raise
+            for i in away:
+                self._promote(entries[i])
+            if away:
+                return away[0]
+            slots, headers = [], []
+            for e in entries:
+                self.ix.touch(e, now)
+                pid = self.ix.add_pin(e, now + self.cfg.pull_pin_ttl, lease=False)
+                slots.append(Slot(e.offset, e.nbytes, pin=pid))
+                headers.append(e.header)
             self.counters["pulls"] += len(keys)
             return slots, headers
 
     def _promote(self, e: Entry) -> None:
+        """Start reading an SSD-only chunk back (lock held); nothing to do if it is already on its way."""
+        if e.promoting >= 0:
+            return
+        assert self.promoter is not None and e.ssd is not None
         off = self._alloc(e.nbytes)
         if off is None:
             raise OpError("full", f"cannot bring {e.kid} back from SSD: the pool has no room (all pinned or reserved)")
-        assert self.ssd is not None and e.ssd is not None
-        if not self.ssd.read_into(e.ssd, self.pool.view[off:off + align_up(e.nbytes)], e.header.checksum):
-            self.arena.free(off, e.nbytes)
-            self.ssd.drop(e.key, e.ssd)
-            self.ix.remove(e)
-            self.counters["checksum_failures"] += 1
-            raise OpError("corrupt", f"chunk {e.kid} failed its checksum on SSD and was dropped; recompute it")
-        self.ix.set_memory(e, off)
-        self.counters["ssd_promotions"] += 1
+        self.promoter.start(e, off)
 
     # --- leases, release, purge, expiry --------------------------------------------------------------
     def lease(self, keys: list[ChunkKey], ttl: float) -> list[int]:
@@ -382,6 +382,8 @@ class StoreCore:
                     **dict(self.counters)}
 
     def close(self) -> None:
+        if self.promoter is not None:
+            self.promoter.close()
         if self._spiller is not None:
             self._spill_q.put(None)
             self._spiller.join(timeout=10)

@@ -40,6 +40,7 @@ class Entry:
     pins: int = 0
     ssd: Loc | None = None
     spilling: bool = False
+    promoting: int = -1  # pool offset being filled from SSD (promote.py), -1 when not
     verified: bool = True  # False: a same-host commit not re-hashed (the spiller checks it before the SSD)
 
 

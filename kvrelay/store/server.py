@@ -63,11 +63,18 @@ class StoreServer:
     def serve_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        promoter = self.core.promoter
+        if promoter is not None:  # SSD read-backs finishing wake their waiters
+            poller.register(promoter.fd, zmq.POLLIN)
         next_sweep = time.monotonic() + SWEEP_INTERVAL
         while self.running:
             now = time.monotonic()
             wait = min(next_sweep, self.deadlines[0][0] if self.deadlines else next_sweep) - now
-            if poller.poll(max(0, int(wait * 1000) + 1)):
+            events = dict(poller.poll(max(0, int(wait * 1000) + 1)))
+            if promoter is not None and promoter.fd in events:
+                for kid, err in promoter.drain():
+                    self._promoted(kid, err)
+            if self.sock in events:
                 for _ in range(256):  # drain a burst without re-polling
                     try:
                         frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -235,6 +242,15 @@ class StoreServer:
             if reply is not None:
                 w.done = True
                 self._send(w.ident, reply)
+
+    def _promoted(self, kid: str, err: str | None) -> None:
+        if err is None:
+            self._wake(kid)
+            return
+        for w in self.waiters.pop(kid, []):
+            if not w.done:
+                w.done = True
+                self._send(w.ident, P.Reply(req_id=w.req.req_id, ok=False, code="corrupt", error=err))
 
     def _expire_waiters(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:

@@ -73,6 +73,12 @@ def test_kill9_restart_recovers_verified_chunks_and_drops_torn_and_flipped(tmp_p
             flipped = {r for r in (3, 7)}
             with StoreClient(d2.address, compat_hash=COMPAT) as c:
                 out = torch.empty(SZ, dtype=torch.uint8)
+                good = [ch for i, ch in enumerate(chunks) if i not in flipped]
+                # a batch read back from SSD in the background, then answered in one reply
+                outs = [torch.empty(SZ, dtype=torch.uint8) for _ in range(6)]
+                assert c.pull_many([k for k, _, _ in good[:6]], outs, time.monotonic() + 10) == \
+                    [h for _, h, _ in good[:6]]
+                assert all(torch.equal(o, data) for o, (_, _, data) in zip(outs, good[:6]))
                 for i, (k, h, data) in enumerate(chunks):
                     if i in flipped:
                         assert c.lookup([k]) == 0
@@ -80,6 +86,7 @@ def test_kill9_restart_recovers_verified_chunks_and_drops_torn_and_flipped(tmp_p
                     assert c.lookup([k]) == 1
                     assert c.pull(k, out, time.monotonic() + 5) == h
                     assert torch.equal(out, data)
+                assert c.stats()["ssd_promotions"] == 18
                 # the store keeps serving new publishes after recovery
                 k, h, data = make_chunk(399, SZ)
                 c.publish(k, h, data)
