@@ -17,17 +17,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct { char *dst; const char *src; int64_t n; uint64_t *leaves; } ks_ctx;
+#define PIECE_LEAVES (256 * 1024 / KS_LEAF) /* leaves per unit of work a pool thread claims */
+
+typedef struct { char *dst; const char *src; int64_t n, m; uint64_t *leaves; } ks_ctx;
 
 static void leaf_piece(void *arg, int64_t p) {
     const ks_ctx *c = arg;
-    int64_t off = p * KS_LEAF, len = c->n - off < KS_LEAF ? c->n - off : KS_LEAF;
-    const char *bytes = c->src + off;
-    if (c->dst) {
-        memcpy(c->dst + off, c->src + off, (size_t)len);
-        bytes = c->dst + off; /* hash what landed, while it is in cache */
+    int64_t last = (p + 1) * PIECE_LEAVES < c->m ? (p + 1) * PIECE_LEAVES : c->m;
+    for (int64_t l = p * PIECE_LEAVES; l < last; l++) {
+        int64_t off = l * KS_LEAF, len = c->n - off < KS_LEAF ? c->n - off : KS_LEAF;
+        const char *bytes = c->src + off;
+        if (c->dst) {
+            memcpy(c->dst + off, c->src + off, (size_t)len);
+            bytes = c->dst + off; /* hash what landed, while it is in the core's L1/L2 */
+        }
+        if (c->leaves) c->leaves[l] = LEAF_HASH(bytes, (size_t)len);
     }
-    if (c->leaves) c->leaves[p] = LEAF_HASH(bytes, (size_t)len);
 }
 
 static int run(char *dst, const char *src, int64_t n, uint64_t *out) {
@@ -37,13 +42,13 @@ static int run(char *dst, const char *src, int64_t n, uint64_t *out) {
         if (out) *out = LEAF_HASH(dst ? dst : src, (size_t)n);
         return 0;
     }
-    uint64_t stack[64], *leaves = NULL;
+    uint64_t stack[256], *leaves = NULL;
     if (out) {
-        leaves = m <= 64 ? stack : malloc((size_t)m * sizeof(uint64_t));
+        leaves = m <= 256 ? stack : malloc((size_t)m * sizeof(uint64_t));
         if (!leaves) return -1;
     }
-    ks_ctx c = {dst, src, n, leaves};
-    pool_run(leaf_piece, &c, m, n);
+    ks_ctx c = {dst, src, n, m, leaves};
+    pool_run(leaf_piece, &c, (m + PIECE_LEAVES - 1) / PIECE_LEAVES, n);
     if (out) {
         unsigned char *le = (unsigned char *)leaves;
         for (int64_t i = 0; i < m; i++) { /* serialize little-endian in place */

@@ -10,7 +10,9 @@
 
 #include <stdint.h>
 
+#ifndef KS_LEAF
 #define KS_LEAF (64 * 1024)
+#endif
 
 /* The checksum of n bytes at src.  Returns 0 and sets *out, or -1 when out of memory. */
 int ks_checksum(const char *src, int64_t n, uint64_t *out);
