@@ -25,6 +25,7 @@ import mmap
 import os
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -246,22 +247,34 @@ class ShmTransport(Endpoint):
 
     def _help(self, job: "_Job", timeout: float) -> None:
         """A thread waiting on a large transfer copies its unclaimed steps itself (the copy thread stops
-        claiming them), then sleeps until a step the copy thread had claimed is done."""
-        if timeout > 0:
-            job.waiting = True
-            self._run(job)
-            job.handle.block(timeout)
+        claiming them), then sleeps until a step the copy thread had claimed is done.  A waiter whose
+        timeout ends first hands the remaining steps back to the copy thread."""
+        if timeout <= 0:
+            return
+        until = time.monotonic() + timeout
+        job.waiting = True
+        self._run(job, until=until)
+        if job.handle.done:
+            return
+        if job.next < len(job.steps):
+            job.waiting = False
+            self._jobs.put(job)
+        else:
+            job.handle.block(until - time.monotonic())
 
-    def _run(self, job: "_Job", copier: bool = False) -> None:
+    def _run(self, job: "_Job", copier: bool = False, until: float = float("inf")) -> None:
         """Claim and copy steps until none is left, or, on the copy thread, until a thread waits on the
-        handle.  Checks cancel, deadline and the peer's life between steps; whoever finishes the last step
-        completes the handle.  numpy's copy releases the GIL.  Not torch's copy_: its OpenMP workers spin
-        after each call, and on two busy cores that stalls the other threads (measured: up to 10x slower)."""
+        handle (a waiter: until ``until``).  Checks cancel, deadline and the peer's life between steps;
+        whoever finishes the last step completes the handle.  numpy's copy releases the GIL.  Not torch's
+        copy_: its OpenMP workers spin after each call, and on two busy cores that stalls the other
+        threads (measured: up to 10x slower)."""
         conn, handle = job.conn, job.handle
         handle.set_transferring()
         while True:
             if copier and job.waiting:
                 return  # the waiting thread copies the rest
+            if until != float("inf") and time.monotonic() >= until:
+                return
             with job.lock:
                 if job.next >= len(job.steps):
                     return
