@@ -30,7 +30,7 @@ from kvrelay.transfer.wire import ChunkHeader, checksum
 COUNTERS = ("lookups", "lookup_hits", "lookup_chunks", "lookup_chunks_hit", "commits", "pulls", "admission_refusals",
             "evictions_memory", "evictions_dropped", "evictions_ssd", "checksum_failures", "ssd_promotions",
             "lease_expiries", "pull_pin_expiries", "reservation_expiries", "ttl_expiries", "purged", "spill_errors",
-            "bad_requests")
+            "bad_requests", "aborts")
 
 
 class OpError(Exception):

@@ -31,6 +31,8 @@ _COUNTERS = {
     "lookup_chunks": ("kvrelay_store_lookup_chunks_total", "chunks asked for by lookups", {}),
     "lookup_chunks_hit": ("kvrelay_store_lookup_chunks_hit_total", "chunks found by lookups (token-level)", {}),
     "bad_requests": ("kvrelay_store_error_replies_total", "requests answered with an error (incl. timeouts)", {}),
+    "ssd_promotions": ("kvrelay_store_ssd_promotions_total", "chunks read back from SSD into the pool", {}),
+    "aborts": ("kvrelay_store_aborts_total", "requests aborted by their publisher (their pulls fail at once)", {}),
 }
 
 

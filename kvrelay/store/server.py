@@ -205,6 +205,7 @@ class StoreServer:
         if not rid:
             raise OpError("bad_request", "abort needs a request_id")
         self.aborted[rid] = (reason or "no reason given", time.monotonic() + ABORT_TTL)
+        self.core.counters["aborts"] += 1
         n = 0
         for kid in list(self.waiters):
             keep = []

@@ -134,7 +134,7 @@ def test_health_ready_metrics(daemon):
     for name in ("kvrelay_store_bytes", "kvrelay_store_request_hit_rate", "kvrelay_store_token_hit_rate",
                  "kvrelay_store_pull_latency_seconds_bucket", "kvrelay_store_evictions_total",
                  "kvrelay_store_admission_refusals_total", "kvrelay_store_lease_expiries_total",
-                 "kvrelay_store_ssd_gbps"):
+                 "kvrelay_store_aborts_total", "kvrelay_store_ssd_promotions_total", "kvrelay_store_ssd_gbps"):
         assert name in text, name
     assert metric(text, "kvrelay_store_pool_bytes") == 64 << 20
     with pytest.raises(urllib.error.HTTPError):

@@ -237,3 +237,4 @@ def test_abort_fails_parked_and_later_pulls_of_that_request_at_once(daemon):
         assert c.pull(k, out, time.monotonic() + 5, request_id="req-b") == h and torch.equal(out, d)
         with pytest.raises(StoreError, match="request_id"):
             publisher.abort("", "no id")
+        assert c.stats()["aborts"] == 1
