@@ -1,11 +1,14 @@
 """Control-plane messages (handshake, notifications, goodbye) and the per-peer connection record.
 
-Owns: `Hello`/`Welcome`/`Refuse`/`Notify`/`Bye` (msgpack, tagged) and `PeerConn`.  Must not touch:
+Owns: `Hello`/`Welcome`/`Refuse`/`Notify`/`Bye` (msgpack, tagged) and `PeerConn` (with its liveness
+check).  Must not touch:
 sockets or threads (endpoint.py serves them).
 """
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Union
@@ -67,6 +70,33 @@ class PeerConn:
             sizes = {r.region_id: r.nbytes for r in peer.info.regions if reachable(r)}
             self._sizes = (peer, sizes)
         return sizes
+
+    def watch_pid(self, pid: int) -> bool:
+        """Open a pidfd for a same-host peer's process; False if it is not running."""
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        self.pid_poll = select.poll()
+        self.pid_poll.register(self.pidfd, select.POLLIN)
+        return True
+
+    def exited(self) -> bool:
+        """True once the peer is known dead: marked lost, or its pidfd is readable (a poll, ~1 us)."""
+        if not self.alive:
+            return True
+        if self.pidfd is None:
+            return False
+        try:
+            return bool(self.pid_poll.poll(0))
+        except RuntimeError:  # another thread is polling the same object right now
+            pass
+        except (OSError, ValueError, AttributeError):
+            return True
+        try:
+            return bool(select.select([self.pidfd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
 
     @property
     def key(self) -> tuple[str, str]:

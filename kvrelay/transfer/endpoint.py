@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import queue
-import select
 import socket
 import threading
 import time
@@ -155,13 +154,9 @@ class Endpoint(Transport):
         if old is not None:
             self._lose(old, f"peer {info.name!r} restarted (epoch {old.peer.info.epoch} replaced by {info.epoch})")
         if info.pid and info.hostname == HOSTNAME:
-            try:
-                conn.pidfd = os.pidfd_open(info.pid)
-            except ProcessLookupError:
+            if not conn.watch_pid(info.pid):
                 self._lose(conn, f"peer {info.name!r} (pid {info.pid}) is not running")
                 return conn
-            conn.pid_poll = select.poll()
-            conn.pid_poll.register(conn.pidfd, select.POLLIN)
         self._peer_added(conn)
         self._watch_q.put(conn)
         self._wake()
@@ -170,20 +165,7 @@ class Endpoint(Transport):
     @staticmethod
     def peer_exited(conn: PeerConn) -> bool:
         """True once the peer is known dead (its pidfd is readable, or it was marked lost)."""
-        if not conn.alive:
-            return True
-        if conn.pidfd is None:
-            return False
-        try:
-            return bool(conn.pid_poll.poll(0))
-        except RuntimeError:  # another thread is polling the same object right now
-            pass
-        except (OSError, ValueError, AttributeError):
-            return True
-        try:
-            return bool(select.select([conn.pidfd], [], [], 0)[0])
-        except (OSError, ValueError):
-            return True
+        return conn.exited()
 
     def _conn(self, peer: Peer) -> PeerConn | str:
         """The live connection for ``peer``, or the reason there is none."""

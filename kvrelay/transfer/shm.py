@@ -56,6 +56,16 @@ class _Job:
         self.waiting = False     # a thread waits on the handle: the copy thread leaves the rest to it
 
 
+_NO_MAPS: dict = {}
+
+
+def _copy(dst: memoryview, src: memoryview) -> None:
+    if len(dst) <= GIL_COPY_BYTES:
+        dst[:] = src  # memoryview assignment: the cheapest call for small copies (holds the GIL)
+    else:
+        np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))  # releases the GIL
+
+
 def segments() -> list[str]:
     """Names of kvrelay shared-memory segments that exist now (a leak counter for tests)."""
     try:
@@ -206,6 +216,32 @@ class ShmTransport(Endpoint):
                         pass
 
     # -- copies ----------------------------------------------------------------------------------
+    def _transfer(self, op: str, peer: Peer, descs, timeout: float) -> Handle:
+        # The common small case in as few steps as possible (measured: ~70 us of a 1 MiB read with cold
+        # caches went to the general path): one descriptor, inline-sized, a live peer, its region mapped
+        # already.  A mapped view is as long as the peer announced its region, so the bounds are the
+        # same checks `check_descs` makes; anything else takes the general path.
+        if type(descs) in (list, tuple) and len(descs) == 1 and not self._closed:
+            d = descs[0]
+            n, lo, ro = d.length, d.local_offset, d.remote_offset
+            conn = self._peers.get(peer.name)
+            if conn is not None and conn.alive and 0 < n <= self.inline_bytes and lo >= 0 and ro >= 0:
+                local = self._regions.get(d.local_region)
+                remote = conn.extra.get("maps", _NO_MAPS).get(d.remote_region)
+                if (local is not None and remote is not None and lo + n <= local.nbytes and ro + n <= len(remote)
+                        and conn.peer.info.epoch == peer.info.epoch):
+                    handle = Handle(peer=peer.name, op=op, nbytes=n, timeout=timeout, on_release=self._released)
+                    handle.conn = conn
+                    with self._lock:
+                        self._handles.add(handle)
+                    if op == "read":
+                        _copy(local.view[lo:lo + n], remote[ro:ro + n])
+                    else:
+                        _copy(remote[ro:ro + n], local.view[lo:lo + n])
+                    self._complete(conn, handle)
+                    return handle
+        return super()._transfer(op, peer, descs, timeout)
+
     def _start(self, conn: PeerConn, op: str, descs: list[Desc], handle: Handle) -> None:
         try:
             pairs = self._pairs(conn, op, descs)
@@ -215,10 +251,7 @@ class ShmTransport(Endpoint):
         if handle.nbytes <= self.inline_bytes:
             handle.set_transferring()
             for dst, src in pairs:
-                if len(dst) <= GIL_COPY_BYTES:
-                    dst[:] = src  # memoryview assignment: the cheapest call for small copies (holds the GIL)
-                else:
-                    np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))  # releases the GIL
+                _copy(dst, src)
             self._complete(conn, handle)
             return
         steps = [(dst[off:off + STEP_BYTES], src[off:off + STEP_BYTES])
