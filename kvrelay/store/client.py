@@ -13,6 +13,7 @@ transport).  Must not touch: the daemon's state or the pool allocator.
 from __future__ import annotations
 
 import itertools
+import logging
 from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
@@ -29,6 +30,7 @@ from kvrelay.store.datapath import SharedPath, TransportPath
 from kvrelay.transfer.wire import ChunkHeader, copy_into, verify
 
 
+log = logging.getLogger("kvrelay.store.client")
 PARALLEL_ABOVE = 1 << 20  # pull_many spreads chunks this big over PULL_THREADS (smaller: a hand-off costs more)
 PULL_THREADS = 2
 
@@ -67,16 +69,42 @@ class StoreClient:
         self._requests: dict[str, set[str]] = {}  # request_id -> kids reserved and not yet committed
         self._kid_req: dict[str, str] = {}
         self._closed = False
+        self._staging_bytes = staging_bytes
+        self._user_bufs: list[torch.Tensor] = []  # register_buffer()s, replayed on a new data path
+        self._retired: list = []  # data paths of a previous daemon epoch (other threads may still copy)
         try:
-            info = self._call(P.Hello(name=name, compat_hash=compat_hash, transport=transport)).info
-            self.info = info
-            if transport == "shm":
-                self._path = SharedPath(info["pool_name"], info["pool_bytes"])
-            else:
-                self._path = TransportPath(transport, name, info["endpoints"][transport], staging_bytes, timeout)
+            self.info = self._call(P.Hello(name=name, compat_hash=compat_hash, transport=transport)).info
+            self._path = self._make_path(self.info)
         except BaseException:
             self._close_sockets()
             raise
+
+    def _make_path(self, info: dict):
+        if self.transport == "shm":
+            return SharedPath(info["pool_name"], info["pool_bytes"])
+        return TransportPath(self.transport, self.name, info["endpoints"][self.transport], self._staging_bytes,
+                             self.timeout)
+
+    def _hello(self, sock: zmq.Socket) -> None:
+        """(Re-)introduce this socket; if the daemon is a new one (restarted: another epoch), start over with it:
+        a fresh data path (pool mapping or transport peer), no reservations, no pins."""
+        hello = P.Hello(name=self.name, compat_hash=self.compat_hash, transport=self.transport)
+        info = self._roundtrip(sock, hello, self.timeout).info
+        with self._lock:
+            if info.get("epoch") == self.info.get("epoch"):
+                return
+            log.warning("store at %s restarted (epoch %s -> %s): remapping its data path; reservations and pins "
+                        "of the old daemon are gone", self.address, self.info.get("epoch"), info.get("epoch"))
+            path = self._make_path(info)
+            for buf in self._user_bufs:
+                path.register_buffer(buf)
+            self._retired.append(self._path)
+            self._path, self.info = path, info
+            self._slots.clear()
+            self._views.clear()
+            self._requests.clear()
+            self._kid_req.clear()
+            self._unpin.clear()
 
     # --- plumbing ----------------------------------------------------------------------------------
     def _sock(self) -> zmq.Socket:
@@ -91,8 +119,7 @@ class StoreClient:
             with self._lock:
                 self._socks.append(s)
             if hasattr(self, "_path"):  # a new thread's socket: introduce it (namespace for commits)
-                self._roundtrip(s, P.Hello(name=self.name, compat_hash=self.compat_hash, transport=self.transport),
-                                self.timeout)
+                self._hello(s)
         return s
 
     def _call(self, req: P.Req, wait: float | None = None) -> P.Reply:
@@ -108,6 +135,12 @@ class StoreClient:
             pending[req.req_id] = type(req).__name__
             return None
         rep = self._recv_until(sock, req.req_id, wait, type(req).__name__)
+        if not rep.ok and rep.code == "session" and not isinstance(req, P.Hello) and hasattr(self, "_path"):
+            self._hello(sock)  # the daemon does not know this socket (it restarted): introduce it, retry once
+            req.unpin = []
+            req.req_id = next(self._ids)
+            sock.send(P.encode(req))
+            rep = self._recv_until(sock, req.req_id, wait, type(req).__name__)
         self._raise_deferred()
         return self._check(rep)
 
@@ -307,7 +340,10 @@ class StoreClient:
     def register_buffer(self, buf: torch.Tensor) -> None:
         """Register a long-lived uint8 CPU tensor (e.g. the engine's staging buffer): remote-transport pulls
         into it (or into a slice of it) go straight there with no staging copy.  A no-op on shm."""
-        self._path.register_buffer(buf)
+        with self._lock:
+            path = self._path
+            self._user_bufs.append(buf)
+        path.register_buffer(buf)
 
     def wait_ready(self, keys: Sequence[ChunkKey], deadline: float, request_id: str = "") -> None:
         left = max(0.0, deadline - time.monotonic())
@@ -360,9 +396,9 @@ class StoreClient:
         vp = getattr(self, "_copy_pool", None)
         if vp is not None:
             vp.shutdown(wait=True)
-        path = getattr(self, "_path", None)
-        if path is not None:
-            path.close()
+        for path in [getattr(self, "_path", None), *getattr(self, "_retired", [])]:
+            if path is not None:
+                path.close()
         self._close_sockets()
 
     def _close_sockets(self) -> None:

@@ -126,7 +126,8 @@ class Slot(msgspec.Struct, array_like=True):
 class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
     req_id: int
     ok: bool = True
-    code: str = ""  # on error: "bad_request", "full", "timeout", "not_found", "corrupt", "version", "internal"
+    code: str = ""  # on error: "bad_request", "full", "timeout", "not_found", "corrupt", "version", "internal",
+    # "aborted", "session" (say hello first: a new client socket, or the store restarted)
     error: str = ""
     count: int = 0
     slots: list[Slot] = []

@@ -12,6 +12,7 @@ import itertools
 import logging
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 
 import zmq
@@ -57,6 +58,7 @@ class StoreServer:
         self.deadlines: list[tuple[float, int, Waiter]] = []
         self._seq = itertools.count()
         self.aborted: dict[str, tuple[str, float]] = {}  # request id -> (reason, expiry)
+        self.epoch = uuid.uuid4().hex[:16]  # a restarted daemon is a new store: clients re-handshake
         self.running = True
 
     # --- loop --------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ class StoreServer:
             self._send(ident, P.Reply(req_id=-1, ok=False, code=code, error=str(exc)))
             return
         try:
-            if req.unpin:
+            if req.unpin and ident in self.sessions:  # pins of a previous daemon's epoch mean nothing here
                 self.core.unpin(req.unpin)
             reply = self._dispatch(ident, req)
         except OpError as exc:
@@ -136,8 +138,14 @@ class StoreServer:
             if len(self.sessions) > MAX_SESSIONS:  # forget the longest-idle client socket's hello
                 del self.sessions[next(iter(self.sessions))]
             return P.Reply(req_id=req.req_id, info={"pool_name": core.pool.name, "pool_bytes": core.pool.nbytes,
-                                                    "endpoints": self.endpoints, "protocol": P.PROTOCOL_VERSION})
-        ns = self.sessions[ident].compat_hash if ident in self.sessions else ""
+                                                    "endpoints": self.endpoints, "protocol": P.PROTOCOL_VERSION,
+                                                    "epoch": self.epoch})
+        if ident not in self.sessions:
+            if isinstance(req, (P.Ping, P.Stats)):
+                return self._dispatch_anonymous(req)
+            raise OpError("session", "this client has not said hello to this store (did the store restart?); send "
+                                     "hello first: StoreClient does so and retries by itself")
+        ns = self.sessions[ident].compat_hash
         if isinstance(req, P.Lookup):
             return P.Reply(req_id=req.req_id, count=core.lookup(req.keys))
         if isinstance(req, P.Reserve):
@@ -164,11 +172,14 @@ class StoreServer:
             return P.Reply(req_id=req.req_id, count=core.delete(req.keys))
         if isinstance(req, P.Purge):
             return P.Reply(req_id=req.req_id, count=core.purge(req.prefix, req.namespace))
-        if isinstance(req, P.Stats):
-            return P.Reply(req_id=req.req_id, info={**core.stats(), "waiters": sum(map(len, self.waiters.values()))})
-        if isinstance(req, P.Ping):
-            return P.Reply(req_id=req.req_id)
+        if isinstance(req, (P.Stats, P.Ping)):
+            return self._dispatch_anonymous(req)
         raise OpError("bad_request", f"unhandled request {type(req).__name__}")
+
+    def _dispatch_anonymous(self, req: P.Ping | P.Stats) -> P.Reply:
+        if isinstance(req, P.Stats):
+            return P.Reply(req_id=req.req_id, info={**self.core.stats(), "waiters": sum(map(len, self.waiters.values()))})
+        return P.Reply(req_id=req.req_id)
 
     def _try_waiter(self, w: Waiter, park: bool) -> P.Reply | None:
         """Answer the waiter if its chunk(s) are ready; else park it on the first missing key."""

@@ -79,6 +79,8 @@ def sock(fuzz_daemon):
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(fuzz_daemon.address)
+    s.send(P.encode(P.Hello(req_id=1, name="fuzz", compat_hash=COMPAT, transport="shm")))
+    assert s.poll(10_000) and P.decode_reply(s.recv()).ok  # a session: fuzzed requests reach the store's logic
     yield s
     s.close()
     ctx.term()

@@ -194,3 +194,43 @@ def test_auto_named_pool_of_a_killed_daemon_is_swept_by_the_next(tmp_path):
         p2.terminate()
         p2.wait(timeout=30)
     assert not os.path.exists(f"/dev/shm/{info2['pool_name']}")  # a clean stop unlinks its own
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_clients_survive_a_daemon_restart(tmp_path, transport):
+    """kill -9 the daemon and start it again on the same port: a client that lived through it notices the new
+    epoch on its next call, re-handshakes (new pool mapping, or new transport peer) and carries on: chunks
+    recovered from SSD pull, new ones publish."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    chunks = [make_chunk(800 + i, SZ) for i in range(6)]
+    opts = dict(OPTS, ssd_dir=tmp_path / "ssd", port=port, transports="shm,tcp")
+    d = Daemon(tmp_path, **opts).start()
+    try:
+        with StoreClient(d.address, transport=transport, compat_hash=COMPAT) as c:
+            out = torch.empty(SZ, dtype=torch.uint8)
+            c.register_buffer(out)
+            c.reserve("before", [(k, h.nbytes) for k, h, _ in chunks[:4]])
+            for k, h, data in chunks[:4]:
+                c.publish(k, h, data)
+            wait_for(lambda: c.stats()["ssd_chunks"] == 4, 20, "spill")
+            epoch = c.info["epoch"]
+            d.kill()
+            d2 = Daemon(tmp_path, **dict(opts, pool_name=d.pool_name)).start()
+            try:
+                assert d2.info["recovered"] == 4
+                for k, h, data in chunks[:4]:  # the first call meets the new daemon: re-handshake, retry
+                    assert c.pull(k, out, time.monotonic() + 10) == h and torch.equal(out, data)
+                assert c.info["epoch"] != epoch
+                for k, h, data in chunks[4:]:
+                    c.publish(k, h, data)
+                    assert c.pull(k, out, time.monotonic() + 10) == h and torch.equal(out, data)
+                c.ping()
+                assert c.stats()["pins"] == 0  # the pins it handed back were the new daemon's
+            finally:
+                d2.cleanup()
+    finally:
+        d.cleanup()
