@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from kvrelay.bench.harness import BenchContext, Record, median, time_it
+from kvrelay.bench.harness import BenchContext, Record, median
 from kvrelay.keys import ChunkKey
 from kvrelay.store.client import StoreClient
 from kvrelay.store.process import DaemonProcess

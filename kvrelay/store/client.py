@@ -1,8 +1,8 @@
 """`StoreClient`: the library engines use to talk to a `kvrelay store` daemon.
 
-Owns: the client side of the control protocol (one DEALER socket per calling thread, so pulls that
-wait do not block other threads) and the choice of data path (mapped pool on the same host, or a
-transport).  Must not touch: the daemon's state or the pool allocator.
+Owns: the API engines call, the re-handshake with a restarted daemon (a new epoch: new data path), and
+the choice of data path (mapped pool on the same host, or a transport).  The sockets, round trips and
+pipelined replies are control.py's.  Must not touch: the daemon's state or the pool allocator.
 
     c = StoreClient("tcp://127.0.0.1:5600", compat_hash=layout.compat_hash(model_id))
     c.reserve(request_id, [(key, nbytes), ...])        # all or StoreFullError
@@ -12,10 +12,8 @@ transport).  Must not touch: the daemon's state or the pool allocator.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-import threading
 import time
 from typing import Sequence
 
@@ -25,6 +23,7 @@ import zmq
 
 from kvrelay.keys import ChunkKey
 from kvrelay.store import protocol as P
+from kvrelay.store.control import ControlChannel, StoreError, StoreFullError
 from kvrelay.store.core import kid_of
 from kvrelay.store.datapath import SharedPath, TransportPath
 from kvrelay.transfer.wire import ChunkHeader, copy_into, verify
@@ -35,19 +34,7 @@ PARALLEL_ABOVE = 1 << 20  # pull_many spreads chunks this big over PULL_THREADS 
 PULL_THREADS = 2
 
 
-class StoreError(RuntimeError):
-    """The store refused a request or could not be reached; ``code`` says why (see protocol.Reply)."""
-
-    def __init__(self, message: str, code: str = "error") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class StoreFullError(StoreError):
-    """Admission refused: the pool cannot hold the request's chunks even after eviction."""
-
-
-class StoreClient:
+class StoreClient(ControlChannel):
     def __init__(self, address: str, *, transport: str = "shm", compat_hash: str, name: str = "client",
                  timeout: float = 10.0, staging_bytes: int = 256 << 20) -> None:
         if not address.startswith("tcp://"):
@@ -58,12 +45,7 @@ class StoreClient:
             raise ValueError(f"timeout must be positive, got {timeout}")
         self.address, self.transport, self.compat_hash, self.name = address, transport, compat_hash, name
         self.timeout = timeout
-        self._ctx = zmq.Context()
-        self._tls = threading.local()
-        self._socks: list[zmq.Socket] = []
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._unpin: list[int] = []
+        self._open_channel()
         self._slots: dict[str, P.Slot] = {}
         self._views: dict[str, torch.Tensor] = {}
         self._requests: dict[str, set[str]] = {}  # request_id -> kids reserved and not yet committed
@@ -75,6 +57,7 @@ class StoreClient:
         try:
             self.info = self._call(P.Hello(name=name, compat_hash=compat_hash, transport=transport)).info
             self._path = self._make_path(self.info)
+            self._ready = True
         except BaseException:
             self._close_sockets()
             raise
@@ -105,96 +88,6 @@ class StoreClient:
             self._requests.clear()
             self._kid_req.clear()
             self._unpin.clear()
-
-    # --- plumbing ----------------------------------------------------------------------------------
-    def _sock(self) -> zmq.Socket:
-        s = getattr(self._tls, "sock", None)
-        if s is None:
-            if self._closed:
-                raise StoreError("the StoreClient is closed", "closed")
-            s = self._ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(self.address)
-            self._tls.sock = s
-            with self._lock:
-                self._socks.append(s)
-            if hasattr(self, "_path"):  # a new thread's socket: introduce it (namespace for commits)
-                self._hello(s)
-        return s
-
-    def _call(self, req: P.Req, wait: float | None = None) -> P.Reply:
-        return self._roundtrip(self._sock(), req, self.timeout if wait is None else wait)
-
-    def _roundtrip(self, sock: zmq.Socket, req: P.Req, wait: float, expect_reply: bool = True) -> P.Reply | None:
-        req.req_id = next(self._ids)
-        with self._lock:
-            req.unpin, self._unpin = self._unpin, []
-        sock.send(P.encode(req))
-        pending = self._pending()
-        if not expect_reply:
-            pending[req.req_id] = type(req).__name__
-            return None
-        rep = self._recv_until(sock, req.req_id, wait, type(req).__name__)
-        if not rep.ok and rep.code == "session" and not isinstance(req, P.Hello) and hasattr(self, "_path"):
-            self._hello(sock)  # the daemon does not know this socket (it restarted): introduce it, retry once
-            req.unpin = []
-            req.req_id = next(self._ids)
-            sock.send(P.encode(req))
-            rep = self._recv_until(sock, req.req_id, wait, type(req).__name__)
-        self._raise_deferred()
-        return self._check(rep)
-
-    def _pending(self) -> dict[int, str]:
-        p = getattr(self._tls, "pending", None)
-        if p is None:
-            p = self._tls.pending = {}
-            self._tls.deferred = []
-        return p
-
-    def _recv_until(self, sock: zmq.Socket, req_id: int | None, wait: float, what: str) -> P.Reply | None:
-        """Receive replies until the one for ``req_id`` (None: until no pipelined request is pending)."""
-        pending = self._pending()
-        deadline = time.monotonic() + wait
-        while req_id is not None or pending:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1):
-                if time.monotonic() >= deadline:
-                    raise StoreError(f"store at {self.address} did not answer {what} within {wait:.1f}s: is the "
-                                     f"daemon running?", "unreachable")
-                continue
-            rep = P.decode_reply(sock.recv())
-            if rep.req_id in pending:  # the answer to a pipelined commit(wait=False)
-                name = pending.pop(rep.req_id)
-                if not rep.ok:
-                    self._tls.deferred.append((name, rep))
-            elif rep.req_id == req_id or rep.req_id == -1:
-                return rep
-            # else: a late answer to an earlier call that timed out
-        return None
-
-    def _raise_deferred(self) -> None:
-        deferred = getattr(self._tls, "deferred", None)
-        if deferred:
-            name, rep = deferred.pop(0)
-            try:
-                self._check(rep)
-            except StoreError as exc:
-                raise type(exc)(f"an earlier {name}(wait=False) failed: {exc}", exc.code) from None
-
-    @staticmethod
-    def _check(rep: P.Reply) -> P.Reply:
-        if not rep.ok:
-            if rep.code == "full":
-                raise StoreFullError(rep.error, rep.code)
-            if rep.code == "timeout":
-                raise TimeoutError(rep.error)
-            raise StoreError(rep.error, rep.code)
-        return rep
-
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait for every pipelined ``commit(wait=False)`` of this thread; raise the first failure."""
-        self._recv_until(self._sock(), None, self.timeout if timeout is None else timeout, "pipelined commits")
-        self._raise_deferred()
 
     # --- API ---------------------------------------------------------------------------------------
     def lookup(self, keys: list[ChunkKey]) -> int:
@@ -401,14 +294,6 @@ class StoreClient:
                 path.close()
         self._close_sockets()
 
-    def _close_sockets(self) -> None:
-        self._closed = True
-        with self._lock:
-            for s in self._socks:
-                s.close(linger=0)
-            self._socks.clear()
-        self._ctx.term()
-
     def __enter__(self) -> "StoreClient":
         return self
 
@@ -422,3 +307,6 @@ def _as_uint8(payload) -> torch.Tensor:
             payload = payload.cpu()
         return payload.contiguous().view(torch.uint8).reshape(-1)
     return torch.from_numpy(np.frombuffer(memoryview(payload).cast("B"), dtype=np.uint8).copy())
+
+
+__all__ = ["StoreClient", "StoreError", "StoreFullError"]

@@ -212,7 +212,7 @@ def test_pull_many_one_round_trip_waits_verifies_and_unpins(daemon):
 
 @pytest.mark.timeout(60)
 def test_abort_fails_parked_and_later_pulls_of_that_request_at_once(daemon):
-    (k, h, d), (k2, h2, d2) = make_chunk(1201, 1000), make_chunk(1202, 1000)
+    (k, h, d), (k2, _, _) = make_chunk(1201, 1000), make_chunk(1202, 1000)
     with StoreClient(daemon.address, compat_hash=COMPAT) as c, \
             StoreClient(daemon.address, compat_hash=COMPAT) as publisher:
         got: dict = {}
