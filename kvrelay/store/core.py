@@ -1,4 +1,4 @@
-"""The store's logic: admission, commit, lookup, pull, leases, eviction, expiry, background spill.
+"""The store's logic: admission, commit, lookup, pull, eviction (leases, purge and expiry: upkeep.py).
 
 Owns: the rules that move chunks between states and tiers (under one lock).  Must not touch: sockets
 (server.py), the on-disk format (ssd.py) or the allocator internals (pool.py).
@@ -18,12 +18,13 @@ from collections import Counter
 
 from kvrelay.keys import ChunkKey
 from kvrelay.store.config import StoreConfig
-from kvrelay.store.index import Entry, Index, State
+from kvrelay.store.index import Entry, Index, OpError, State, kid_of  # noqa: F401 (OpError, kid_of re-exported)
 from kvrelay.store.pool import Arena, SharedPool, align_up
 from kvrelay.store.protocol import Slot
 from kvrelay.store.promote import Promoter
 from kvrelay.store.spill import spill_loop
 from kvrelay.store.ssd import SsdTier
+from kvrelay.store.upkeep import Upkeep
 from kvrelay.transfer.wire import ChunkHeader, checksum
 
 
@@ -33,19 +34,7 @@ COUNTERS = ("lookups", "lookup_hits", "lookup_chunks", "lookup_chunks_hit", "com
             "bad_requests", "aborts")
 
 
-class OpError(Exception):
-    """A request the store refuses; ``code`` goes into the reply (bad_request, full, not_found, corrupt)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def kid_of(key: ChunkKey) -> str:
-    return f"{key.block_hash}:{key.layer}:{key.head_start}:{key.head_end}"
-
-
-class StoreCore:
+class StoreCore(Upkeep):
     def __init__(self, cfg: StoreConfig) -> None:
         self.cfg = cfg
         self.pool = SharedPool(cfg.pool_name, cfg.pool_size, create=True)
@@ -281,105 +270,6 @@ class StoreCore:
         if off is None:
             raise OpError("full", f"cannot bring {e.kid} back from SSD: the pool has no room (all pinned or reserved)")
         self.promoter.start(e, off)
-
-    # --- leases, release, purge, expiry --------------------------------------------------------------
-    def lease(self, keys: list[ChunkKey], ttl: float) -> list[int]:
-        if not 0 < ttl <= 86400:
-            raise OpError("bad_request", f"lease ttl {ttl} must be in (0, 86400] seconds")
-        now = time.monotonic()
-        with self.lock:
-            out = []
-            for k in keys:
-                e = self.ix.get(kid_of(k))
-                if e is None:
-                    raise OpError("not_found", f"lease of {kid_of(k)}: unknown chunk")
-                out.append(self.ix.add_pin(e, now + ttl, lease=True))
-            return out
-
-    def unpin(self, pids: list[int]) -> None:
-        with self.lock:
-            for p in pids:
-                self.ix.drop_pin(p)
-
-    def release(self, request_id: str, keys: list[ChunkKey]) -> int:
-        n = 0
-        with self.lock:
-            for kid in list(self.ix.requests.get(request_id, ())) if request_id else []:
-                e = self.ix.entries[kid]
-                if e.pins == 0 and not e.spilling:
-                    self._drop(e)
-                    n += 1
-            wanted = {kid_of(k) for k in keys}
-            for pid, p in list(self.ix.pins.items()):
-                if p.lease and p.kid in wanted:
-                    self.ix.drop_pin(pid)
-                    n += 1
-        return n
-
-    def delete(self, keys: list[ChunkKey]) -> int:
-        """Drop these ready chunks from memory and SSD; pinned (being pulled, leased) or still reserved ones
-        stay.  Returns how many were dropped."""
-        with self.lock:
-            victims = [e for k in keys if (e := self.ix.get(kid_of(k))) is not None and e.pins == 0
-                       and not e.spilling and e.state is State.READY]
-            for e in {e.kid: e for e in victims}.values():
-                self._drop(e)
-            self.counters["purged"] += len(victims)
-            return len(victims)
-
-    def purge(self, prefix: str | None, namespace: str | None) -> int:
-        with self.lock:
-            # reserved slots may still be being written by their publisher: only READY chunks go
-            victims = [e for e in self.ix.entries.values() if e.pins == 0 and not e.spilling
-                       and e.state is State.READY
-                       and (prefix is None or e.key.block_hash.startswith(prefix))
-                       and (namespace is None or e.namespace == namespace)]
-            for e in victims:
-                self._drop(e)
-            self.counters["purged"] += len(victims)
-            return len(victims)
-
-    def _drop(self, e: Entry) -> None:
-        if e.offset >= 0:
-            self.arena.free(e.offset, e.nbytes)
-        if e.ssd is not None and self.ssd is not None:
-            self.ssd.drop(e.key, e.ssd)
-        self.ix.remove(e)
-
-    def sweep(self) -> None:
-        """Expire reservations, pins and (with chunk_ttl) idle chunks."""
-        now = time.monotonic()
-        with self.lock:
-            for pid, p in list(self.ix.pins.items()):
-                if p.expires <= now:
-                    self.ix.drop_pin(pid)
-                    self.counters["lease_expiries" if p.lease else "pull_pin_expiries"] += 1
-            for kids in list(self.ix.requests.values()):
-                for kid in list(kids):
-                    e = self.ix.entries[kid]
-                    if e.deadline <= now and e.pins == 0 and not e.spilling:
-                        self._drop(e)
-                        self.counters["reservation_expiries"] += 1
-            if self.cfg.chunk_ttl:
-                for e in [e for e in self.ix.entries.values() if e.state is State.READY and e.pins == 0
-                          and not e.spilling and now - e.last_access > self.cfg.chunk_ttl]:
-                    self._drop(e)
-                    self.counters["ttl_expiries"] += 1
-
-    def stats(self) -> dict:
-        with self.lock:
-            ix = self.ix
-            return {"pool_bytes": self.arena.capacity, "pool_used_bytes": self.arena.used,
-                    "memory_chunks": len(ix.lru), "memory_bytes": ix.mem_bytes,
-                    "reserved_chunks": sum(len(v) for v in ix.requests.values()), "reserved_bytes": ix.reserved_bytes,
-                    "ssd_chunks": ix.ssd_chunks, "ssd_bytes": ix.ssd_bytes, "chunks": len(ix.entries),
-                    "pins": len(ix.pins), "recovered": self.recovered, "recover_dropped": self.recover_dropped,
-                    "ssd_direct": bool(self.ssd and self.ssd.direct), "last_spill_error": self.last_spill_error,
-                    "ssd_bytes_written": self.ssd.bytes_written if self.ssd else 0,
-                    "ssd_write_seconds": self.ssd.write_seconds if self.ssd else 0.0,
-                    "ssd_bytes_read": self.ssd.bytes_read if self.ssd else 0,
-                    "ssd_read_seconds": self.ssd.read_seconds if self.ssd else 0.0,
-                    **dict(self.counters)}
 
     def close(self) -> None:
         if self.promoter is not None:

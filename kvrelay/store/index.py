@@ -140,3 +140,15 @@ class Index:
             if e is not None:
                 e.pins -= 1
         return p
+
+
+class OpError(Exception):
+    """A request the store refuses; ``code`` goes into the reply (bad_request, full, not_found, corrupt)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def kid_of(key: ChunkKey) -> str:
+    return f"{key.block_hash}:{key.layer}:{key.head_start}:{key.head_end}"
