@@ -83,8 +83,10 @@ class PeerConn:
 
     def exited(self) -> bool:
         """True once the peer is known dead: marked lost, or its pidfd is readable (a poll, ~1 us)."""
-        if not self.alive:
-            return True
+        return not self.alive or self.pidfd_readable()
+
+    def pidfd_readable(self) -> bool:
+        """Whether this same-host peer's process has exited (False when there is no pidfd)."""
         if self.pidfd is None:
             return False
         try:

@@ -101,7 +101,7 @@ def _pid_running(pid: int) -> bool:
     try:  # a zombie has exited: its memory is gone for our purposes
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):  # reaped meanwhile: the read fails with ESRCH (it killed the ctrl thread)
         return False
 
 
@@ -207,7 +207,8 @@ class ShmTransport(Endpoint):
             except BufferError:
                 pass
         pid = conn.peer.info.pid
-        if pid and not _pid_running(pid):
+        # pidfd readable: exited for sure (it is readable slightly before /proc shows a zombie)
+        if pid and (conn.pidfd_readable() or not _pid_running(pid)):
             for r in conn.peer.info.regions:
                 if r.meta:
                     try:
