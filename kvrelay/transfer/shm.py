@@ -13,8 +13,9 @@ a peer's remote region raises ValueError saying to use `alloc`.
 Transfers of up to `INLINE_BYTES` copy on the caller's thread before `read`/`write` returns; larger
 ones are cut into `STEP_BYTES` steps that the endpoint's copy thread claims one by one until a thread
 waits on the handle: the waiting thread then copies the remaining steps itself (no hand-off back when
-the caller waits anyway; one thread copies at a time, which measured faster on two busy cores than
-two threads sharing the steps).  Cancel, deadline and peer liveness are checked between steps.  A
+the caller waits anyway; one thread claims steps at a time, which measured faster on two busy cores
+than two threads sharing them; each copy above 64 KiB is one native pooled copy, itself on both cores
+from 1 MiB).  Cancel, deadline and peer liveness are checked between steps.  A
 transfer whose peer exited before it finished FAILS (a write into a dead process's memory went
 nowhere), and that peer's segments are unlinked.
 """
@@ -28,6 +29,11 @@ import threading
 import time
 
 import numpy as np
+
+try:
+    from kvrelay import _native  # the pooled copy (csrc/pool.c); without it, numpy on one thread
+except ImportError:
+    _native = None
 
 from kvrelay.transfer.base import Desc, Peer, RegionInfo, XferState
 from kvrelay.transfer.buffers import LocalRegion
@@ -62,6 +68,8 @@ _NO_MAPS: dict = {}
 def _copy(dst: memoryview, src: memoryview) -> None:
     if len(dst) <= GIL_COPY_BYTES:
         dst[:] = src  # memoryview assignment: the cheapest call for small copies (holds the GIL)
+    elif _native is not None:
+        _native.copy_into(dst, src, False)  # the native pool: both cores from 1 MiB, GIL released, no spinning
     else:
         np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))  # releases the GIL
 
@@ -299,9 +307,10 @@ class ShmTransport(Endpoint):
     def _run(self, job: "_Job", copier: bool = False, until: float = float("inf")) -> None:
         """Claim and copy steps until none is left, or, on the copy thread, until a thread waits on the
         handle (a waiter: until ``until``).  Checks cancel, deadline and the peer's life between steps;
-        whoever finishes the last step completes the handle.  numpy's copy releases the GIL.  Not torch's
-        copy_: its OpenMP workers spin after each call, and on two busy cores that stalls the other
-        threads (measured: up to 10x slower)."""
+        whoever finishes the last step completes the handle.  Each step is one native pooled copy (two
+        threads from 1 MiB, GIL released; its workers sleep between jobs and it falls back to the caller
+        alone when a worker lags).  Not torch's copy_: its OpenMP workers spin after each call, and on two
+        busy cores that stalls the other threads (measured: up to 10x slower)."""
         conn, handle = job.conn, job.handle
         handle.set_transferring()
         while True:
@@ -321,7 +330,7 @@ class ShmTransport(Endpoint):
                 if self.peer_exited(conn) and conn.alive:
                     self._lose(conn, f"peer {conn.peer.name!r} (pid {conn.peer.info.pid}) exited")
                 return
-            np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))
+            _copy(dst, src)
             with job.lock:
                 job.left -= 1
                 last = job.left == 0
