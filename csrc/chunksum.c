@@ -12,6 +12,7 @@
 #endif
 
 #include "chunksum.h"
+#include "ntcopy.h"
 #include "pool.h"
 
 #include <stdlib.h>
@@ -19,27 +20,29 @@
 
 #define PIECE_LEAVES (256 * 1024 / KS_LEAF) /* leaves per unit of work a pool thread claims */
 
-typedef struct { char *dst; const char *src; int64_t n, m; uint64_t *leaves; } ks_ctx;
+typedef struct { char *dst; const char *src; int64_t n, m; uint64_t *leaves; int stream; } ks_ctx;
 
 static void leaf_piece(void *arg, int64_t p) {
     const ks_ctx *c = arg;
     int64_t last = (p + 1) * PIECE_LEAVES < c->m ? (p + 1) * PIECE_LEAVES : c->m;
     for (int64_t l = p * PIECE_LEAVES; l < last; l++) {
         int64_t off = l * KS_LEAF, len = c->n - off < KS_LEAF ? c->n - off : KS_LEAF;
-        const char *bytes = c->src + off;
+        /* hash the leaf first (one read from memory), then copy it from cache: the bytes hashed are the
+         * bytes copied, and the copy may stream past the cache */
+        if (c->leaves) c->leaves[l] = LEAF_HASH(c->src + off, (size_t)len);
         if (c->dst) {
-            memcpy(c->dst + off, c->src + off, (size_t)len);
-            bytes = c->dst + off; /* hash what landed, while it is in the core's L1/L2 */
+            if (c->stream) nt_copy(c->dst + off, c->src + off, (size_t)len);
+            else memcpy(c->dst + off, c->src + off, (size_t)len);
         }
-        if (c->leaves) c->leaves[l] = LEAF_HASH(bytes, (size_t)len);
     }
+    if (c->stream) nt_fence();
 }
 
-static int run(char *dst, const char *src, int64_t n, uint64_t *out) {
+static int run(char *dst, const char *src, int64_t n, int stream, uint64_t *out) {
     int64_t m = (n + KS_LEAF - 1) / KS_LEAF;
     if (n <= KS_LEAF) {
+        if (out) *out = LEAF_HASH(src, (size_t)n);
         if (dst && n > 0) memcpy(dst, src, (size_t)n);
-        if (out) *out = LEAF_HASH(dst ? dst : src, (size_t)n);
         return 0;
     }
     uint64_t stack[256], *leaves = NULL;
@@ -47,7 +50,7 @@ static int run(char *dst, const char *src, int64_t n, uint64_t *out) {
         leaves = m <= 256 ? stack : malloc((size_t)m * sizeof(uint64_t));
         if (!leaves) return -1;
     }
-    ks_ctx c = {dst, src, n, m, leaves};
+    ks_ctx c = {dst, src, n, m, leaves, dst != NULL && stream};
     pool_run(leaf_piece, &c, (m + PIECE_LEAVES - 1) / PIECE_LEAVES, n);
     if (out) {
         unsigned char *le = (unsigned char *)leaves;
@@ -61,8 +64,10 @@ static int run(char *dst, const char *src, int64_t n, uint64_t *out) {
     return 0;
 }
 
-int ks_checksum(const char *src, int64_t n, uint64_t *out) { return run(NULL, src, n, out); }
+int ks_checksum(const char *src, int64_t n, uint64_t *out) { return run(NULL, src, n, 0, out); }
 
-int ks_copy_checksum(char *dst, const char *src, int64_t n, uint64_t *out) { return run(dst, src, n, out); }
+int ks_copy_checksum(char *dst, const char *src, int64_t n, int stream, uint64_t *out) {
+    return run(dst, src, n, stream, out);
+}
 
-void ks_copy(char *dst, const char *src, int64_t n) { (void)run(dst, src, n, NULL); }
+void ks_copy(char *dst, const char *src, int64_t n, int stream) { (void)run(dst, src, n, stream, NULL); }

@@ -7,11 +7,11 @@
  */
 #define _GNU_SOURCE
 #include "kvcopy.h"
+#include "ntcopy.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <emmintrin.h>
 
 /* ---------------------------------------------------------------- validation */
 
@@ -63,28 +63,9 @@ int kv_validate(const kv_job *j, char *err, size_t errlen) {
 
 typedef struct { char *dst; const char *src; size_t len; int stream; } run_t;
 
-/* Copy with non-temporal (streaming) stores: no read-for-ownership of the destination lines and no
- * eviction of the cache's working set.  Used for jobs much larger than the last-level cache. */
-static void copy_stream(char *dst, const char *src, size_t len) {
-    size_t head = (size_t)(-(uintptr_t)dst & 15);
-    if (head > len) head = len;
-    memcpy(dst, src, head);
-    dst += head; src += head; len -= head;
-    size_t n64 = len / 64;
-    for (size_t i = 0; i < n64; i++, dst += 64, src += 64) {
-        __m128i a = _mm_loadu_si128((const __m128i *)src), b = _mm_loadu_si128((const __m128i *)(src + 16));
-        __m128i c = _mm_loadu_si128((const __m128i *)(src + 32)), d = _mm_loadu_si128((const __m128i *)(src + 48));
-        _mm_stream_si128((__m128i *)dst, a);
-        _mm_stream_si128((__m128i *)(dst + 16), b);
-        _mm_stream_si128((__m128i *)(dst + 32), c);
-        _mm_stream_si128((__m128i *)(dst + 48), d);
-    }
-    memcpy(dst, src, len % 64);
-}
-
 static inline void flush_run(run_t *r) {
     if (!r->len) return;
-    if (r->stream && r->len >= 4096) copy_stream(r->dst, r->src, r->len);
+    if (r->stream && r->len >= 4096) nt_copy(r->dst, r->src, r->len);
     else memcpy(r->dst, r->src, r->len);
 }
 
@@ -136,7 +117,7 @@ static void run_range(const kv_job *j, int64_t lo, int64_t hi, int stream) {
         flat += n;
     }
     flush_run(&r);
-    if (r.stream) _mm_sfence();
+    if (r.stream) nt_fence();
 }
 
 /* ---------------------------------------------------------------- pieces for the pool */

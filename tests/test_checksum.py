@@ -24,6 +24,13 @@ def test_native_equals_reference_and_copy_is_exact(n):
     assert np.array_equal(dst, src)
     dst[:] = 0
     assert copy_into(dst, src, False) is None and np.array_equal(dst, src)
+    for with_sum in (True, False):  # non-temporal stores: same bytes, same sum (unaligned tails included)
+        dst[:] = 0
+        assert copy_into(dst, src, with_sum, stream=True) == (want if with_sum else None)
+        assert np.array_equal(dst, src)
+        if n > 3:
+            d2 = np.zeros(n + 3, np.uint8)
+            assert copy_into(d2[3:], src, True, stream=True) == want and np.array_equal(d2[3:], src)
 
 
 def test_every_leaf_and_length_matters():

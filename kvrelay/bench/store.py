@@ -9,8 +9,9 @@ Cases (each beside a baseline measured in the same run):
                    copy out of the mapped pool (/noverify: without the checksum)
   pull/shm/batch   pull_many of BATCH chunks per call (one round trip, copy+verify fused) into BATCH
                    distinct slots, vs the same plain copy
-  Baselines (memcpy) are the faster of torch's copy_ and the native pooled copy, timed in passes
-  interleaved with the case's passes (load on a shared machine hits both alike).
+  Baselines (memcpy) are the fastest of torch's copy_ and the native pooled copy with ordinary or
+  non-temporal stores, timed in passes interleaved with the case's passes (load on a shared machine hits
+  both alike).
   pull/<t>         pull through transport t (tcp, nixl) vs that transport's raw one-sided read of the same
                    bytes from the daemon's pool (measured in a child process: one endpoint per process);
   pull/<t>/batch   pull_many of the child's chunks in one call (one multi-descriptor read) vs the same raw read
@@ -91,9 +92,12 @@ SETTLE_S = 0.2  # after torch's copy_: its OpenMP workers spin for a while and w
 
 
 def _best_copy(dst: torch.Tensor, src: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """The memcpy baselines: the native pooled copy and torch's copy_ (OpenMP threads); the faster counts.
-    torch goes last and is followed by SETTLE_S of sleep, so its spinning workers slow neither baseline."""
-    return {"native copy": lambda: copy_into(dst, src, False), "torch copy_": lambda: dst.copy_(src)}
+    """The memcpy baselines: the native pooled copy with ordinary and with non-temporal stores, and torch's
+    copy_ (OpenMP threads); the fastest counts.  torch goes last and is followed by SETTLE_S of sleep, so
+    its spinning workers slow no other pass."""
+    return {"native copy": lambda: copy_into(dst, src, False),
+            "native streaming copy": lambda: copy_into(dst, src, False, stream=True),
+            "torch copy_": lambda: dst.copy_(src)}
 
 
 def _time_pass(fn: Callable[[int], object], n: int) -> float:
@@ -110,7 +114,7 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
     keys, header, src = _chunks("p", n * reps * 2, chunk)
     dst = torch.zeros(n * chunk, dtype=torch.uint8)  # as many distinct preallocated slots as a publish fills
     slots_dst = [dst[i * chunk:(i + 1) * chunk] for i in range(n)]
-    base: dict[str, list[float]] = {"native copy": [], "torch copy_": []}
+    base: dict[str, list[float]] = {"native copy": [], "native streaming copy": [], "torch copy_": []}
     pub: dict[bool, list[float]] = {True: [], False: []}
     for r in range(reps + 1):  # rep 0 warms up
         for name in base:
@@ -147,7 +151,10 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
     slots = [c._call(Pull(key=k, timeout=1)).slots[0] for k in ks]  # where the chunks are: copy the same bytes
     c._unpin.extend(s.pin for s in slots)
     views = [pool_t[s.offset:s.offset + chunk] for s in slots]
-    raw: dict[str, list[float]] = {"native copy": [], "torch copy_": []}
+    kinds = ("native copy", "native streaming copy", "torch copy_")
+    # baselines copy the same bytes into the same destinations as the cases: one reused buffer for single
+    # pulls, BATCH distinct ones for pull_many (32 MiB of destinations do not stay in the cache)
+    raw = {dest: {k: [] for k in kinds} for dest in ("one", "batch")}
     pulls: dict[str, list[float]] = {"pull/shm": [], "pull/shm/noverify": [], "pull/shm/batch": []}
     big = torch.zeros(BATCH * chunk, dtype=torch.uint8)
     outs = [big[i * chunk:(i + 1) * chunk] for i in range(BATCH)]
@@ -156,10 +163,11 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
         if j % BATCH == 0:
             c.pull_many(ks[j:j + BATCH], outs[:len(ks[j:j + BATCH])], time.monotonic() + 10)
     for r in range(reps + 1):
-        for name in raw:
-            t = _time_pass(lambda i: _best_copy(out, views[i])[name](), n)
-            if r:
-                raw[name].append(t)
+        for dest, pick in (("one", lambda i: out), ("batch", lambda i: outs[i % BATCH])):
+            for name in kinds:
+                t = _time_pass(lambda i: _best_copy(pick(i), views[i])[name](), n)
+                if r:
+                    raw[dest][name].append(t)
         time.sleep(SETTLE_S)
         for case, fn in (("pull/shm", lambda i: c.pull(ks[i], out, time.monotonic() + 10)),
                          ("pull/shm/noverify", lambda i: c.pull(ks[i], out, time.monotonic() + 10, verify_checksum=False)),
@@ -167,14 +175,15 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
             t = _time_pass(fn, n)
             if r:
                 pulls[case].append(t)
-    best = min(raw, key=lambda k: median(raw[k]))
-    copies = {k: round(_gbps(chunk, median(v)), 2) for k, v in raw.items()}
     notes = {"pull/shm": "one round trip, copy + checksum verify in one pass",
              "pull/shm/noverify": "one round trip, copy only",
              "pull/shm/batch": f"pull_many of {BATCH}: one round trip per batch, copy + verify of every chunk"}
     for case, times in pulls.items():
+        base = raw["batch" if case.endswith("batch") else "one"]
+        best = min(base, key=lambda k: median(base[k]))
+        copies = {k: round(_gbps(chunk, median(v)), 2) for k, v in base.items()}
         ctx.add(Record.compare(SUITE, case, "pull_gbps", _gbps(chunk, median(times)), "GB/s",
-                               f"copy out of the mapped pool ({best})", _gbps(chunk, median(raw[best])),
+                               f"copy out of the mapped pool ({best})", _gbps(chunk, median(base[best])),
                                {**params, "memcpy_gbps": copies, "includes": notes[case]}))
     assert torch.equal(out, src)
     assert all(torch.equal(o, src) for o in outs[:min(n, BATCH)])  # the slots a batch filled

@@ -17,6 +17,11 @@ from kvrelay.store.pool import ALIGN, Arena, SharedPool, align_up
 from kvrelay.store.protocol import STORE_COMPAT, Slot  # noqa: F401  (STORE_COMPAT re-exported)
 from kvrelay.transfer.wire import checksum, copy_into
 
+try:
+    from kvrelay import _native
+except ImportError:  # not built: the buffer-protocol path (slower per call, same bytes)
+    _native = None
+
 
 def copy_and_check(src: torch.Tensor, dst: torch.Tensor, expect: int | None) -> bool:
     """Copy ``src`` into ``dst`` (same size); with ``expect``, the checksum of what landed in ``dst``, hashed
@@ -33,6 +38,7 @@ class SharedPath:
     def __init__(self, pool_name: str, pool_bytes: int) -> None:
         self.pool = SharedPool(pool_name, pool_bytes)
         self.tensor = torch.frombuffer(self.pool.mm, dtype=torch.uint8)
+        self.base, self.nbytes = self.tensor.data_ptr(), self.tensor.numel()
         self._pinned = False
         if torch.cuda.is_available():  # page-locked so GPU <-> pool copies are DMA
             err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.tensor.numel(), 0)
@@ -52,12 +58,23 @@ class SharedPath:
 
     def pull_many_into(self, slots: list[Slot], outs: list[torch.Tensor], timeout: float,
                        expect: list[int] | None, pool: Executor | None) -> list[int]:
-        """Copy each slot into its ``out``; with ``expect``, hash each leaf of the copy right behind it (one
-        pass over memory, both native pool threads) and return the indices whose checksum differs.  Chunks
-        go one after another: each is already spread over the native pool (``pool`` is not needed)."""
-        ok = [copy_and_check(self.tensor[s.offset:s.offset + s.nbytes], out, None if expect is None else expect[i])
-              for i, (s, out) in enumerate(zip(slots, outs))]
-        return [i for i, good in enumerate(ok) if not good]
+        """Copy each slot into its ``out`` (contiguous, exactly the slot's size); with ``expect``, hash each
+        leaf just before its copy (one read of the pool, both native pool threads) and return the indices
+        whose checksum differs.  Chunks go one after another: each is already spread over the native pool
+        (``pool`` is not needed).  Raw addresses, bounds checked here: no buffer conversions per chunk."""
+        if _native is None:
+            ok = [copy_and_check(self.tensor[s.offset:s.offset + s.nbytes], out, None if expect is None else expect[i])
+                  for i, (s, out) in enumerate(zip(slots, outs))]
+            return [i for i, good in enumerate(ok) if not good]
+        bad = []
+        for i, (s, out) in enumerate(zip(slots, outs)):
+            if s.offset < 0 or s.offset + s.nbytes > self.nbytes or out.numel() != s.nbytes:
+                raise ValueError(f"slot [{s.offset}, +{s.nbytes}) outside the {self.nbytes}-byte pool, or an "
+                                 f"output of {out.numel()} bytes")
+            got = _native.copy_addr(out.data_ptr(), self.base + s.offset, s.nbytes, expect is not None, False)
+            if expect is not None and got != expect[i]:
+                bad.append(i)
+        return bad
 
     def register_buffer(self, buf: torch.Tensor) -> None:
         pass  # the pool is mapped: nothing to register

@@ -69,7 +69,7 @@ def _copy(dst: memoryview, src: memoryview) -> None:
     if len(dst) <= GIL_COPY_BYTES:
         dst[:] = src  # memoryview assignment: the cheapest call for small copies (holds the GIL)
     elif _native is not None:
-        _native.copy_into(dst, src, False)  # the native pool: both cores from 1 MiB, GIL released, no spinning
+        _native.copy_into(dst, src, False, False)  # the native pool: both cores from 1 MiB, GIL released, no spinning
     else:
         np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))  # releases the GIL
 

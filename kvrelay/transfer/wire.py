@@ -89,15 +89,16 @@ def checksum(payload) -> int:
     return _native.checksum(buf) if _native is not None else checksum_reference(buf)
 
 
-def copy_into(dst, src, with_checksum: bool = True) -> int | None:
+def copy_into(dst, src, with_checksum: bool = True, stream: bool = False) -> int | None:
     """Copy ``src`` into ``dst`` (same size, not overlapping) on the native pool, without the GIL; with
-    ``with_checksum``, return the checksum of what landed in ``dst``, hashed leaf by leaf right behind
-    the copy while the leaf is in cache (one pass over memory, not two)."""
+    ``with_checksum``, return the checksum of the bytes copied (each leaf is hashed just before its copy:
+    one read from memory, not two).  ``stream``: non-temporal stores, for a destination nobody reads soon
+    (a store pool slot: about 2x a thread's copy rate here); not for a buffer that is read next."""
     d, s = _as_buffer(dst, writable=True), _as_buffer(src)
     if d.nbytes != s.nbytes:
         raise ValueError(f"copy_into: destination has {d.nbytes} bytes, source {s.nbytes}")
     if _native is not None:
-        return _native.copy_into(d, s, with_checksum)
+        return _native.copy_into(d, s, with_checksum, stream)
     d[:] = s
     return checksum_reference(d) if with_checksum else None
 
