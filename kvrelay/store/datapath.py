@@ -30,6 +30,11 @@ def copy_and_check(src: torch.Tensor, dst: torch.Tensor, expect: int | None) -> 
     return expect is None or got == expect
 
 
+# A batch this large does not stay in the cache for whoever reads it next: store it with non-temporal
+# stores (the same rule as the pack kernels' 16 MiB stream threshold, csrc/kvcopy.c).
+STREAM_BATCH_BYTES = 16 << 20
+
+
 class SharedPath:
     """Same host: the pool is mapped; slots are tensors aliasing it."""
 
@@ -67,11 +72,12 @@ class SharedPath:
                   for i, (s, out) in enumerate(zip(slots, outs))]
             return [i for i, good in enumerate(ok) if not good]
         bad = []
+        stream = sum(s.nbytes for s in slots) >= STREAM_BATCH_BYTES
         for i, (s, out) in enumerate(zip(slots, outs)):
             if s.offset < 0 or s.offset + s.nbytes > self.nbytes or out.numel() != s.nbytes:
                 raise ValueError(f"slot [{s.offset}, +{s.nbytes}) outside the {self.nbytes}-byte pool, or an "
                                  f"output of {out.numel()} bytes")
-            got = _native.copy_addr(out.data_ptr(), self.base + s.offset, s.nbytes, expect is not None, False)
+            got = _native.copy_addr(out.data_ptr(), self.base + s.offset, s.nbytes, expect is not None, stream)
             if expect is not None and got != expect[i]:
                 bad.append(i)
         return bad
@@ -183,10 +189,16 @@ class TransportPath:
                 direct.append((i, Desc(reg[0], reg[1], self.remote_region, slot.offset, slot.nbytes)))
         sums: dict[int, Future] = {}
         if direct and expect is not None and pool is not None and len(direct) > 1:
-            for i, d in direct:
-                with self.t.read(self.peer, [d], timeout=left()) as h:
+            handles = []  # all in flight at once (tcp spreads them over its streams), then taken in order
+            try:
+                for i, d in direct:
+                    handles.append((i, self.t.read(self.peer, [d], timeout=left())))
+                for i, h in handles:
                     h.result(left())
-                sums[i] = pool.submit(checksum, outs[i])
+                    sums[i] = pool.submit(checksum, outs[i])
+            finally:
+                for _, h in handles:
+                    h.release()
         elif direct:
             with self.t.read(self.peer, [d for _, d in direct], timeout=left()) as h:
                 h.result(left())
