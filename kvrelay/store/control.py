@@ -1,6 +1,7 @@
 """The client's control channel to a `kvrelay store` daemon: sockets, round trips, pipelined replies.
 
-Owns: one DEALER socket per calling thread (a pull that waits does not block other threads), request ids,
+Owns: one DEALER socket per calling thread (a pull that waits does not block other threads) with a monitor
+that fails a wait at once when the daemon's end disconnects (it died: no answer will come), request ids,
 pins handed back with the next request, replies to pipelined (wait=False) requests and their deferred
 errors, and the one retry after the daemon says it does not know the socket (code "session").  Must not
 touch: what the requests mean (client.py) or the data path.
@@ -13,6 +14,7 @@ import threading
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from kvrelay.store import protocol as P
 
@@ -39,7 +41,7 @@ class ControlChannel:
     def _open_channel(self) -> None:
         self._ctx = zmq.Context()
         self._tls = threading.local()
-        self._socks: list[zmq.Socket] = []
+        self._socks: list[zmq.Socket] = []  # DEALER sockets and their monitors
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._unpin: list[int] = []
@@ -54,10 +56,14 @@ class ControlChannel:
                 raise StoreError("the StoreClient is closed", "closed")
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # the daemon's end went away: fail waits now
             s.connect(self.address)
-            self._tls.sock = s
+            poller = zmq.Poller()
+            poller.register(s, zmq.POLLIN)
+            poller.register(mon, zmq.POLLIN)
+            self._tls.sock, self._tls.mon, self._tls.poller = s, mon, poller
             with self._lock:
-                self._socks.append(s)
+                self._socks += [mon, s]
             if self._ready:  # a new thread's socket: introduce it (namespace for commits)
                 self._hello(s)
         return s
@@ -69,6 +75,9 @@ class ControlChannel:
         req.req_id = next(self._ids)
         with self._lock:
             req.unpin, self._unpin = self._unpin, []
+        mon = self._tls.mon
+        while mon.poll(0):  # a disconnect from before this request (e.g. a restart since) is not this one's
+            mon.recv_multipart()
         sock.send(P.encode(req))
         pending = self._pending()
         if not expect_reply:
@@ -95,9 +104,15 @@ class ControlChannel:
         """Receive replies until the one for ``req_id`` (None: until no pipelined request is pending)."""
         pending = self._pending()
         deadline = time.monotonic() + wait
+        mon, poller = self._tls.mon, self._tls.poller
         while req_id is not None or pending:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+            events = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+            if mon in events and recv_monitor_message(mon)["event"] == zmq.EVENT_DISCONNECTED:
+                pending.clear()  # their answers will not come either
+                raise StoreError(f"lost the connection to the store at {self.address} while waiting for {what} "
+                                 f"(the daemon exited?)", "unreachable")
+            if sock not in events:
                 if time.monotonic() >= deadline:
                     raise StoreError(f"store at {self.address} did not answer {what} within {wait:.1f}s: is the "
                                      f"daemon running?", "unreachable")
@@ -140,6 +155,11 @@ class ControlChannel:
         self._closed = True
         with self._lock:
             for s in self._socks:
+                if s.type == zmq.DEALER:
+                    try:
+                        s.disable_monitor()
+                    except zmq.ZMQError:
+                        pass
                 s.close(linger=0)
             self._socks.clear()
         self._ctx.term()

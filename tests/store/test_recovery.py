@@ -234,3 +234,32 @@ def test_clients_survive_a_daemon_restart(tmp_path, transport):
                 d2.cleanup()
     finally:
         d.cleanup()
+
+
+@pytest.mark.timeout(120)
+def test_a_wait_fails_at_once_when_the_daemon_dies(tmp_path):
+    """A pull parked on the store (30 s deadline) fails within seconds with 'unreachable' when the daemon is
+    killed: the client's socket monitor sees the disconnect; nothing waits out the deadline."""
+    import threading
+    d = start(tmp_path)
+    try:
+        with StoreClient(d.address, compat_hash=COMPAT, timeout=30) as c:
+            k, h, data = make_chunk(900, 4096)
+            got: dict = {}
+
+            def waiter() -> None:
+                t0 = time.monotonic()
+                try:
+                    c.pull(k, torch.empty(4096, dtype=torch.uint8), time.monotonic() + 30)
+                except StoreError as exc:
+                    got["exc"], got["after"] = exc, time.monotonic() - t0
+            t = threading.Thread(target=waiter)
+            t.start()
+            time.sleep(1.0)  # parked on the never-published chunk
+            d.kill()
+            t.join(20)
+            assert not t.is_alive()
+            assert got["exc"].code == "unreachable" and "lost the connection" in str(got["exc"])
+            assert got["after"] < 10
+    finally:
+        d.cleanup()
