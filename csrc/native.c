@@ -135,6 +135,24 @@ static PyObject *py_checksum(PyObject *self, PyObject *arg) {
     return PyLong_FromUnsignedLongLong(h);
 }
 
+/* The copy both bindings run: refuse overlap, copy (with the checksum when `want`) without the GIL, and
+ * return the checksum, or None. */
+static PyObject *run_copy(char *dst, const char *src, int64_t n, int want, int stream, const char *who) {
+    if (n > 0 && dst < src + n && src < dst + n) {
+        PyErr_Format(PyExc_ValueError, "%s: dst and src overlap", who);
+        return NULL;
+    }
+    uint64_t h = 0;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (want) rc = ks_copy_checksum(dst, src, n, stream, &h);
+    else ks_copy(dst, src, n, stream);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) return PyErr_NoMemory();
+    if (!want) Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(h);
+}
+
 /* copy_into(dst, src, with_checksum: bool, stream: bool) -> the checksum of the bytes copied, or None. */
 static PyObject *py_copy_into(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -153,23 +171,9 @@ static PyObject *py_copy_into(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyBuffer_Release(&d); PyBuffer_Release(&s);
         return NULL;
     }
-    char *dp = d.buf;
-    const char *sp = s.buf;
-    if (dp < sp + s.len && sp < dp + d.len && d.len > 0) {
-        PyErr_SetString(PyExc_ValueError, "copy_into: dst and src overlap");
-        PyBuffer_Release(&d); PyBuffer_Release(&s);
-        return NULL;
-    }
-    uint64_t h = 0;
-    int rc = 0;
-    Py_BEGIN_ALLOW_THREADS
-    if (want) rc = ks_copy_checksum(dp, sp, (int64_t)d.len, stream, &h);
-    else ks_copy(dp, sp, (int64_t)d.len, stream);
-    Py_END_ALLOW_THREADS
+    PyObject *out = run_copy(d.buf, s.buf, (int64_t)d.len, want, stream, "copy_into");
     PyBuffer_Release(&d); PyBuffer_Release(&s);
-    if (rc != 0) return PyErr_NoMemory();
-    if (!want) Py_RETURN_NONE;
-    return PyLong_FromUnsignedLongLong(h);
+    return out;
 }
 
 /* copy_addr(dst, src, n, with_checksum, stream): copy_into for raw addresses (the caller owns the bounds:
@@ -191,19 +195,7 @@ static PyObject *py_copy_addr(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_Format(PyExc_ValueError, "copy_addr: bad range (dst %#llx, src %#llx, %lld bytes)", d, sp, n);
         return NULL;
     }
-    if (n > 0 && d < sp + (unsigned long long)n && sp < d + (unsigned long long)n) {
-        PyErr_SetString(PyExc_ValueError, "copy_addr: dst and src overlap");
-        return NULL;
-    }
-    uint64_t h = 0;
-    int rc = 0;
-    Py_BEGIN_ALLOW_THREADS
-    if (want) rc = ks_copy_checksum((char *)(uintptr_t)d, (const char *)(uintptr_t)sp, n, stream, &h);
-    else ks_copy((char *)(uintptr_t)d, (const char *)(uintptr_t)sp, n, stream);
-    Py_END_ALLOW_THREADS
-    if (rc != 0) return PyErr_NoMemory();
-    if (!want) Py_RETURN_NONE;
-    return PyLong_FromUnsignedLongLong(h);
+    return run_copy((char *)(uintptr_t)d, (const char *)(uintptr_t)sp, n, want, stream, "copy_addr");
 }
 
 static PyMethodDef methods[] = {
