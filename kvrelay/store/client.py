@@ -30,7 +30,7 @@ from kvrelay.transfer.wire import ChunkHeader, copy_into, verify
 
 
 log = logging.getLogger("kvrelay.store.client")
-PARALLEL_ABOVE = 1 << 20  # pull_many spreads chunks this big over PULL_THREADS (smaller: a hand-off costs more)
+PARALLEL_ABOVE = 1 << 20  # remote pull_many verifies chunks this big on PULL_THREADS behind the transfers
 PULL_THREADS = 2
 
 
@@ -170,20 +170,16 @@ class StoreClient(ControlChannel):
         finally:
             with self._lock:
                 self._unpin.append(slot.pin)
-        if bad:  # copied and hashed in one pass; the full message names what differs
-            try:
-                verify(header, dst)
-                msg = "checksum mismatch"
-            except ValueError as exc:
-                msg = str(exc)
-            raise StoreError(f"pull({kid_of(key)}): {msg}", "corrupt")
+        if bad:
+            raise _corrupt("pull", key, header, dst)
         return header
 
     def pull_many(self, keys: Sequence[ChunkKey], outs: Sequence[torch.Tensor], deadline: float,
                   verify_checksum: bool = True, request_id: str = "") -> list[ChunkHeader]:
         """`pull` for many chunks with ONE control round trip: waits (until ``deadline``) until every key is
-        ready, then moves them (one multi-descriptor transfer where ``outs`` lie in registered memory) and
-        verifies every checksum (on shm, hashed block by block right behind the copy; chunks in parallel).
+        ready, then moves them and verifies every checksum (on shm, each leaf hashed just before its copy;
+        through a transport, one multi-descriptor read, or, when verifying several chunks of 1 MiB or more,
+        every chunk's read in flight at once, each verified while the next moves).
         ``outs[i]`` receives chunk i; ``outs`` must not overlap; the batch must fit in the pool pinned at
         once.  Raises like `pull` (TimeoutError names the first missing key, "corrupt" the first bad chunk)."""
         keys, outs = list(keys), list(outs)
@@ -215,12 +211,7 @@ class StoreClient(ControlChannel):
                 self._unpin.extend(s.pin for s in slots)
         if bad:
             i = bad[0]
-            try:
-                verify(headers[i], dsts[i])  # the full message (length or checksum)
-                msg = "checksum mismatch"
-            except ValueError as exc:
-                msg = str(exc)
-            raise StoreError(f"pull_many({kid_of(keys[i])}): {msg} ({len(bad)} of {len(keys)} chunks bad)", "corrupt")
+            raise _corrupt("pull_many", keys[i], headers[i], dsts[i], f" ({len(bad)} of {len(keys)} chunks bad)")
         return headers
 
     def _workers(self) -> ThreadPoolExecutor:
@@ -299,6 +290,17 @@ class StoreClient(ControlChannel):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _corrupt(op: str, key: ChunkKey, header: ChunkHeader, dst: torch.Tensor, extra: str = "") -> StoreError:
+    """The error for a chunk whose bytes failed verification (copied and hashed in one pass): re-checked
+    here, so the message names what differs (length or checksum)."""
+    try:
+        verify(header, dst)
+        msg = "checksum mismatch"
+    except ValueError as exc:
+        msg = str(exc)
+    return StoreError(f"{op}({kid_of(key)}): {msg}{extra}", "corrupt")
 
 
 def _as_uint8(payload) -> torch.Tensor:

@@ -19,15 +19,8 @@ from kvrelay.transfer.wire import checksum, copy_into
 
 try:
     from kvrelay import _native
-except ImportError:  # not built: the buffer-protocol path (slower per call, same bytes)
+except ImportError:  # not built: SharedPath copies through wire.copy_into
     _native = None
-
-
-def copy_and_check(src: torch.Tensor, dst: torch.Tensor, expect: int | None) -> bool:
-    """Copy ``src`` into ``dst`` (same size); with ``expect``, the checksum of what landed in ``dst``, hashed
-    leaf by leaf right behind the copy (native, parallel, without the GIL), must equal it."""
-    got = copy_into(dst, src, expect is not None)
-    return expect is None or got == expect
 
 
 # A batch this large does not stay in the cache for whoever reads it next: store it with non-temporal
@@ -58,27 +51,24 @@ class SharedPath:
     def discard(self, view: torch.Tensor) -> None:
         pass
 
-    def pull_into(self, slot: Slot, out: torch.Tensor, timeout: float) -> None:
-        copy_into(out, self.tensor[slot.offset:slot.offset + slot.nbytes], False)
-
     def pull_many_into(self, slots: list[Slot], outs: list[torch.Tensor], timeout: float,
                        expect: list[int] | None, pool: Executor | None) -> list[int]:
         """Copy each slot into its ``out`` (contiguous, exactly the slot's size); with ``expect``, hash each
         leaf just before its copy (one read of the pool, both native pool threads) and return the indices
         whose checksum differs.  Chunks go one after another: each is already spread over the native pool
         (``pool`` is not needed).  Raw addresses, bounds checked here: no buffer conversions per chunk."""
-        if _native is None:
-            ok = [copy_and_check(self.tensor[s.offset:s.offset + s.nbytes], out, None if expect is None else expect[i])
-                  for i, (s, out) in enumerate(zip(slots, outs))]
-            return [i for i, good in enumerate(ok) if not good]
         bad = []
+        want = expect is not None
         stream = sum(s.nbytes for s in slots) >= STREAM_BATCH_BYTES
         for i, (s, out) in enumerate(zip(slots, outs)):
             if s.offset < 0 or s.offset + s.nbytes > self.nbytes or out.numel() != s.nbytes:
                 raise ValueError(f"slot [{s.offset}, +{s.nbytes}) outside the {self.nbytes}-byte pool, or an "
                                  f"output of {out.numel()} bytes")
-            got = _native.copy_addr(out.data_ptr(), self.base + s.offset, s.nbytes, expect is not None, stream)
-            if expect is not None and got != expect[i]:
+            if _native is not None:
+                got = _native.copy_addr(out.data_ptr(), self.base + s.offset, s.nbytes, want, stream)
+            else:  # not built: through the buffer protocol (slower per call, same bytes)
+                got = copy_into(out, self.tensor[s.offset:s.offset + s.nbytes], want, stream)
+            if want and got != expect[i]:
                 bad.append(i)
         return bad
 
@@ -212,4 +202,4 @@ class TransportPath:
         self.t.close()
 
 
-__all__ = ["SharedPath", "TransportPath", "copy_and_check", "STORE_COMPAT", "ALIGN"]
+__all__ = ["SharedPath", "TransportPath", "STORE_COMPAT", "ALIGN"]
