@@ -92,13 +92,14 @@ def run(ctx: BenchContext) -> None:
 SETTLE_S = 0.2  # after torch's copy_: its OpenMP workers spin for a while and would slow what runs next
 
 
-def _best_copy(dst: torch.Tensor, src: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """The memcpy baselines: the native pooled copy with ordinary and with non-temporal stores, and torch's
-    copy_ (OpenMP threads); the fastest counts.  torch goes last and is followed by SETTLE_S of sleep, so
-    its spinning workers slow no other pass."""
-    return {"native copy": lambda: copy_into(dst, src, False),
-            "native streaming copy": lambda: copy_into(dst, src, False, stream=True),
-            "torch copy_": lambda: dst.copy_(src)}
+# The memcpy baselines: the native pooled copy with ordinary and with non-temporal stores, and torch's copy_
+# (OpenMP threads); the fastest counts.  torch goes last and is followed by SETTLE_S of sleep, so its
+# spinning workers slow no other pass.
+COPIES: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {
+    "native copy": lambda dst, src: copy_into(dst, src, False),
+    "native streaming copy": lambda dst, src: copy_into(dst, src, False, stream=True),
+    "torch copy_": lambda dst, src: dst.copy_(src),
+}
 
 
 def _time_pass(fn: Callable[[int], object], n: int) -> float:
@@ -115,11 +116,11 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
     keys, header, src = _chunks("p", n * reps * 2, chunk)
     dst = torch.zeros(n * chunk, dtype=torch.uint8)  # as many distinct preallocated slots as a publish fills
     slots_dst = [dst[i * chunk:(i + 1) * chunk] for i in range(n)]
-    base: dict[str, list[float]] = {"native copy": [], "native streaming copy": [], "torch copy_": []}
+    base: dict[str, list[float]] = {k: [] for k in COPIES}
     pub: dict[bool, list[float]] = {True: [], False: []}
     for r in range(reps + 1):  # rep 0 warms up
-        for name in base:
-            t = _time_pass(lambda i: _best_copy(slots_dst[i], src)[name](), n)
+        for name, copy in COPIES.items():
+            t = _time_pass(lambda i: copy(slots_dst[i], src), n)
             if r:
                 base[name].append(t)
         time.sleep(SETTLE_S)
@@ -152,10 +153,9 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
     slots = [c._call(Pull(key=k, timeout=1)).slots[0] for k in ks]  # where the chunks are: copy the same bytes
     c._unpin.extend(s.pin for s in slots)
     views = [pool_t[s.offset:s.offset + chunk] for s in slots]
-    kinds = ("native copy", "native streaming copy", "torch copy_")
     # baselines copy the same bytes into the same destinations as the cases: one reused buffer for single
     # pulls, BATCH distinct ones for pull_many (32 MiB of destinations do not stay in the cache)
-    raw = {dest: {k: [] for k in kinds} for dest in ("one", "batch")}
+    raw = {dest: {k: [] for k in COPIES} for dest in ("one", "batch")}
     pulls: dict[str, list[float]] = {"pull/shm": [], "pull/shm/noverify": [], "pull/shm/batch": []}
     big = torch.zeros(BATCH * chunk, dtype=torch.uint8)
     outs = [big[i * chunk:(i + 1) * chunk] for i in range(BATCH)]
@@ -165,8 +165,8 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
             c.pull_many(ks[j:j + BATCH], outs[:len(ks[j:j + BATCH])], time.monotonic() + 10)
     for r in range(reps + 1):
         for dest, pick in (("one", lambda i: out), ("batch", lambda i: outs[i % BATCH])):
-            for name in kinds:
-                t = _time_pass(lambda i: _best_copy(pick(i), views[i])[name](), n)
+            for name, copy in COPIES.items():
+                t = _time_pass(lambda i: copy(pick(i), views[i]), n)
                 if r:
                     raw[dest][name].append(t)
         time.sleep(SETTLE_S)
