@@ -139,6 +139,18 @@ def _unpublished(model_cfg, store, prompt, rid, eng, first_token):
                            first_token=first_token)
 
 
+def _park_decode(model_cfg, store, dec, prompt, rid):
+    """A decode leg sent before its prefill (first token unknown), parked on the store: (sequence, an event
+    set when it finishes)."""
+    kp = _unpublished(model_cfg, store, prompt, rid, dec, None)
+    done = threading.Event()
+    seq = Sequence(prompt, SP, kv_params=kp, on_token=lambda s, t, fin: fin and done.set())
+    dec.add(seq)
+    time.sleep(1.0)
+    assert seq.status is Status.PULLING  # parked on the store
+    return seq, done
+
+
 @pytest.mark.timeout(120)
 def test_pull_deadline_recomputes_locally(model_cfg, weights, store):
     prompt = rand_prompt(129, seed=424242)  # never published: its chunks are not in the store
@@ -179,12 +191,7 @@ def test_decode_leg_sent_before_the_prefill_starts(model_cfg, weights, store):
     dec = _decode_engine(model_cfg, weights, store, "nixl", block_size=8).start()
     try:
         # the router's view: params built from the prompt alone, first token unknown
-        kp = _unpublished(model_cfg, store, prompt, "early-decode-1", dec, None)
-        done = threading.Event()
-        seq = Sequence(prompt, SP, kv_params=kp, on_token=lambda s, t, fin: fin and done.set())
-        dec.add(seq)
-        time.sleep(1.0)  # the decode is parked on the store
-        assert seq.status is Status.PULLING
+        seq, done = _park_decode(model_cfg, store, dec, prompt, "early-decode-1")
         pre = _prefill_engine(model_cfg, weights, store)
         try:
             pre.run([Sequence(prompt, SP, publish=True, request_id="early-decode-1")])
@@ -206,12 +213,7 @@ def test_store_full_aborts_the_waiting_decode_at_once(model_cfg, weights):
     with DaemonProcess(pool_size="1MiB", max_chunk_bytes="1MiB") as small:
         dec = _decode_engine(model_cfg, weights, small, "shm", pull_timeout_s=60).start()
         try:
-            kp = _unpublished(model_cfg, small, prompt, "store-full-1", dec, None)
-            done = threading.Event()
-            seq = Sequence(prompt, SP, kv_params=kp, on_token=lambda s, t, fin: fin and done.set())
-            dec.add(seq)
-            time.sleep(1.0)
-            assert seq.status is Status.PULLING  # parked on the store
+            seq, done = _park_decode(model_cfg, small, dec, prompt, "store-full-1")
             t0 = time.monotonic()
             pre = _prefill_engine(model_cfg, weights, small)
             try:

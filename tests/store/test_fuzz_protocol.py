@@ -64,21 +64,11 @@ frames = st.one_of(st.lists(st.binary(max_size=64), min_size=1, max_size=3),
 
 
 @pytest.fixture(scope="module")
-def fuzz_daemon(tmp_path_factory):
-    from store_helpers import Daemon
-    d = Daemon(tmp_path_factory.mktemp("fuzz"), pool_size="32MiB", max_chunk_bytes="4MiB")
-    try:
-        yield d.start()
-    finally:
-        d.cleanup()
-
-
-@pytest.fixture(scope="module")
-def sock(fuzz_daemon):
+def sock(daemon):  # `daemon` (conftest) is module-scoped: this module's own
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
-    s.connect(fuzz_daemon.address)
+    s.connect(daemon.address)
     s.send(P.encode(P.Hello(req_id=1, name="fuzz", compat_hash=COMPAT, transport="shm")))
     assert s.poll(10_000) and P.decode_reply(s.recv()).ok  # a session: fuzzed requests reach the store's logic
     yield s
@@ -102,22 +92,22 @@ def _ping(s: zmq.Socket) -> None:
 @pytest.mark.timeout(300)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(frames, min_size=1, max_size=8))
-def test_fuzzed_messages_never_break_the_daemon(fuzz_daemon, sock, batch):
+def test_fuzzed_messages_never_break_the_daemon(daemon, sock, batch):
     for f in batch:
         sock.send_multipart(f)
     _ping(sock)
-    assert fuzz_daemon.proc.poll() is None
+    assert daemon.proc.poll() is None
 
 
 @pytest.mark.timeout(60)
-def test_daemon_serves_normally_after_the_fuzz(fuzz_daemon):
+def test_daemon_serves_normally_after_the_fuzz(daemon):
     # runs after the fuzz (same module daemon): health, stats, and a publish + pull
-    base = f"http://127.0.0.1:{fuzz_daemon.info['metrics_port']}"
+    base = f"http://127.0.0.1:{daemon.info['metrics_port']}"
     assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
     k, h, d = make_chunk(9901, 4096)
-    with StoreClient(fuzz_daemon.address, compat_hash=COMPAT) as c:
+    with StoreClient(daemon.address, compat_hash=COMPAT) as c:
         assert c.stats()["bad_requests"] > 0  # the fuzz was answered with errors, not ignored
-        log = (fuzz_daemon.tmp / "daemon.log").read_text()
+        log = (daemon.tmp / "daemon.log").read_text()
         assert "internal error" not in log, log[-3000:]  # every bad input met a clear error, not a bug
         try:
             c.publish(k, h, d)
