@@ -36,14 +36,18 @@ PULL_THREADS = 2
 
 class StoreClient(ControlChannel):
     def __init__(self, address: str, *, transport: str = "shm", compat_hash: str, name: str = "client",
-                 timeout: float = 10.0, staging_bytes: int = 256 << 20) -> None:
+                 timeout: float = 10.0, staging_bytes: int = 256 << 20, control: str = "auto") -> None:
         if not address.startswith("tcp://"):
             raise ValueError(f"store address {address!r} must look like tcp://127.0.0.1:5600")
         if not compat_hash:
             raise ValueError("compat_hash is required (KVLayout.compat_hash(model_id)); it namespaces your chunks")
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
+        if control not in ("auto", "zmq"):
+            raise ValueError(f"control {control!r}: choose auto (the daemon's same-host socket if it offers one) "
+                             f"or zmq")
         self.address, self.transport, self.compat_hash, self.name = address, transport, compat_hash, name
+        self.control = control
         self.timeout = timeout
         self._open_channel()
         self._slots: dict[str, P.Slot] = {}
@@ -58,6 +62,8 @@ class StoreClient(ControlChannel):
             self.info = self._call(P.Hello(name=name, compat_hash=compat_hash, transport=transport)).info
             self._path = self._make_path(self.info)
             self._ready = True
+            if self.info.get("local") and control == "auto":  # from now on: the same-host socket
+                self._drop_link(self._sock())
         except BaseException:
             self._close_sockets()
             raise
@@ -68,7 +74,7 @@ class StoreClient(ControlChannel):
         return TransportPath(self.transport, self.name, info["endpoints"][self.transport], self._staging_bytes,
                              self.timeout)
 
-    def _hello(self, sock: zmq.Socket) -> None:
+    def _hello(self, sock) -> None:
         """(Re-)introduce this socket; if the daemon is a new one (restarted: another epoch), start over with it:
         a fresh data path (pool mapping or transport peer), no reservations, no pins."""
         hello = P.Hello(name=self.name, compat_hash=self.compat_hash, transport=self.transport)
@@ -118,8 +124,10 @@ class StoreClient(ControlChannel):
 
     def commit(self, key: ChunkKey, header: ChunkHeader, *, wait: bool = True) -> None:
         """Hand the filled slot to the store, which verifies length and checksum, marks it ready and wakes
-        waiters.  ``wait=False`` pipelines: it returns once sent; a failure is raised by this thread's next
-        call or by `flush()` (so a layer's chunks cost one round trip, not one each)."""
+        waiters.  ``wait=False`` pipelines: it returns at once, and the commit goes out with this thread's
+        other queued ones as one message (at `flush()`, before this thread's next request, or once
+        COMMIT_BATCH are queued); a failure is raised by this thread's next call or by `flush()`.  So a layer's
+        chunks cost one message and one round trip, not one each: call `flush()` when a layer is done."""
         kid = kid_of(key)
         with self._lock:
             slot = self._slots.pop(kid, None)
@@ -134,7 +142,7 @@ class StoreClient(ControlChannel):
         if wait:
             self._call(P.Commit(key=key, header=header))
         else:
-            self._roundtrip(self._sock(), P.Commit(key=key, header=header), self.timeout, expect_reply=False)
+            self._queue_commit(key, header)
 
     def publish(self, key: ChunkKey, header: ChunkHeader, payload, *, wait: bool = True) -> None:
         """Copy ``payload`` into the chunk's slot and commit it (reserving first if needed).  The checksum of
@@ -146,8 +154,11 @@ class StoreClient(ControlChannel):
             raise ValueError(f"publish({kid}): payload is {src.numel()} bytes, header says {header.nbytes}")
         if kid not in self._slots:
             self.reserve(f"publish:{kid}", [(key, header.nbytes)])
-        buf = self.publish_buffer(key)
-        got = copy_into(buf, src, True, stream=True)  # a pool slot: nobody reads it soon
+        path, slot = self._path, self._slots.get(kid)
+        if isinstance(path, SharedPath) and slot is not None and not slot.present and kid not in self._views:
+            got = path.publish_into(slot, src)  # straight into the mapped slot, by address
+        else:
+            got = copy_into(self.publish_buffer(key), src, True, stream=True)  # a pool slot: nobody reads it soon
         if got != header.checksum:
             raise ValueError(f"publish({kid}): the payload's checksum is {got:#018x}, the header says "
                              f"{header.checksum:#018x}; nothing was committed")
@@ -272,8 +283,8 @@ class StoreClient(ControlChannel):
         if self._closed:
             return
         try:
-            if self._unpin:
-                self._call(P.Ping(), wait=1.0)  # hand back pins
+            if self._unpin or self._queued_commits():
+                self._call(P.Ping(), wait=1.0)  # hand back pins; send this thread's queued commits
         except (StoreError, zmq.ZMQError):
             pass
         self._closed = True
@@ -305,6 +316,8 @@ def _corrupt(op: str, key: ChunkKey, header: ChunkHeader, dst: torch.Tensor, ext
 
 def _as_uint8(payload) -> torch.Tensor:
     if isinstance(payload, torch.Tensor):
+        if payload.dtype == torch.uint8 and payload.dim() == 1 and payload.device.type == "cpu" and payload.is_contiguous():
+            return payload
         if payload.device.type != "cpu":
             payload = payload.cpu()
         return payload.contiguous().view(torch.uint8).reshape(-1)

@@ -196,6 +196,39 @@ class StoreCore(Upkeep):
             self._spill_q.put(kid)
         return True
 
+    def commit_many(self, keys: list[ChunkKey], headers: list[ChunkHeader], namespace: str,
+                    verify: bool) -> tuple[list[str], list[OpError]]:
+        """`commit` for each chunk, each on its own; returns (kids committed fresh, refusals).  Without
+        ``verify`` (nothing to hash) under one lock acquisition."""
+        fresh, refused = [], []
+        if verify:
+            for key, header in zip(keys, headers):
+                try:
+                    if self.commit(key, header, namespace, verify=True):
+                        fresh.append(kid_of(key))
+                except OpError as exc:
+                    refused.append(exc)
+            return fresh, refused
+        now = time.monotonic()
+        with self.lock:
+            for key, header in zip(keys, headers):
+                kid = kid_of(key)
+                try:
+                    e = self._committable(kid, header, namespace)
+                except OpError as exc:
+                    refused.append(exc)
+                    continue
+                if e is None:
+                    continue
+                e.verified = False
+                self.ix.mark_ready(e, header, now)
+                fresh.append(kid)
+            self.counters["commits"] += len(fresh)
+        if self.ssd is not None:
+            for kid in fresh:
+                self._spill_q.put(kid)
+        return fresh, refused
+
     def _committable(self, kid: str, header: ChunkHeader, namespace: str) -> Entry | None:
         e = self.ix.get(kid)
         if e is None:

@@ -72,6 +72,16 @@ class SharedPath:
                 bad.append(i)
         return bad
 
+    def publish_into(self, slot: Slot, src: torch.Tensor) -> int:
+        """Copy ``src`` (contiguous uint8, the slot's size) into the slot with non-temporal stores (nobody reads
+        a pool slot soon) and return the checksum of the bytes copied (each leaf hashed just before its copy)."""
+        if slot.offset < 0 or slot.offset + slot.nbytes > self.nbytes or src.numel() != slot.nbytes:
+            raise ValueError(f"slot [{slot.offset}, +{slot.nbytes}) outside the {self.nbytes}-byte pool, or a "
+                             f"payload of {src.numel()} bytes")
+        if _native is not None:
+            return _native.copy_addr(self.base + slot.offset, src.data_ptr(), slot.nbytes, True, True)
+        return copy_into(self.tensor[slot.offset:slot.offset + slot.nbytes], src, True, True)
+
     def register_buffer(self, buf: torch.Tensor) -> None:
         pass  # the pool is mapped: nothing to register
 

@@ -8,7 +8,8 @@ Every request carries ``version`` and ``req_id``; the daemon answers every reque
 malformed messages it cannot decode, which are answered with ``req_id=-1``).
 
 Versions:
-  1  first version.  Additive since (old peers never send or read them): `PullMany` and `Reply.headers`.
+  1  first version.  Additive since (old peers never send or read them): `PullMany`, `Reply.headers` and
+     `CommitMany`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ class Reserve(Req, tag="reserve"):
 class Commit(Req, tag="commit"):
     key: ChunkKey
     header: ChunkHeader
+
+
+class CommitMany(Req, tag="commit_many"):
+    """Several commits in one message (what `commit(wait=False)` sends, a batch at a time): each chunk is
+    committed or refused on its own; the reply counts the fresh ones and, if any was refused, is not ok and
+    names the first refusal and how many there were."""
+    keys: list[ChunkKey]
+    headers: list[ChunkHeader]
 
 
 class Pull(Req, tag="pull"):
@@ -109,8 +118,8 @@ class Ping(Req, tag="ping"):
     pass
 
 
-Request = Union[Hello, Lookup, Reserve, Commit, Pull, PullMany, WaitReady, Abort, Lease, Release, Delete, Purge, Stats,
-                Ping]
+Request = Union[Hello, Lookup, Reserve, Commit, CommitMany, Pull, PullMany, WaitReady, Abort, Lease, Release, Delete,
+                Purge, Stats, Ping]
 
 
 class Slot(msgspec.Struct, array_like=True):

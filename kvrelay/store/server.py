@@ -1,4 +1,5 @@
-"""The daemon's control loop: a ZMQ ROUTER on 127.0.0.1 that answers every request exactly once.
+"""The daemon's control loop: a ZMQ ROUTER on 127.0.0.1, and a Unix socket for same-host clients
+(local.py), that answers every request exactly once.
 
 Owns: sessions (one per client socket), waiters (pulls and wait_ready parked until their chunk is
 committed or their deadline passes, woken by the commit, never by polling), dispatch and error replies.
@@ -19,6 +20,7 @@ import zmq
 
 from kvrelay.store import protocol as P
 from kvrelay.store.core import OpError, StoreCore, kid_of
+from kvrelay.store.local import LocalListener, local_name
 from kvrelay.store.metrics import StoreMetrics
 
 log = logging.getLogger("kvrelay.store")
@@ -39,7 +41,7 @@ class Waiter:
 
 class StoreServer:
     def __init__(self, core: StoreCore, metrics: StoreMetrics, host: str, port: int,
-                 endpoints: dict[str, dict] | None = None) -> None:
+                 endpoints: dict[str, dict] | None = None, local: bool = True) -> None:
         self.core = core
         self.metrics = metrics
         self.ctx = zmq.Context()
@@ -60,11 +62,21 @@ class StoreServer:
         self.aborted: dict[str, tuple[str, float]] = {}  # request id -> (reason, expiry)
         self.epoch = uuid.uuid4().hex[:16]  # a restarted daemon is a new store: clients re-handshake
         self.running = True
+        self.local: LocalListener | None = None  # same-host clients' Unix socket (local.py)
+        if local:
+            try:
+                self.local = LocalListener(local_name(self.port))
+            except OSError as exc:  # another process holds the name: ZMQ still serves everyone
+                log.warning("no same-host control socket (%s): clients use the ZMQ socket only", exc)
+        self._poller = zmq.Poller()
 
     # --- loop --------------------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller
         poller.register(self.sock, zmq.POLLIN)
+        local = self.local
+        if local is not None:
+            poller.register(local.fd, zmq.POLLIN)
         promoter = self.core.promoter
         if promoter is not None:  # SSD read-backs finishing wake their waiters
             poller.register(promoter.fd, zmq.POLLIN)
@@ -83,6 +95,13 @@ class StoreServer:
                     except zmq.Again:
                         break
                     self._on_message(frames)
+            if local is not None:
+                for fd, ev in events.items():
+                    if fd == local.fd:
+                        for c in local.accept():
+                            poller.register(c, zmq.POLLIN)
+                    elif isinstance(fd, int) and fd in local.conns:
+                        self._on_local(fd, ev)
             now = time.monotonic()
             self.metrics.heartbeat = now
             self._expire_waiters(now)
@@ -93,10 +112,31 @@ class StoreServer:
                 next_sweep = now + SWEEP_INTERVAL
         self.sock.close()
         self.ctx.term()
+        if local is not None:
+            local.close()
+
+    def _on_local(self, fd: int, ev: int) -> None:
+        local = self.local
+        if ev & zmq.POLLOUT and local.flush(fd) is None:
+            self._poller.modify(fd, zmq.POLLIN)
+        if ev & (zmq.POLLIN | zmq.POLLERR):
+            ident, msgs, why = local.read(fd)
+            for m in msgs:
+                self._on_frame(ident, m)
+            if why is not None:
+                log.debug("local control connection %s: %s", ident.hex(), why)
+                self.sessions.pop(ident, None)
+                self._poller.unregister(fd)
+                local.close_conn(fd)
 
     def _send(self, ident: bytes, reply: P.Reply) -> None:
         if not reply.ok:
             self.core.counters["bad_requests"] += 1
+        if self.local is not None and ident in self.local.by_ident:
+            fd = self.local.send(ident, P.encode(reply))
+            if fd is not None:  # the rest goes when the socket can take it
+                self._poller.modify(fd, zmq.POLLIN | zmq.POLLOUT)
+            return
         try:
             self.sock.send_multipart([ident, P.encode(reply)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the client went away; nothing else to do
@@ -108,8 +148,11 @@ class StoreServer:
             self._send(ident, P.Reply(req_id=-1, ok=False, code="bad_request",
                                       error=f"expected one message frame, got {len(frames) - 1}"))
             return
+        self._on_frame(ident, frames[1])
+
+    def _on_frame(self, ident: bytes, frame: bytes) -> None:
         try:
-            req = P.decode_request(frames[1])
+            req = P.decode_request(frame)
         except ValueError as exc:
             code = "version" if "version" in str(exc) and "not supported" in str(exc) else "bad_request"
             self._send(ident, P.Reply(req_id=-1, ok=False, code=code, error=str(exc)))
@@ -139,7 +182,8 @@ class StoreServer:
                 del self.sessions[next(iter(self.sessions))]
             return P.Reply(req_id=req.req_id, info={"pool_name": core.pool.name, "pool_bytes": core.pool.nbytes,
                                                     "endpoints": self.endpoints, "protocol": P.PROTOCOL_VERSION,
-                                                    "epoch": self.epoch})
+                                                    "epoch": self.epoch,
+                                                    "local": self.local.name if self.local else ""})
         if ident not in self.sessions:
             if isinstance(req, (P.Ping, P.Stats)):
                 return self._dispatch_anonymous(req)
@@ -150,13 +194,8 @@ class StoreServer:
             return P.Reply(req_id=req.req_id, count=core.lookup(req.keys))
         if isinstance(req, P.Reserve):
             return P.Reply(req_id=req.req_id, slots=core.reserve(req.request_id, req.keys, req.nbytes, req.ttl, ns))
-        if isinstance(req, P.Commit):
-            mode = core.cfg.verify_commits
-            remote = ident in self.sessions and self.sessions[ident].transport != "shm"
-            fresh = core.commit(req.key, req.header, ns, verify=mode == "all" or (mode == "remote" and remote))
-            if fresh:
-                self._wake(kid_of(req.key))
-            return P.Reply(req_id=req.req_id, count=int(fresh))
+        if isinstance(req, (P.Commit, P.CommitMany)):
+            return self._commit(ident, req, ns)
         if isinstance(req, (P.Pull, P.PullMany, P.WaitReady)):
             if req.request_id in self.aborted:
                 return self._aborted_reply(req)
@@ -175,6 +214,26 @@ class StoreServer:
         if isinstance(req, (P.Stats, P.Ping)):
             return self._dispatch_anonymous(req)
         raise OpError("bad_request", f"unhandled request {type(req).__name__}")
+
+    def _commit(self, ident: bytes, req: P.Commit | P.CommitMany, ns: str) -> P.Reply:
+        mode = self.core.cfg.verify_commits
+        verify = mode == "all" or (mode == "remote" and self.sessions[ident].transport != "shm")
+        if isinstance(req, P.Commit):
+            fresh = self.core.commit(req.key, req.header, ns, verify=verify)
+            if fresh:
+                self._wake(kid_of(req.key))
+            return P.Reply(req_id=req.req_id, count=int(fresh))
+        if len(req.keys) != len(req.headers):
+            raise OpError("bad_request", f"commit_many: {len(req.keys)} keys but {len(req.headers)} headers")
+        fresh, refused = self.core.commit_many(req.keys, req.headers, ns, verify)  # one refusal undoes no other
+        if self.waiters:
+            for kid in fresh:
+                self._wake(kid)
+        if refused:
+            more = f" ({len(refused)} of {len(req.keys)} refused; the rest committed)" if len(req.keys) > 1 else ""
+            return P.Reply(req_id=req.req_id, ok=False, code=refused[0].code, error=f"{refused[0]}{more}",
+                           count=len(fresh))
+        return P.Reply(req_id=req.req_id, count=len(fresh))
 
     def _dispatch_anonymous(self, req: P.Ping | P.Stats) -> P.Reply:
         if isinstance(req, P.Stats):

@@ -94,6 +94,11 @@ def copy_into(dst, src, with_checksum: bool = True, stream: bool = False) -> int
     ``with_checksum``, return the checksum of the bytes copied (each leaf is hashed just before its copy:
     one read from memory, not two).  ``stream``: non-temporal stores, for a destination nobody reads soon
     (a store pool slot: about 2x a thread's copy rate here); not for a buffer that is read next."""
+    if _native is not None and type(dst) is type(src) and _is_plain_cpu_tensor(dst) and _is_plain_cpu_tensor(src):
+        n = dst.numel() * dst.element_size()  # the fast path: raw addresses (saves ~13 us of buffer conversions)
+        if n != src.numel() * src.element_size():
+            raise ValueError(f"copy_into: destination has {n} bytes, source {src.numel() * src.element_size()}")
+        return _native.copy_addr(dst.data_ptr(), src.data_ptr(), n, with_checksum, stream)
     d, s = _as_buffer(dst, writable=True), _as_buffer(src)
     if d.nbytes != s.nbytes:
         raise ValueError(f"copy_into: destination has {d.nbytes} bytes, source {s.nbytes}")
@@ -113,6 +118,12 @@ def verify(header: ChunkHeader, payload) -> None:
     if got != header.checksum:
         raise ValueError(f"chunk layer {header.layer} tokens [{header.token_start}, {header.token_end}): "
                          f"checksum mismatch (expected {header.checksum:#018x}, got {got:#018x})")
+
+
+def _is_plain_cpu_tensor(t) -> bool:
+    torch = sys.modules.get("torch")
+    return (torch is not None and isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()
+            and not t.requires_grad)
 
 
 def _as_buffer(payload, writable: bool = False) -> memoryview:

@@ -19,10 +19,10 @@ from kvrelay.keys import ChunkKey
 from kvrelay.store.client import StoreClient, StoreFullError
 from kvrelay.transfer.wire import ChunkHeader
 
-OPS = ["hello", "lookup", "reserve", "commit", "pull", "pull_many", "wait", "abort", "lease", "release", "delete",
-       "purge", "stats", "ping", "nope", ""]
-FIELDS = ["req_id", "version", "unpin", "keys", "key", "nbytes", "ttl", "timeout", "request_id", "header", "name",
-          "compat_hash", "transport", "prefix", "namespace", "reason"]
+OPS = ["hello", "lookup", "reserve", "commit", "commit_many", "pull", "pull_many", "wait", "abort", "lease", "release",
+       "delete", "purge", "stats", "ping", "nope", ""]
+FIELDS = ["req_id", "version", "unpin", "keys", "key", "nbytes", "ttl", "timeout", "request_id", "header", "headers",
+          "name", "compat_hash", "transport", "prefix", "namespace", "reason"]
 leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2 ** 63), max_value=2 ** 64 - 1),
                  st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40), st.binary(max_size=40))
 key = st.tuples(st.text(max_size=40), st.integers(-5, 2 ** 40), st.integers(-5, 70), st.integers(-5, 70)).map(list)
@@ -48,6 +48,7 @@ typed = st.one_of(
     st.builds(P.Lookup, keys=keys),
     st.builds(P.Reserve, request_id=st.text(max_size=10), keys=keys, nbytes=st.lists(size, max_size=4), ttl=num),
     st.builds(P.Commit, key=ckey, header=header),
+    st.builds(P.CommitMany, keys=keys, headers=st.lists(header, max_size=4)),
     st.builds(P.Pull, key=ckey, timeout=num, request_id=st.text(max_size=5)),
     st.builds(P.PullMany, keys=keys, timeout=num, request_id=st.text(max_size=5)),
     st.builds(P.WaitReady, keys=keys, timeout=num),

@@ -201,11 +201,12 @@ def test_auto_named_pool_of_a_killed_daemon_is_swept_by_the_next(tmp_path):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
-def test_clients_survive_a_daemon_restart(tmp_path, transport):
+@pytest.mark.parametrize("transport,ctl", [("shm", "auto"), ("shm", "zmq"), ("tcp", "auto")])
+def test_clients_survive_a_daemon_restart(tmp_path, transport, ctl):
     """kill -9 the daemon and start it again on the same port: a client that lived through it notices the new
     epoch on its next call, re-handshakes (new pool mapping, or new transport peer) and carries on: chunks
-    recovered from SSD pull, new ones publish."""
+    recovered from SSD pull, new ones publish.  Over the same-host socket the client sees the old one closed
+    and connects anew; over ZMQ the new daemon answers "session" and the client says hello again."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -214,7 +215,8 @@ def test_clients_survive_a_daemon_restart(tmp_path, transport):
     opts = dict(OPTS, ssd_dir=tmp_path / "ssd", port=port, transports="shm,tcp")
     d = Daemon(tmp_path, **opts).start()
     try:
-        with StoreClient(d.address, transport=transport, compat_hash=COMPAT) as c:
+        with StoreClient(d.address, transport=transport, compat_hash=COMPAT, control=ctl) as c:
+            assert c._sock().kind == ("local" if ctl == "auto" else "zmq")
             out = torch.empty(SZ, dtype=torch.uint8)
             c.register_buffer(out)
             c.reserve("before", [(k, h.nbytes) for k, h, _ in chunks[:4]])
@@ -234,6 +236,7 @@ def test_clients_survive_a_daemon_restart(tmp_path, transport):
                     assert c.pull(k, out, time.monotonic() + 10) == h and torch.equal(out, data)
                 c.ping()
                 assert c.stats()["pins"] == 0  # the pins it handed back were the new daemon's
+                assert c._sock().kind == ("local" if ctl == "auto" else "zmq")
             finally:
                 d2.cleanup()
     finally:
@@ -241,13 +244,15 @@ def test_clients_survive_a_daemon_restart(tmp_path, transport):
 
 
 @pytest.mark.timeout(120)
-def test_a_wait_fails_at_once_when_the_daemon_dies(tmp_path):
+@pytest.mark.parametrize("ctl", ["auto", "zmq"])
+def test_a_wait_fails_at_once_when_the_daemon_dies(tmp_path, ctl):
     """A pull parked on the store (30 s deadline) fails within seconds with 'unreachable' when the daemon is
-    killed: the client's socket monitor sees the disconnect; nothing waits out the deadline."""
+    killed: the client sees its end of file (same-host socket) or its socket monitor sees the disconnect
+    (ZMQ); nothing waits out the deadline."""
     import threading
     d = start(tmp_path)
     try:
-        with StoreClient(d.address, compat_hash=COMPAT, timeout=30) as c:
+        with StoreClient(d.address, compat_hash=COMPAT, timeout=30, control=ctl) as c:
             k, h, data = make_chunk(900, 4096)
             got: dict = {}
 

@@ -1,0 +1,122 @@
+"""A client thread's link to the daemon: the same-host Unix socket (local.py's peer) or a ZMQ DEALER.
+
+Both send one encoded request and receive one encoded reply at a time, and both notice at once when the
+daemon's end goes away (`LinkClosed`): the Unix socket by its end of file, the DEALER by a monitor of
+its disconnect events.  Must not touch: what the messages mean (control.py, client.py).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from kvrelay.store.local import FRAME, MAX_FRAME, RECV_BYTES, to_sockaddr
+
+
+_PEEK_NOWAIT = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: flag enums cost microseconds per call
+
+
+class LinkClosed(Exception):
+    """The daemon's end of the link went away (it exited or restarted)."""
+
+
+class ZmqLink:
+    kind = "zmq"
+
+    def __init__(self, ctx: zmq.Context, address: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.sock.connect(address)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.mon, zmq.POLLIN)
+
+    def usable(self) -> bool:
+        while self.mon.poll(0):  # a disconnect from before this request (a restart since) is not this one's
+            self.mon.recv_multipart()
+        return True  # ZMQ reconnects by itself
+
+    def send(self, data: bytes) -> None:
+        self.sock.send(data)
+
+    def recv(self, timeout: float) -> bytes | None:
+        """The next reply, or None if none came within ``timeout`` seconds."""
+        events = dict(self.poller.poll(int(timeout * 1000) + 1)) if timeout > 0 else {}
+        if self.mon in events and recv_monitor_message(self.mon)["event"] == zmq.EVENT_DISCONNECTED:
+            raise LinkClosed
+        return self.sock.recv() if self.sock in events else None
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.mon.close(linger=0)
+        self.sock.close(linger=0)
+
+
+class UnixLink:
+    kind = "local"
+
+    def __init__(self, name: str, timeout: float) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(to_sockaddr(name))
+        except OSError:
+            self.sock.close()
+            raise
+        self.buf = bytearray()
+        self.timeout = timeout
+        self._rbuf = memoryview(bytearray(RECV_BYTES))
+
+    def usable(self) -> bool:
+        """False once the daemon has closed its end (it exited): the caller opens a new link."""
+        self.sock.settimeout(0.0)  # a socket with a timeout would wait for data before even a MSG_DONTWAIT peek
+        try:
+            return self.sock.recv(1, _PEEK_NOWAIT) != b""
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+
+    def send(self, data: bytes) -> None:
+        if len(data) > MAX_FRAME:
+            raise ValueError(f"a store request of {len(data)} bytes exceeds the {MAX_FRAME}-byte limit; "
+                             f"split it (fewer keys per call)")
+        self.sock.settimeout(self.timeout)  # a daemon that stops reading fails the send instead of hanging it
+        try:
+            self.sock.sendall(FRAME.pack(len(data)) + data)
+        except OSError as exc:  # (a timeout included: the link's state is unknown after a partial frame)
+            raise LinkClosed from exc
+
+    def recv(self, timeout: float) -> bytes | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            buf = self.buf
+            if len(buf) >= FRAME.size:
+                (n,) = FRAME.unpack_from(buf, 0)
+                if len(buf) >= FRAME.size + n:
+                    msg = bytes(buf[FRAME.size:FRAME.size + n])
+                    del buf[:FRAME.size + n]
+                    return msg
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)  # recv then waits in poll(2): one call, no exception on the fast path
+            try:
+                n = self.sock.recv_into(self._rbuf)  # one reused buffer: recv(n) allocates n bytes per call
+            except (TimeoutError, BlockingIOError, InterruptedError):
+                return None
+            except OSError as exc:
+                raise LinkClosed from exc
+            if not n:
+                raise LinkClosed
+            buf += self._rbuf[:n]
+
+    def close(self) -> None:
+        self.sock.close()
