@@ -24,6 +24,7 @@ Cases (each beside a baseline measured in the same run):
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,25 +69,33 @@ def run(ctx: BenchContext) -> None:
     from kvrelay.transfer import available_transports
     remote = [t for t, why in available_transports().items() if why is None and t in ("tcp", "nixl")]
     tmp = Path(tempfile.mkdtemp(prefix="kvrelay-bench-store-"))
-    params = {"chunk_bytes": chunk, "chunks": n, "pool_bytes": pool, "quick": quick}
-    with DaemonProcess(pool_size=pool, max_chunk_bytes=chunk, ssd_dir=tmp / "ssd", ssd_size="2GiB",
-                       ssd_segment_size="256MiB", transports=",".join(["shm", *remote])) as d:
-        with StoreClient(d.address, compat_hash=COMPAT) as c:
-            _publish_and_pull(ctx, c, n, chunk, reps, params)
-            t0 = time.monotonic()
-            while c.stats()["ssd_chunks"] < c.stats()["commits"] and time.monotonic() - t0 < 60:
-                time.sleep(0.05)
-            s = c.stats()
-            ok, direct, _buffered = probe_direct(tmp / "ssd", nbytes=(128 << 20) if quick else (512 << 20))
-            spill = s["ssd_bytes_written"] / s["ssd_write_seconds"] / 1e9 if s["ssd_write_seconds"] else 0.0
-            ctx.add(Record.compare(SUITE, "spill/ssd", "write_gbps", spill, "GB/s", "O_DIRECT pwrite 4MiB blocks",
-                                   direct, {**params, "ssd_direct": s["ssd_direct"], "spilled": s["ssd_chunks"]}))
-            rss = d.rss_bytes() / 1e6
-            ctx.add(Record.compare(SUITE, "rss", "daemon_rss", rss, "MB", "pool + 300 MB", pool / 1e6 + 300,
-                                   params, lower_is_better=True))
-        for t in remote:
-            _remote_case(ctx, d.address, t, chunk, reps, params)
-    _restart_case(ctx, tmp, 2000 if quick else 10_000)
+    try:  # the SSD files (GBs) go with the run: each run used to leave 2.2 GB behind in /tmp
+        params = {"chunk_bytes": chunk, "chunks": n, "pool_bytes": pool, "quick": quick}
+        with DaemonProcess(pool_size=pool, max_chunk_bytes=chunk, ssd_dir=tmp / "ssd", ssd_size="2GiB",
+                           ssd_segment_size="256MiB", transports=",".join(["shm", *remote])) as d:
+            with StoreClient(d.address, compat_hash=COMPAT) as c:
+                _publish_and_pull(ctx, c, n, chunk, reps, params)
+                t0 = time.monotonic()
+                while c.stats()["ssd_chunks"] < c.stats()["commits"] and time.monotonic() - t0 < 60:
+                    time.sleep(0.05)
+                s = c.stats()
+                ok, direct, _buffered = probe_direct(tmp / "ssd", nbytes=(128 << 20) if quick else (512 << 20))
+                if not s["ssd_write_seconds"] or not direct:
+                    raise RuntimeError(f"nothing was written to SSD in {tmp} (spill error: "
+                                       f"{s['last_spill_error'] or 'none'}; O_DIRECT probe: {direct} GB/s): is the "
+                                       f"disk full?")
+                spill = s["ssd_bytes_written"] / s["ssd_write_seconds"] / 1e9
+                ctx.add(Record.compare(SUITE, "spill/ssd", "write_gbps", spill, "GB/s",
+                                       "O_DIRECT pwrite 4MiB blocks", direct,
+                                       {**params, "ssd_direct": s["ssd_direct"], "spilled": s["ssd_chunks"]}))
+                rss = d.rss_bytes() / 1e6
+                ctx.add(Record.compare(SUITE, "rss", "daemon_rss", rss, "MB", "pool + 300 MB", pool / 1e6 + 300,
+                                       params, lower_is_better=True))
+            for t in remote:
+                _remote_case(ctx, d.address, t, chunk, reps, params)
+        _restart_case(ctx, tmp, 2000 if quick else 10_000)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 SETTLE_S = 0.2  # after torch's copy_: its OpenMP workers spin for a while and would slow what runs next

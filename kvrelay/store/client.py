@@ -316,7 +316,8 @@ def _corrupt(op: str, key: ChunkKey, header: ChunkHeader, dst: torch.Tensor, ext
 
 def _as_uint8(payload) -> torch.Tensor:
     if isinstance(payload, torch.Tensor):
-        if payload.dtype == torch.uint8 and payload.dim() == 1 and payload.device.type == "cpu" and payload.is_contiguous():
+        if (payload.dtype == torch.uint8 and payload.dim() == 1 and payload.device.type == "cpu"
+                and payload.is_contiguous()):
             return payload
         if payload.device.type != "cpu":
             payload = payload.cpu()
