@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             endpoints, transports = open_endpoints(cfg, core)
-            server = StoreServer(core, metrics, cfg.host, cfg.port, endpoints)
+            server = StoreServer(core, metrics, cfg.host, cfg.port, endpoints, local=cfg.local_socket)
         except (ValueError, OSError, RuntimeError, zmq.ZMQError) as exc:
             print(f"kvrelay store: cannot start: {exc} (control port {cfg.port})", file=sys.stderr)
             return 2

@@ -119,3 +119,14 @@ def test_a_full_batch_is_sent_without_flush(daemon, monkeypatch):
         assert sub.lookup([chunks[2][0]]) == 0
         pub.flush()
         assert sub.lookup([chunks[2][0]]) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_daemon_without_the_local_socket_serves_over_zmq(daemon_factory):
+    d = daemon_factory(pool_size="16MiB", no_local_socket=True)
+    with StoreClient(d.address, compat_hash=COMPAT) as c:
+        assert c.info["local"] == "" and c._sock().kind == "zmq"
+        k, h, data = make_chunk(3300, 4096)
+        c.publish(k, h, data)
+        out = torch.empty(4096, dtype=torch.uint8)
+        assert c.pull(k, out, time.monotonic() + 5) == h and torch.equal(out, data)
