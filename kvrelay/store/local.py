@@ -14,6 +14,7 @@ connection is dropped instead of reaching a newer one on the same file descripto
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import socket
@@ -27,10 +28,14 @@ SNDBUF = 4 << 20
 RECV_BYTES = 256 << 10
 
 
-def local_name(port: int) -> str:
-    """The abstract socket name a daemon on ``port`` listens on ("@" stands for the leading NUL byte).  It
-    depends on the port only, so a daemon restarted on the same port is found again at the same name."""
-    return f"@kvrelay-store-{port}"
+def local_name(port: int, pool_name: str) -> str:
+    """The abstract socket name a daemon on ``port`` with pool ``pool_name`` listens on ("@" stands for the
+    leading NUL byte).  A daemon restarted on the same port with the same pool is found again at the same
+    name.  The pool name is part of it because abstract names belong to a network namespace: a client that
+    reaches a daemon's TCP port from another namespace (a forwarded port) must not find a different daemon
+    that happens to use the same port number in its own namespace (it falls back to ZMQ instead)."""
+    tag = pool_name if len(pool_name) <= 64 else hashlib.sha1(pool_name.encode()).hexdigest()
+    return f"@kvrelay-store-{port}-{tag}"
 
 
 def to_sockaddr(name: str) -> str:
