@@ -130,3 +130,17 @@ def test_a_daemon_without_the_local_socket_serves_over_zmq(daemon_factory):
         c.publish(k, h, data)
         out = torch.empty(4096, dtype=torch.uint8)
         assert c.pull(k, out, time.monotonic() + 5) == h and torch.equal(out, data)
+
+
+@pytest.mark.timeout(60)
+def test_an_unreachable_local_socket_falls_back_to_zmq(daemon):
+    """A thread whose local connect fails (e.g. the client reached the daemon's TCP port from another
+    network namespace) talks ZMQ instead, and keeps working."""
+    with StoreClient(daemon.address, compat_hash=COMPAT) as c:
+        c._drop_link(c._sock())
+        c.info = {**c.info, "local": "@kvrelay-store-no-such-daemon"}
+        c.ping()
+        assert c._sock().kind == "zmq"
+        k, h, d = make_chunk(3400, 4096)
+        c.publish(k, h, d)
+        assert c.lookup([k]) == 1
