@@ -27,14 +27,8 @@ static uint64_t generation = 0, pool_start_gen = 0; /* workers start from pool_s
 static int64_t parallel_threshold = 1 << 20;
 /* Back-off: a worker preempted in the middle of a piece makes the caller wait for a whole scheduler
  * time slice (milliseconds, on busy cores).  When the caller waited longer than a quarter of its own
- * work, jobs run on the caller alone until backoff_until (monotonic ns).  The back-off doubles from
- * BACKOFF_MIN_NS while preemptions repeat, up to backoff_ns, and starts over after a job with no long
- * wait: a one-off preemption (a kernel thread, a daemon's burst) costs 2 ms of single-threaded copies,
- * not 50 (measured: about one job in 100 hit one during a store publish burst here, and a fixed 50 ms
- * back-off then ran most of the burst on one thread). */
-#define BACKOFF_MIN_NS (2 * 1000 * 1000LL)
-static int64_t backoff_ns = 50 * 1000 * 1000LL; /* the longest back-off */
-static int64_t backoff_cur = BACKOFF_MIN_NS;
+ * work, jobs run on the caller alone until backoff_until (monotonic ns). */
+static int64_t backoff_ns = 50 * 1000 * 1000LL;
 static int64_t backoff_until = 0;
 static uint64_t backoffs = 0;
 
@@ -155,12 +149,8 @@ void pool_run(pool_fn fn, void *ctx, int64_t num_pieces, int64_t bytes) {
     pthread_mutex_unlock(&mu);
     int64_t t2 = now_ns();
     if (backoff_ns > 0 && t2 - t1 > (t1 - t0) / 4 + 200000) { /* waited > 1/4 of own work (+0.2 ms) */
-        int64_t len = backoff_cur < backoff_ns ? backoff_cur : backoff_ns;
-        __atomic_store_n(&backoff_until, t2 + len, __ATOMIC_RELAXED);
-        backoff_cur = len * 2;
+        __atomic_store_n(&backoff_until, t2 + backoff_ns, __ATOMIC_RELAXED);
         backoffs++;
-    } else {
-        backoff_cur = BACKOFF_MIN_NS;
     }
     pthread_mutex_unlock(&submit_mu);
 }
@@ -180,6 +170,5 @@ int64_t kv_get_parallel_threshold(void) { return parallel_threshold; }
 uint64_t kv_get_backoffs(void) { return backoffs; }
 void kv_set_backoff_ns(int64_t ns) {
     backoff_ns = ns < 0 ? 0 : ns;
-    backoff_cur = BACKOFF_MIN_NS;
     __atomic_store_n(&backoff_until, 0, __ATOMIC_RELAXED);
 }

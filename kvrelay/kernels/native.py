@@ -59,9 +59,8 @@ def set_stream_threshold(nbytes: int) -> None:
 
 
 def set_backoff(seconds: float) -> None:
-    """When a pool worker lags (preempted on busy cores), copies run on the caller alone for a while: 2 ms,
-    doubling while it happens again, up to ``seconds`` (default 0.05 s); 0 disables backing off (every large
-    copy uses the pool)."""
+    """When a pool worker lags (preempted on busy cores), copies run on the caller alone for this long
+    (default 0.05 s); 0 disables backing off (every large copy uses the pool)."""
     _native.set_backoff_ns(int(seconds * 1e9))
 
 
