@@ -58,6 +58,10 @@ class StoreConfig:
     # also serve same-host clients on a Unix socket (abstract namespace, named after the port): a round trip
     # there skips ZMQ's I/O threads (about 20 vs 160 us here); clients fall back to ZMQ without it
     local_socket: bool = True
+    # the SSD spiller waits for a quiet control plane (no request for spill_quiet seconds) before writing a
+    # chunk, but at most spill_max_delay seconds after its commit; spill_max_delay 0 writes at once
+    spill_quiet: float = 0.05
+    spill_max_delay: float = 2.0
 
     def __post_init__(self) -> None:
         if self.host not in ("127.0.0.1", "localhost", "::1"):
@@ -90,6 +94,11 @@ class StoreConfig:
         for name in ("reserve_ttl", "pull_pin_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.spill_quiet <= 60:
+            raise ValueError(f"spill_quiet must be in (0, 60] seconds, got {self.spill_quiet}")
+        if not 0 <= self.spill_max_delay <= 3600:
+            raise ValueError(f"spill_max_delay must be in [0, 3600] seconds (0: spill at once), got "
+                             f"{self.spill_max_delay}")
         if self.chunk_ttl < 0:
             raise ValueError(f"chunk_ttl must be >= 0 (0 disables), got {self.chunk_ttl}")
         if self.verify_commits not in ("remote", "all", "none"):
@@ -161,6 +170,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-commits", choices=["remote", "all", "none"],
                    help="re-hash committed slots of remote publishers (default), of all, or of none")
     p.add_argument("--ready-file", help="write the daemon's addresses (JSON) here once it serves")
+    p.add_argument("--spill-quiet", type=float,
+                   help="control-plane silence (s) the spiller waits for before writing (default 0.05)")
+    p.add_argument("--spill-max-delay", type=float,
+                   help="longest wait (s) for a quiet control plane before a chunk is spilled (default 2; 0: at once)")
     p.add_argument("--no-local-socket", dest="local_socket", action="store_const", const=False,
                    help="serve the ZMQ socket only (by default same-host clients also get a Unix socket)")
 

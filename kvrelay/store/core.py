@@ -46,7 +46,11 @@ class StoreCore(Upkeep):
         self.lock = threading.RLock()
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self.ssd: SsdTier | None = None
-        self._spill_q: "queue.SimpleQueue[str | None]" = queue.SimpleQueue()
+        # (kid, committed at, bytes) for the spiller; it writes when the control plane is quiet (spill.py)
+        self._spill_q: "queue.SimpleQueue[tuple[str, float, int] | None]" = queue.SimpleQueue()
+        self.spill_backlog = 0  # bytes committed and not yet taken by the spiller
+        self.last_activity = 0.0  # monotonic time of the last request the server handled
+        self.closing = False
         self._spiller: threading.Thread | None = None
         self.promoter: Promoter | None = None
         self.recovered = self.recover_dropped = 0
@@ -208,8 +212,15 @@ class StoreCore(Upkeep):
             self.ix.mark_ready(e, header, time.monotonic())
             self.counters["commits"] += 1
         if self.ssd is not None:
-            self._spill_q.put(kid)
+            self._queue_spill([e])
         return True
+
+    def _queue_spill(self, entries: list[Entry]) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.spill_backlog += sum(e.nbytes for e in entries)
+        for e in entries:
+            self._spill_q.put((e.kid, now, e.nbytes))
 
     def commit_many(self, keys: list[ChunkKey], headers: list[ChunkHeader], namespace: str,
                     verify: bool) -> tuple[list[str], list[OpError]]:
@@ -237,12 +248,11 @@ class StoreCore(Upkeep):
                     continue
                 e.verified = False
                 self.ix.mark_ready(e, header, now)
-                fresh.append(kid)
+                fresh.append(e)
             self.counters["commits"] += len(fresh)
         if self.ssd is not None:
-            for kid in fresh:
-                self._spill_q.put(kid)
-        return fresh, refused
+            self._queue_spill(fresh)
+        return [e.kid for e in fresh], refused
 
     def _committable(self, kid: str, header: ChunkHeader, namespace: str) -> Entry | None:
         e = self.ix.get(kid)
@@ -322,6 +332,7 @@ class StoreCore(Upkeep):
     def close(self) -> None:
         if self.promoter is not None:
             self.promoter.close()
+        self.closing = True  # the spiller stops waiting for quiet and drains its queue
         if self._spiller is not None:
             self._spill_q.put(None)
             self._spiller.join(timeout=10)

@@ -151,6 +151,7 @@ class StoreServer:
         self._on_frame(ident, frames[1])
 
     def _on_frame(self, ident: bytes, frame: bytes) -> None:
+        self.core.last_activity = time.monotonic()  # the spiller writes when this has been quiet a while
         try:
             req = P.decode_request(frame)
         except ValueError as exc:

@@ -107,3 +107,41 @@ def test_eviction_to_ssd_and_back(daemon_factory, tmp_path):
         text = urllib.request.urlopen(d.metrics_url + "/metrics", timeout=5).read().decode()
         assert metric(text, 'kvrelay_store_ssd_gbps{direction="write"}') > 0
         assert metric(text, 'kvrelay_store_chunks{tier="ssd"}') == 12
+
+
+@pytest.mark.timeout(90)
+def test_spills_wait_for_quiet_but_no_longer_than_spill_max_delay(daemon_factory, tmp_path):
+    """The spiller writes once the control plane has been quiet for spill_quiet; under traffic that never
+    pauses that long, a chunk still reaches the SSD once spill_max_delay has passed since its commit."""
+    opts = dict(pool_size="64MiB", max_chunk_bytes="4MiB", ssd_size="256MiB", ssd_segment_size="32MiB",
+                spill_quiet=0.5)
+
+    def busy(c: StoreClient, seconds: float) -> None:  # a request every few ms: never 0.5 s of quiet
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            c.ping()
+            time.sleep(0.005)
+
+    d = daemon_factory(ssd_dir=tmp_path / "ssd1", spill_max_delay=60, **opts)
+    with StoreClient(d.address, compat_hash=COMPAT) as c:
+        k, h, data = make_chunk(5100, 1 << 20)
+        c.publish(k, h, data)
+        busy(c, 1.5)
+        assert c.stats()["ssd_chunks"] == 0  # held back while busy
+        for _ in range(20):  # look only every second: each look is itself traffic
+            time.sleep(1.0)
+            if c.stats()["ssd_chunks"] == 1:
+                break
+        assert c.stats()["ssd_chunks"] == 1, "not spilled once the control plane was quiet"
+    d2 = daemon_factory(ssd_dir=tmp_path / "ssd2", spill_max_delay=1.0, **opts)
+    with StoreClient(d2.address, compat_hash=COMPAT) as c:
+        k, h, data = make_chunk(5101, 1 << 20)
+        c.publish(k, h, data)
+        deadline = time.monotonic() + 30
+        while c.stats()["ssd_chunks"] < 1:  # busy all along: written once the max delay is up
+            assert time.monotonic() < deadline, "never spilled under continuous traffic"
+            busy(c, 0.1)
+    from kvrelay.store.config import StoreConfig
+    for bad in (dict(spill_max_delay=-1), dict(spill_quiet=0)):
+        with pytest.raises(ValueError, match="spill_"):
+            StoreConfig(**bad)
