@@ -4,6 +4,7 @@ publishes and pulls afterwards."""
 
 from __future__ import annotations
 
+import socket
 import time
 import urllib.request
 
@@ -17,6 +18,7 @@ from store_helpers import COMPAT, make_chunk
 from kvrelay.store import protocol as P
 from kvrelay.keys import ChunkKey
 from kvrelay.store.client import StoreClient, StoreFullError
+from kvrelay.store.local import FRAME, to_sockaddr
 from kvrelay.transfer.wire import ChunkHeader
 
 OPS = ["hello", "lookup", "reserve", "commit", "commit_many", "pull", "pull_many", "wait", "abort", "lease", "release",
@@ -97,6 +99,58 @@ def test_fuzzed_messages_never_break_the_daemon(daemon, sock, batch):
     for f in batch:
         sock.send_multipart(f)
     _ping(sock)
+    assert daemon.proc.poll() is None
+
+
+def _local_conn(daemon) -> socket.socket:
+    with StoreClient(daemon.address, compat_hash=COMPAT) as c:
+        name = c.info["local"]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(to_sockaddr(name))
+    return s
+
+
+def _local_ping(daemon) -> None:
+    s = _local_conn(daemon)
+    try:
+        msg = P.encode(P.Ping(req_id=424242))
+        s.sendall(FRAME.pack(len(msg)) + msg)
+        buf = b""
+        while len(buf) < FRAME.size or len(buf) < FRAME.size + FRAME.unpack_from(buf)[0]:
+            got = s.recv(65536)
+            assert got, "the daemon closed a fresh connection instead of answering a ping"
+            buf += got
+        assert P.decode_reply(buf[FRAME.size:FRAME.size + FRAME.unpack_from(buf)[0]]).req_id == 424242
+    finally:
+        s.close()
+
+
+# On the same-host socket a message is a length-prefixed frame: fuzz the framing too (raw bytes, lengths
+# that lie, frames cut short) as well as the messages inside well-formed frames.
+local_piece = st.one_of(st.binary(max_size=64),
+                        frames.map(lambda f: b"".join(FRAME.pack(len(x)) + x for x in f)),
+                        st.tuples(st.integers(0, 2 ** 32 - 1), st.binary(max_size=16)).map(
+                            lambda t: FRAME.pack(t[0]) + t[1]))
+
+
+@pytest.mark.timeout(300)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(local_piece, min_size=1, max_size=6), hello=st.booleans())
+def test_fuzzed_bytes_on_the_local_socket_never_break_the_daemon(daemon, pieces, hello):
+    s = _local_conn(daemon)
+    try:
+        if hello:  # a session, so fuzzed requests reach the store's logic
+            msg = P.encode(P.Hello(req_id=1, name="fuzz", compat_hash=COMPAT))
+            s.sendall(FRAME.pack(len(msg)) + msg)
+        for p in pieces:
+            try:
+                s.sendall(p)
+            except OSError:  # the daemon closed it (a frame over the limit): that is its answer
+                break
+    finally:
+        s.close()
+    _local_ping(daemon)
     assert daemon.proc.poll() is None
 
 
