@@ -283,8 +283,9 @@ class StoreClient(ControlChannel):
         if self._closed:
             return
         try:
-            if self._unpin or self._queued_commits():
-                self._call(P.Ping(), wait=1.0)  # hand back pins; send this thread's queued commits
+            if self._unpin or self._queued_commits(all_threads=True):
+                self._send_all_commits()  # pipelined commits no thread flushed still count
+                self._call(P.Ping(), wait=1.0)  # hands back pins; answered after the commits
         except (StoreError, zmq.ZMQError):
             pass
         self._closed = True

@@ -57,6 +57,7 @@ class ControlChannel:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._unpin: list[int] = []
+        self._commit_queues: list[list] = []  # every thread's queue of pipelined commits
 
     def _hello(self, link) -> None:
         raise NotImplementedError
@@ -104,22 +105,39 @@ class ControlChannel:
         are queued, by `flush()`, or before this thread's next request."""
         q = getattr(self._tls, "commits", None)
         if q is None:
-            q = self._tls.commits = ([], [])
+            q = self._tls.commits = [[], []]  # [keys, headers]
+            with self._lock:
+                self._commit_queues.append(q)  # close() sends what any thread left queued
         q[0].append(key)
         q[1].append(header)
         if len(q[0]) >= COMMIT_BATCH:
             self._send_commits(self._sock())
 
-    def _queued_commits(self) -> int:
+    def _queued_commits(self, all_threads: bool = False) -> int:
+        if all_threads:
+            with self._lock:
+                return sum(len(q[0]) for q in self._commit_queues)
         q = getattr(self._tls, "commits", None)
         return len(q[0]) if q else 0
 
-    def _send_commits(self, sock) -> None:
-        q = getattr(self._tls, "commits", None)
+    def _send_commits(self, sock, q: list | None = None) -> None:
+        """Send a queue of commits (default: this thread's) as one CommitMany, answered like a pipelined
+        request on ``sock``."""
+        q = getattr(self._tls, "commits", None) if q is None else q
         if q is None or not q[0]:
             return
-        self._tls.commits = ([], [])
-        self._roundtrip(sock, P.CommitMany(keys=q[0], headers=q[1]), self.timeout, expect_reply=False)
+        keys, headers = q[0], q[1]
+        q[0], q[1] = [], []
+        self._roundtrip(sock, P.CommitMany(keys=keys, headers=headers), self.timeout, expect_reply=False)
+
+    def _send_all_commits(self) -> None:
+        """Every thread's queued commits, from this thread (at close: a publisher thread that queued commits
+        and never flushed does not lose them)."""
+        sock = self._sock()
+        with self._lock:
+            queues = list(self._commit_queues)
+        for q in queues:
+            self._send_commits(sock, q)
 
     def _roundtrip(self, sock, req: P.Req, wait: float, expect_reply: bool = True) -> P.Reply | None:
         req.req_id = next(self._ids)

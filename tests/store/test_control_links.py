@@ -144,3 +144,22 @@ def test_an_unreachable_local_socket_falls_back_to_zmq(daemon):
         k, h, d = make_chunk(3400, 4096)
         c.publish(k, h, d)
         assert c.lookup([k]) == 1
+
+
+@pytest.mark.timeout(60)
+def test_close_sends_commits_that_no_thread_flushed(daemon):
+    import threading
+    chunks = [make_chunk(3500 + i, 4096) for i in range(3)]
+    c = StoreClient(daemon.address, compat_hash=COMPAT)
+    c.reserve("unflushed", [(k, h.nbytes) for k, h, _ in chunks])
+
+    def publisher() -> None:  # queues its commits and ends without flush()
+        for k, h, d in chunks:
+            c.publish(k, h, d, wait=False)
+    t = threading.Thread(target=publisher)
+    t.start()
+    t.join()
+    assert c._queued_commits(all_threads=True) == 3
+    c.close()
+    with StoreClient(daemon.address, compat_hash=COMPAT) as other:
+        assert other.lookup([k for k, _, _ in chunks]) == 3
