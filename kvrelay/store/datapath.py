@@ -61,13 +61,7 @@ class SharedPath:
         want = expect is not None
         stream = sum(s.nbytes for s in slots) >= STREAM_BATCH_BYTES
         for i, (s, out) in enumerate(zip(slots, outs)):
-            if s.offset < 0 or s.offset + s.nbytes > self.nbytes or out.numel() != s.nbytes:
-                raise ValueError(f"slot [{s.offset}, +{s.nbytes}) outside the {self.nbytes}-byte pool, or an "
-                                 f"output of {out.numel()} bytes")
-            if _native is not None:
-                got = _native.copy_addr(out.data_ptr(), self.base + s.offset, s.nbytes, want, stream)
-            else:  # not built: through the buffer protocol (slower per call, same bytes)
-                got = copy_into(out, self.tensor[s.offset:s.offset + s.nbytes], want, stream)
+            got = self._copy(s, out, "an output", to_pool=False, want=want, stream=stream)
             if want and got != expect[i]:
                 bad.append(i)
         return bad
@@ -75,12 +69,20 @@ class SharedPath:
     def publish_into(self, slot: Slot, src: torch.Tensor) -> int:
         """Copy ``src`` (contiguous uint8, the slot's size) into the slot with non-temporal stores (nobody reads
         a pool slot soon) and return the checksum of the bytes copied (each leaf hashed just before its copy)."""
-        if slot.offset < 0 or slot.offset + slot.nbytes > self.nbytes or src.numel() != slot.nbytes:
-            raise ValueError(f"slot [{slot.offset}, +{slot.nbytes}) outside the {self.nbytes}-byte pool, or a "
-                             f"payload of {src.numel()} bytes")
-        if _native is not None:
-            return _native.copy_addr(self.base + slot.offset, src.data_ptr(), slot.nbytes, True, True)
-        return copy_into(self.tensor[slot.offset:slot.offset + slot.nbytes], src, True, True)
+        return self._copy(slot, src, "a payload", to_pool=True, want=True, stream=True)
+
+    def _copy(self, s: Slot, t: torch.Tensor, what: str, *, to_pool: bool, want: bool, stream: bool) -> int | None:
+        """Copy between slot ``s`` and tensor ``t`` (contiguous uint8, the slot's size) by raw address, bounds
+        checked here; with ``want``, return the checksum of the bytes copied."""
+        if s.offset < 0 or s.offset + s.nbytes > self.nbytes or t.numel() != s.nbytes:
+            raise ValueError(f"slot [{s.offset}, +{s.nbytes}) outside the {self.nbytes}-byte pool, or {what} "
+                             f"of {t.numel()} bytes")
+        if _native is None:  # not built: through the buffer protocol (slower per call, same bytes)
+            view = self.tensor[s.offset:s.offset + s.nbytes]
+            return copy_into(view, t, want, stream) if to_pool else copy_into(t, view, want, stream)
+        if to_pool:
+            return _native.copy_addr(self.base + s.offset, t.data_ptr(), s.nbytes, want, stream)
+        return _native.copy_addr(t.data_ptr(), self.base + s.offset, s.nbytes, want, stream)
 
     def register_buffer(self, buf: torch.Tensor) -> None:
         pass  # the pool is mapped: nothing to register

@@ -217,19 +217,19 @@ class StoreServer:
         raise OpError("bad_request", f"unhandled request {type(req).__name__}")
 
     def _commit(self, ident: bytes, req: P.Commit | P.CommitMany, ns: str) -> P.Reply:
+        """Commit and CommitMany alike (a Commit is a batch of one whose refusal is the reply's error)."""
         mode = self.core.cfg.verify_commits
         verify = mode == "all" or (mode == "remote" and self.sessions[ident].transport != "shm")
-        if isinstance(req, P.Commit):
-            fresh = self.core.commit(req.key, req.header, ns, verify=verify)
-            if fresh:
-                self._wake(kid_of(req.key))
-            return P.Reply(req_id=req.req_id, count=int(fresh))
-        if len(req.keys) != len(req.headers):
-            raise OpError("bad_request", f"commit_many: {len(req.keys)} keys but {len(req.headers)} headers")
-        fresh, refused = self.core.commit_many(req.keys, req.headers, ns, verify)  # one refusal undoes no other
+        single = isinstance(req, P.Commit)
+        keys, headers = ([req.key], [req.header]) if single else (req.keys, req.headers)
+        if len(keys) != len(headers):
+            raise OpError("bad_request", f"commit_many: {len(keys)} keys but {len(headers)} headers")
+        fresh, refused = self.core.commit_many(keys, headers, ns, verify)  # one refusal undoes no other
         if self.waiters:
             for kid in fresh:
                 self._wake(kid)
+        if refused and single:
+            raise refused[0]
         if refused:
             more = f" ({len(refused)} of {len(req.keys)} refused; the rest committed)" if len(req.keys) > 1 else ""
             return P.Reply(req_id=req.req_id, ok=False, code=refused[0].code, error=f"{refused[0]}{more}",
