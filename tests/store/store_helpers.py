@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -100,3 +101,27 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(name)
+
+
+def local_conn(address: str, timeout: float = 10.0) -> socket.socket:
+    """A raw connection to the daemon's same-host socket (its name comes from a hello)."""
+    from kvrelay.store.client import StoreClient
+    from kvrelay.store.local import to_sockaddr
+    with StoreClient(address, compat_hash=COMPAT) as c:
+        name = c.info["local"]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(to_sockaddr(name))
+    return s
+
+
+def local_reply(s: socket.socket):
+    """Read one length-prefixed reply frame from a raw same-host connection."""
+    from kvrelay.store import protocol as P
+    from kvrelay.store.local import FRAME
+    buf = b""
+    while len(buf) < FRAME.size or len(buf) < FRAME.size + FRAME.unpack_from(buf)[0]:
+        got = s.recv(65536)
+        assert got, "the daemon closed the connection instead of answering"
+        buf += got
+    return P.decode_reply(buf[FRAME.size:FRAME.size + FRAME.unpack_from(buf)[0]])

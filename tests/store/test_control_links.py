@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import msgspec
 import pytest
 import torch
 
-from store_helpers import COMPAT, make_chunk
+from store_helpers import COMPAT, local_conn, local_reply, make_chunk
 from kvrelay.store import control
 from kvrelay.store import protocol as P
 from kvrelay.store.client import StoreClient, StoreError
-from kvrelay.store.local import FRAME, MAX_FRAME, to_sockaddr
+from kvrelay.store.local import FRAME, MAX_FRAME
 
 
 @pytest.mark.timeout(60)
@@ -34,38 +33,20 @@ def test_same_host_clients_use_the_local_socket_and_both_links_interoperate(daem
         StoreClient(daemon.address, compat_hash=COMPAT, control="udp")
 
 
-def _raw(daemon) -> socket.socket:
-    with StoreClient(daemon.address, compat_hash=COMPAT) as c:
-        name = c.info["local"]
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(to_sockaddr(name))
-    return s
-
-
-def _reply(s: socket.socket) -> P.Reply:
-    buf = b""
-    while len(buf) < FRAME.size or len(buf) < FRAME.size + FRAME.unpack_from(buf)[0]:
-        got = s.recv(65536)
-        assert got, "the daemon closed the connection instead of answering"
-        buf += got
-    return P.decode_reply(buf[FRAME.size:])
-
-
 @pytest.mark.timeout(60)
 def test_bad_frames_on_the_local_socket(daemon):
     """Garbage is answered like on the ZMQ socket; a frame claiming more than MAX_FRAME bytes closes that
     connection (nothing is allocated for it); a request before hello is refused; the daemon serves on."""
-    s = _raw(daemon)
+    s = local_conn(daemon.address, timeout=5)
     try:
         s.sendall(FRAME.pack(5) + b"\xc1junk")
-        rep = _reply(s)
+        rep = local_reply(s)
         assert not rep.ok and rep.code == "bad_request" and rep.req_id == -1
         msg = P.encode(P.Lookup(req_id=7, keys=[]))
         s.sendall(FRAME.pack(len(msg)) + msg[:3])  # a frame in two pieces
         time.sleep(0.05)
         s.sendall(msg[3:])
-        rep = _reply(s)
+        rep = local_reply(s)
         assert rep.req_id == 7 and rep.code == "session"  # no hello on this connection yet
         s.sendall(FRAME.pack(MAX_FRAME + 1))
         assert s.recv(65536) == b""  # closed by the daemon

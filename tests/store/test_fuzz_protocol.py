@@ -4,7 +4,6 @@ publishes and pulls afterwards."""
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 
@@ -14,11 +13,11 @@ import torch
 import zmq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from store_helpers import COMPAT, make_chunk
+from store_helpers import COMPAT, local_conn, local_reply, make_chunk
 from kvrelay.store import protocol as P
 from kvrelay.keys import ChunkKey
 from kvrelay.store.client import StoreClient, StoreFullError
-from kvrelay.store.local import FRAME, to_sockaddr
+from kvrelay.store.local import FRAME
 from kvrelay.transfer.wire import ChunkHeader
 
 OPS = ["hello", "lookup", "reserve", "commit", "commit_many", "pull", "pull_many", "wait", "abort", "lease", "release",
@@ -102,26 +101,12 @@ def test_fuzzed_messages_never_break_the_daemon(daemon, sock, batch):
     assert daemon.proc.poll() is None
 
 
-def _local_conn(daemon) -> socket.socket:
-    with StoreClient(daemon.address, compat_hash=COMPAT) as c:
-        name = c.info["local"]
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(to_sockaddr(name))
-    return s
-
-
 def _local_ping(daemon) -> None:
-    s = _local_conn(daemon)
+    s = local_conn(daemon.address)
     try:
         msg = P.encode(P.Ping(req_id=424242))
         s.sendall(FRAME.pack(len(msg)) + msg)
-        buf = b""
-        while len(buf) < FRAME.size or len(buf) < FRAME.size + FRAME.unpack_from(buf)[0]:
-            got = s.recv(65536)
-            assert got, "the daemon closed a fresh connection instead of answering a ping"
-            buf += got
-        assert P.decode_reply(buf[FRAME.size:FRAME.size + FRAME.unpack_from(buf)[0]]).req_id == 424242
+        assert local_reply(s).req_id == 424242
     finally:
         s.close()
 
@@ -138,7 +123,7 @@ local_piece = st.one_of(st.binary(max_size=64),
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pieces=st.lists(local_piece, min_size=1, max_size=6), hello=st.booleans())
 def test_fuzzed_bytes_on_the_local_socket_never_break_the_daemon(daemon, pieces, hello):
-    s = _local_conn(daemon)
+    s = local_conn(daemon.address)
     try:
         if hello:  # a session, so fuzzed requests reach the store's logic
             msg = P.encode(P.Hello(req_id=1, name="fuzz", compat_hash=COMPAT))
