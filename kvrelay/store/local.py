@@ -149,10 +149,6 @@ class LocalListener:
             c.out.clear()  # the client went away: its read side will report it
         return None
 
-    def pending_output(self, fd: int) -> bool:
-        c = self.conns.get(fd)
-        return c is not None and bool(c.out)
-
     def close_conn(self, fd: int) -> bytes | None:
         c = self.conns.pop(fd, None)
         if c is None:
