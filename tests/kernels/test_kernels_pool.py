@@ -7,6 +7,7 @@ single-threaded run.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 import time
 
@@ -169,3 +170,44 @@ def test_exact_when_the_pool_is_starved(llama):
             t.join(timeout=5)
         os.sched_setaffinity(0, old)
     assert native.backoffs() >= 0
+
+
+def _allowed(tid: int) -> set[int]:
+    return os.sched_getaffinity(tid)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_worker_moves_off_its_callers_core():
+    """A worker that runs on its caller's core (Linux puts a woken thread there when the other cores idle)
+    narrows its affinity to the other cores, so the two do not take turns on one core; the bytes stay exact."""
+    from kvrelay.transfer.wire import copy_into
+    native.set_parallel_threshold(0)
+    native.set_backoff(0)
+    set_num_threads(2)
+    me = threading.get_native_id()
+    full = os.sched_getaffinity(0)
+    cpu = min(full)
+    src = torch.randint(0, 256, (16 << 20,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    try:
+        before = set(os.listdir("/proc/self/task"))
+        copy_into(dst, src, False)  # starts the pool
+        workers = [int(t) for t in set(os.listdir("/proc/self/task")) - before]
+        assert workers, "the native pool started no worker thread"
+        os.sched_setaffinity(me, {cpu})
+        for w in workers:
+            os.sched_setaffinity(w, {cpu})  # as if woken onto the caller's core
+        moved = False
+        for _ in range(200):
+            assert copy_into(dst, src, True) == copy_into(src, src.clone(), True)
+            if all(_allowed(w) == full - {cpu} for w in workers):
+                moved = True
+                break
+            time.sleep(0.005)
+        assert moved, f"the worker stayed on its caller's core {cpu}: allowed {[_allowed(w) for w in workers]}"
+        assert torch.equal(dst, src)
+    finally:
+        os.sched_setaffinity(me, full)
+        native.set_parallel_threshold(1 << 20)
+        native.set_backoff(0.05)
