@@ -4,8 +4,9 @@ on how many other tokens share the call.
 This is what makes P/D output token-identical to colocated: the KV of a prompt token must come out
 byte-identical whether it was computed in a 2,000-token prefill, a 300-token prefill whose prefix was
 cached, or never computed here at all (pulled).  CPU GEMMs (oneDNN/MKL) round the rows of a partial
-8-row tile differently from full tiles, so every GEMM's row count is padded to a multiple of
-`ROW_TILE`, and attention runs over fixed-size key blocks aligned to absolute positions (online
+row tile differently from full tiles (8 rows on AVX2 machines; on an AVX-512 one, a GEMM of 8 rows
+rounded differently from the same rows inside a larger one), so every GEMM's row count is padded to a
+multiple of `ROW_TILE`, and attention runs over fixed-size key blocks aligned to absolute positions (online
 softmax, a fixed order), so a query's result never depends on the prompt length or the batch.
 tests/engine/test_ops.py checks the invariance.  Must not touch: the cache layout, scheduling.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ROW_TILE = 8  # GEMM rows are padded to a multiple of this (see module docstring)
+ROW_TILE = 16  # GEMM rows are padded to a multiple of this (see module docstring); 8 was not enough on AVX-512
 KEY_BLOCK = 128  # attention key block, aligned to absolute positions
 QUERY_TILE = 256  # queries per attention tile (a multiple of ROW_TILE)
 
