@@ -27,13 +27,18 @@ static void leaf_piece(void *arg, int64_t p) {
     int64_t last = (p + 1) * PIECE_LEAVES < c->m ? (p + 1) * PIECE_LEAVES : c->m;
     for (int64_t l = p * PIECE_LEAVES; l < last; l++) {
         int64_t off = l * KS_LEAF, len = c->n - off < KS_LEAF ? c->n - off : KS_LEAF;
-        /* hash the leaf first (one read from memory), then copy it from cache: the bytes hashed are the
-         * bytes copied, and the copy may stream past the cache */
-        if (c->leaves) c->leaves[l] = LEAF_HASH(c->src + off, (size_t)len);
-        if (c->dst) {
-            if (c->stream) nt_copy(c->dst + off, c->src + off, (size_t)len);
-            else memcpy(c->dst + off, c->src + off, (size_t)len);
+        /* into a destination that stays in cache: copy the leaf, then hash the copy (from cache), so the
+         * checksum is of the bytes the destination holds even if the source changed meanwhile (a pull
+         * through the store's shared directory races evictions: the checksum must judge what it got) */
+        if (c->dst && !c->stream) {
+            memcpy(c->dst + off, c->src + off, (size_t)len);
+            if (c->leaves) c->leaves[l] = LEAF_HASH(c->dst + off, (size_t)len);
+            continue;
         }
+        /* streaming (a pool slot nobody reads soon): hash the leaf first (one read from memory), then copy
+         * it from cache with non-temporal stores */
+        if (c->leaves) c->leaves[l] = LEAF_HASH(c->src + off, (size_t)len);
+        if (c->dst) nt_copy(c->dst + off, c->src + off, (size_t)len);
     }
     if (c->stream) nt_fence();
 }
