@@ -32,11 +32,13 @@ from kvrelay.transfer.wire import ChunkHeader, copy_into, verify
 log = logging.getLogger("kvrelay.store.client")
 PARALLEL_ABOVE = 1 << 20  # remote pull_many verifies chunks this big on PULL_THREADS behind the transfers
 PULL_THREADS = 2
+TOUCH_BATCH = 256  # directory pulls reported per message when no other request carries them
 
 
 class StoreClient(ControlChannel):
     def __init__(self, address: str, *, transport: str = "shm", compat_hash: str, name: str = "client",
-                 timeout: float = 10.0, staging_bytes: int = 256 << 20, control: str = "auto") -> None:
+                 timeout: float = 10.0, staging_bytes: int = 256 << 20, control: str = "auto",
+                 local_reads: bool = True) -> None:
         if not address.startswith("tcp://"):
             raise ValueError(f"store address {address!r} must look like tcp://127.0.0.1:5600")
         if not compat_hash:
@@ -48,6 +50,7 @@ class StoreClient(ControlChannel):
                              f"or zmq")
         self.address, self.transport, self.compat_hash, self.name = address, transport, compat_hash, name
         self.control = control
+        self.local_reads = local_reads  # shm: pull ready chunks through the daemon's shared directory
         self.timeout = timeout
         self._open_channel()
         self._slots: dict[str, P.Slot] = {}
@@ -70,7 +73,7 @@ class StoreClient(ControlChannel):
 
     def _make_path(self, info: dict):
         if self.transport == "shm":
-            return SharedPath(info["pool_name"], info["pool_bytes"])
+            return SharedPath(info["pool_name"], info["pool_bytes"], info.get("directory") if self.local_reads else None)
         return TransportPath(self.transport, self.name, info["endpoints"][self.transport], self._staging_bytes,
                              self.timeout)
 
@@ -168,6 +171,13 @@ class StoreClient(ControlChannel):
              request_id: str = "") -> ChunkHeader:
         if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous():
             raise ValueError(f"pull needs a contiguous uint8 CPU tensor, got {out.dtype} on {out.device}")
+        path = self._path
+        if isinstance(path, SharedPath) and path.directory is not None:
+            kid = kid_of(key)
+            header = path.pull_local(kid, out, verify_checksum)
+            if header is not None:
+                self._touch([kid])
+                return header
         left = deadline - time.monotonic()
         rep = self._call(P.Pull(key=key, timeout=max(0.0, left), request_id=request_id),
                          wait=max(0.0, left) + self.timeout)
@@ -201,6 +211,13 @@ class StoreClient(ControlChannel):
                 raise ValueError(f"pull_many needs contiguous uint8 CPU tensors, got {out.dtype} on {out.device}")
         if not keys:
             return []
+        path = self._path
+        if isinstance(path, SharedPath) and path.directory is not None:  # ready ones without a round trip
+            return self._pull_many_local(path, keys, outs, deadline, verify_checksum, request_id)
+        return self._pull_many_daemon(keys, outs, deadline, verify_checksum, request_id)
+
+    def _pull_many_daemon(self, keys: list[ChunkKey], outs: list[torch.Tensor], deadline: float,
+                          verify_checksum: bool, request_id: str) -> list[ChunkHeader]:
         left = deadline - time.monotonic()
         rep = self._call(P.PullMany(keys=keys, timeout=max(0.0, left), request_id=request_id),
                          wait=max(0.0, left) + self.timeout)
@@ -224,6 +241,35 @@ class StoreClient(ControlChannel):
             i = bad[0]
             raise _corrupt("pull_many", keys[i], headers[i], dsts[i], f" ({len(bad)} of {len(keys)} chunks bad)")
         return headers
+
+    def _pull_many_local(self, path: SharedPath, keys: list[ChunkKey], outs: list[torch.Tensor], deadline: float,
+                         verify_checksum: bool, request_id: str) -> list[ChunkHeader]:
+        headers: list[ChunkHeader | None] = []
+        served = []
+        for k, out in zip(keys, outs):
+            kid = kid_of(k)
+            h = path.pull_local(kid, out, verify_checksum)
+            headers.append(h)
+            if h is not None:
+                served.append(kid)
+        if served:
+            self._touch(served)
+        missing = [i for i, h in enumerate(headers) if h is None]
+        if missing:
+            got = self._pull_many_daemon([keys[i] for i in missing], [outs[i] for i in missing], deadline,
+                                         verify_checksum, request_id)
+            for i, h in zip(missing, got):
+                headers[i] = h
+        return headers
+
+    def _touch(self, kids: list[str]) -> None:
+        """Report directory pulls to the daemon (LRU, counters) with this client's next request; a batch of
+        TOUCH_BATCH goes at once, pipelined (no wait for the answer)."""
+        with self._lock:
+            self._touched.extend(kids)
+            full = len(self._touched) >= TOUCH_BATCH
+        if full:
+            self._roundtrip(self._sock(), P.Ping(), self.timeout, expect_reply=False)
 
     def _workers(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -283,7 +329,7 @@ class StoreClient(ControlChannel):
         if self._closed:
             return
         try:
-            if self._unpin or self._queued_commits(all_threads=True):
+            if self._unpin or self._touched or self._queued_commits(all_threads=True):
                 self._send_all_commits()  # pipelined commits no thread flushed still count
                 self._call(P.Ping(), wait=1.0)  # hands back pins; answered after the commits
         except (StoreError, zmq.ZMQError):

@@ -58,6 +58,9 @@ class StoreConfig:
     # also serve same-host clients on a Unix socket (abstract namespace, named after the port): a round trip
     # there skips ZMQ's I/O threads (about 20 vs 160 us here); clients fall back to ZMQ without it
     local_socket: bool = True
+    # publish where each ready in-memory chunk sits in a shared-memory directory (directory.py), so a
+    # same-host client pulls it with no round trip (x86-64 only: its seqlock relies on ordered stores)
+    directory: bool = True
     # the SSD spiller waits for a quiet control plane (no request for spill_quiet seconds) before writing a
     # chunk, but at most spill_max_delay seconds after its commit; spill_max_delay 0 writes at once
     spill_quiet: float = 0.05
@@ -176,6 +179,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest wait (s) for a quiet control plane before a chunk is spilled (default 2; 0: at once)")
     p.add_argument("--no-local-socket", dest="local_socket", action="store_const", const=False,
                    help="serve the ZMQ socket only (by default same-host clients also get a Unix socket)")
+    p.add_argument("--no-directory", dest="directory", action="store_const", const=False,
+                   help="no shared directory of ready chunks: every same-host pull asks the daemon")
 
 
 def from_args(args: argparse.Namespace) -> StoreConfig:

@@ -57,6 +57,7 @@ class ControlChannel:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._unpin: list[int] = []
+        self._touched: list[str] = []  # chunk ids pulled through the shared directory, not yet reported
         self._commit_queues: list[list] = []  # every thread's queue of pipelined commits
 
     def _hello(self, link) -> None:
@@ -143,6 +144,7 @@ class ControlChannel:
         req.req_id = next(self._ids)
         with self._lock:
             req.unpin, self._unpin = self._unpin, []
+            req.touched, self._touched = self._touched, []
         pending = self._pending()
         try:
             sock.send(P.encode(req))
@@ -157,7 +159,7 @@ class ControlChannel:
         rep = self._recv_until(sock, req.req_id, wait, type(req).__name__)
         if not rep.ok and rep.code == "session" and not isinstance(req, P.Hello) and self._ready:
             self._hello(sock)  # the daemon does not know this socket (it restarted): introduce it, retry once
-            req.unpin = []
+            req.unpin, req.touched = [], []
             req.req_id = next(self._ids)
             sock.send(P.encode(req))
             rep = self._recv_until(sock, req.req_id, wait, type(req).__name__)

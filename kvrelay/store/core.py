@@ -11,6 +11,7 @@ publishers never wait for the disk.
 
 from __future__ import annotations
 
+import platform
 import queue
 import threading
 import time
@@ -18,6 +19,7 @@ from collections import Counter
 
 from kvrelay.keys import ChunkKey
 from kvrelay.store.config import StoreConfig
+from kvrelay.store.directory import Directory, slots_for
 from kvrelay.store.index import Entry, Index, OpError, State, kid_of  # noqa: F401 (OpError, kid_of re-exported)
 from kvrelay.store.pool import Arena, SharedPool, align_up
 from kvrelay.store.protocol import Slot
@@ -31,7 +33,7 @@ from kvrelay.transfer.wire import ChunkHeader, checksum
 COUNTERS = ("lookups", "lookup_hits", "lookup_chunks", "lookup_chunks_hit", "commits", "pulls", "admission_refusals",
             "evictions_memory", "evictions_dropped", "evictions_ssd", "checksum_failures", "ssd_promotions",
             "lease_expiries", "pull_pin_expiries", "reservation_expiries", "ttl_expiries", "purged", "spill_errors",
-            "bad_requests", "aborts")
+            "bad_requests", "aborts", "local_pulls")
 
 
 EVICT_BATCH = 8  # LRU victims taken per scan when making room
@@ -43,6 +45,8 @@ class StoreCore(Upkeep):
         self.pool = SharedPool(cfg.pool_name, cfg.pool_size, create=True)
         self.arena = Arena(cfg.pool_size)
         self.ix = Index()
+        if cfg.directory and platform.machine() in ("x86_64", "AMD64"):
+            self.ix.directory = Directory(cfg.pool_name, slots_for(cfg.pool_size, cfg.max_chunk_bytes))
         self.lock = threading.RLock()
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self.ssd: SsdTier | None = None
@@ -319,6 +323,19 @@ class StoreCore(Upkeep):
             self.counters["pulls"] += len(keys)
             return slots, headers
 
+    def touched(self, kids: list[str]) -> None:
+        """Chunks a same-host client pulled through the directory (no round trip): up the LRU, and counted."""
+        now = time.monotonic()
+        n = 0
+        with self.lock:
+            for kid in kids:
+                e = self.ix.get(kid)
+                if e is not None and e.state is State.READY:
+                    self.ix.touch(e, now)
+                    n += 1
+            self.counters["pulls"] += n
+            self.counters["local_pulls"] += n
+
     def _promote(self, e: Entry) -> None:
         """Start reading an SSD-only chunk back (lock held); nothing to do if it is already on its way."""
         if e.promoting >= 0:
@@ -338,4 +355,6 @@ class StoreCore(Upkeep):
             self._spiller.join(timeout=10)
         if self.ssd is not None:
             self.ssd.close()
+        if self.ix.directory is not None:
+            self.ix.directory.close()
         self.pool.close()

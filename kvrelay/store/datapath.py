@@ -13,9 +13,10 @@ from concurrent.futures import Executor, Future
 
 import torch
 
+from kvrelay.store.directory import DirectoryReader
 from kvrelay.store.pool import ALIGN, Arena, SharedPool, align_up
 from kvrelay.store.protocol import STORE_COMPAT, Slot  # noqa: F401  (STORE_COMPAT re-exported)
-from kvrelay.transfer.wire import checksum, copy_into
+from kvrelay.transfer.wire import ChunkHeader, checksum, copy_into
 
 try:
     from kvrelay import _native
@@ -33,8 +34,14 @@ class SharedPath:
 
     name = "shm"
 
-    def __init__(self, pool_name: str, pool_bytes: int) -> None:
+    def __init__(self, pool_name: str, pool_bytes: int, directory: dict | None = None) -> None:
         self.pool = SharedPool(pool_name, pool_bytes)
+        self.directory = None
+        if directory:
+            try:
+                self.directory = DirectoryReader(directory["name"], int(directory["slots"]))
+            except (OSError, ValueError, KeyError):  # not reachable: every pull asks the daemon
+                self.directory = None
         self.tensor = torch.frombuffer(self.pool.mm, dtype=torch.uint8)
         self.base, self.nbytes = self.tensor.data_ptr(), self.tensor.numel()
         self._pinned = False
@@ -66,6 +73,26 @@ class SharedPath:
                 bad.append(i)
         return bad
 
+    def pull_local(self, kid: str, out: torch.Tensor, verify: bool) -> ChunkHeader | None:
+        """Pull a ready in-memory chunk through the shared directory, with no round trip: copy it into ``out``
+        (with the checksum verified in the same pass) and return its header; None when the directory does not
+        hold it, the daemon rewrote its row during the copy (evicted, deleted), ``out`` is too small, or the
+        checksum differs: the caller then asks the daemon, which waits, pins, and reports corruption."""
+        d = self.directory
+        if d is None:
+            return None
+        found = d.find(kid)
+        if found is None:
+            return None
+        row, seq, offset, header = found
+        if out.numel() < header.nbytes or offset < 0 or offset + header.nbytes > self.nbytes:
+            return None
+        got = self._copy(Slot(offset, header.nbytes), out[:header.nbytes], "an output", to_pool=False,
+                         want=verify, stream=False)
+        if not d.still(row, seq) or (verify and got != header.checksum):
+            return None
+        return header
+
     def publish_into(self, slot: Slot, src: torch.Tensor) -> int:
         """Copy ``src`` (contiguous uint8, the slot's size) into the slot with non-temporal stores (nobody reads
         a pool slot soon) and return the checksum of the bytes copied (each leaf hashed just before its copy)."""
@@ -88,6 +115,8 @@ class SharedPath:
         pass  # the pool is mapped: nothing to register
 
     def close(self) -> None:
+        if self.directory is not None:
+            self.directory.close()
         if self._pinned:
             torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
         self.tensor = None

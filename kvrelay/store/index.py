@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from kvrelay.keys import ChunkKey
+from kvrelay.store.directory import Directory
 from kvrelay.store.ssd import Loc
 from kvrelay.transfer.wire import ChunkHeader
 
@@ -62,6 +63,7 @@ class Index:
     reserved_bytes: int = 0
     ssd_chunks: int = 0
     ssd_bytes: int = 0
+    directory: "Directory | None" = None  # shared map of READY in-memory chunks (directory.py)
 
     def get(self, kid: str) -> Entry | None:
         return self.entries.get(kid)
@@ -82,6 +84,8 @@ class Index:
         e.state, e.header, e.last_access = State.READY, header, now
         self.mem_bytes += e.nbytes
         self.lru[e.kid] = None
+        if self.directory is not None and e.offset >= 0:
+            self.directory.put(e.kid, e.offset, e.nbytes, header)
 
     def add_recovered(self, e: Entry) -> None:
         self.entries[e.kid] = e
@@ -101,15 +105,21 @@ class Index:
         if e.offset >= 0:
             self.mem_bytes -= e.nbytes
             self.lru.pop(e.kid, None)
+            if self.directory is not None:
+                self.directory.drop(e.kid)
         e.offset = offset
         if offset >= 0:
             self.mem_bytes += e.nbytes
             self.lru[e.kid] = None
+            if self.directory is not None:
+                self.directory.put(e.kid, offset, e.nbytes, e.header)
 
     def remove(self, e: Entry) -> None:
         """Forget an entry (the caller frees its pool slot and SSD record)."""
         self.entries.pop(e.kid, None)
         self.lru.pop(e.kid, None)
+        if self.directory is not None:
+            self.directory.drop(e.kid)
         if e.state is State.RESERVED:
             self.reserved_bytes -= e.nbytes
             self._forget_request(e)

@@ -33,6 +33,8 @@ _COUNTERS = {
     "bad_requests": ("kvrelay_store_error_replies_total", "requests answered with an error (incl. timeouts)", {}),
     "ssd_promotions": ("kvrelay_store_ssd_promotions_total", "chunks read back from SSD into the pool", {}),
     "aborts": ("kvrelay_store_aborts_total", "requests aborted by their publisher (their pulls fail at once)", {}),
+    "local_pulls": ("kvrelay_store_directory_pulls_total",
+                    "chunks same-host clients pulled through the shared directory, with no round trip (in pulls too)", {}),
 }
 
 

@@ -42,7 +42,7 @@ def sweep_stale_pools() -> list[str]:
     except OSError:
         return gone
     for name in names:
-        pid = name[len(AUTO_POOL_PREFIX):]
+        pid = name[len(AUTO_POOL_PREFIX):].removesuffix(".dir")  # the pool, or its directory (directory.py)
         if not name.startswith(AUTO_POOL_PREFIX) or not pid.isdigit():
             continue
         try:

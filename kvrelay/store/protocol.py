@@ -8,8 +8,8 @@ Every request carries ``version`` and ``req_id``; the daemon answers every reque
 malformed messages it cannot decode, which are answered with ``req_id=-1``).
 
 Versions:
-  1  first version.  Additive since (old peers never send or read them): `PullMany`, `Reply.headers` and
-     `CommitMany`.
+  1  first version.  Additive since (old peers never send or read them): `PullMany`, `Reply.headers`,
+     `CommitMany`, `Req.touched` and the Hello info's "directory" (an older daemon ignores ``touched``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class Req(msgspec.Struct, tag_field="op", kw_only=True):
     req_id: int = 0
     # pins the client no longer needs (piggybacked so pulls cost one round trip)
     unpin: list[int] = []
+    # chunk ids the client pulled through the shared directory since its last request (LRU and counters)
+    touched: list[str] = []
 
 
 class Hello(Req, tag="hello"):

@@ -25,6 +25,7 @@ from kvrelay.store.metrics import StoreMetrics
 
 log = logging.getLogger("kvrelay.store")
 SWEEP_INTERVAL = 0.25  # housekeeping (expiry) period and the longest the loop sleeps
+MAX_TOUCHED = 4096  # directory pulls reported per request (a client sends them in batches of TOUCH_BATCH)
 ABORT_TTL = 120.0  # an aborted request id fails new pulls this long
 MAX_SESSIONS = 65536
 
@@ -104,6 +105,8 @@ class StoreServer:
                         self._on_local(fd, ev)
             now = time.monotonic()
             self.metrics.heartbeat = now
+            if self.core.ix.directory is not None:
+                self.core.ix.directory.beat()
             self._expire_waiters(now)
             if now >= next_sweep:
                 self.core.sweep()
@@ -161,6 +164,8 @@ class StoreServer:
         try:
             if req.unpin and ident in self.sessions:  # pins of a previous daemon's epoch mean nothing here
                 self.core.unpin(req.unpin)
+            if req.touched and ident in self.sessions:
+                self.core.touched(req.touched[:MAX_TOUCHED])
             reply = self._dispatch(ident, req)
         except OpError as exc:
             reply = P.Reply(req_id=req.req_id, ok=False, code=exc.code, error=str(exc))
@@ -184,7 +189,8 @@ class StoreServer:
             return P.Reply(req_id=req.req_id, info={"pool_name": core.pool.name, "pool_bytes": core.pool.nbytes,
                                                     "endpoints": self.endpoints, "protocol": P.PROTOCOL_VERSION,
                                                     "epoch": self.epoch,
-                                                    "local": self.local.name if self.local else ""})
+                                                    "local": self.local.name if self.local else "",
+                                                    "directory": self._directory_info()})
         if ident not in self.sessions:
             if isinstance(req, (P.Ping, P.Stats)):
                 return self._dispatch_anonymous(req)
@@ -235,6 +241,10 @@ class StoreServer:
             return P.Reply(req_id=req.req_id, ok=False, code=refused[0].code, error=f"{refused[0]}{more}",
                            count=len(fresh))
         return P.Reply(req_id=req.req_id, count=len(fresh))
+
+    def _directory_info(self) -> dict:
+        d = self.core.ix.directory
+        return {"name": d.name, "slots": d.slots} if d is not None else {}
 
     def _dispatch_anonymous(self, req: P.Ping | P.Stats) -> P.Reply:
         if isinstance(req, P.Stats):

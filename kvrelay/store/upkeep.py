@@ -109,4 +109,6 @@ class Upkeep:
                     "ssd_write_seconds": self.ssd.write_seconds if self.ssd else 0.0,
                     "ssd_bytes_read": self.ssd.bytes_read if self.ssd else 0,
                     "ssd_read_seconds": self.ssd.read_seconds if self.ssd else 0.0,
+                    "directory_chunks": len(ix.directory.where) if ix.directory else 0,
+                    "directory_misses": ix.directory.full if ix.directory else 0,
                     **dict(self.counters)}

@@ -69,10 +69,11 @@ class Daemon:
 
     def cleanup(self) -> None:
         self.kill()
-        try:
-            os.unlink(f"/dev/shm/{self.pool_name}")
-        except FileNotFoundError:
-            pass
+        for name in (self.pool_name, self.pool_name + ".dir"):  # the pool and its directory (directory.py)
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except FileNotFoundError:
+                pass
 
 
 def make_chunk(seed: int, nbytes: int, layer: int = 0, compat: str = COMPAT) -> tuple[ChunkKey, ChunkHeader, torch.Tensor]:

@@ -110,9 +110,9 @@ def test_flipped_byte_on_ssd_detected_on_read_back(tmp_path):
     d = start(tmp_path)
     try:
         with StoreClient(d.address, compat_hash=COMPAT) as c:
-            for part in (chunks[:30], chunks[30:]):
-                fill_part(c, part)
-            wait_for(lambda: c.stats()["ssd_chunks"] == 60, 20, "spill")
+            for n, part in ((30, chunks[:30]), (60, chunks[30:])):
+                fill_part(c, part)  # the first 30 reach the SSD before the next 30 push them out of memory
+                wait_for(lambda: c.stats()["ssd_chunks"] == n, 20, "spill")
             s = c.stats()
             assert s["memory_chunks"] < 60
             victim = chunks[0]  # least recently used: evicted from memory
