@@ -5,6 +5,7 @@ control.py (its round trips, pipelined commits) over links.py (a thread's link: 
 ZMQ) -> server.py (the loop, waiters, aborts) and local.py (its Unix socket) -> core.py (admission,
 eviction, leases) -> spill.py and promote.py (the background threads to and from SSD) -> index.py, pool.py,
 ssd.py (data structures and the on-disk format) -> daemon.py (wiring), config.py, metrics.py.
-datapath.py moves bytes for a client (mapped pool, or a kvrelay.transfer endpoint); process.py starts a
+datapath.py moves bytes for a client (mapped pool, or a kvrelay.transfer endpoint); directory.py is the
+shared table of ready chunks a same-host client pulls through with no round trip; process.py starts a
 daemon as a child process.  Must not touch: chunk layouts (kernels/) or transport internals (transfer/).
 """

@@ -200,7 +200,8 @@ class StoreClient(ControlChannel):
         """`pull` for many chunks with ONE control round trip: waits (until ``deadline``) until every key is
         ready, then moves them and verifies every checksum (on shm, each leaf hashed just before its copy;
         through a transport, one multi-descriptor read, or, when verifying several chunks of 1 MiB or more,
-        every chunk's read in flight at once, each verified while the next moves).
+        one read per chunk, two in flight, each chunk verified while the next moves; on shm, chunks already
+        ready come straight out of the pool through the shared directory, with no round trip).
         ``outs[i]`` receives chunk i; ``outs`` must not overlap; the batch must fit in the pool pinned at
         once.  Raises like `pull` (TimeoutError names the first missing key, "corrupt" the first bad chunk)."""
         keys, outs = list(keys), list(outs)
