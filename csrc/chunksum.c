@@ -45,9 +45,9 @@ static void leaf_piece(void *arg, int64_t p) {
 
 static int run(char *dst, const char *src, int64_t n, int stream, uint64_t *out) {
     int64_t m = (n + KS_LEAF - 1) / KS_LEAF;
-    if (n <= KS_LEAF) {
-        if (out) *out = LEAF_HASH(src, (size_t)n);
+    if (n <= KS_LEAF) { /* one leaf: copied (ordinary stores), then hashed from the copy (see leaf_piece) */
         if (dst && n > 0) memcpy(dst, src, (size_t)n);
+        if (out) *out = LEAF_HASH(dst && n > 0 ? dst : src, (size_t)n);
         return 0;
     }
     uint64_t stack[256], *leaves = NULL;

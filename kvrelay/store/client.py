@@ -33,6 +33,7 @@ log = logging.getLogger("kvrelay.store.client")
 PARALLEL_ABOVE = 1 << 20  # remote pull_many verifies chunks this big on PULL_THREADS behind the transfers
 PULL_THREADS = 2
 TOUCH_BATCH = 256  # directory pulls reported per message when no other request carries them
+TOUCH_MAX_AGE = 0.25  # ... or once the oldest unreported one is this old (seconds)
 
 
 class StoreClient(ControlChannel):
@@ -171,6 +172,8 @@ class StoreClient(ControlChannel):
              request_id: str = "") -> ChunkHeader:
         if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous():
             raise ValueError(f"pull needs a contiguous uint8 CPU tensor, got {out.dtype} on {out.device}")
+        if self._closed:
+            raise StoreError("the StoreClient is closed", "closed")
         path = self._path
         if isinstance(path, SharedPath) and path.directory is not None:
             kid = kid_of(key)
@@ -212,6 +215,8 @@ class StoreClient(ControlChannel):
                 raise ValueError(f"pull_many needs contiguous uint8 CPU tensors, got {out.dtype} on {out.device}")
         if not keys:
             return []
+        if self._closed:
+            raise StoreError("the StoreClient is closed", "closed")
         path = self._path
         if isinstance(path, SharedPath) and path.directory is not None:  # ready ones without a round trip
             return self._pull_many_local(path, keys, outs, deadline, verify_checksum, request_id)
@@ -247,9 +252,10 @@ class StoreClient(ControlChannel):
                          verify_checksum: bool, request_id: str) -> list[ChunkHeader]:
         headers: list[ChunkHeader | None] = []
         served = []
+        live = path.directory.live()  # once for the batch
         for k, out in zip(keys, outs):
             kid = kid_of(k)
-            h = path.pull_local(kid, out, verify_checksum)
+            h = path.pull_local(kid, out, verify_checksum, check_live=False) if live else None
             headers.append(h)
             if h is not None:
                 served.append(kid)
@@ -264,13 +270,20 @@ class StoreClient(ControlChannel):
         return headers
 
     def _touch(self, kids: list[str]) -> None:
-        """Report directory pulls to the daemon (LRU, counters) with this client's next request; a batch of
-        TOUCH_BATCH goes at once, pipelined (no wait for the answer)."""
+        """Report directory pulls to the daemon (LRU, chunk_ttl, counters) with this client's next request;
+        they go at once, pipelined (no wait for the answer), once TOUCH_BATCH are waiting or the oldest has
+        waited TOUCH_MAX_AGE (a chunk pulled only through the directory must not look idle to the daemon)."""
+        now = time.monotonic()
         with self._lock:
+            if not self._touched:
+                self._touched_since = now
             self._touched.extend(kids)
-            full = len(self._touched) >= TOUCH_BATCH
-        if full:
-            self._roundtrip(self._sock(), P.Ping(), self.timeout, expect_reply=False)
+            due = len(self._touched) >= TOUCH_BATCH or now - self._touched_since >= TOUCH_MAX_AGE
+        if due:
+            try:
+                self._roundtrip(self._sock(), P.Ping(), self.timeout, expect_reply=False)
+            except StoreError:
+                pass  # the pull itself succeeded; the reports go with the next request that gets through
 
     def _workers(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -293,7 +306,8 @@ class StoreClient(ControlChannel):
 
     def abort(self, request_id: str, reason: str) -> int:
         """Tell the store this client will not publish ``request_id``: pulls waiting for it (passed the same
-        ``request_id``) fail at once with StoreError code "aborted"; returns how many were waiting."""
+        ``request_id``) fail at once with StoreError code "aborted", and so do later ones that would have to
+        wait (chunks already committed are still served); returns how many were waiting."""
         return self._call(P.Abort(request_id=request_id, reason=reason)).count
 
     def lease(self, keys: Sequence[ChunkKey], ttl: float) -> None:

@@ -58,6 +58,7 @@ class ControlChannel:
         self._ids = itertools.count(1)
         self._unpin: list[int] = []
         self._touched: list[str] = []  # chunk ids pulled through the shared directory, not yet reported
+        self._touched_since = 0.0  # when the oldest of them was pulled
         self._commit_queues: list[list] = []  # every thread's queue of pipelined commits
 
     def _hello(self, link) -> None:
@@ -144,13 +145,16 @@ class ControlChannel:
         req.req_id = next(self._ids)
         with self._lock:
             req.unpin, self._unpin = self._unpin, []
-            req.touched, self._touched = self._touched, []
+            if not isinstance(req, P.Hello):  # a hello's link may be unknown to the daemon: it would drop them
+                req.touched, self._touched = self._touched, []
         pending = self._pending()
         try:
             sock.send(P.encode(req))
         except LinkClosed:
             pending.clear()
             self._drop_link(sock)
+            with self._lock:  # not delivered: they go with the next request that is
+                self._touched[:0] = req.touched
             raise StoreError(f"lost the connection to the store at {self.address} while sending "
                              f"{type(req).__name__} (the daemon exited?)", "unreachable") from None
         if not expect_reply:
@@ -159,7 +163,7 @@ class ControlChannel:
         rep = self._recv_until(sock, req.req_id, wait, type(req).__name__)
         if not rep.ok and rep.code == "session" and not isinstance(req, P.Hello) and self._ready:
             self._hello(sock)  # the daemon does not know this socket (it restarted): introduce it, retry once
-            req.unpin, req.touched = [], []
+            req.unpin = []  # pins of the daemon that forgot this socket mean nothing to it (touched ids may)
             req.req_id = next(self._ids)
             sock.send(P.encode(req))
             rep = self._recv_until(sock, req.req_id, wait, type(req).__name__)

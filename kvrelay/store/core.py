@@ -43,22 +43,29 @@ class StoreCore(Upkeep):
     def __init__(self, cfg: StoreConfig) -> None:
         self.cfg = cfg
         self.pool = SharedPool(cfg.pool_name, cfg.pool_size, create=True)
-        self.arena = Arena(cfg.pool_size)
         self.ix = Index()
-        if cfg.directory and platform.machine() in ("x86_64", "AMD64"):
-            self.ix.directory = Directory(cfg.pool_name, slots_for(cfg.pool_size, cfg.max_chunk_bytes))
         self.lock = threading.RLock()
-        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self.ssd: SsdTier | None = None
+        self._spiller: threading.Thread | None = None
+        self.promoter: Promoter | None = None
+        try:
+            self._start(cfg)
+        except BaseException:  # no pool or directory left behind in /dev/shm by a daemon that did not start
+            self.close()
+            raise
+
+    def _start(self, cfg: StoreConfig) -> None:
+        self.arena = Arena(cfg.pool_size)
+        self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         # (kid, committed at, bytes) for the spiller; it writes when the control plane is quiet (spill.py)
         self._spill_q: "queue.SimpleQueue[tuple[str, float, int] | None]" = queue.SimpleQueue()
         self.spill_backlog = 0  # bytes committed and not yet taken by the spiller
         self.last_activity = 0.0  # monotonic time of the last request the server handled
         self.closing = False
-        self._spiller: threading.Thread | None = None
-        self.promoter: Promoter | None = None
         self.recovered = self.recover_dropped = 0
         self.last_spill_error = ""
+        if cfg.directory and platform.machine() in ("x86_64", "AMD64"):
+            self.ix.directory = Directory(cfg.pool_name, slots_for(cfg.pool_size), self.pool.ident)
         if cfg.ssd_dir:
             self.ssd = SsdTier(cfg.ssd_dir, cfg.ssd_size, cfg.ssd_segment_size, cfg.ssd_direct, cfg.ssd_fsync)
             now = time.monotonic()
@@ -355,6 +362,9 @@ class StoreCore(Upkeep):
             self._spiller.join(timeout=10)
         if self.ssd is not None:
             self.ssd.close()
-        if self.ix.directory is not None:
-            self.ix.directory.close()
+        d = self.ix.directory
+        if d is not None:  # a spiller that outlived its join sees no directory, not a closed one
+            with self.lock:
+                self.ix.directory = None
+            d.close()
         self.pool.close()

@@ -43,7 +43,7 @@ class SharedPath:
         self.directory = None
         if directory:
             try:
-                self.directory = DirectoryReader(directory["name"], int(directory["slots"]))
+                self.directory = DirectoryReader(directory["name"], int(directory["slots"]), self.pool.ident)
             except (OSError, ValueError, KeyError):  # not reachable: every pull asks the daemon
                 self.directory = None
         self.tensor = torch.frombuffer(self.pool.mm, dtype=torch.uint8)
@@ -77,7 +77,7 @@ class SharedPath:
                 bad.append(i)
         return bad
 
-    def pull_local(self, kid: str, out: torch.Tensor, verify: bool) -> ChunkHeader | None:
+    def pull_local(self, kid: str, out: torch.Tensor, verify: bool, check_live: bool = True) -> ChunkHeader | None:
         """Pull a ready in-memory chunk through the shared directory, with no round trip: copy it into ``out``
         (with the checksum verified in the same pass) and return its header; None when the directory does not
         hold it, the daemon rewrote its row during the copy (evicted, deleted), ``out`` is too small, or the
@@ -85,7 +85,7 @@ class SharedPath:
         d = self.directory
         if d is None:
             return None
-        found = d.find(kid)
+        found = d.find(kid, check_live)
         if found is None:
             return None
         row, seq, offset, header = found

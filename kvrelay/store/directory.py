@@ -17,8 +17,10 @@ makes a new one).  Otherwise it asks the daemon, which is how it learns of the d
 
 Layout: after the head, ``slots`` rows of ROW_BYTES, open addressing with linear probing (at most MAX_PROBE rows from a
 key's home row).  A row is ``seq, h1, h2, offset, nbytes, header length`` (little-endian u64) and the
-msgpack-encoded ChunkHeader.  ``h1, h2`` are the xxh3-128 of the chunk id; ``h1`` is 0 for a row never used
-and 1 for a row whose chunk left (a tombstone).
+msgpack-encoded ChunkHeader.  ``h1, h2`` are the xxh3-128 of the chunk id; ``h1`` is 0 for an empty row
+(deletes shift later rows of the run back: no tombstones).  The head holds a magic word, the heartbeat and
+the (st_dev, st_ino) of the pool segment the offsets point into: a client that mapped the pool of one
+daemon and the directory of the next (a restart between its two opens) does not use the directory.
 
 Reads are a seqlock: the single writer (the daemon) makes ``seq`` odd, writes the row, makes it even
 again.  A reader takes an even ``seq``, reads the row, copies the chunk out of the pool, and keeps the
@@ -41,15 +43,16 @@ import xxhash
 
 from kvrelay.transfer.wire import ChunkHeader
 
-HEAD_BYTES = 4096  # magic, heartbeat (ns, CLOCK_MONOTONIC)
+HEAD_BYTES = 4096  # magic, heartbeat (ns, CLOCK_MONOTONIC), pool segment st_dev, st_ino
 MAGIC = 0x3179616C6572766B  # b"kvrelay1" little-endian
 STALE_S = 1.0
 ROW_BYTES = 256
 HEAD_WORDS = 6  # seq, h1, h2, offset, nbytes, header length
 MAX_HEADER = ROW_BYTES - 8 * HEAD_WORDS
 MAX_PROBE = 32
-EMPTY, TOMB = 0, 1
+EMPTY = 0
 MIN_SLOTS = 1024
+MAX_SLOTS = 1 << 20  # 256 MiB of rows (a 128 GiB pool); beyond, chunks without a row go through the daemon
 SUFFIX = ".dir"
 
 _enc = msgspec.msgpack.Encoder()
@@ -57,16 +60,16 @@ _dec = msgspec.msgpack.Decoder(ChunkHeader)
 
 
 def key_hash(kid: str) -> tuple[int, int]:
-    """(h1, h2) of a chunk id; h1 never EMPTY or TOMB."""
+    """(h1, h2) of a chunk id; h1 never EMPTY."""
     h = xxhash.xxh3_128_intdigest(kid.encode())
     h1, h2 = h & 0xFFFF_FFFF_FFFF_FFFF, h >> 64
-    return (h1 if h1 > TOMB else h1 + 2), h2
+    return (h1 if h1 != EMPTY else 1), h2
 
 
-def slots_for(pool_bytes: int, max_chunk_bytes: int) -> int:
+def slots_for(pool_bytes: int) -> int:
     """Rows for a pool: twice as many as 64 KiB chunks would fill it (a power of two, at least MIN_SLOTS).
     A chunk that finds no row is still pulled, through the daemon."""
-    want = 2 * pool_bytes // (64 << 10)
+    want = min(2 * pool_bytes // (64 << 10), MAX_SLOTS)
     n = MIN_SLOTS
     while n < want:
         n *= 2
@@ -76,28 +79,34 @@ def slots_for(pool_bytes: int, max_chunk_bytes: int) -> int:
 class Directory:
     """The daemon's side: creates ``/dev/shm/<pool name>.dir`` and writes it (caller holds the store lock)."""
 
-    def __init__(self, pool_name: str, slots: int) -> None:
+    def __init__(self, pool_name: str, slots: int, pool_ident: tuple[int, int]) -> None:
         if slots < 1 or slots & (slots - 1):
             raise ValueError(f"directory slots must be a power of two, got {slots}")
         self.name = pool_name + SUFFIX
         self.path = f"/dev/shm/{self.name}"
         self.slots = slots
+        size = HEAD_BYTES + slots * ROW_BYTES
+        tmp = f"{self.path}.{os.getpid()}.tmp"  # complete before it appears under its name (rename below)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.unlink(self.path)  # left behind by a daemon that was killed
-        except FileNotFoundError:
-            pass
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.ftruncate(fd, HEAD_BYTES + slots * ROW_BYTES)
-            self.mm = mmap.mmap(fd, HEAD_BYTES + slots * ROW_BYTES, flags=mmap.MAP_SHARED)
+            try:
+                os.posix_fallocate(fd, 0, size)  # now, not as a SIGBUS on a later write if /dev/shm is small
+            except OSError as exc:
+                os.unlink(tmp)
+                raise ValueError(f"cannot allocate the {size}-byte store directory in /dev/shm ({exc}); enlarge "
+                                 f"/dev/shm or start the store with --no-directory") from None
+            self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         finally:
             os.close(fd)
-        self.head = np.frombuffer(self.mm, dtype=np.uint64, count=2)
+        self.head = np.frombuffer(self.mm, dtype=np.uint64, count=4)
         self.rows = np.frombuffer(self.mm, dtype=np.uint64, offset=HEAD_BYTES).reshape(slots, ROW_BYTES // 8)
         self.raw = np.frombuffer(self.mm, dtype=np.uint8, offset=HEAD_BYTES).reshape(slots, ROW_BYTES)
+        self.head[2], self.head[3] = pool_ident  # which pool segment the rows' offsets point into
         self.beat()
         self.head[0] = MAGIC
+        os.replace(tmp, self.path)  # replaces one a killed daemon left behind
         self.where: dict[str, int] = {}  # kid -> row
+        self.kid_at: dict[int, str] = {}  # row -> kid
         self.full = 0  # chunks that found no row within MAX_PROBE (pulled through the daemon)
 
     def beat(self) -> None:
@@ -117,27 +126,54 @@ class Directory:
         mask = self.slots - 1
         for i in range(MAX_PROBE):
             r = (h1 + i) & mask
-            if int(self.rows[r, 1]) <= TOMB:
-                row = self.rows[r]
-                row[0] += 1  # odd: being written
-                row[1], row[2], row[3], row[4], row[5] = h1, h2, offset, nbytes, len(hb)
-                self.raw[r, 8 * HEAD_WORDS:8 * HEAD_WORDS + len(hb)] = np.frombuffer(hb, dtype=np.uint8)
-                row[0] += 1
-                self.where[kid] = r
+            if int(self.rows[r, 1]) == EMPTY:
+                hdr = np.zeros(ROW_BYTES // 8 - HEAD_WORDS, dtype=np.uint64)
+                hdr.view(np.uint8)[:len(hb)] = np.frombuffer(hb, dtype=np.uint8)
+                self._write(r, [h1, h2, offset, nbytes, len(hb)], hdr, kid)
                 return
         self.full += 1
 
-    def drop(self, kid: str) -> None:
-        """The chunk's in-memory copy is going (evicted, deleted, purged, expired): its row goes first."""
-        r = self.where.pop(kid, None)
-        if r is None:
-            return
+    def _write(self, r: int, fields: list[int], hdr: np.ndarray, kid: str) -> None:
+        """Rewrite row ``r`` under its seqlock: odd while being written, even (and different) after."""
         row = self.rows[r]
         row[0] += 1
-        row[1] = TOMB
+        row[1:HEAD_WORDS] = fields
+        row[HEAD_WORDS:] = hdr
+        row[0] += 1
+        self.where[kid] = r
+        self.kid_at[r] = kid
+
+    def drop(self, kid: str) -> None:
+        """The chunk's in-memory copy is going (evicted, deleted, purged, expired): its row goes first.  Rows
+        of the same probe run move back into the hole (linear probing's backward-shift delete), so the table
+        keeps no tombstones and a miss stops at the first empty row.  Every row rewritten gets a new seq: a
+        reader that was copying from one throws its copy away."""
+        hole = self.where.pop(kid, None)
+        if hole is None:
+            return
+        del self.kid_at[hole]
+        mask = self.slots - 1
+        j = hole
+        for _ in range(self.slots):
+            j = (j + 1) & mask
+            h = int(self.rows[j, 1])
+            if h == EMPTY:
+                break
+            home = h & mask
+            # the row at j may fill the hole unless its home lies cyclically in (hole, j]
+            if (hole < j and hole < home <= j) or (hole > j and (home > hole or home <= j)):
+                continue
+            moved = self.kid_at.pop(j)
+            self._write(hole, [int(v) for v in self.rows[j, 1:HEAD_WORDS]], self.rows[j, HEAD_WORDS:].copy(), moved)
+            hole = j
+        row = self.rows[hole]
+        row[0] += 1
+        row[1] = EMPTY
         row[0] += 1
 
     def close(self) -> None:
+        if self.head is None:
+            return
         self.head[1] = 0  # stale at once for every reader
         self.head = self.rows = self.raw = None
         try:
@@ -153,7 +189,7 @@ class Directory:
 class DirectoryReader:
     """A client's read-only mapping of the daemon's directory."""
 
-    def __init__(self, name: str, slots: int) -> None:
+    def __init__(self, name: str, slots: int, pool_ident: tuple[int, int]) -> None:
         self.path = f"/dev/shm/{name}"
         fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -165,14 +201,17 @@ class DirectoryReader:
         finally:
             os.close(fd)
         self.slots = slots
-        self.head = np.frombuffer(self.mm, dtype=np.uint64, count=2)
+        self.head = np.frombuffer(self.mm, dtype=np.uint64, count=4)
         if int(self.head[0]) != MAGIC:
             raise ValueError(f"store directory {self.path} has no kvrelay header")
+        if (int(self.head[2]), int(self.head[3])) != tuple(pool_ident):  # a restart between the two opens
+            raise ValueError(f"store directory {self.path} belongs to another pool segment than the one mapped")
         self.rows = np.frombuffer(self.mm, dtype=np.uint64, offset=HEAD_BYTES).reshape(slots, ROW_BYTES // 8)
 
     def live(self) -> bool:
         """The daemon beat recently and its directory is still the file mapped here."""
-        if time.monotonic_ns() - int(self.head[1]) > STALE_S * 1e9:
+        head = self.head
+        if head is None or time.monotonic_ns() - int(head[1]) > STALE_S * 1e9:
             return False
         try:
             st = os.stat(self.path)
@@ -180,10 +219,17 @@ class DirectoryReader:
             return False
         return (st.st_dev, st.st_ino) == self.ino
 
-    def find(self, kid: str) -> tuple[int, int, int, ChunkHeader] | None:
+    def find(self, kid: str, check_live: bool = True) -> tuple[int, int, int, ChunkHeader] | None:
         """(row, seq, offset, header) of a ready in-memory chunk, or None (absent, or being rewritten: ask the
-        daemon).  Valid only if `still(row, seq)` holds after the bytes were copied."""
-        if not self.live():
+        daemon).  Valid only if `still(row, seq)` holds after the bytes were copied.  ``check_live=False``: the
+        caller checked `live()` for a batch."""
+        try:
+            return self._find(kid, check_live)
+        except (TypeError, ValueError):  # closed under us (the client is closing)
+            return None
+
+    def _find(self, kid: str, check_live: bool) -> tuple[int, int, int, ChunkHeader] | None:
+        if check_live and not self.live():
             return None
         h1, h2 = key_hash(kid)
         mask = self.slots - 1
@@ -213,7 +259,8 @@ class DirectoryReader:
         return None
 
     def still(self, r: int, seq: int) -> bool:
-        return int(self.rows[r, 0]) == seq
+        rows = self.rows
+        return rows is not None and int(rows[r, 0]) == seq
 
     def close(self) -> None:
         self.head = self.rows = None

@@ -85,6 +85,7 @@ class SharedPool:
                     raise ValueError(f"cannot allocate a {nbytes}-byte pool in /dev/shm ({exc}); lower "
                                      f"pool_size or enlarge /dev/shm") from None
                 self.mm = mmap.mmap(fd, nbytes, flags=flags)
+                st = os.fstat(fd)
             finally:
                 os.close(fd)
         else:
@@ -99,9 +100,11 @@ class SharedPool:
                     raise ValueError(f"store pool {self.path} is {size} bytes, the daemon said {nbytes}")
                 nbytes = size
                 self.mm = mmap.mmap(fd, nbytes, flags=flags)
+                st = os.fstat(fd)
             finally:
                 os.close(fd)
         self.nbytes = nbytes
+        self.ident = (st.st_dev, st.st_ino)  # which segment this is (a restarted daemon makes a new one)
         self.view = memoryview(self.mm)
 
     def close(self) -> None:

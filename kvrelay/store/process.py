@@ -85,10 +85,11 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         self.proc = None
-        try:
-            os.unlink(f"/dev/shm/{self.pool_name}")
-        except FileNotFoundError:
-            pass
+        for name in (self.pool_name, self.pool_name + ".dir"):  # the pool and its directory (store/directory.py)
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except FileNotFoundError:
+                pass
 
     def __enter__(self) -> "DaemonProcess":
         return self.start() if self.proc is None else self

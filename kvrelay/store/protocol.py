@@ -87,8 +87,10 @@ class WaitReady(Req, tag="wait"):
 
 class Abort(Req, tag="abort"):
     """The publisher of ``request_id`` gave up (e.g. the store refused its reservation): every pull parked
-    for that request, and every one that arrives in the next ABORT_TTL seconds, fails at once with code
-    "aborted" and ``reason``, so a decode recomputes now instead of waiting for its deadline."""
+    for that request, and every one that arrives in the next ABORT_TTL seconds and would have to wait, fails at
+    once with code "aborted" and ``reason``, so a decode recomputes now instead of waiting for its deadline.
+    Chunks already committed are still served (their bytes are complete and content-addressed; a same-host
+    client pulls them through the directory without asking)."""
     request_id: str
     reason: str = ""
 

@@ -204,10 +204,11 @@ class StoreServer:
         if isinstance(req, (P.Commit, P.CommitMany)):
             return self._commit(ident, req, ns)
         if isinstance(req, (P.Pull, P.PullMany, P.WaitReady)):
-            if req.request_id in self.aborted:
-                return self._aborted_reply(req)
             now = time.monotonic()
-            return self._try_waiter(Waiter(ident, req, now + max(0.0, req.timeout), now), park=True)
+            w = Waiter(ident, req, now + max(0.0, req.timeout), now)
+            if req.request_id in self.aborted:  # what is ready is served (as through the directory); no waiting
+                return self._ready_reply(w)[0] or self._aborted_reply(req)
+            return self._try_waiter(w, park=True)
         if isinstance(req, P.Abort):
             return P.Reply(req_id=req.req_id, count=self._abort(req.request_id, req.reason))
         if isinstance(req, P.Lease):
@@ -251,29 +252,34 @@ class StoreServer:
             return P.Reply(req_id=req.req_id, info={**self.core.stats(), "waiters": sum(map(len, self.waiters.values()))})
         return P.Reply(req_id=req.req_id)
 
-    def _try_waiter(self, w: Waiter, park: bool) -> P.Reply | None:
-        """Answer the waiter if its chunk(s) are ready; else park it on the first missing key."""
+    def _ready_reply(self, w: Waiter) -> tuple[P.Reply | None, str]:
+        """(the answer, "") if the waiter's chunk(s) are ready, else (None, the first missing chunk id)."""
         req = w.req
         if isinstance(req, P.Pull):
             got = self.core.acquire(req.key)  # may raise OpError (corrupt on SSD, no room)
             if got is not None:
                 self.metrics.pull_latency.observe(time.monotonic() - w.start)
                 slot, header = got
-                return P.Reply(req_id=req.req_id, slots=[slot], header=header)
-            missing = kid_of(req.key)
-        elif isinstance(req, P.PullMany):
+                return P.Reply(req_id=req.req_id, slots=[slot], header=header), ""
+            return None, kid_of(req.key)
+        if isinstance(req, P.PullMany):
             if not req.keys:
-                return P.Reply(req_id=req.req_id)
+                return P.Reply(req_id=req.req_id), ""
             got = self.core.acquire_many(req.keys, self.core.arena.capacity)  # may raise OpError
             if not isinstance(got, int):
                 self.metrics.pull_latency.observe(time.monotonic() - w.start)
-                return P.Reply(req_id=req.req_id, slots=got[0], headers=got[1], count=len(got[0]))
-            missing = kid_of(req.keys[got])
-        else:
-            n = self.core.lookup(req.keys, record=False)
-            if n == len(req.keys):
-                return P.Reply(req_id=req.req_id, count=n)
-            missing = kid_of(req.keys[n])
+                return P.Reply(req_id=req.req_id, slots=got[0], headers=got[1], count=len(got[0])), ""
+            return None, kid_of(req.keys[got])
+        n = self.core.lookup(req.keys, record=False)
+        if n == len(req.keys):
+            return P.Reply(req_id=req.req_id, count=n), ""
+        return None, kid_of(req.keys[n])
+
+    def _try_waiter(self, w: Waiter, park: bool) -> P.Reply | None:
+        """Answer the waiter if its chunk(s) are ready; else park it on the first missing key."""
+        reply, missing = self._ready_reply(w)
+        if reply is not None:
+            return reply
         if time.monotonic() >= w.deadline:
             return self._timeout_reply(w, missing)
         w.kid = missing

@@ -47,7 +47,8 @@ class StoreProc:
             self.proc.kill()
             self.proc.wait(timeout=15)
         self.log.close()
-        try:
-            os.unlink(f"/dev/shm/{self.pool_name}")
-        except FileNotFoundError:
-            pass
+        for name in (self.pool_name, self.pool_name + ".dir"):  # the pool and its directory (store/directory.py)
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except FileNotFoundError:
+                pass

@@ -24,11 +24,14 @@ def _header(n: int = 4096) -> ChunkHeader:
                        dtype="uint8", nbytes=n, checksum=7)
 
 
+POOL = (1, 2)  # (st_dev, st_ino) of the pool segment the rows point into
+
+
 @pytest.fixture
 def directory():
     name = f"kvrelay-test-dir-{time.monotonic_ns()}"
-    d = D.Directory(name, 1024)
-    r = D.DirectoryReader(d.name, d.slots)
+    d = D.Directory(name, 1024, POOL)
+    r = D.DirectoryReader(d.name, d.slots, POOL)
     yield d, r
     r.close()
     d.close()
@@ -64,9 +67,41 @@ def test_a_full_probe_window_is_a_miss_not_a_wrong_answer(directory, monkeypatch
     for j, kid in enumerate(kids):
         got = r.find(kid)
         assert (got is None) if j >= D.MAX_PROBE else got[2] == j * 4096
-    d.drop(kids[0])  # a tombstone is reused, and probing goes past tombstones
+    d.drop(kids[0])  # the rest of the run shifts back: every row still found, and there is room again
+    for j, kid in enumerate(kids[1:D.MAX_PROBE], 1):
+        assert r.find(kid)[2] == j * 4096
     d.put(kids[-1], 99 * 4096, 4096, _header())
-    assert r.find(kids[-1])[2] == 99 * 4096 and r.find(kids[1])[2] == 4096
+    assert r.find(kids[-1])[2] == 99 * 4096
+    for kid in kids[1:D.MAX_PROBE]:  # empty again: a miss stops at the first empty row
+        d.drop(kid)
+    d.drop(kids[-1])
+    assert not d.where and not d.kid_at and not d.rows[:, 1].any()
+
+
+def test_deletes_keep_every_remaining_chunk_findable(directory):
+    """Random puts and drops (backward-shift deletes across wrapping runs): the table always answers
+    exactly the chunks that are in it."""
+    import random
+    d, r = directory
+    rng = random.Random(5)
+    live: dict[str, int] = {}
+    for step in range(6000):
+        kid = f"c{rng.randrange(1500)}"
+        if kid in live and rng.random() < 0.5:
+            d.drop(kid)
+            del live[kid]
+        else:
+            d.put(kid, step * 4096, 4096, _header())
+            if kid in d.where:
+                live[kid] = step * 4096
+            else:
+                live.pop(kid, None)
+        if step % 500 == 0:
+            for k, off in live.items():
+                assert r.find(k)[2] == off, k
+    for k, off in live.items():
+        assert r.find(k)[2] == off
+    assert all(r.find(f"c{i}") is None for i in range(1500) if f"c{i}" not in live)
 
 
 def test_a_stale_or_replaced_directory_is_not_read(directory):
@@ -77,9 +112,11 @@ def test_a_stale_or_replaced_directory_is_not_read(directory):
     assert r.find("a:0:0:8") is None
     d.beat()
     assert r.find("a:0:0:8") is not None
-    d2 = D.Directory(d.name[:-len(D.SUFFIX)], 1024)  # a restarted daemon makes a new file at the same path
+    d2 = D.Directory(d.name[:-len(D.SUFFIX)], 1024, POOL)  # a restarted daemon: a new file at the same path
     try:
         assert r.find("a:0:0:8") is None
+        with pytest.raises(ValueError, match="another pool"):  # mapped the old pool, then the new directory
+            D.DirectoryReader(d2.name, d2.slots, (1, 3))
     finally:
         d2.close()
 
@@ -225,3 +262,48 @@ def test_pulls_racing_evictions_never_return_wrong_bytes(daemon_factory):
         t.join(100)
     assert not errors, errors[:5]
     assert served[0] >= 400 and served[1] > 100, served
+
+
+@pytest.mark.timeout(60)
+def test_directory_pulls_keep_a_chunk_alive_under_chunk_ttl(daemon_factory):
+    """A chunk pulled only through the directory is reported often enough that chunk_ttl does not drop it."""
+    d = daemon_factory(pool_size="4MiB", max_chunk_bytes="1MiB", chunk_ttl=1)
+    k, h, data = make_chunk(995, 1 << 20)
+    with StoreClient(d.address, compat_hash=COMPAT) as c:
+        c.publish(k, h, data)
+        out = torch.empty(1 << 20, dtype=torch.uint8)
+        for _ in range(15):  # 3 s: three times the TTL
+            assert c.pull(k, out, time.monotonic() + 2) == h
+            time.sleep(0.2)
+        assert c.stats()["local_pulls"] >= 10
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("local_reads", [True, False])
+def test_an_aborted_request_still_gets_what_is_ready(daemon_factory, local_reads):
+    """After abort, what is committed is served (through the directory or the daemon alike); what would have
+    to be waited for fails at once with "aborted"."""
+    d = daemon_factory(pool_size="4MiB", max_chunk_bytes="1MiB")
+    (k, h, data), (k2, _, _) = make_chunk(996, 4096), make_chunk(997, 4096)
+    with StoreClient(d.address, compat_hash=COMPAT, local_reads=local_reads) as c:
+        c.publish(k, h, data)
+        c.abort("req-x", "prefill gave up")
+        out = torch.empty(4096, dtype=torch.uint8)
+        assert c.pull(k, out, time.monotonic() + 5, request_id="req-x") == h and torch.equal(out, data)
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="prefill gave up") as ei:
+            c.pull_many([k, k2], [out, torch.empty(4096, dtype=torch.uint8)], time.monotonic() + 20,
+                        request_id="req-x")
+        assert ei.value.code == "aborted" and time.monotonic() - t0 < 5
+
+
+def test_pull_after_close_is_a_clear_error(daemon_factory):
+    d = daemon_factory(pool_size="4MiB", max_chunk_bytes="1MiB")
+    k, h, data = make_chunk(998, 4096)
+    c = StoreClient(d.address, compat_hash=COMPAT)
+    c.publish(k, h, data)
+    c.close()
+    for call in (lambda: c.pull(k, torch.empty(4096, dtype=torch.uint8), time.monotonic() + 1),
+                 lambda: c.pull_many([k], [torch.empty(4096, dtype=torch.uint8)], time.monotonic() + 1)):
+        with pytest.raises(StoreError, match="closed"):
+            call()
