@@ -8,11 +8,12 @@ or evicted is never served from a stale row; a killed daemon's directory is not 
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import pytest
 import torch
 
-from store_helpers import COMPAT, make_chunk, wait_for
+from store_helpers import COMPAT, make_chunk, metric, wait_for
 from kvrelay.store import directory as D
 from kvrelay.store.client import StoreClient, StoreError
 from kvrelay.store.core import kid_of
@@ -139,6 +140,9 @@ def test_pulls_go_through_the_directory_and_are_reported(daemon_factory):
         s = c.stats()  # carries the reports
         assert s["local_pulls"] - before["local_pulls"] == 6 and s["pulls"] - before["pulls"] == 6
         assert s["pins"] == 0 and s["directory_chunks"] == 3
+        text = urllib.request.urlopen(d.metrics_url + "/metrics", timeout=5).read().decode()
+        assert metric(text, "kvrelay_store_directory_pulls_total") == 6
+        assert metric(text, "kvrelay_store_pulls_total") == 6
 
 
 @pytest.mark.timeout(60)
