@@ -181,26 +181,28 @@ def _allowed(tid: int) -> set[int]:
 def test_worker_moves_off_its_callers_core():
     """A worker that runs on its caller's core (Linux puts a woken thread there when the other cores idle)
     narrows its affinity to the other cores, so the two do not take turns on one core; the bytes stay exact."""
-    from kvrelay.transfer.wire import copy_into
+    from kvrelay.transfer.wire import checksum, copy_into
     native.set_parallel_threshold(0)
     native.set_backoff(0)
+    set_num_threads(1)  # stops a running pool: the next copy starts fresh workers, whose ids we want
     set_num_threads(2)
     me = threading.get_native_id()
     full = os.sched_getaffinity(0)
     cpu = min(full)
-    src = torch.randint(0, 256, (16 << 20,), dtype=torch.uint8)
+    src = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8)  # longer than a scheduler tick on one core
     dst = torch.empty_like(src)
     try:
         before = set(os.listdir("/proc/self/task"))
         copy_into(dst, src, False)  # starts the pool
         workers = [int(t) for t in set(os.listdir("/proc/self/task")) - before]
         assert workers, "the native pool started no worker thread"
+        want = checksum(src)
         os.sched_setaffinity(me, {cpu})
         for w in workers:
             os.sched_setaffinity(w, {cpu})  # as if woken onto the caller's core
         moved = False
-        for _ in range(200):
-            assert copy_into(dst, src, True) == copy_into(src, src.clone(), True)
+        for _ in range(100):
+            assert copy_into(dst, src, True) == want
             if all(_allowed(w) == full - {cpu} for w in workers):
                 moved = True
                 break
