@@ -74,7 +74,8 @@ class StoreClient(ControlChannel):
 
     def _make_path(self, info: dict):
         if self.transport == "shm":
-            return SharedPath(info["pool_name"], info["pool_bytes"], info.get("directory") if self.local_reads else None)
+            directory = info.get("directory") if self.local_reads else None
+            return SharedPath(info["pool_name"], info["pool_bytes"], directory)
         return TransportPath(self.transport, self.name, info["endpoints"][self.transport], self._staging_bytes,
                              self.timeout)
 

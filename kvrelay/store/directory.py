@@ -15,20 +15,22 @@ writes CLOCK_MONOTONIC every pass, at least every 0.25 s); a reader uses the dir
 heartbeat is under STALE_S old and the file at its path is still the one it mapped (a restarted daemon
 makes a new one).  Otherwise it asks the daemon, which is how it learns of the death or the restart.
 
-Layout: after the head, ``slots`` rows of ROW_BYTES, open addressing with linear probing (at most MAX_PROBE rows from a
-key's home row).  A row is ``seq, h1, h2, offset, nbytes, header length`` (little-endian u64) and the
-msgpack-encoded ChunkHeader.  ``h1, h2`` are the xxh3-128 of the chunk id; ``h1`` is 0 for an empty row
-(deletes shift later rows of the run back: no tombstones).  The head holds a magic word, the heartbeat and
-the (st_dev, st_ino) of the pool segment the offsets point into: a client that mapped the pool of one
-daemon and the directory of the next (a restart between its two opens) does not use the directory.
+Layout: after the head, ``slots`` rows of ROW_BYTES, open addressing with linear probing (at most
+MAX_PROBE rows from a key's home row).  A row is ``seq, h1, h2, offset, nbytes, header length``
+(little-endian u64) and the msgpack-encoded ChunkHeader.  ``h1, h2`` are the xxh3-128 of the chunk id; ``h1`` is 0 for an empty row
+(deletes shift later rows of the run back: no tombstones).  The head also holds the (st_dev, st_ino) of
+the pool segment the offsets point into: a client that mapped the pool of one daemon and the directory of
+the next (a restart between its two opens) does not use the directory.
 
 Reads are a seqlock: the single writer (the daemon) makes ``seq`` odd, writes the row, makes it even
 again.  A reader takes an even ``seq``, reads the row, copies the chunk out of the pool, and keeps the
 copy only if ``seq`` is unchanged.  The daemon drops a chunk's row before its pool range can be handed to
 anyone else (both under the store's lock, before any reply), so a copy that raced an eviction, a delete
 or a purge fails that check and the client falls back to asking the daemon.  The copy is also verified
-against the row's checksum, as every pull is.  What a reader skips, it reports later (`touched`, piggy-
-backed on its next request): the daemon moves those chunks up its LRU and counts them as pulls.
+against the row's checksum, as every pull is.  The daemon offers the directory on x86-64 only: the
+seqlock counts on stores becoming visible in program order (numpy writes each word with one store).
+What a reader skips, it reports later (`touched`, piggybacked on its next request): the daemon moves those
+chunks up its LRU and counts them as pulls.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ MAX_HEADER = ROW_BYTES - 8 * HEAD_WORDS
 MAX_PROBE = 32
 EMPTY = 0
 MIN_SLOTS = 1024
-MAX_SLOTS = 1 << 20  # 256 MiB of rows (a 128 GiB pool); beyond, chunks without a row go through the daemon
+MAX_SLOTS = 1 << 20  # 256 MiB of rows (pools up to 32 GiB get 2 per 64 KiB); past it, fewer rows per byte
 SUFFIX = ".dir"
 
 _enc = msgspec.msgpack.Encoder()

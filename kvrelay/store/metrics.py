@@ -34,7 +34,8 @@ _COUNTERS = {
     "ssd_promotions": ("kvrelay_store_ssd_promotions_total", "chunks read back from SSD into the pool", {}),
     "aborts": ("kvrelay_store_aborts_total", "requests aborted by their publisher (their pulls fail at once)", {}),
     "local_pulls": ("kvrelay_store_directory_pulls_total",
-                    "chunks same-host clients pulled through the shared directory, with no round trip (in pulls too)", {}),
+                    "chunks same-host clients pulled through the shared directory (no round trip; in pulls too)",
+                    {}),
 }
 
 
