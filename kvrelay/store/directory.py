@@ -17,10 +17,10 @@ makes a new one).  Otherwise it asks the daemon, which is how it learns of the d
 
 Layout: after the head, ``slots`` rows of ROW_BYTES, open addressing with linear probing (at most
 MAX_PROBE rows from a key's home row).  A row is ``seq, h1, h2, offset, nbytes, header length``
-(little-endian u64) and the msgpack-encoded ChunkHeader.  ``h1, h2`` are the xxh3-128 of the chunk id; ``h1`` is 0 for an empty row
-(deletes shift later rows of the run back: no tombstones).  The head also holds the (st_dev, st_ino) of
-the pool segment the offsets point into: a client that mapped the pool of one daemon and the directory of
-the next (a restart between its two opens) does not use the directory.
+(little-endian u64) and the msgpack-encoded ChunkHeader.  ``h1, h2`` are the xxh3-128 of the chunk id;
+``h1`` is 0 for an empty row (deletes shift later rows of the run back: no tombstones).  The head also
+holds the (st_dev, st_ino) of the pool segment the offsets point into: a client that mapped the pool of
+one daemon and the directory of the next (a restart between its two opens) does not use the directory.
 
 Reads are a seqlock: the single writer (the daemon) makes ``seq`` odd, writes the row, makes it even
 again.  A reader takes an even ``seq``, reads the row, copies the chunk out of the pool, and keeps the
