@@ -15,7 +15,8 @@ Cases (each beside a baseline measured in the same run):
   pull/<t>         pull through transport t (tcp, nixl) vs that transport's raw one-sided reads of the same
                    chunks from the daemon's pool (measured in a child process: one endpoint per process);
   pull/<t>/batch   pull_many of the child's chunks in one call (one read per chunk, two in flight, each
-                   verified while the next moves) vs one raw read of all of them into the same destinations
+                   verified while the next moves) vs raw reads of them into the same destinations (the faster
+                   of one read of all the descriptors and one read per chunk)
   spill/ssd        background spill write rate while busy vs an O_DIRECT write baseline in the same dir
   rss              daemon RSS vs pool size + 300 MB (lower is better)
   restart/ssd      kill -9 then restart with 10,000 chunks on SSD: spawn-to-ready vs an empty daemon's

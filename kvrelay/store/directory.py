@@ -102,7 +102,6 @@ class Directory:
             os.close(fd)
         self.head = np.frombuffer(self.mm, dtype=np.uint64, count=4)
         self.rows = np.frombuffer(self.mm, dtype=np.uint64, offset=HEAD_BYTES).reshape(slots, ROW_BYTES // 8)
-        self.raw = np.frombuffer(self.mm, dtype=np.uint8, offset=HEAD_BYTES).reshape(slots, ROW_BYTES)
         self.head[2], self.head[3] = pool_ident  # which pool segment the rows' offsets point into
         self.beat()
         self.head[0] = MAGIC
@@ -177,7 +176,7 @@ class Directory:
         if self.head is None:
             return
         self.head[1] = 0  # stale at once for every reader
-        self.head = self.rows = self.raw = None
+        self.head = self.rows = None
         try:
             self.mm.close()
         except BufferError:
