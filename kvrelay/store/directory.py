@@ -43,6 +43,7 @@ import msgspec
 import numpy as np
 import xxhash
 
+from kvrelay.store.pool import DIRECTORY_SUFFIX
 from kvrelay.transfer.wire import ChunkHeader
 
 HEAD_BYTES = 4096  # magic, heartbeat (ns, CLOCK_MONOTONIC), pool segment st_dev, st_ino
@@ -55,7 +56,7 @@ MAX_PROBE = 32
 EMPTY = 0
 MIN_SLOTS = 1024
 MAX_SLOTS = 1 << 20  # 256 MiB of rows (pools up to 32 GiB get 2 per 64 KiB); past it, fewer rows per byte
-SUFFIX = ".dir"
+SUFFIX = DIRECTORY_SUFFIX
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(ChunkHeader)

@@ -32,6 +32,16 @@ def shm_path(name: str) -> str:
 
 
 AUTO_POOL_PREFIX = "kvrelay-store-0-"  # + pid: the pool of a daemon started with --port 0 and no --pool-name
+DIRECTORY_SUFFIX = ".dir"  # the pool's shared directory of ready chunks is /dev/shm/<pool name>.dir (directory.py)
+
+
+def unlink_pool(name: str) -> None:
+    """Remove a dead daemon's pool segment and its directory from /dev/shm (either may be gone already)."""
+    for n in (name, name + DIRECTORY_SUFFIX):
+        try:
+            os.unlink(shm_path(n))
+        except FileNotFoundError:
+            pass
 
 
 def sweep_stale_pools() -> list[str]:
@@ -42,7 +52,7 @@ def sweep_stale_pools() -> list[str]:
     except OSError:
         return gone
     for name in names:
-        pid = name[len(AUTO_POOL_PREFIX):].removesuffix(".dir")  # the pool, or its directory (directory.py)
+        pid = name[len(AUTO_POOL_PREFIX):].removesuffix(DIRECTORY_SUFFIX)  # the pool, or its directory
         if not name.startswith(AUTO_POOL_PREFIX) or not pid.isdigit():
             continue
         try:

@@ -5,7 +5,6 @@ Owns: spawning and stopping one daemon process.  Must not touch: the daemon's in
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from kvrelay.readyfile import wait_ready_file
+from kvrelay.store.pool import unlink_pool
 
 
 def die_with_parent() -> None:
@@ -85,11 +85,7 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         self.proc = None
-        for name in (self.pool_name, self.pool_name + ".dir"):  # the pool and its directory (store/directory.py)
-            try:
-                os.unlink(f"/dev/shm/{name}")
-            except FileNotFoundError:
-                pass
+        unlink_pool(self.pool_name)
 
     def __enter__(self) -> "DaemonProcess":
         return self.start() if self.proc is None else self

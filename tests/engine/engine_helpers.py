@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -11,6 +10,8 @@ import uuid
 from pathlib import Path
 
 import torch
+
+from kvrelay.store.pool import unlink_pool
 
 TRANSPORTS = ("shm", "tcp", "nixl")
 
@@ -47,8 +48,4 @@ class StoreProc:
             self.proc.kill()
             self.proc.wait(timeout=15)
         self.log.close()
-        for name in (self.pool_name, self.pool_name + ".dir"):  # the pool and its directory (store/directory.py)
-            try:
-                os.unlink(f"/dev/shm/{name}")
-            except FileNotFoundError:
-                pass
+        unlink_pool(self.pool_name)

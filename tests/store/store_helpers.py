@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import torch
 
 from kvrelay.readyfile import wait_ready_file
 from kvrelay.keys import ChunkKey
+from kvrelay.store.pool import unlink_pool
 from kvrelay.store.process import die_with_parent
 from kvrelay.transfer.wire import ChunkHeader, checksum
 
@@ -69,11 +69,7 @@ class Daemon:
 
     def cleanup(self) -> None:
         self.kill()
-        for name in (self.pool_name, self.pool_name + ".dir"):  # the pool and its directory (directory.py)
-            try:
-                os.unlink(f"/dev/shm/{name}")
-            except FileNotFoundError:
-                pass
+        unlink_pool(self.pool_name)
 
 
 def make_chunk(seed: int, nbytes: int, layer: int = 0, compat: str = COMPAT) -> tuple[ChunkKey, ChunkHeader, torch.Tensor]:
