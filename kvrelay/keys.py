@@ -3,9 +3,10 @@
 A chunk holds one layer's KV for ``chunk_tokens`` consecutive tokens of a prompt (the last chunk of a
 prompt may be partial).  Its block hash chains the hash of everything before it, so equal hashes mean
 equal prefixes; the chain is seeded with the model id and the layout compatibility hash so different
-models or dtypes never collide.  A chunk key adds the layer and the head range.
+models or dtypes never collide.  A chunk key adds the layer and the head range; `kid_of` is its string
+form, the id the store indexes it by (client and daemon alike, so it lives here and not in the daemon).
 
-Owns: hashing.  Must not touch: storage or transfer.
+Owns: hashing and key ids.  Must not touch: storage or transfer.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class ChunkKey(msgspec.Struct, frozen=True, array_like=True):
 
     def encode(self) -> bytes:
         return f"{self.block_hash}:{self.layer}:{self.head_start}:{self.head_end}".encode()
+
+
+def kid_of(key: ChunkKey) -> str:
+    """The key's id: ``key.encode()`` as a str (the store's index key, also what clients name chunks by)."""
+    return f"{key.block_hash}:{key.layer}:{key.head_start}:{key.head_end}"
 
 
 def chunk_keys(hashes: Sequence[str], layer: int, head_start: int, head_end: int) -> list[ChunkKey]:

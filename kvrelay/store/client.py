@@ -21,10 +21,9 @@ import numpy as np
 import torch
 import zmq
 
-from kvrelay.keys import ChunkKey
+from kvrelay.keys import ChunkKey, kid_of
 from kvrelay.store import protocol as P
 from kvrelay.store.control import ControlChannel, StoreError, StoreFullError
-from kvrelay.store.core import kid_of
 from kvrelay.store.datapath import SharedPath, TransportPath
 from kvrelay.transfer.wire import ChunkHeader, copy_into, verify
 

@@ -17,10 +17,10 @@ import threading
 import time
 from collections import Counter
 
-from kvrelay.keys import ChunkKey
+from kvrelay.keys import ChunkKey, kid_of
 from kvrelay.store.config import StoreConfig
 from kvrelay.store.directory import Directory, slots_for
-from kvrelay.store.index import Entry, Index, OpError, State, kid_of  # noqa: F401 (OpError, kid_of re-exported)
+from kvrelay.store.index import Entry, Index, OpError, State
 from kvrelay.store.pool import Arena, SharedPool, align_up
 from kvrelay.store.protocol import Slot
 from kvrelay.store.promote import Promoter

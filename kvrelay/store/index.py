@@ -158,7 +158,3 @@ class OpError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def kid_of(key: ChunkKey) -> str:
-    return f"{key.block_hash}:{key.layer}:{key.head_start}:{key.head_end}"

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import zmq
 
+from kvrelay.keys import kid_of
 from kvrelay.store import protocol as P
-from kvrelay.store.core import OpError, StoreCore, kid_of
+from kvrelay.store.core import OpError, StoreCore
 from kvrelay.store.local import LocalListener, local_name
 from kvrelay.store.metrics import StoreMetrics
 

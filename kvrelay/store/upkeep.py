@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-from kvrelay.keys import ChunkKey
-from kvrelay.store.index import Entry, OpError, State, kid_of
+from kvrelay.keys import ChunkKey, kid_of
+from kvrelay.store.index import Entry, OpError, State
 
 
 class Upkeep:

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from store_helpers import COMPAT, make_chunk, metric, wait_for
+from kvrelay.keys import kid_of
 from kvrelay.store import directory as D
 from kvrelay.store.client import StoreClient, StoreError
-from kvrelay.store.core import kid_of
 from kvrelay.transfer.wire import ChunkHeader
 
 
