@@ -27,10 +27,10 @@ import uuid
 import torch
 
 from kvrelay.bench.harness import BenchContext, Record, median
+from kvrelay.connector import transfer_params
 from kvrelay.engines.reference.config import EngineConfig, ModelConfig
 from kvrelay.engines.reference.engine import Engine
 from kvrelay.engines.reference.kv_connector import make_hooks
-from kvrelay.engines.reference.kv_publish import transfer_params
 from kvrelay.engines.reference.sequence import SamplingParams, Sequence
 from kvrelay.engines.reference.weights import random_weights
 from kvrelay.store.process import DaemonProcess
@@ -74,8 +74,8 @@ def _pd_once(pre: Engine, dec: Engine, prompt: list[int], store: str, transport:
     forward = pseq.first_token_time - pseq.arrival
     if not done.wait(120):
         raise TimeoutError(f"decode did not receive {len(prompt)} tokens of KV within 120 s over {transport}")
-    if seq.error or "recomputed" in seq.extra:
-        raise RuntimeError(f"P/D over {transport} did not pull: {seq.error or seq.extra['recomputed']}")
+    if seq.error or seq.recomputed is not None:
+        raise RuntimeError(f"P/D over {transport} did not pull: {seq.error or seq.recomputed}")
     return first[0] - t0, forward
 
 
@@ -116,8 +116,8 @@ def run(ctx: BenchContext) -> None:
                 on, off = median(ttft[True]), median(ttft[False])
                 # exposed transfer: what the decode still waits for after the prefill's forward pass ended,
                 # measured inside each run (robust to the run-to-run noise of the forward pass itself)
-                exp_on = median([t - f for t, f in zip(ttft[True], fwd[True])])
-                exp_off = median([t - f for t, f in zip(ttft[False], fwd[False])])
+                exp_on = median([t - f for t, f in zip(ttft[True], fwd[True], strict=True)])
+                exp_off = median([t - f for t, f in zip(ttft[False], fwd[False], strict=True)])
                 nbytes = mcfg.num_layers * pres[True].layout.chunk_nbytes(n)
                 params = {"tokens": n, "reps": reps, "kv_bytes": nbytes, "layers": mcfg.num_layers,
                           "threads": torch.get_num_threads(), "decode_block_size": 32, "prefill_block_size": 16,

@@ -14,7 +14,7 @@ import torch
 from kvrelay.engines.reference.config import EngineConfig
 from kvrelay.engines.reference.engine import Engine
 from kvrelay.engines.reference.kv_connector import make_hooks
-from kvrelay.engines.reference.kv_publish import transfer_params
+from kvrelay.connector import transfer_params
 from kvrelay.engines.reference.sequence import SamplingParams, Sequence, Status
 
 from engine_helpers import TRANSPORTS, rand_prompt
@@ -73,10 +73,10 @@ def published(model_cfg, weights, store, prompts):
         base = eng.run([Sequence(p, SP, publish=True) for p in prompts[0]])
         ext = eng.run([Sequence(p, SP, publish=True) for p in prompts[1]])
         assert eng.blocks.num_free == eng.cfg.num_blocks  # every block freed once published
-        assert eng.metrics.publish_errors._metrics == {}
+        assert eng.metrics.transfer.publish_errors._metrics == {}
     finally:
         eng.stop()
-    return [s.extra["kv_transfer_params"] for s in base], [s.extra["kv_transfer_params"] for s in ext]
+    return [s.publish_state.params for s in base], [s.publish_state.params for s in ext]
 
 
 def _value(counter, *labels) -> float:
@@ -93,13 +93,13 @@ def test_pd_is_token_identical_to_colocated(model_cfg, weights, store, prompts, 
         r1 = eng.run([Sequence(p, SP, kv_params=kp) for p, kp in zip(prompts[0], published[0])])
         r2 = eng.run([Sequence(p, SP, kv_params=kp) for p, kp in zip(prompts[1], published[1])])
         got = [s.output for s in r1 + r2]
-        assert [s.extra.get("recomputed") for s in r1 + r2] == [None] * len(got)
+        assert [s.recomputed for s in r1 + r2] == [None] * len(got)
         assert got == want
         # the first decode step's logits are bit-identical to colocated's (its second sampled row)
         for s, c in zip(r1 + r2, colocated):
-            assert torch.equal(s.extra["logits"][0], c.extra["logits"][1])
-        assert _value(eng.metrics.pulls, "ok", "") == len(got)
-        assert _value(eng.metrics.pull_skipped_tokens) > 0  # partly cached prefixes were not pulled
+            assert torch.equal(s.logits[0], c.logits[1])
+        assert _value(eng.metrics.transfer.pulls, "ok", "") == len(got)
+        assert _value(eng.metrics.transfer.pull_skipped_tokens) > 0  # partly cached prefixes were not pulled
         assert _value(eng.metrics.computed_tokens) == 0  # nothing recomputed locally
         assert eng.blocks.num_free == eng.cfg.num_blocks
     finally:
@@ -117,7 +117,7 @@ def test_negative_control_another_prompts_kv_changes_the_logits(model_cfg, weigh
         others.append(p)
     pre = _prefill_engine(model_cfg, weights, store)
     try:
-        wrong = [s.extra["kv_transfer_params"] for s in pre.run([Sequence(p, SP, publish=True) for p in others])]
+        wrong = [s.publish_state.params for s in pre.run([Sequence(p, SP, publish=True) for p in others])]
     finally:
         pre.stop()
     eng = _decode_engine(model_cfg, weights, store, "shm")
@@ -127,7 +127,7 @@ def test_negative_control_another_prompts_kv_changes_the_logits(model_cfg, weigh
             kp.first_token = t  # same first token: only the KV differs
         seqs = eng.run([Sequence(base[i], SP, kv_params=kp) for i, kp in zip(idx, wrong)])
         for s, i in zip(seqs, idx):
-            diff = (s.extra["logits"][0] - colocated[i].extra["logits"][1]).abs().max().item()
+            diff = (s.logits[0] - colocated[i].logits[1]).abs().max().item()
             assert diff > 0.1, f"another prompt's KV moved the logits by only {diff}"
     finally:
         eng.stop()
@@ -162,8 +162,8 @@ def test_pull_deadline_recomputes_locally(model_cfg, weights, store):
         (seq,) = eng.run([Sequence(prompt, SP, kv_params=kp)], timeout=60)
         assert time.monotonic() - t0 < 30
         assert seq.output == want and seq.error is None
-        assert "timeout" in seq.extra["recomputed"]
-        assert _value(eng.metrics.pulls, "recompute", "timeout") == 1
+        assert "timeout" in str(seq.recomputed)
+        assert _value(eng.metrics.transfer.pulls, "recompute", "timeout") == 1
         assert eng.blocks.num_free == eng.cfg.num_blocks
     finally:
         eng.stop()
@@ -178,7 +178,7 @@ def test_pull_failure_with_policy_fail_fails_clearly(model_cfg, weights, store):
         (seq,) = eng.run([Sequence(prompt, SP, kv_params=kp)], timeout=60)
         assert seq.status is Status.FINISHED and seq.output == []
         assert "policy 'fail'" in seq.error and "timeout" in seq.error
-        assert _value(eng.metrics.pulls, "fail", "timeout") == 1
+        assert _value(eng.metrics.transfer.pulls, "fail", "timeout") == 1
         assert eng.blocks.num_free == eng.cfg.num_blocks
     finally:
         eng.stop()
@@ -198,7 +198,7 @@ def test_decode_leg_sent_before_the_prefill_starts(model_cfg, weights, store):
         finally:
             pre.stop()
         assert done.wait(60)
-        assert seq.output == want and seq.error is None and "recomputed" not in seq.extra
+        assert seq.output == want and seq.error is None and seq.recomputed is None
     finally:
         dec.stop()
 
@@ -220,10 +220,10 @@ def test_store_full_aborts_the_waiting_decode_at_once(model_cfg, weights):
                 (p,) = pre.run([Sequence(prompt, SP, publish=True, request_id="store-full-1")])
             finally:
                 pre.stop()
-            assert "publish_error" in p.extra and p.output == want[:1]  # the prefill still answers its token
+            assert p.publish_state.failure is not None and p.output == want[:1]  # the prefill still answers its token
             assert done.wait(30)
             assert time.monotonic() - t0 < 20  # not the 60 s deadline
-            assert seq.output == want and seq.error is None and "aborted" in seq.extra["recomputed"]
-            assert _value(dec.metrics.pulls, "recompute", "aborted") == 1
+            assert seq.output == want and seq.error is None and "aborted" in str(seq.recomputed)
+            assert _value(dec.metrics.transfer.pulls, "recompute", "aborted") == 1
         finally:
             dec.stop()

@@ -10,10 +10,10 @@ Reading path (each file has one job):
   model.py          the forward pass over the paged cache (KVLayout NHD fused), per-layer hook
   block_manager.py  blocks, ref counts, prefix hashing
   sequence.py       per-request state;  scheduler.py  continuous batching;  sampler.py  sampling
-  engine.py         the step loop and the P/D hook points (KVPublisher, KVPuller)
-  kv_publish.py     prefill role: layer-wise publishing into the store
-  kv_pull.py        decode role: layer-wise pulling, prefix skipping, unpack into this block size
-  kv_connector.py   wiring of the store client and the hooks
+  engine.py         the step loop and the P/D hook points (hooks.py: KVPublisher, KVPuller)
+  inbox.py          messages to the engine thread
+  kv_connector.py   wiring of the store client and kvrelay.connector's LayerPublisher / LayerPuller
+                    (layer-wise publishing and pulling live there, shared with every engine)
   api.py, server.py OpenAI-compatible HTTP (aiohttp), metrics, health;  metrics.py  Prometheus
 
 Numerics: float32 weights, activations and KV cache by default (exact reproducibility on CPU).

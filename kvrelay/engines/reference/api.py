@@ -49,7 +49,11 @@ def parse(body: Any, tok: Tokenizer, chat: bool) -> ParsedRequest:
                              "not supported: send one request per prompt)")
     if not prompt:
         raise ValueError("the prompt is empty: send at least one token")
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:  # absent or null (OpenAI clients send null for "the default")
+        max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = 16
     temperature = body.get("temperature", 1.0 if body.get("seed") is not None else 0.0)
     if temperature is None:
         temperature = 0.0

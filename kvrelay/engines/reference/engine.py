@@ -3,13 +3,15 @@
 Owns: the step loop (one background thread, or `step()` called inline), request admission and aborts,
 token emission, and the hand-offs to the P/D hooks: a `KVPublisher` (prefill role: told before a
 prefill step, after each layer's KV is written, and after sampling) and a `KVPuller` (decode role: fills
-a sequence's blocks from the store, then reports back).  Blocks a hook still reads or writes are freed
-only once the hook says it is done.  Other threads talk to the engine only through `add()`/`abort()`
-(an inbox queue).  Must not touch: HTTP (server.py), the store or transports (kv_publish/kv_pull).
+a sequence's blocks from the store, then reports back); both are `kvrelay.connector`'s, bound to this
+engine's cache.  Blocks a hook still reads or writes are freed only once the hook says it is done.
+Other threads talk to the engine only through `add()`/`abort()` and the hooks' callbacks: messages on an
+inbox queue (inbox.py).  Must not touch: HTTP (server.py), the store or transports (kvrelay.connector).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -18,9 +20,11 @@ import uuid
 
 import torch
 
+from kvrelay.connector import EngineCache, PublishRequest, PublishState, PullState, TransferFailure
 from kvrelay.engines.reference.block_manager import BlockManager
 from kvrelay.engines.reference.config import EngineConfig, ModelConfig
 from kvrelay.engines.reference.hooks import KVPublisher, KVPuller
+from kvrelay.engines.reference.inbox import AbortRequest, AddSequence, InboxMessage, Published, Pulled, Wake
 from kvrelay.engines.reference.metrics import EngineMetrics
 from kvrelay.engines.reference.model import LlamaModel, SeqInput, make_layout
 from kvrelay.engines.reference.sampler import Sampler
@@ -47,13 +51,18 @@ class Engine:
         self.publisher, self.puller = publisher, puller
         self.compat_hash = self.layout.compat_hash(model_cfg.model_id)
         self.epoch = uuid.uuid4().hex  # a restarted engine is a new peer
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        binding = EngineCache(self.layout, self.cache, model_cfg.model_id, self.compat_hash, self.epoch,
+                              self.metrics.transfer)
+        for hook in (publisher, puller):
+            if hook is not None:
+                hook.bind(binding)
+        self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()
         self._held: dict[int, Sequence] = {}  # finished, blocks still read by the publisher
         self._by_id: dict[str, Sequence] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.ready = threading.Event()
-        self.record_logits = False  # tests: keep each sampled row's logits in seq.extra["logits"]
+        self.record_logits = False  # tests: keep each sampled row's logits in seq.logits
 
     # ---- public, thread-safe ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -68,10 +77,10 @@ class Engine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model_cfg.vocab_size})")
         if seq.kv_params is not None:
             self._check_params(seq)
-        self._inbox.put(("add", seq))
+        self._inbox.put(AddSequence(seq))
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(AbortRequest(request_id))
 
     def start(self) -> "Engine":
         if self._thread is None:
@@ -82,7 +91,7 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._inbox.put(("wake", None))
+        self._inbox.put(Wake())
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -133,20 +142,22 @@ class Engine:
                 return
             self._handle(item)
 
-    def _handle(self, item: tuple) -> None:
-        kind, arg = item[0], item[1]
-        if kind == "add":
-            self._by_id[arg.request_id] = arg
-            self.metrics.prompt_tokens.inc(len(arg.prompt))
-            self.scheduler.add(arg)
-        elif kind == "abort":
-            self._abort(arg)
-        elif kind == "published":
-            held = self._held.pop(arg.seq_id, None)
-            if held is not None:
-                self.blocks.free_seq(held)
-        elif kind == "pulled":
-            self._pulled(arg, item[2])
+    def _handle(self, msg: InboxMessage) -> None:
+        match msg:
+            case AddSequence(seq):
+                self._by_id[seq.request_id] = seq
+                self.metrics.prompt_tokens.inc(len(seq.prompt))
+                self.scheduler.add(seq)
+            case AbortRequest(request_id):
+                self._abort(request_id)
+            case Published(seq):
+                held = self._held.pop(seq.seq_id, None)
+                if held is not None:
+                    self.blocks.free_seq(held)
+            case Pulled(seq):
+                self._pulled(seq)
+            case Wake():
+                pass
 
     def step(self) -> bool:
         """Run one step; False when there was nothing to do."""
@@ -161,11 +172,15 @@ class Engine:
             return False
         t0 = time.perf_counter()
         inputs = [SeqInput(s.tokens[s.num_computed:], s.num_computed, s.block_table) for s in batch]
-        pubs = [s for s in batch if s.publish] if prefill and self.publisher is not None else []
+        publisher = self.publisher if prefill else None
+        pubs = [s for s in batch if s.publish] if publisher is not None else []
+        states: list[PublishState] = []
         hook = None
-        if pubs:
-            self.publisher.begin(self, pubs)
-            hook = self.publisher.layer_done
+        if publisher is not None and pubs:
+            states = publisher.begin([PublishRequest(s.request_id, s.prompt, s.block_table) for s in pubs])
+            for s, state in zip(pubs, states, strict=True):
+                s.publish_state = state
+            hook = publisher.layer_done
         if prefill:
             for s in batch:
                 self.metrics.prefix_hit_tokens.inc(s.num_cached_tokens)
@@ -173,16 +188,18 @@ class Engine:
         logits = self.model.forward(inputs, self.cache, self.layout, layer_hook=hook)
         tokens = self.sampler.sample(logits, batch)
         if self.record_logits:
-            for s, row in zip(batch, logits):
-                s.extra.setdefault("logits", []).append(row.clone())
+            for s, row in zip(batch, logits, strict=True):
+                s.logits = (s.logits or []) + [row.clone()]
         for s in batch:
             s.num_computed = len(s)
-        if pubs:
-            first = {s.seq_id: t for s, t in zip(batch, tokens)}
-            self.publisher.end(pubs, [first[s.seq_id] for s in pubs], self._on_published)
-        for s, tok in zip(batch, tokens):
+        if publisher is not None and pubs:
+            first = {s.seq_id: t for s, t in zip(batch, tokens, strict=True)}
+            by_state = {id(s.publish_state): s for s in pubs}
+            publisher.end(states, [first[s.seq_id] for s in pubs],
+                          lambda state: self._inbox.put(Published(by_state[id(state)])))
+        for s, tok in zip(batch, tokens, strict=True):
             if prefill and not s.publish:
-                self.scheduler.running.append(s)
+                self.scheduler.start_decoding(s)
             self._emit(s, tok)
         self.metrics.step_time.labels("prefill" if prefill else "decode").observe(time.perf_counter() - t0)
         return True
@@ -214,22 +231,17 @@ class Engine:
         self.sampler.forget(seq)
         self._by_id.pop(seq.request_id, None)
         self.metrics.requests.labels("error" if error else reason).inc()
-        if seq.publish and self.publisher is not None and seq.block_table and "publish_pending" in seq.extra:
-            self._held[seq.seq_id] = seq  # freed when the publisher reports every layer committed
+        if seq.block_table and seq.publish_state is not None and seq.publish_state.holds_blocks:
+            self._held[seq.seq_id] = seq  # freed when the publisher reports the request settled
         elif seq.block_table:
             self.blocks.free_seq(seq)
 
-    def _on_published(self, seq: Sequence) -> None:
-        self._inbox.put(("published", seq))
-
     def _fail_all(self, error: str) -> None:
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+        for seq in self.scheduler.active():
             self._fail(seq, error)
-        self.scheduler.waiting.clear()
 
     def _fail(self, seq: Sequence, error: str) -> None:
-        if seq in self.scheduler.waiting:
-            self.scheduler.waiting.remove(seq)
+        self.scheduler.remove(seq)
         self._finish(seq, "error", error)
         if seq.on_token is not None:
             seq.on_token(seq, -1, True)
@@ -238,8 +250,8 @@ class Engine:
         seq = self._by_id.get(request_id)
         if seq is None or seq.status is Status.FINISHED:
             return
-        if seq.status is Status.PULLING:
-            seq.extra["aborted"] = True  # blocks freed when the puller reports back
+        if seq.status is Status.PULLING and seq.pull_state is not None:
+            seq.pull_state.cancel()  # blocks freed when the puller reports back
             return
         self._fail(seq, "aborted")
 
@@ -251,6 +263,8 @@ class Engine:
     # ---- decode role ------------------------------------------------------------------------------------
     def _check_params(self, seq: Sequence) -> None:
         kp = seq.kv_params
+        if kp is None:
+            return
         if kp.compat_hash != self.compat_hash:
             raise ValueError(f"kv_transfer_params.compat_hash {kp.compat_hash} does not match this engine's "
                              f"{self.compat_hash} (model {self.model_cfg.model_id!r}); route the request to a "
@@ -261,59 +275,51 @@ class Engine:
             raise ValueError("this engine cannot pull KV (start it with --role decode and a --store address)")
 
     def _admit_pulls(self) -> None:
-        sched = self.scheduler
-        while sched.waiting and sched.waiting[0].kv_params is not None:
-            seq = sched.waiting[0]
-            if sched.num_active() >= self.cfg.max_num_seqs:
-                return
-            first = seq.kv_params.first_token
-            seq.output = [0 if first is None else first]  # None: the puller fetches it from the store
-            if not self.blocks.can_allocate(seq):
-                seq.output = []
-                return
-            sched.waiting.popleft()
-            self.blocks.allocate(seq, cacheable_tokens=len(seq.prompt), register=False)
+        puller = self.puller
+        if puller is None:
+            return
+        for seq in self.scheduler.schedule_pulls():
+            assert seq.kv_params is not None  # schedule_pulls admits only sequences with params
             self.metrics.prefix_hit_tokens.inc(seq.num_cached_tokens)
-            self.metrics.pull_skipped_tokens.inc(seq.num_cached_tokens)
-            seq.status = Status.PULLING
-            sched.pulling[seq.seq_id] = seq
-            seq.extra["pull_start"] = time.monotonic()
-            self.puller.start(self, seq, self._on_pulled)
+            self.metrics.transfer.pull_skipped_tokens.inc(seq.num_cached_tokens)
+            seq.pull_state = PullState(seq.kv_params, seq.block_table, skip_tokens=seq.num_cached_tokens)
+            puller.start(seq.pull_state, time.monotonic() + self.cfg.pull_timeout_s,
+                         functools.partial(self._on_pulled, seq))
 
-    def _on_pulled(self, seq: Sequence, error: str | None) -> None:
-        self._inbox.put(("pulled", seq, error))
+    def _on_pulled(self, seq: Sequence, state: PullState) -> None:
+        self._inbox.put(Pulled(seq))
 
-    def _pulled(self, seq: Sequence, error: str | None) -> None:
-        self.scheduler.pulling.pop(seq.seq_id, None)
-        if seq.extra.get("aborted"):
+    def _pulled(self, seq: Sequence) -> None:
+        state = seq.pull_state
+        assert state is not None and state.settled  # Pulled is sent after the state settled
+        metrics = self.metrics.transfer
+        if state.cancelled:
+            self.scheduler.pull_finished(seq, ok=False)
             self.blocks.forget(seq)
             self._finish(seq, "abort", "aborted")
             if seq.on_token is not None:
                 seq.on_token(seq, -1, True)
             return
-        if error is None:
-            self.metrics.pulls.labels("ok", "").inc()
-            self.metrics.pull_time.observe(time.monotonic() - seq.extra["pull_start"])
-            self.blocks.register(seq, len(seq.prompt))
-            seq.num_computed = len(seq.prompt)
-            seq.status = Status.RUNNING
-            self.scheduler.running.append(seq)
-            first = seq.output.pop()
-            self._emit(seq, first)
+        if state.failure is None and state.first_token is not None:
+            metrics.pulls.labels("ok", "").inc()
+            metrics.pull_time.observe((state.finished or time.monotonic()) - state.started)
+            seq.output = []
+            self.scheduler.pull_finished(seq, ok=True)
+            self._emit(seq, state.first_token)
             return
-        reason = error.split(":", 1)[0]
-        log.warning("pull for %s failed (%s); policy %s", seq.request_id, error, self.cfg.failure_policy)
+        failure = state.failure or TransferFailure.from_exception(RuntimeError("the pull gave no first token"))
+        log.warning("pull for %s failed (%s); policy %s", seq.request_id, failure, self.cfg.failure_policy)
+        self.scheduler.pull_finished(seq, ok=False)
         self.blocks.forget(seq)
         seq.output = []
         seq.num_computed = seq.num_cached_tokens = 0
         if self.cfg.failure_policy == "fail":
-            self.metrics.pulls.labels("fail", reason).inc()
-            self._finish(seq, "error", f"KV pull failed: {error} (policy 'fail')")
+            metrics.pulls.labels("fail", failure.code.value).inc()
+            self._finish(seq, "error", f"KV pull failed: {failure} (policy 'fail')")
             if seq.on_token is not None:
                 seq.on_token(seq, -1, True)
             return
-        self.metrics.pulls.labels("recompute", reason).inc()
-        seq.extra["recomputed"] = error
+        metrics.pulls.labels("recompute", failure.code.value).inc()
+        seq.recomputed = failure
         seq.kv_params = None
-        self.scheduler.add(seq)
-        self.scheduler.waiting.rotate(1)  # to the front: it has waited already
+        self.scheduler.requeue_front(seq)

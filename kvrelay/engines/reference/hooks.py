@@ -1,33 +1,39 @@
-"""The engine's P/D hook points, as protocols (implemented by kv_publish.py and kv_pull.py).
+"""The engine's P/D hook points, as protocols (implemented by `kvrelay.connector.LayerPublisher` and
+`kvrelay.connector.LayerPuller`; kv_connector.py builds them).
 
 Called from the engine thread:
-  KVPublisher.begin(engine, seqs)            before a prefill step, with the requests that publish
-  KVPublisher.layer_done(layer)              after that layer's KV is written (inside the forward pass)
-  KVPublisher.end(seqs, first_tokens, done)  after sampling; ``done(seq)`` once every layer is committed
-  KVPuller.start(engine, seq, done)          a decode request's blocks are allocated; ``done(seq, reason)``
-                                             (reason None on success) once every block is filled or never
-Both hooks' callbacks may come from other threads; the engine only enqueues them.  Must not touch:
+  hook.bind(cache)                          once, when the engine is built (its layout and cache tensors)
+  KVPublisher.begin(requests) -> states     before a prefill step, with the requests that publish
+  KVPublisher.layer_done(layer)             after that layer's KV is written (inside the forward pass)
+  KVPublisher.end(states, first_tokens, done)  after sampling; ``done(state)`` once the request settled
+  KVPuller.start(state, deadline, done)     a decode request's blocks are allocated; ``done(state)`` once
+                                            every block is filled or the pull failed (``state.failure``)
+Both hooks' callbacks come from other threads; the engine only enqueues them.  Must not touch:
 anything else.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
-from kvrelay.engines.reference.sequence import Sequence
-
-if TYPE_CHECKING:
-    from kvrelay.engines.reference.engine import Engine
+from kvrelay.connector import EngineCache, PublishRequest, PublishState, PullState
 
 
 class KVPublisher(Protocol):
-    def begin(self, engine: "Engine", seqs: list[Sequence]) -> None: ...
+    def bind(self, cache: EngineCache) -> None: ...
+    def begin(self, requests: Sequence[PublishRequest]) -> list[PublishState]: ...
     def layer_done(self, layer: int) -> None: ...
-    def end(self, seqs: list[Sequence], first_tokens: list[int], done: Callable[[Sequence], None]) -> None: ...
+    def end(self, states: Sequence[PublishState], first_tokens: Sequence[int],
+            done: Callable[[PublishState], None]) -> None: ...
     def close(self) -> None: ...
 
 
 class KVPuller(Protocol):
-    def start(self, engine: "Engine", seq: Sequence,
-              done: Callable[[Sequence, str | None], None]) -> None: ...
+    store_address: str
+
+    @property
+    def transport(self) -> str: ...
+
+    def bind(self, cache: EngineCache) -> None: ...
+    def start(self, state: PullState, deadline: float, done: Callable[[PullState], None]) -> None: ...
     def close(self) -> None: ...

@@ -1,25 +1,25 @@
-"""Wiring of the P/D hooks: build the store client and the publisher (prefill) or puller (decode).
+"""Wiring of the P/D hooks: build the store client and the `kvrelay.connector` publisher (prefill) or
+puller (decode) for a reference engine.
 
 Owns: `make_hooks()`.  Must not touch: the hooks' internals.
 """
 
 from __future__ import annotations
 
+from kvrelay.connector import LayerPublisher, LayerPuller
 from kvrelay.engines.reference.config import EngineConfig, ModelConfig
-from kvrelay.engines.reference.kv_publish import LayerPublisher
-from kvrelay.engines.reference.kv_pull import LayerPuller
 from kvrelay.engines.reference.model import make_layout
 
 
 def make_hooks(role: str, mcfg: ModelConfig, ecfg: EngineConfig, store: str, transport: str,
-               layerwise: bool = True, name: str | None = None):
+               layerwise: bool = True, name: str | None = None
+               ) -> tuple[LayerPublisher | None, LayerPuller | None]:
+    if role not in ("prefill", "decode"):
+        raise ValueError(f"role {role!r} has no KV hooks (choose prefill or decode)")
     from kvrelay.store.client import StoreClient
     compat = make_layout(mcfg, ecfg.num_blocks, ecfg.block_size, ecfg.dtype).compat_hash(mcfg.model_id)
     client = StoreClient(store, transport=transport, compat_hash=compat, name=name or f"engine-{role}",
                          staging_bytes=64 << 20)
     if role == "prefill":
-        return LayerPublisher(client, store, transport, layerwise=layerwise), None
-    if role == "decode":
-        return None, LayerPuller(client, store)
-    client.close()
-    raise ValueError(f"role {role!r} has no KV hooks (choose prefill or decode)")
+        return LayerPublisher(client, store, transport, chunk_tokens=ecfg.chunk_tokens, layerwise=layerwise), None
+    return None, LayerPuller(client, store)

@@ -3,8 +3,10 @@
 Owns: the waiting queue and running set.  A step is either a prefill step (new sequences, admitted
 while blocks, `max_num_seqs` and the token budget allow) or a decode step (one token for every running
 sequence); when the cache runs out mid-decode the youngest sequence is preempted (its blocks freed,
-recomputed later).  Sequences being pulled (decode role) hold blocks but are outside both until their
-KV has arrived.  Must not touch: the model, the cache tensors, transports.
+recomputed later).  Sequences whose prompt KV is pulled (decode role) are admitted by `schedule_pulls`:
+they hold blocks but are outside both until their KV has arrived (`pull_finished`), or go back to the
+front of the queue to be recomputed (`requeue_front`).  The engine asks; it never edits the queues.
+Must not touch: the model, the cache tensors, transports.
 """
 
 from __future__ import annotations
@@ -34,6 +36,56 @@ class Scheduler:
 
     def num_active(self) -> int:
         return len(self.running) + len(self.pulling)
+
+    def schedule_pulls(self) -> list[Sequence]:
+        """Admit the waiting decode-role sequences at the head of the queue (their prompt KV comes from
+        the store) while ``max_num_seqs`` and blocks allow: their blocks are allocated (prefix-cache hits
+        included, not yet registered) and they are PULLING until `pull_finished`."""
+        admitted: list[Sequence] = []
+        while self.waiting and self.waiting[0].kv_params is not None:
+            seq = self.waiting[0]
+            kp = seq.kv_params
+            if kp is None or self.num_active() >= self.cfg.max_num_seqs:
+                break
+            # room for the prompt and the prefill's first token (a placeholder until the pull knows it)
+            seq.output = [0 if kp.first_token is None else kp.first_token]
+            if not self.blocks.can_allocate(seq):
+                seq.output = []
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, cacheable_tokens=len(seq.prompt), register=False)
+            seq.status = Status.PULLING
+            self.pulling[seq.seq_id] = seq
+            admitted.append(seq)
+        return admitted
+
+    def pull_finished(self, seq: Sequence, ok: bool) -> None:
+        """A pull settled.  ``ok``: the prompt's KV is in the blocks and ``seq`` runs (its first token is
+        emitted next); else the caller frees its blocks and fails or `requeue_front`s it."""
+        self.pulling.pop(seq.seq_id, None)
+        if ok:
+            self.blocks.register(seq, len(seq.prompt))
+            seq.num_computed = len(seq.prompt)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+
+    def requeue_front(self, seq: Sequence) -> None:
+        """Back to the head of the queue (it has waited already), to be prefilled here."""
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def start_decoding(self, seq: Sequence) -> None:
+        """A sequence whose prefill step just ran keeps running (decode steps)."""
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the waiting queue, if it is there (it is being failed or aborted)."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def active(self) -> list[Sequence]:
+        """Running and waiting sequences (not those being pulled)."""
+        return list(self.running) + list(self.waiting)
 
     def schedule_prefill(self) -> list[Sequence]:
         """Admit waiting sequences (allocating their blocks) for a prefill step."""

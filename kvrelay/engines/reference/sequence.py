@@ -1,7 +1,8 @@
 """A request as the engine sees it: prompt, generated tokens, sampling parameters, block table, and
 (decode role) where its prompt KV comes from.
 
-Owns: per-request state.  Must not touch: the cache, other sequences.
+Owns: per-request state (the transfer state is typed, in kvrelay.connector.state).  Must not touch: the
+cache, other sequences.
 """
 
 from __future__ import annotations
@@ -10,9 +11,14 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from kvrelay.params import KVTransferParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvrelay.connector import PublishState, PullState, TransferFailure
 
 _ids = itertools.count()
 
@@ -63,7 +69,11 @@ class Sequence:
     error: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # P/D transfer state (kvrelay.connector): prefill role publishing, decode role pulling
+    publish_state: PublishState | None = None
+    pull_state: PullState | None = None
+    recomputed: TransferFailure | None = None  # decode role: why the pull failed and the prompt was recomputed
+    logits: list[torch.Tensor] | None = None  # tests: each sampled row's logits (Engine.record_logits)
 
     def __post_init__(self) -> None:
         if not self.request_id:

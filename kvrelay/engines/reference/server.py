@@ -20,12 +20,14 @@ import sys
 import msgspec
 from aiohttp import web
 
+from kvrelay.connector import PublishPhase, transfer_params
 from kvrelay.engines.reference import api
 from kvrelay.engines.reference.config import FAILURE_POLICIES, ROLES, EngineConfig, ModelConfig
 from kvrelay.engines.reference.engine import Engine
 from kvrelay.engines.reference.loader import load_model
 from kvrelay.engines.reference.sequence import Sequence
 from kvrelay.engines.reference.tokenizer import Tokenizer
+from kvrelay.params import KVTransferParams
 from kvrelay.serving import check_loopback, serve_until_signal
 
 log = logging.getLogger("kvrelay.engine")
@@ -80,7 +82,7 @@ class EngineServer:
                 req.kv_params = self._remote_prefill_params(req)
             seq = Sequence(req.prompt, req.params, request_id=req.request_id, kv_params=req.kv_params,
                            publish=self.engine.cfg.role == "prefill",
-                           on_token=lambda s, t, fin: loop.call_soon_threadsafe(q.put_nowait, (t, fin)))
+                           on_token=lambda s, t, fin: _put_threadsafe(loop, q, (t, fin)))
             self.engine.add(seq)
         except (ValueError, TypeError) as exc:
             return _error(400, str(exc))
@@ -131,7 +133,7 @@ class EngineServer:
         await resp.write_eof()
         return resp
 
-    def _remote_prefill_params(self, req: api.ParsedRequest):
+    def _remote_prefill_params(self, req: api.ParsedRequest) -> KVTransferParams:
         """Decode leg sent at the same time as its prefill leg (``kv_transfer_params:
         {"do_remote_prefill": true}`` and the prefill's ``request_id``): derive the chunk addresses
         from this engine's own tokenization, model and layout, the same way the prefill publishes them,
@@ -139,20 +141,23 @@ class EngineServer:
         puller = self.engine.puller
         if self.engine.cfg.role != "decode" or puller is None:
             raise ValueError("do_remote_prefill needs a decode worker (--role decode with --store)")
-        from kvrelay.engines.reference.kv_publish import transfer_params
         layout = self.engine.layout
         return transfer_params(req.prompt, req.request_id, self.engine.model_cfg.model_id, self.engine.compat_hash,
                                self.engine.cfg.chunk_tokens, layout.num_layers, layout.head_start, layout.head_end,
-                               puller.store_address, puller.client.transport)
+                               puller.store_address, puller.transport)
 
     def _extra(self, seq: Sequence) -> dict | None:
-        kp = seq.extra.get("kv_transfer_params")
         out: dict = {}
-        if kp is not None:
-            out["kv_transfer_params"] = msgspec.to_builtins(kp)
-        if "recomputed" in seq.extra:
-            out["kvrelay"] = {"recomputed": seq.extra["recomputed"]}
+        state = seq.publish_state
+        if state is not None and state.phase is not PublishPhase.REFUSED:
+            out["kv_transfer_params"] = msgspec.to_builtins(state.params)
+        if seq.recomputed is not None:
+            out["kvrelay"] = {"recomputed": str(seq.recomputed)}
         return out or None
+
+
+def _put_threadsafe(loop: asyncio.AbstractEventLoop, q: asyncio.Queue, item: tuple[int, bool]) -> None:
+    loop.call_soon_threadsafe(q.put_nowait, item)
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -1,0 +1,202 @@
+"""Prefill side: publish each layer's KV to the store while the next layer computes.
+
+Owns: `LayerPublisher`.  Before a forward pass (`begin`) it computes each publishing request's content
+addresses and reserves every (layer, chunk) in the store in one call; after a layer's KV is written
+(`layer_done`, called from inside the forward pass) it hands that layer to the publisher thread, which
+packs each chunk straight into its pool slot (`kvrelay.kernels.pack`), checksums it and commits it, one
+flush per layer; the forward pass computes on.  After sampling (`end`) the first tokens are published and
+each request settles (COMMITTED or FAILED) and is handed to ``done``: from then on the publisher reads
+none of its blocks.  With ``layerwise=False`` (the baseline other KV layers use) every layer is published
+only after the whole forward pass.
+
+Engine-independent: it works from an `EngineCache` (layout, cache tensors, model identity), block ids
+and a callback.  Must not touch: the engine's scheduling or the cache contents.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from kvrelay.connector.addressing import (
+    FIRST_TOKEN_BYTES, chunk_jobs, first_token_header, first_token_key, first_token_payload, transfer_params)
+from kvrelay.connector.binding import EngineCache
+from kvrelay.connector.messages import FinishBatch, PublisherJob, PublishLayer, StopPublisher
+from kvrelay.connector.state import PublishPhase, PublishState, TransferFailure
+from kvrelay.keys import ChunkKey
+from kvrelay.kernels import pack
+from kvrelay.kernels.layout import dtype_name
+from kvrelay.transfer.wire import ChunkHeader, checksum
+
+log = logging.getLogger("kvrelay.connector.publish")
+
+
+class PublishClient(Protocol):
+    """The part of `kvrelay.store.client.StoreClient` a publisher uses."""
+
+    def reserve(self, request_id: str, chunks: list[tuple[ChunkKey, int]], ttl: float = ...) -> None: ...
+    def publish_buffer(self, key: ChunkKey) -> torch.Tensor: ...
+    def commit(self, key: ChunkKey, header: ChunkHeader, *, wait: bool = ...) -> None: ...
+    def flush(self) -> None: ...
+    def abort(self, request_id: str, reason: str) -> int: ...
+    def release(self, request_id_or_keys: str | Sequence[ChunkKey]) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest:
+    request_id: str
+    prompt: Sequence[int]  # the tokens whose KV is published
+    block_ids: list[int]  # the engine's blocks holding them (read until the request settles)
+
+
+class LayerPublisher:
+    def __init__(self, client: PublishClient, store_address: str, transport: str, *, chunk_tokens: int,
+                 layerwise: bool = True, reserve_ttl: float = 120.0) -> None:
+        if chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        self.client = client
+        self.store_address, self.transport = store_address, transport
+        self.chunk_tokens = chunk_tokens
+        self.layerwise = layerwise
+        self.reserve_ttl = reserve_ttl
+        self._cache: EngineCache | None = None
+        self._batch: list[PublishState] = []
+        self._jobs: queue.SimpleQueue[PublisherJob] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kv-publisher", daemon=True)
+        self._thread.start()
+        self.busy_s = 0.0  # time the publisher thread spent packing + committing (bench)
+
+    def bind(self, cache: EngineCache) -> None:
+        """Called once by the engine, before its first `begin`."""
+        self._cache = cache
+
+    @property
+    def cache(self) -> EngineCache:
+        if self._cache is None:
+            raise RuntimeError("LayerPublisher.bind(EngineCache) was not called")
+        return self._cache
+
+    # ---- engine thread -------------------------------------------------------------------------------
+    def begin(self, requests: Sequence[PublishRequest]) -> list[PublishState]:
+        """Before a forward pass: reserve each request's chunks.  Returns one state per request; a refused
+        reservation (store full or gone) gives a REFUSED state, and that request answers without
+        publishing."""
+        cache = self.cache
+        layout = cache.layout
+        states: list[PublishState] = []
+        for req in requests:
+            params = transfer_params(req.prompt, req.request_id, cache.model_id, cache.compat_hash,
+                                     self.chunk_tokens, layout.num_layers, layout.head_start, layout.head_end,
+                                     self.store_address, self.transport, prefill_epoch=cache.epoch)
+            state = PublishState(req.request_id, req.block_ids, params, chunk_jobs(params),
+                                 first_token_key(req.request_id, params.block_hashes))
+            states.append(state)
+            sizes = [(c.key, layout.chunk_nbytes(c.token_end - c.token_start)) for c in state.chunks]
+            try:
+                self.client.reserve(req.request_id, sizes + [(state.meta_key, FIRST_TOKEN_BYTES)],
+                                    ttl=self.reserve_ttl)
+            except Exception as exc:  # noqa: BLE001 - the store is full or gone: answer without publishing
+                self._failed(state, TransferFailure.from_exception(exc, "the prefill could not reserve its chunks"))
+                state.phase = PublishPhase.REFUSED
+                continue
+        self._batch = [s for s in states if s.phase is PublishPhase.PUBLISHING]
+        return states
+
+    def layer_done(self, layer: int) -> None:
+        """Inside the forward pass, once ``layer``'s KV is in the cache.  Returns at once."""
+        if self.layerwise and self._batch:
+            self._jobs.put(PublishLayer(layer, list(self._batch)))
+
+    def end(self, states: Sequence[PublishState], first_tokens: Sequence[int],
+            done: Callable[[PublishState], None]) -> None:
+        """After sampling: ``first_tokens`` aligned with ``states`` (as `begin` returned them).  ``done(state)``
+        is called from the publisher thread for every PUBLISHING state once it settled."""
+        batch, self._batch = self._batch, []
+        if not self.layerwise:
+            for layer in range(self.cache.layout.num_layers):
+                self._jobs.put(PublishLayer(layer, batch))
+        firsts = {id(s): t for s, t in zip(states, first_tokens, strict=True)}
+        for state in batch:
+            state.params.first_token = firsts[id(state)]
+        self._jobs.put(FinishBatch(time.monotonic(), batch, [firsts[id(s)] for s in batch], done))
+
+    def close(self) -> None:
+        self._jobs.put(StopPublisher())
+        self._thread.join(10)
+        self.client.close()
+
+    # ---- publisher thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            match self._jobs.get():
+                case StopPublisher():
+                    return
+                case PublishLayer(layer, batch):
+                    t0 = time.perf_counter()
+                    for state in batch:
+                        if state.phase is PublishPhase.PUBLISHING:
+                            self._publish_layer(state, layer)
+                    self.busy_s += time.perf_counter() - t0
+                case FinishBatch(forward_end, batch, first_tokens, done):
+                    for state, token in zip(batch, first_tokens, strict=True):
+                        self._finish(state, token, forward_end)
+                        done(state)
+
+    def _publish_layer(self, state: PublishState, layer: int) -> None:
+        cache = self.cache
+        layout, metrics = cache.layout, cache.metrics
+        try:
+            for job in state.chunks:
+                if job.layer != layer:
+                    continue
+                buf = self.client.publish_buffer(job.key)
+                n = pack(layout, cache.layers[layer], state.block_ids, job.token_start, job.token_end, buf)
+                header = ChunkHeader(compat_hash=cache.compat_hash, layer=layer, token_start=job.token_start,
+                                     token_end=job.token_end, head_start=layout.head_start,
+                                     head_end=layout.head_end, dtype=dtype_name(layout.dtype), nbytes=n,
+                                     checksum=checksum(buf[:n]))
+                self.client.commit(job.key, header, wait=False)  # pipelined: one round trip per layer, below
+                state.committed_bytes += n
+                metrics.publish_chunks.inc()
+                metrics.publish_bytes.inc(n)
+            self.client.flush()  # the layer's commits are answered; the first failure raises here
+        except Exception as exc:  # noqa: BLE001 - the decode side is told (abort) and recomputes
+            self._failed(state, TransferFailure.from_exception(exc, f"the prefill could not publish layer {layer}"))
+
+    def _finish(self, state: PublishState, token: int, forward_end: float) -> None:
+        if state.phase is PublishPhase.PUBLISHING:
+            try:
+                buf = self.client.publish_buffer(state.meta_key)
+                payload = first_token_payload(token)
+                buf[:FIRST_TOKEN_BYTES].copy_(payload)
+                self.client.commit(state.meta_key,
+                                   first_token_header(state.params.compat_hash, state.params.num_tokens, payload))
+            except Exception as exc:  # noqa: BLE001 - decode legs that know the first token do not need it
+                self._failed(state, TransferFailure.from_exception(
+                    exc, "the prefill could not publish its first token"))
+        self.cache.metrics.publish_lag.observe(time.monotonic() - forward_end)
+        if state.phase is PublishPhase.PUBLISHING:
+            state.phase = PublishPhase.COMMITTED
+            return
+        try:
+            self.client.release(state.request_id)
+        except Exception:  # noqa: BLE001 - best effort; reservations expire anyway
+            pass
+
+    def _failed(self, state: PublishState, failure: TransferFailure) -> None:
+        """Record the failure, count it, and tell the store: a decode leg may already wait for this
+        request's chunks, and its pulls then fail now (it recomputes) instead of at its deadline."""
+        log.warning("publishing %s failed: %s", state.request_id, failure)
+        self.cache.metrics.publish_errors.labels(failure.code.value).inc()
+        state.fail(failure)
+        try:
+            self.client.abort(state.request_id, str(failure))
+        except Exception as exc:  # noqa: BLE001 - the store is gone: the decode's deadline still bounds the wait
+            log.warning("could not tell the store that %s is aborted: %s", state.request_id, exc)
