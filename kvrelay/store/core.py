@@ -1,7 +1,9 @@
 """The store's logic: admission, commit, lookup, pull, eviction (leases, purge and expiry: upkeep.py).
 
-Owns: the rules that move chunks between states and tiers (under one lock).  Must not touch: sockets
-(server.py), the on-disk format (ssd.py) or the allocator internals (pool.py).
+Owns: the rules that move chunks between states and tiers (under one lock), and the narrow interface the
+background threads change the store through (the spiller: ``spill_*``, the promoter: ``promotion_finished``;
+they never take the lock or see the index).  Must not touch: sockets (server.py), the on-disk format
+(ssd.py) or the allocator internals (pool.py).
 
 Eviction: ``reserve`` makes room by dropping the in-memory copy of unpinned LRU chunks, clean ones (already
 on SSD) first, then dirty ones (lost, counted); if pinned and reserved bytes leave no room it refuses
@@ -24,8 +26,8 @@ from kvrelay.store.index import Entry, Index, OpError, State
 from kvrelay.store.pool import Arena, SharedPool, align_up
 from kvrelay.store.protocol import Slot
 from kvrelay.store.promote import Promoter
-from kvrelay.store.spill import spill_loop
-from kvrelay.store.ssd import SsdTier
+from kvrelay.store.spill import Spill, spill_loop
+from kvrelay.store.ssd import Loc, SsdTier
 from kvrelay.store.upkeep import Upkeep
 from kvrelay.transfer.wire import ChunkHeader, checksum
 
@@ -75,10 +77,10 @@ class StoreCore(Upkeep):
                           namespace=r.header.compat_hash, last_access=now, ssd=r.loc)
                 self.ix.add_recovered(e)
             self.recovered = len(recs)
-            self._spiller = threading.Thread(target=spill_loop, args=(self, self._spill_q), name="kvrelay-spill",
-                                             daemon=True)
+            self._spiller = threading.Thread(target=spill_loop, args=(self, self.ssd, self._spill_q),
+                                             name="kvrelay-spill", daemon=True)
             self._spiller.start()
-            self.promoter = Promoter(self)
+            self.promoter = Promoter(self, self.ssd)
 
     # --- queries -----------------------------------------------------------------------------------
     def lookup(self, keys: list[ChunkKey], record: bool = True) -> int:
@@ -352,6 +354,86 @@ class StoreCore(Upkeep):
         if off is None:
             raise OpError("full", f"cannot bring {e.kid} back from SSD: the pool has no room (all pinned or reserved)")
         self.promoter.start(e, off)
+
+    # --- for the spiller (spill.py) and the promoter (promote.py): each call is one lock acquisition ------
+    @property
+    def capacity(self) -> int:
+        """The pool's size in bytes."""
+        return self.arena.capacity
+
+    def pool_slot(self, offset: int, nbytes: int) -> memoryview:
+        """A view of the pool slot of an ``nbytes`` chunk at ``offset`` (its aligned length)."""
+        return self.pool.view[offset:offset + align_up(nbytes)]
+
+    def spill_take(self, kid: str, nbytes: int) -> Spill | None:
+        """The spiller takes a queued chunk (``nbytes`` leave the backlog): if it still needs writing (ready,
+        in memory, not on SSD), mark it ``spilling`` and return it with its slot's view; else None."""
+        with self.lock:
+            self.spill_backlog -= nbytes
+            e = self.ix.get(kid)
+            if e is None or e.offset < 0 or e.ssd is not None or e.state is not State.READY or e.header is None:
+                return None
+            e.spilling = True
+            return Spill(e, e.header, self.pool_slot(e.offset, e.nbytes))
+
+    def spill_rehashed(self, e: Entry, got: int) -> bool:
+        """A chunk committed unverified hashed to ``got`` in its slot: True if that is its checksum; else it
+        is no longer ``spilling``, counted as a checksum failure and (if still indexed and unpinned) dropped."""
+        with self.lock:
+            if e.header is not None and got == e.header.checksum:
+                e.verified = True
+                return True
+            e.spilling = False
+            self.counters["checksum_failures"] += 1
+            if self.ix.get(e.kid) is e and e.pins == 0:
+                self._drop(e)
+            return False
+
+    def spill_failed(self, exc: BaseException) -> None:
+        """A write to SSD failed: counted, and kept for stats as the last spill error."""
+        with self.lock:
+            self.counters["spill_errors"] += 1
+            self.last_spill_error = f"{type(exc).__name__}: {exc}"
+
+    def spill_written(self, e: Entry, loc: Loc | None, evicted: list[str]) -> None:
+        """The spiller is done with ``e``: it reached the SSD at ``loc`` (None: it did not), and the SSD
+        reclaimed the records of the chunks ``evicted`` to make room (one whose record is already in ``loc``'s
+        segment keeps it).  A chunk dropped meanwhile has its new record dropped too."""
+        with self.lock:
+            e.spilling = False
+            for k in evicted:
+                v = self.ix.get(k)
+                if v is not None and v.ssd is not None and (loc is None or v.ssd.seg != loc.seg):
+                    self.ix.set_ssd(v, None)
+                    self.counters["evictions_ssd"] += 1
+                    if v.offset < 0:
+                        self.ix.remove(v)
+            if loc is None:
+                return
+            if self.ix.get(e.kid) is e:
+                self.ix.set_ssd(e, loc)
+            elif self.ssd is not None:
+                self.ssd.drop(e.key, loc)
+
+    def promotion_finished(self, e: Entry, offset: int, ok: bool) -> str | None:
+        """The promoter read ``e`` back into the slot at ``offset``, checksum ``ok`` or not.  Ends the
+        promotion; the chunk is in memory if it is still indexed and ``ok``, else the slot is freed and a
+        bad record (still indexed) dropped: returns the error for its waiters then, else None."""
+        with self.lock:
+            e.spilling, e.promoting = False, -1
+            live = self.ix.get(e.kid) is e
+            if ok and live:
+                self.ix.set_memory(e, offset)
+                self.counters["ssd_promotions"] += 1
+                return None
+            self.arena.free(offset, e.nbytes)
+            if not live:  # a record recycled meanwhile is simply gone
+                return None
+            if e.ssd is not None and self.ssd is not None:
+                self.ssd.drop(e.key, e.ssd)
+            self.ix.remove(e)
+            self.counters["checksum_failures"] += 1
+            return f"chunk {e.kid} failed its checksum on SSD and was dropped; recompute it"
 
     def close(self) -> None:
         if self.promoter is not None:

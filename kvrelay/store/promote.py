@@ -2,9 +2,10 @@
 only on SSD never stalls the control loop (and every other client) on the disk.
 
 Owns: the promotion queue and thread, and how the control loop learns that a promotion finished (an
-eventfd it polls, and a queue of (key id, error or None)).  Must not touch: admission rules (core.py)
-or waiters (server.py).  While a chunk is read back it is marked ``spilling`` (busy with the disk), so it
-is neither purged, deleted nor expired, and its new slot is not handed to anyone else.
+eventfd it polls, and a queue of (key id, error or None)).  Must not touch: admission rules, StoreCore's
+lock, index and counters (what a finished promotion changes goes through `StoreCore.promotion_finished`,
+core.py) or waiters (server.py).  While a chunk is read back it is marked ``spilling`` (busy with the
+disk), so it is neither purged, deleted nor expired, and its new slot is not handed to anyone else.
 """
 
 from __future__ import annotations
@@ -14,23 +15,23 @@ import queue
 import threading
 from typing import TYPE_CHECKING
 
-from kvrelay.store.pool import align_up
-
 if TYPE_CHECKING:
     from kvrelay.store.core import StoreCore
     from kvrelay.store.index import Entry
+    from kvrelay.store.ssd import SsdTier
 
 
 class Promoter:
-    def __init__(self, core: "StoreCore") -> None:
+    def __init__(self, core: StoreCore, ssd: SsdTier) -> None:
         self.core = core
+        self.ssd = ssd
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.finished: "queue.SimpleQueue[tuple[str, str | None]]" = queue.SimpleQueue()
-        self._q: "queue.SimpleQueue[Entry | None]" = queue.SimpleQueue()
+        self.finished: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[Entry | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="kvrelay-promote", daemon=True)
         self._thread.start()
 
-    def start(self, e: "Entry", offset: int) -> None:
+    def start(self, e: Entry, offset: int) -> None:
         """Read ``e`` back into the pool slot at ``offset`` (allocated by the caller, who holds the lock)."""
         e.promoting = offset
         e.spilling = True
@@ -40,24 +41,10 @@ class Promoter:
         core = self.core
         while (e := self._q.get()) is not None:
             off = e.promoting
-            loc = e.ssd
-            ok = loc is not None and core.ssd is not None and \
-                core.ssd.read_into(loc, core.pool.view[off:off + align_up(e.nbytes)], e.header.checksum)
-            err = None
-            with core.lock:
-                e.spilling, e.promoting = False, -1
-                live = core.ix.get(e.kid) is e
-                if ok and live:
-                    core.ix.set_memory(e, off)
-                    core.counters["ssd_promotions"] += 1
-                else:
-                    core.arena.free(off, e.nbytes)
-                    if live:  # a bad record: drop it (a record recycled meanwhile is simply gone)
-                        if e.ssd is not None:
-                            core.ssd.drop(e.key, e.ssd)
-                        core.ix.remove(e)
-                        core.counters["checksum_failures"] += 1
-                        err = f"chunk {e.kid} failed its checksum on SSD and was dropped; recompute it"
+            loc, header = e.ssd, e.header
+            ok = loc is not None and header is not None and \
+                self.ssd.read_into(loc, core.pool_slot(off, e.nbytes), header.checksum)
+            err = core.promotion_finished(e, off, ok)  # None, or why its waiters get no chunk
             self.finished.put((e.kid, err))
             os.eventfd_write(self.fd, 1)
 

@@ -6,13 +6,30 @@ sockets (server.py).  Runs under StoreCore's lock, on the control thread.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
+from typing import Any
 
 from kvrelay.keys import ChunkKey, kid_of
-from kvrelay.store.index import Entry, OpError, State
+from kvrelay.store.config import StoreConfig
+from kvrelay.store.index import Entry, Index, OpError, State
+from kvrelay.store.pool import Arena
+from kvrelay.store.ssd import SsdTier
 
 
 class Upkeep:
+    # StoreCore's state that upkeep works on (set by StoreCore.__init__ and _start)
+    cfg: StoreConfig
+    lock: threading.RLock
+    ix: Index
+    arena: Arena
+    ssd: SsdTier | None
+    counters: Counter[str]
+    recovered: int
+    recover_dropped: int
+    last_spill_error: str
+
     def lease(self, keys: list[ChunkKey], ttl: float) -> list[int]:
         if not 0 < ttl <= 86400:
             raise OpError("bad_request", f"lease ttl {ttl} must be in (0, 86400] seconds")
@@ -96,7 +113,7 @@ class Upkeep:
                     self._drop(e)
                     self.counters["ttl_expiries"] += 1
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         with self.lock:
             ix = self.ix
             return {"pool_bytes": self.arena.capacity, "pool_used_bytes": self.arena.used,
