@@ -23,12 +23,9 @@ import torch
 
 from kvrelay.bench.harness import BenchContext, Record, median
 from kvrelay.kernels import KVLayout, get_num_threads, native, pack, unpack
+from kvrelay.kernels.device import device_peak_gbps
 
 LLAMA = dict(block_size=16, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
-# Peak DRAM bandwidth (GB/s) of common parts, for when the driver does not report it.
-KNOWN_PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0,
-                   "A100-SXM4-80GB": 2039.0, "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0,
-                   "A10": 600.0}
 
 
 @dataclass
@@ -120,19 +117,6 @@ def cpu_records(w: Workload, secs: dict[str, float], layers: int) -> list[Record
     return [Record.compare("kernels", case, "GB/s", w.nbytes / secs[case] / 1e9, "GB/s", "memcpy", base,
                            {**params, "best_ratio": round(best_base / secs[f"{case}/best"], 3)})
             for case in ("pack", "unpack")]
-
-
-def device_peak_gbps(device: int = 0) -> tuple[float, str]:
-    """The device's peak DRAM bandwidth and where the figure came from."""
-    props = torch.cuda.get_device_properties(device)
-    clock_khz = getattr(props, "memory_clock_rate", 0)
-    bus_bits = getattr(props, "memory_bus_width", 0)
-    if clock_khz and bus_bits:
-        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, "driver (memory clock x bus width)"
-    for key, value in KNOWN_PEAK_GBPS.items():
-        if key in props.name:
-            return value, f"datasheet ({key})"
-    raise RuntimeError(f"unknown peak bandwidth for {props.name}; add it to KNOWN_PEAK_GBPS")
 
 
 def cuda_records(w: Workload, secs: dict[str, float], layers: int) -> list[Record]:

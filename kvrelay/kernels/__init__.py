@@ -2,7 +2,7 @@
 
 Reading path: layout.py (geometry) -> plan.py (argument checks) -> api.py (pack/unpack dispatch) ->
 native.py + csrc/kvcopy.c (CPU), triton_kernels.py (CUDA; CPU via Triton's interpreter), reference.py
-(plain torch, for tests).
+(plain torch, for tests).  gpu_check.py runs the Triton kernels on a GPU, against device.py's peak bandwidth.
 """
 
 from kvrelay.kernels.api import IMPLS, pack, unpack

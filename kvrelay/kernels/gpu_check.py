@@ -16,6 +16,7 @@ import time
 import torch
 
 from kvrelay.kernels import KVLayout, pack, unpack
+from kvrelay.kernels.device import device_peak_gbps
 
 CASES = [  # (order, fused, dtype, src block, dst block, total heads, src tp, dst tp, head_dim)
     ("NHD", True, torch.bfloat16, 16, 32, 8, 1, 2, 128),
@@ -101,7 +102,6 @@ def _time(fn, repeat: int) -> float:
 
 
 def bandwidth(tokens_list: list[int], repeat: int) -> None:
-    from kvrelay.bench.kernels import device_peak_gbps
     peak, source = device_peak_gbps()
     print(f"device peak {peak:.0f} GB/s ({source}); traffic = read + write bytes")
     for tokens in tokens_list:
