@@ -10,6 +10,7 @@ any check fails.  Must not touch: anything but the tensors it allocates.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -47,7 +48,7 @@ def _random_layer(layout: KVLayout, gen: torch.Generator, device: str):
 def _same(a, b) -> bool:
     ta = (a,) if isinstance(a, torch.Tensor) else a
     tb = (b,) if isinstance(b, torch.Tensor) else b
-    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(ta, tb))
+    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(ta, tb, strict=True))
 
 
 def _clone(layer):
@@ -112,9 +113,9 @@ def bandwidth(tokens_list: list[int], repeat: int) -> None:
         ids = torch.randperm(lay.num_blocks, device="cuda")[:need]
         chunk = torch.empty(lay.chunk_nbytes(tokens), dtype=torch.uint8, device="cuda")
         other = torch.empty_like(chunk)
-        secs = {"copy_": _time(lambda: other.copy_(chunk), repeat),
-                "pack": _time(lambda: pack(lay, layer, ids, 0, tokens, chunk), repeat),
-                "unpack": _time(lambda: unpack(lay, layer, ids, 0, tokens, chunk, 0, 8), repeat)}
+        secs = {"copy_": _time(functools.partial(other.copy_, chunk), repeat),
+                "pack": _time(functools.partial(pack, lay, layer, ids, 0, tokens, chunk), repeat),
+                "unpack": _time(functools.partial(unpack, lay, layer, ids, 0, tokens, chunk, 0, 8), repeat)}
         parts = [f"{k} {2 * chunk.numel() / s / 1e9:7.0f} GB/s ({2 * chunk.numel() / s / 1e9 / peak:.2f} of peak)"
                  for k, s in secs.items()]
         print(f"  {tokens:6d} tokens ({chunk.numel() / 2**20:.0f} MiB): " + ", ".join(parts))

@@ -184,7 +184,7 @@ class KVLayout:
         order = Order(order)
         first = layers[0]
         fused = isinstance(first, torch.Tensor)
-        t = first if fused else first[0]
+        t = first if isinstance(first, torch.Tensor) else first[0]
         shape = tuple(t.shape)
         if order is Order.MLA:
             _expect_rank(shape, 3, "MLA [num_blocks, block_size, latent_dim]")
@@ -251,17 +251,16 @@ class KVLayout:
             t = layer if isinstance(layer, torch.Tensor) else layer[0]
             return LayerView((t,), (0,), t.stride(0) * isz, t.stride(1) * isz, row, row,
                              self.num_blocks, self.block_size, 1)
-        if self.order is Order.CPU:
-            t = layer  # type: ignore[assignment]
-            return LayerView((t, t), (0, row), t.stride(0) * isz, t.stride(2) * isz, t.stride(1) * isz, row,
-                             self.num_blocks, self.block_size, self.num_kv_heads)
-        if self.kv_fused:
-            t = layer  # type: ignore[assignment]
+        if isinstance(layer, torch.Tensor):  # CPU order, or K and V fused (validate_layer checked which)
+            t = layer
+            if self.order is Order.CPU:
+                return LayerView((t, t), (0, row), t.stride(0) * isz, t.stride(2) * isz, t.stride(1) * isz, row,
+                                 self.num_blocks, self.block_size, self.num_kv_heads)
             planes: tuple[torch.Tensor, ...] = (t, t)
             offsets = (0, t.stride(0) * isz)
             s = t.stride()[1:]
         else:
-            planes = tuple(layer)  # type: ignore[arg-type]
+            planes = tuple(layer)
             offsets = (0, 0)
             s = planes[0].stride()
             if planes[1].stride() != planes[0].stride():

@@ -9,26 +9,30 @@ Must not touch: validation policy (plan.py) or other devices' tensors.
 from __future__ import annotations
 
 import os
+from typing import NoReturn
 
+import numpy as np
 import torch
 
-try:
-    from kvrelay import _native
-except ImportError as _exc:  # layouts, the reference and Triton still work; the native calls explain the fix
-    _native = None
-    _IMPORT_ERROR = _exc
 from kvrelay.kernels.layout import KVLayout, LayerTensors
 from kvrelay.kernels.plan import CopyPlan
 
 
 class _Missing:
-    def __getattr__(self, name: str):
-        raise ImportError(f"the native library kvrelay._native is not built ({_IMPORT_ERROR}); run "
+    """Stands in for the library when it is not built: every call raises, naming the fix."""
+
+    def __init__(self, exc: ImportError) -> None:
+        self.exc = exc
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise ImportError(f"the native library kvrelay._native is not built ({self.exc}); run "
                           f"`pip install --no-deps -e .` in the repository (needs cmake and a C compiler)")
 
 
-if _native is None:
-    _native = _Missing()  # type: ignore[assignment]
+try:
+    from kvrelay import _native
+except ImportError as _exc:  # layouts, the reference and Triton still work; the native calls explain the fix
+    _native = _Missing(_exc)  # type: ignore[assignment]  # a stand-in for the module, which mypy cannot name
 
 _threads_env = os.environ.get("KVRELAY_NATIVE_THREADS")
 if _threads_env:
@@ -77,7 +81,7 @@ def _extent(t: torch.Tensor) -> int:
     """Bytes addressable from ``t.data_ptr()`` (the tensor's span; strides are non-negative here)."""
     if t.numel() == 0:
         return 0
-    return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+    return (sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1) * t.element_size()
 
 
 # (layout, per-tensor (address, shape, strides, dtype, device)) -> the geometry ints `_native.copy` takes.
@@ -117,6 +121,8 @@ def copy(layout: KVLayout, layer: LayerTensors, plan: CopyPlan, chunk: torch.Ten
         raise ValueError(f"the native path needs a CPU chunk buffer, got one on {chunk.device}")
     geo = geometry(layout, layer)
     ids = plan.ids
+    if not isinstance(ids, np.ndarray):
+        raise ValueError(f"the native path needs a CPU plan (block ids in numpy), got ids on {ids.device}")
     _native.copy(1 if pack else 0, *geo, ids.ctypes.data, len(ids), plan.token_start, plan.token_end,
                  plan.cache_h0, plan.num_heads, chunk.data_ptr(), chunk.numel() * chunk.element_size(),
                  plan.chunk_heads, plan.chunk_h0)

@@ -21,6 +21,8 @@ def planes(layout: KVLayout, layer: LayerTensors) -> list[torch.Tensor]:
         t = layer if isinstance(layer, torch.Tensor) else layer[0]
         logical = [t.unsqueeze(2)]
     elif layout.order is Order.CPU:
+        if not isinstance(layer, torch.Tensor):
+            raise ValueError("a CPU-order layer is one tensor [num_blocks, heads, block_size, 2*head_dim], got a pair")
         t = layer  # [nb, h, bs, 2d]
         logical = [t[..., :d].permute(0, 2, 1, 3), t[..., d:].permute(0, 2, 1, 3)]
     else:

@@ -71,7 +71,7 @@ def _word_size(view: LayerView, chunk: torch.Tensor) -> int:
 
 def _as_words(t: torch.Tensor, w: int) -> torch.Tensor:
     """The whole storage span of ``t`` from its first element, as a flat tensor of w-byte words."""
-    nbytes = (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+    nbytes = (sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1) * t.element_size()
     flat = torch.as_strided(t, (nbytes // t.element_size(),), (1,))
     return flat.view(torch.uint8).view(_WORDS[w]) if w != 1 or t.dtype != torch.uint8 else flat
 
@@ -97,7 +97,7 @@ def copy(view: LayerView, plan: CopyPlan, chunk: torch.Tensor, pack: bool,
         block_t = block_t or max(1, min(16, 4096 // block_e))
     grid = (triton.cdiv(T, block_t), triton.cdiv(num_words, block_e))
     plane_words = row_words * plan.chunk_heads * T
-    for kv, (t, off) in enumerate(zip(view.tensors, view.offsets)):
+    for kv, (t, off) in enumerate(zip(view.tensors, view.offsets, strict=True)):
         cache_words = _as_words(t, w)
         kernel[grid](cache_words, chunk_words, ids, off // w, view.block_stride // w, view.token_stride // w,
                      view.head_stride // w, plan.token_start, T, view.block_size, kv * plane_words,

@@ -67,7 +67,7 @@ LEAF_BYTES = 64 << 10  # must equal KS_LEAF in csrc/chunksum.h
 try:
     from kvrelay import _native
 except ImportError:  # not built: the pure-Python definition (slower, same values)
-    _native = None
+    _native = None  # type: ignore[assignment]  # the name is typed as the module; None: not built
 
 
 def checksum_reference(payload) -> int:
