@@ -26,11 +26,14 @@ import enum
 import time
 import uuid
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import msgspec
 
 from kvrelay.versions import WIRE_VERSION
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -201,6 +204,11 @@ class Transport(ABC):
     @abstractmethod
     def register(self, buf) -> RegionInfo:
         """Expose a buffer (torch tensor, numpy array, mmap, or another writable buffer) as a region."""
+
+    @abstractmethod
+    def alloc(self, nbytes: int) -> tuple[RegionInfo, memoryview | torch.Tensor]:
+        """Allocate and register ``nbytes`` of zeroed memory of the kind this transport moves (host memory
+        as a memoryview; a CUDA tensor for nvlink); return its region and the memory."""
 
     @abstractmethod
     def deregister(self, region_id: int) -> None: ...

@@ -28,7 +28,7 @@ def _serve_socket(buf: np.ndarray) -> dict:
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", 0))
     srv.listen(4)
-    mv = memoryview(buf)
+    mv = buf.data  # a memoryview of the array (typed as one, unlike memoryview(buf) before Python 3.12)
 
     def client(conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -64,7 +64,7 @@ def _serve_zmq(buf: np.ndarray) -> dict:
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    mv = memoryview(buf)
+    mv = buf.data  # a memoryview of the array (typed as one, unlike memoryview(buf) before Python 3.12)
 
     def loop() -> None:
         while True:
@@ -110,6 +110,8 @@ def _serve_transport(kind: str, nbytes: int) -> dict:
     from kvrelay.transfer import create_transport
     ep = create_transport(kind, f"bench-{kind}-target", "bench")
     info, view = ep.alloc(nbytes)
+    if not isinstance(view, memoryview):
+        raise ValueError(f"the bench peer serves host memory; transport {kind!r} allocated a {type(view).__name__}")
     np.frombuffer(view, np.uint8)[:] = 7
     _serve_transport.keep = ep  # type: ignore[attr-defined]
     return {"address": ep.address, "region": info.region_id}

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def byte_view(buf) -> memoryview:
@@ -55,4 +59,4 @@ class LocalRegion:
     meta: bytes = b""
     keep: list = field(default_factory=list)  # objects that must outlive the registration
     address: int = 0
-    device_obj: object = None  # a device tensor for GPU regions
+    device_obj: torch.Tensor | None = None  # a device tensor for GPU regions

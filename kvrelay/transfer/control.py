@@ -57,7 +57,7 @@ class PeerConn:
     lock: threading.Lock = field(default_factory=threading.Lock)
     ctrl: zmq.Socket | None = None
     pidfd: int | None = None
-    pid_poll: object = None  # a select.poll() holding pidfd: the cheapest "has it exited?" check
+    pid_poll: select.poll | None = None  # holds pidfd: the cheapest "has it exited?" check
     extra: dict = field(default_factory=dict)  # transport-specific state
     _sizes: tuple = (None, {})  # (the Peer they were computed for, region id -> nbytes)
 
@@ -74,11 +74,13 @@ class PeerConn:
     def watch_pid(self, pid: int) -> bool:
         """Open a pidfd for a same-host peer's process; False if it is not running."""
         try:
-            self.pidfd = os.pidfd_open(pid)
+            fd = os.pidfd_open(pid)
         except ProcessLookupError:
             return False
-        self.pid_poll = select.poll()
-        self.pid_poll.register(self.pidfd, select.POLLIN)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        self.pid_poll = poller  # before pidfd: a pidfd without its poller would read as "exited"
+        self.pidfd = fd
         return True
 
     def exited(self) -> bool:
@@ -87,16 +89,17 @@ class PeerConn:
 
     def pidfd_readable(self) -> bool:
         """Whether this same-host peer's process has exited (False when there is no pidfd)."""
-        if self.pidfd is None:
+        fd, poller = self.pidfd, self.pid_poll
+        if fd is None or poller is None:
             return False
         try:
-            return bool(self.pid_poll.poll(0))
+            return bool(poller.poll(0))
         except RuntimeError:  # another thread is polling the same object right now
             pass
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             return True
         try:
-            return bool(select.select([self.pidfd], [], [], 0)[0])
+            return bool(select.select([fd], [], [], 0)[0])
         except (OSError, ValueError):
             return True
 

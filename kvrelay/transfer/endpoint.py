@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import msgspec
 import numpy as np
@@ -34,6 +34,9 @@ from kvrelay.transfer.control import Bye, Hello, Notify, PeerConn, Refuse, Welco
 from kvrelay.transfer.control import decoder as _dec
 from kvrelay.transfer.control import encoder as _enc
 from kvrelay.transfer.handle import Handle
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_NOTIFICATION_BYTES = 1 << 20
 HOSTNAME = socket.gethostname()
@@ -90,8 +93,9 @@ class Endpoint(Transport):
             self._regions[rid] = region
         return RegionInfo(rid, region.nbytes, region.device, region.meta)
 
-    def alloc(self, nbytes: int) -> tuple[RegionInfo, memoryview]:
-        """Allocate ``nbytes`` of memory suited to this transport, register it, return it (zeroed)."""
+    def alloc(self, nbytes: int) -> tuple[RegionInfo, memoryview | torch.Tensor]:
+        """Allocate ``nbytes`` of memory suited to this transport, register it, return it (zeroed).  Host
+        memory here; a subclass for device memory (nvlink) returns a tensor."""
         self._check_open()
         if nbytes <= 0:
             raise ValueError(f"alloc needs nbytes > 0, got {nbytes}")
@@ -185,7 +189,7 @@ class Endpoint(Transport):
             conn.reason = reason
             if drop and self._peers.get(conn.peer.name) is conn:
                 del self._peers[conn.peer.name]
-            handles = [h for h in self._handles if getattr(h, "conn", None) is conn]
+            handles = [h for h in self._handles if h.conn is conn]
         for h in handles:
             h.fail(reason)
         with conn.lock:
@@ -208,17 +212,19 @@ class Endpoint(Transport):
             self._check_open()
         if type(descs) is not list:
             descs = list(descs)
-        conn = self._peers.get(peer.name)
-        if conn is None or conn.peer.info.epoch != peer.info.epoch or not conn.alive:
-            conn = self._conn(peer)
+        known = self._peers.get(peer.name)
+        if known is None or known.peer.info.epoch != peer.info.epoch or not known.alive:
+            conn: PeerConn | str = self._conn(peer)
+        else:
+            conn = known
         nbytes = self._checked_bytes(conn, op, descs) if isinstance(conn, PeerConn) else -1
         if nbytes < 0:  # a stale peer, or a descriptor the fast check did not accept: the full checks raise
             info_peer = conn.peer if isinstance(conn, PeerConn) else peer
             check_descs(descs, {rid: r.nbytes for rid, r in list(self._regions.items())}, info_peer)
             self._validate(info_peer, op, descs)
             nbytes = sum(d.length for d in descs)
-        handle = Handle(peer=peer.name, op=op, nbytes=nbytes, timeout=timeout, on_release=self._released)
-        handle.conn = conn if isinstance(conn, PeerConn) else None
+        handle = Handle(peer=peer.name, op=op, nbytes=nbytes, timeout=timeout, on_release=self._released,
+                        conn=conn if isinstance(conn, PeerConn) else None)
         with self._lock:
             self._handles.add(handle)
         if not isinstance(conn, PeerConn):

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from kvrelay.transfer.base import XferHandle, XferState
+
+if TYPE_CHECKING:
+    from kvrelay.transfer.control import PeerConn
 
 # NIXL offers no completion event to Python, so a polled handle waits by checking its status: spin
 # for a few microseconds (small transfers complete there), then sleep with a growing interval.
@@ -37,13 +40,14 @@ class Handle(XferHandle):
                  poll: Callable[[], None] | None = None,
                  abort: Callable[[XferState], None] | None = None,
                  free: Callable[[], None] | None = None,
-                 on_release: Callable[["Handle"], None] | None = None) -> None:
+                 on_release: Callable[["Handle"], None] | None = None, conn: PeerConn | None = None) -> None:
         if timeout <= 0:
             raise ValueError(f"transfer timeout must be > 0 seconds, got {timeout!r}")
         self.peer = peer
         self.op = op
         self.nbytes = nbytes
         self.timeout = timeout
+        self.conn = conn  # the peer connection it runs on (endpoint transports fail it when that peer is lost)
         self.deadline = time.monotonic() + timeout
         self._poll = poll
         self._progress: Callable[[float], None] | None = None  # blocking progress (tcp direct transfers)

@@ -61,6 +61,8 @@ def make_agent(name: str, delay_us: int):
     real = _api.nixlBind
 
     class _Config:
+        cfg: object  # nixlBind.nixlAgentConfig, whose attributes are set through this shim
+
         def __init__(self) -> None:
             object.__setattr__(self, "cfg", real.nixlAgentConfig())
 
@@ -154,7 +156,7 @@ class NixlTransport(Endpoint):
             handle.fail(f"NIXL could not create the {op} to peer {conn.peer.name!r}: {exc}")
             return
         lock = threading.RLock()  # poll() may fail the handle, whose abort frees under the same lock
-        released = []
+        released: list[bool] = []
 
         def free() -> None:
             with lock:

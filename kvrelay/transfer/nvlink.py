@@ -10,12 +10,17 @@ Without CUDA the transport is unavailable (`unavailable_reason()` says why); the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import msgspec
 
-from kvrelay.transfer.base import Desc, Peer, XferState
+from kvrelay.transfer.base import Desc, Peer, RegionInfo, XferState
 from kvrelay.transfer.buffers import LocalRegion
 from kvrelay.transfer.endpoint import Endpoint, PeerConn
 from kvrelay.transfer.handle import Handle
+
+if TYPE_CHECKING:
+    import torch
 
 
 class IpcHandle(msgspec.Struct, array_like=True):
@@ -80,7 +85,7 @@ class NvlinkTransport(Endpoint):
         self._stream = torch.cuda.Stream(self.device)
         super().__init__(agent_name, compat_hash, host, port)
 
-    def alloc(self, nbytes: int):
+    def alloc(self, nbytes: int) -> tuple[RegionInfo, torch.Tensor]:
         self._check_open()
         if nbytes <= 0:
             raise ValueError(f"alloc needs nbytes > 0, got {nbytes}")
@@ -102,7 +107,7 @@ class NvlinkTransport(Endpoint):
         return LocalRegion(region_id, memoryview(b""), flat.numel(), device=str(buf.device), meta=meta,
                            keep=[buf], device_obj=flat)
 
-    def _mapped(self, conn: PeerConn, region_id: int):
+    def _mapped(self, conn: PeerConn, region_id: int) -> torch.Tensor:
         maps: dict = conn.extra.setdefault("maps", {})
         t = maps.get(region_id)
         if t is None:
@@ -115,12 +120,18 @@ class NvlinkTransport(Endpoint):
             t = maps[region_id] = whole[h.tensor_offset:h.tensor_offset + h.nbytes]
         return t
 
-    def map_remote(self, peer: Peer, region_id: int):
+    def map_remote(self, peer: Peer, region_id: int) -> torch.Tensor:
         """The peer's CUDA region as a uint8 tensor in this process (zero copies)."""
         conn = self._conn(peer)
         if not isinstance(conn, PeerConn):
             raise ValueError(conn)
         return self._mapped(conn, region_id)
+
+    def _device_tensor(self, region_id: int) -> torch.Tensor:
+        t = self.local_region(region_id).device_obj
+        if t is None:  # cannot happen: every region _make_region registers holds its tensor
+            raise ValueError(f"local region {region_id} holds no CUDA tensor")
+        return t
 
     def _peer_lost(self, conn: PeerConn) -> None:
         conn.extra.pop("maps", None)
@@ -130,7 +141,7 @@ class NvlinkTransport(Endpoint):
         try:
             with torch.cuda.stream(self._stream):
                 for d in descs:
-                    local = self.local_region(d.local_region).device_obj[d.local_offset:d.local_offset + d.length]
+                    local = self._device_tensor(d.local_region)[d.local_offset:d.local_offset + d.length]
                     remote = self._mapped(conn, d.remote_region)[d.remote_offset:d.remote_offset + d.length]
                     dst, src = (local, remote) if op == "read" else (remote, local)
                     dst.copy_(src, non_blocking=True)

@@ -33,7 +33,7 @@ import numpy as np
 try:
     from kvrelay import _native  # the pooled copy (csrc/pool.c); without it, numpy on one thread
 except ImportError:
-    _native = None
+    _native = None  # type: ignore[assignment]  # the name is typed as the module; None: not built
 
 from kvrelay.transfer.base import Desc, Peer, RegionInfo, XferState
 from kvrelay.transfer.buffers import LocalRegion
@@ -239,8 +239,8 @@ class ShmTransport(Endpoint):
                 remote = conn.extra.get("maps", _NO_MAPS).get(d.remote_region)
                 if (local is not None and remote is not None and lo + n <= local.nbytes and ro + n <= len(remote)
                         and conn.peer.info.epoch == peer.info.epoch):
-                    handle = Handle(peer=peer.name, op=op, nbytes=n, timeout=timeout, on_release=self._released)
-                    handle.conn = conn
+                    handle = Handle(peer=peer.name, op=op, nbytes=n, timeout=timeout, on_release=self._released,
+                                    conn=conn)
                     with self._lock:
                         self._handles.add(handle)
                     if op == "read":

@@ -13,6 +13,7 @@ Framing is `frames.plan_frames` on both sides.  A cancelled or expired read stil
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import queue
@@ -167,7 +168,7 @@ class TcpTransport(DataServer, Endpoint):
             sock.send(head)
         else:
             sock.send(head, zmq.SNDMORE)
-            self._send_frames(sock, plan, lambda f: self._local_slices(descs, f))
+            self._send_frames(sock, plan, functools.partial(self._local_slices, descs))
 
     def _peer_lost(self, conn: PeerConn) -> None:
         with conn.lock:
@@ -235,7 +236,7 @@ class TcpTransport(DataServer, Endpoint):
                             sock.send(head)
                         else:
                             sock.send(head, zmq.SNDMORE)
-                            self._send_frames(sock, plan, lambda f: self._local_slices(descs, f))
+                            self._send_frames(sock, plan, functools.partial(self._local_slices, descs))
                 elif sock in socks:
                     self._receive_reply(sock, pending, scratch)
 

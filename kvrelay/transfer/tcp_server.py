@@ -13,6 +13,7 @@ from typing import Iterator
 import msgspec
 import zmq
 
+from kvrelay.transfer.buffers import LocalRegion
 from kvrelay.transfer.frames import Piece, frame_bytes_of, plan_frames
 from kvrelay.transfer.handle import Handle
 
@@ -44,8 +45,14 @@ def _data_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
 
 
 class DataServer:
-    """Mixin for TcpTransport: expects ``_regions``, ``_data``, ``frame_bytes``, ``small_bytes``,
-    ``agent_name`` and ``_stopping``."""
+    """Mixin for TcpTransport, which provides the attributes declared here."""
+
+    _regions: dict[int, LocalRegion]
+    _data: zmq.Socket
+    frame_bytes: int
+    small_bytes: int
+    agent_name: str
+    _stopping: bool
 
     def _send_frames(self, sock: zmq.Socket, plan: list[list[Piece]], slices) -> None:
         last = len(plan) - 1
