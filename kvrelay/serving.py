@@ -30,7 +30,7 @@ async def serve_until_signal(app: web.Application, host: str, port: int, ready_f
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]  # the bound (host, port, ...): the port picked when 0 was asked for
     log.info("%s serving http://%s:%d", name, host, port)
     if ready_file:
         write_ready_file(ready_file, {"port": port, "pid": os.getpid(), "url": f"http://{host}:{port}"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Set
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -44,7 +45,7 @@ class Pool:
     def healthy(self) -> list[Worker]:
         return [w for w in self.workers if w.healthy]
 
-    def pick(self, exclude: set[str] = frozenset()) -> Worker:
+    def pick(self, exclude: Set[str] = frozenset()) -> Worker:
         candidates = [w for w in self.healthy() if w.url not in exclude]
         if not candidates:
             known = ", ".join(f"{w.url} ({'up' if w.healthy else 'down: ' + w.last_error})" for w in self.workers)

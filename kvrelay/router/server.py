@@ -56,6 +56,13 @@ class Router:
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._stop)
 
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """The session to the workers; it exists while the app runs (from its startup to its cleanup)."""
+        if self.session is None:
+            raise RuntimeError("the router's HTTP session is not open: the app is not running")
+        return self.session
+
     async def _start(self, app: web.Application) -> None:
         self.session = aiohttp.ClientSession(timeout=self.timeout)
         await asyncio.gather(self.prefill.check(self.session), self.decode.check(self.session))
@@ -63,12 +70,13 @@ class Router:
 
     async def _stop(self, app: web.Application) -> None:
         self._health_task.cancel()
-        await self.session.close()
+        if self.session is not None:
+            await self.session.close()
 
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.health_interval)
-            await asyncio.gather(self.prefill.check(self.session), self.decode.check(self.session))
+            await asyncio.gather(self.prefill.check(self.http), self.decode.check(self.http))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -85,7 +93,7 @@ class Router:
     async def models(self, request: web.Request) -> web.Response:
         try:
             worker = self.decode.pick()
-            async with self.session.get(f"{worker.url}/v1/models") as r:
+            async with self.http.get(f"{worker.url}/v1/models") as r:
                 return web.Response(body=await r.read(), status=r.status, content_type="application/json")
         except (NoWorkerError, aiohttp.ClientError) as exc:
             return _error(503, str(exc))
@@ -129,7 +137,7 @@ class Router:
             worker.in_flight += 1
             try:
                 with self.prefill_latency.time():
-                    async with self.session.post(worker.url + path, json=leg) as r:
+                    async with self.http.post(worker.url + path, json=leg) as r:
                         data = await r.json(content_type=None)
                 if r.status >= 500:
                     raise aiohttp.ClientError(f"HTTP {r.status}: {data}")
@@ -159,7 +167,7 @@ class Router:
             worker.in_flight += 1
             resp: web.StreamResponse | None = None
             try:
-                async with self.session.post(worker.url + request.path, json=body) as r:
+                async with self.http.post(worker.url + request.path, json=body) as r:
                     resp = web.StreamResponse(status=r.status, headers={
                         "Content-Type": r.headers.get("Content-Type", "application/json")})
                     await resp.prepare(request)
