@@ -97,7 +97,7 @@ def format_table(records: list[Record]) -> str:
         rows.append((r.suite, r.case, r.metric, f"{r.value:.4g}", r.unit, r.baseline, f"{r.baseline_value:.4g}",
                      f"{r.ratio:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
 
 
 def run_suite(name: str, quick: bool = False, progress: bool = True, out_dir: Path | None = None) -> list[Record]:

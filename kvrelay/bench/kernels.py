@@ -25,7 +25,11 @@ from kvrelay.bench.harness import BenchContext, Record, median
 from kvrelay.kernels import KVLayout, get_num_threads, native, pack, unpack
 from kvrelay.kernels.device import device_peak_gbps
 
-LLAMA = dict(block_size=16, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+
+def llama_layout(num_layers: int, num_blocks: int) -> KVLayout:
+    """A Llama-3-8B-like cache: 8 KV heads, head dim 128, block 16, bf16, NHD fused."""
+    return KVLayout(num_layers=num_layers, num_blocks=num_blocks, block_size=16, num_kv_heads=8, head_dim=128,
+                    dtype=torch.bfloat16)
 
 
 @dataclass
@@ -43,10 +47,9 @@ class Workload:
 
 
 def make_workload(tokens: int, layers: int, device: str = "cpu", seed: int = 0) -> Workload:
-    bs = LLAMA["block_size"]
-    need = -(-tokens // bs)
+    need = -(-tokens // 16)  # blocks of 16 tokens
     num_blocks = need + need // 4 + 1
-    layout = KVLayout(num_layers=layers, num_blocks=num_blocks, **LLAMA)
+    layout = llama_layout(layers, num_blocks)
     cache = [torch.empty(layout.tensor_shape(), dtype=layout.dtype, device=device) for _ in range(layers)]
     for t in cache:
         t.view(torch.uint8).fill_(0x3C)  # touch every page before timing
@@ -64,19 +67,19 @@ def _ops(w: Workload, impl: str | None) -> dict[str, Callable[[], None]]:
     h = w.layout.num_kv_heads
 
     def memcpy() -> None:  # Tensor.copy_ (may use torch's intra-op threads)
-        for s, d in zip(w.chunks, w.dst):
+        for s, d in zip(w.chunks, w.dst, strict=True):
             d.copy_(s)
 
     def memmove() -> None:  # libc memmove on one thread
-        for s, d in zip(w.chunks, w.dst):
+        for s, d in zip(w.chunks, w.dst, strict=True):
             ctypes.memmove(d.data_ptr(), s.data_ptr(), s.numel())
 
     def do_pack() -> None:
-        for layer, out in zip(w.layers, w.chunks):
+        for layer, out in zip(w.layers, w.chunks, strict=True):
             pack(w.layout, layer, w.ids, 0, n, out, impl=impl)
 
     def do_unpack() -> None:
-        for layer, chunk in zip(w.layers, w.chunks):
+        for layer, chunk in zip(w.layers, w.chunks, strict=True):
             unpack(w.layout, layer, w.ids, 0, n, chunk, 0, h, impl=impl)
 
     ops = {"memcpy": memcpy, "pack": do_pack, "unpack": do_unpack}

@@ -71,6 +71,8 @@ def _pd_once(pre: Engine, dec: Engine, prompt: list[int], store: str, transport:
     t0 = time.perf_counter()
     dec.add(seq)
     (pseq,) = pre.run([Sequence(prompt, ONE, publish=True, request_id=rid)])
+    if pseq.first_token_time is None:
+        raise RuntimeError(f"the prefill of {len(prompt)} tokens over {transport} produced no token")
     forward = pseq.first_token_time - pseq.arrival
     if not done.wait(120):
         raise TimeoutError(f"decode did not receive {len(prompt)} tokens of KV within 120 s over {transport}")
@@ -105,7 +107,9 @@ def run(ctx: BenchContext) -> None:
             engines.append(dec)
             _pd_once(pres[True], dec, prompts.make(256), daemon.address, transport)  # warm-up the data path
             for n in lengths:
-                base, ttft, fwd = [], {True: [], False: []}, {True: [], False: []}
+                base: list[float] = []
+                ttft: dict[bool, list[float]] = {True: [], False: []}
+                fwd: dict[bool, list[float]] = {True: [], False: []}
                 for _ in range(reps):  # interleaved so drifts in machine load hit all three alike
                     base.append(_prefill_alone(col, prompts.make(n)))
                     for layerwise in (True, False):

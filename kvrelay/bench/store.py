@@ -105,7 +105,8 @@ SETTLE_S = 0.2  # after torch's copy_: its OpenMP workers spin for a while and w
 # The memcpy baselines: the native pooled copy with ordinary and with non-temporal stores, and torch's copy_
 # (OpenMP threads); the fastest counts.  torch goes last and is followed by SETTLE_S of sleep, so its
 # spinning workers slow no other pass.
-COPIES: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {
+Copy = Callable[[torch.Tensor, torch.Tensor], object]
+COPIES: dict[str, Copy] = {
     "native copy": lambda dst, src: copy_into(dst, src, False),
     "native streaming copy": lambda dst, src: copy_into(dst, src, False, stream=True),
     "torch copy_": lambda dst, src: dst.copy_(src),
@@ -130,7 +131,9 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
     pub: dict[bool, list[float]] = {True: [], False: []}
     for r in range(reps + 1):  # rep 0 warms up
         for name, copy in COPIES.items():
-            t = _time_pass(lambda i: copy(slots_dst[i], src), n)
+            def one_copy(i: int, copy: Copy = copy) -> object:
+                return copy(slots_dst[i], src)
+            t = _time_pass(one_copy, n)
             if r:
                 base[name].append(t)
         time.sleep(SETTLE_S)
@@ -165,7 +168,7 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
     views = [pool_t[s.offset:s.offset + chunk] for s in slots]
     # baselines copy the same bytes into the same destinations as the cases: one reused buffer for single
     # pulls, BATCH distinct ones for pull_many (32 MiB of destinations do not stay in the cache)
-    raw = {dest: {k: [] for k in COPIES} for dest in ("one", "batch")}
+    raw: dict[str, dict[str, list[float]]] = {dest: {k: [] for k in COPIES} for dest in ("one", "batch")}
     pulls: dict[str, list[float]] = {"pull/shm": [], "pull/shm/noverify": [], "pull/shm/batch": []}
     big = torch.zeros(BATCH * chunk, dtype=torch.uint8)
     outs = [big[i * chunk:(i + 1) * chunk] for i in range(BATCH)]
@@ -176,7 +179,9 @@ def _publish_and_pull(ctx: BenchContext, c: StoreClient, n: int, chunk: int, rep
     for r in range(reps + 1):
         for dest, pick in (("one", lambda i: out), ("batch", lambda i: outs[i % BATCH])):
             for name, copy in COPIES.items():
-                t = _time_pass(lambda i: copy(pick(i), views[i]), n)
+                def picked_copy(i: int, copy: Copy = copy, pick: Callable[[int], torch.Tensor] = pick) -> object:
+                    return copy(pick(i), views[i])
+                t = _time_pass(picked_copy, n)
                 if r:
                     raw[dest][name].append(t)
         time.sleep(SETTLE_S)

@@ -38,7 +38,7 @@ LATENCY_TARGET_US = 100.0
 Op = Callable[[int], None]
 
 
-def _launch(kind: str, nbytes: int, stack: ExitStack) -> subprocess.Popen:
+def _launch(kind: str, nbytes: int, stack: ExitStack) -> subprocess.Popen[bytes]:
     # unbuffered stdout: select() must see every byte the peer wrote (NIXL logs to stdout too)
     env = {"NIXL_LOG_LEVEL": "WARNING", **os.environ}  # NIXL logs to stdout, which nobody reads after start-up
     proc = subprocess.Popen([sys.executable, "-m", "kvrelay.transfer.bench_peer", kind, str(nbytes)],
@@ -47,7 +47,8 @@ def _launch(kind: str, nbytes: int, stack: ExitStack) -> subprocess.Popen:
 
     def stop() -> None:
         try:
-            proc.stdin.close()  # the peer closes its endpoint and exits
+            if proc.stdin is not None:
+                proc.stdin.close()  # the peer closes its endpoint and exits
             proc.wait(5)
         except (OSError, subprocess.TimeoutExpired):
             pass
@@ -59,12 +60,15 @@ def _launch(kind: str, nbytes: int, stack: ExitStack) -> subprocess.Popen:
     return proc
 
 
-def _ready(kind: str, proc: subprocess.Popen, timeout: float = 300.0) -> dict:
+def _ready(kind: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> dict:
+    out = proc.stdout
+    if out is None:
+        raise ValueError(f"bench peer {kind} was started without a stdout pipe")
     deadline = time.monotonic() + timeout
     while True:
-        if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        if not select.select([out], [], [], max(0.0, deadline - time.monotonic()))[0]:
             raise TimeoutError(f"bench peer {kind} did not start within {timeout}s")
-        line = proc.stdout.readline()
+        line = out.readline()
         if not line:
             raise RuntimeError(f"bench peer {kind} exited with {proc.wait()}")
         if line.startswith(b"{"):
@@ -98,7 +102,7 @@ def _socket_ops(meta: dict, nbytes: int, stack: ExitStack) -> dict[str, Op]:
     sock = socket.create_connection(("127.0.0.1", meta["port"]))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     stack.callback(sock.close)
-    mv = memoryview(np.zeros(nbytes, np.uint8))
+    mv = np.zeros(nbytes, np.uint8).data  # a memoryview (typed as one, unlike memoryview(array) before 3.12)
     ack = bytearray(1)
 
     def read(n: int) -> None:
@@ -124,7 +128,7 @@ def _zmq_ops(meta: dict, nbytes: int, stack: ExitStack) -> dict[str, Op]:
     sock.connect(f"tcp://127.0.0.1:{meta['port']}")
     stack.callback(ctx.term)
     stack.callback(sock.close)
-    mv = memoryview(np.zeros(nbytes, np.uint8))
+    mv = np.zeros(nbytes, np.uint8).data  # a memoryview (typed as one, unlike memoryview(array) before 3.12)
 
     def read(n: int) -> None:
         sock.send(_REQ.pack(b"r", n))
@@ -207,7 +211,11 @@ def _memcpy_ops(nbytes: int, stack: ExitStack) -> dict[str, dict[str, Op]]:
 
     thread = threading.Thread(target=helper, name="bench-memcpy-helper", daemon=True)
     thread.start()
-    stack.callback(lambda: (jobs.put(None), thread.join(5)))
+    def stop_helper() -> None:
+        jobs.put(None)
+        thread.join(5)
+
+    stack.callback(stop_helper)
 
     def copy_mt(n: int) -> None:
         half = (n // 2) & ~63
@@ -348,7 +356,7 @@ def _plot(results: dict, ctx: BenchContext) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, op in zip(axes, ("read", "write")):
+    for ax, op in zip(axes, ("read", "write"), strict=True):
         for kind, by_op in sorted(results.items()):
             sizes = sorted(by_op[op])
             style = "-o" if kind in ("shm", "tcp", "nixl") else "--."
