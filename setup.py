@@ -62,7 +62,9 @@ setup(
         # `kvrelay bench transports` baselines: the plot, and Mooncake's TCP transfer engine as a peer
         # (the latter also needs Debian's libibverbs1; the suite skips it, saying why, when missing)
         "bench": ["matplotlib", "mooncake-transfer-engine-non-cuda"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-timeout", "nixl", "matplotlib"],
+        # CI (.ci/run) also lints (ruff) and type-checks (mypy; the stubs give yaml and tqdm their types)
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-timeout", "nixl", "matplotlib",
+                 "ruff~=0.17.6", "mypy~=2.4.1", "types-PyYAML", "types-tqdm"],
     },
     ext_modules=[CMakeExtension("kvrelay._native", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
