@@ -108,7 +108,7 @@ class StoreClient(ControlChannel):
         slots = self._call(P.Reserve(request_id=request_id, keys=keys, nbytes=[int(n) for _, n in chunks],
                                      ttl=ttl)).slots
         with self._lock:
-            for k, s in zip(keys, slots):
+            for k, s in zip(keys, slots, strict=True):
                 self._slots[kid_of(k)] = s
             self._requests.setdefault(request_id, set()).update(kid_of(k) for k in keys)
             self._kid_req.update((kid_of(k), request_id) for k in keys)
@@ -137,8 +137,11 @@ class StoreClient(ControlChannel):
             slot = self._slots.pop(kid, None)
             view = self._views.pop(kid, None)
             rid = self._kid_req.pop(kid, None)
-            if rid is not None and not self._requests[rid].discard(kid) and not self._requests[rid]:
-                del self._requests[rid]
+            if rid is not None:
+                kids = self._requests[rid]
+                kids.discard(kid)
+                if not kids:
+                    del self._requests[rid]
         if slot is not None and slot.present:
             return  # the store already had this content-addressed chunk
         if slot is not None and view is not None:
@@ -159,6 +162,7 @@ class StoreClient(ControlChannel):
         if kid not in self._slots:
             self.reserve(f"publish:{kid}", [(key, header.nbytes)])
         path, slot = self._path, self._slots.get(kid)
+        got: int | None
         if isinstance(path, SharedPath) and slot is not None and not slot.present and kid not in self._views:
             got = path.publish_into(slot, src)  # straight into the mapped slot, by address
         else:
@@ -186,6 +190,8 @@ class StoreClient(ControlChannel):
                          wait=max(0.0, left) + self.timeout)
         slot, header = rep.slots[0], rep.header
         try:
+            if header is None:
+                raise StoreError(f"pull({kid_of(key)}): the store's answer has no chunk header", "internal")
             if out.numel() < header.nbytes:
                 raise ValueError(f"pull({kid_of(key)}): out has {out.numel()} bytes, the chunk has {header.nbytes}")
             dst = out[:header.nbytes]
@@ -232,7 +238,7 @@ class StoreClient(ControlChannel):
             if len(slots) != len(keys) or len(headers) != len(keys):
                 raise StoreError(f"pull_many: the store answered {len(slots)} slots for {len(keys)} keys", "internal")
             dsts = []
-            for k, out, h in zip(keys, outs, headers):
+            for k, out, h in zip(keys, outs, headers, strict=True):
                 if out.numel() < h.nbytes:
                     raise ValueError(f"pull_many({kid_of(k)}): out has {out.numel()} bytes, the chunk has {h.nbytes}")
                 dsts.append(out[:h.nbytes])
@@ -252,8 +258,9 @@ class StoreClient(ControlChannel):
                          verify_checksum: bool, request_id: str) -> list[ChunkHeader]:
         headers: list[ChunkHeader | None] = []
         served = []
-        live = path.directory.live()  # once for the batch
-        for k, out in zip(keys, outs):
+        directory = path.directory
+        live = directory is not None and directory.live()  # once for the batch
+        for k, out in zip(keys, outs, strict=True):
             kid = kid_of(k)
             h = path.pull_local(kid, out, verify_checksum, check_live=False) if live else None
             headers.append(h)
@@ -262,12 +269,9 @@ class StoreClient(ControlChannel):
         if served:
             self._touch(served)
         missing = [i for i, h in enumerate(headers) if h is None]
-        if missing:
-            got = self._pull_many_daemon([keys[i] for i in missing], [outs[i] for i in missing], deadline,
-                                         verify_checksum, request_id)
-            for i, h in zip(missing, got):
-                headers[i] = h
-        return headers
+        got = iter(self._pull_many_daemon([keys[i] for i in missing], [outs[i] for i in missing], deadline,
+                                          verify_checksum, request_id) if missing else [])
+        return [h if h is not None else next(got) for h in headers]  # the daemon answers one per missing key
 
     def _touch(self, kids: list[str]) -> None:
         """Report directory pulls to the daemon (LRU, chunk_ttl, counters) with this client's next request;
@@ -281,7 +285,7 @@ class StoreClient(ControlChannel):
             due = len(self._touched) >= TOUCH_BATCH or now - self._touched_since >= TOUCH_MAX_AGE
         if due:
             try:
-                self._roundtrip(self._sock(), P.Ping(), self.timeout, expect_reply=False)
+                self._pipeline(self._sock(), P.Ping(), "Ping")
             except StoreError:
                 pass  # the pull itself succeeded; the reports go with the next request that gets through
 

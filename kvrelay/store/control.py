@@ -13,17 +13,28 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Any, overload
 
 import zmq
 
+from kvrelay.keys import ChunkKey
 from kvrelay.store import protocol as P
-from kvrelay.store.links import LinkClosed, UnixLink, ZmqLink
+from kvrelay.store.links import Link, LinkClosed, UnixLink, ZmqLink
+from kvrelay.transfer.wire import ChunkHeader
 
 
 # Pipelined commits per CommitMany message: a layer's chunks for a few requests.  One message for a layer's
 # commits instead of one each, with the same-host socket, took a pipelined commit from about 55 to about
 # 13 us per chunk here (48 commits per flush; both ends are Python).
 COMMIT_BATCH = 64
+
+
+@dataclass
+class CommitQueue:
+    """A thread's pipelined commits, not sent yet (they go as one CommitMany)."""
+    keys: list[ChunkKey] = field(default_factory=list)
+    headers: list[ChunkHeader] = field(default_factory=list)
 
 
 class StoreError(RuntimeError):
@@ -46,25 +57,28 @@ class ControlChannel:
     round trip of about 20 us instead of about 160 us over ZMQ here); otherwise, or if it cannot be
     reached, a ZMQ DEALER."""
 
+    address: str
+    timeout: float
+    _closed: bool
     _ready = False  # set once the client is set up: from then on new links say hello by themselves
     control = "auto"  # "auto": the daemon's same-host socket when it offers one; "zmq": ZMQ only
-    info: dict = {}
+    info: dict[str, Any] = {}
 
     def _open_channel(self) -> None:
         self._ctx = zmq.Context()
         self._tls = threading.local()
-        self._links: list = []  # every thread's link, closed with the client
+        self._links: list[Link] = []  # every thread's link, closed with the client
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._unpin: list[int] = []
         self._touched: list[str] = []  # chunk ids pulled through the shared directory, not yet reported
         self._touched_since = 0.0  # when the oldest of them was pulled
-        self._commit_queues: list[list] = []  # every thread's queue of pipelined commits
+        self._commit_queues: list[CommitQueue] = []  # every thread's queue of pipelined commits
 
-    def _hello(self, link) -> None:
+    def _hello(self, link: Link) -> None:
         raise NotImplementedError
 
-    def _sock(self):
+    def _sock(self) -> Link:
         """This thread's link to the daemon (opened on first use, and again after the daemon went away)."""
         link = getattr(self._tls, "link", None)
         if link is not None and link.usable():
@@ -89,7 +103,7 @@ class ControlChannel:
             self._hello(link)
         return link
 
-    def _drop_link(self, link) -> None:
+    def _drop_link(self, link: Link) -> None:
         if getattr(self._tls, "link", None) is link:
             self._tls.link = None
         with self._lock:
@@ -102,35 +116,35 @@ class ControlChannel:
         self._send_commits(sock)  # this thread's queued commits go first: what it asks next may depend on them
         return self._roundtrip(sock, req, self.timeout if wait is None else wait)
 
-    def _queue_commit(self, key, header) -> None:
+    def _queue_commit(self, key: ChunkKey, header: ChunkHeader) -> None:
         """A pipelined commit: queued on this thread, sent with others as one `CommitMany` once COMMIT_BATCH
         are queued, by `flush()`, or before this thread's next request."""
-        q = getattr(self._tls, "commits", None)
+        q: CommitQueue | None = getattr(self._tls, "commits", None)
         if q is None:
-            q = self._tls.commits = [[], []]  # [keys, headers]
+            q = self._tls.commits = CommitQueue()
             with self._lock:
                 self._commit_queues.append(q)  # close() sends what any thread left queued
-        q[0].append(key)
-        q[1].append(header)
-        if len(q[0]) >= COMMIT_BATCH:
+        q.keys.append(key)
+        q.headers.append(header)
+        if len(q.keys) >= COMMIT_BATCH:
             self._send_commits(self._sock())
 
     def _queued_commits(self, all_threads: bool = False) -> int:
         if all_threads:
             with self._lock:
-                return sum(len(q[0]) for q in self._commit_queues)
-        q = getattr(self._tls, "commits", None)
-        return len(q[0]) if q else 0
+                return sum(len(q.keys) for q in self._commit_queues)
+        q: CommitQueue | None = getattr(self._tls, "commits", None)
+        return len(q.keys) if q is not None else 0
 
-    def _send_commits(self, sock, q: list | None = None) -> None:
+    def _send_commits(self, sock: Link, q: CommitQueue | None = None) -> None:
         """Send a queue of commits (default: this thread's) as one CommitMany, answered like a pipelined
         request on ``sock``."""
         q = getattr(self._tls, "commits", None) if q is None else q
-        if q is None or not q[0]:
+        if q is None or not q.keys:
             return
-        keys, headers = q[0], q[1]
-        q[0], q[1] = [], []
-        self._roundtrip(sock, P.CommitMany(keys=keys, headers=headers), self.timeout, expect_reply=False)
+        keys, headers = q.keys, q.headers
+        q.keys, q.headers = [], []
+        self._pipeline(sock, P.CommitMany(keys=keys, headers=headers), "Commit")
 
     def _send_all_commits(self) -> None:
         """Every thread's queued commits, from this thread (at close: a publisher thread that queued commits
@@ -141,7 +155,8 @@ class ControlChannel:
         for q in queues:
             self._send_commits(sock, q)
 
-    def _roundtrip(self, sock, req: P.Req, wait: float, expect_reply: bool = True) -> P.Reply | None:
+    def _post(self, sock: Link, req: P.Req) -> None:
+        """Send ``req`` with a fresh id and the pins (and, but with a hello, the touched ids) waiting to go."""
         req.req_id = next(self._ids)
         with self._lock:
             req.unpin, self._unpin = self._unpin, []
@@ -157,9 +172,16 @@ class ControlChannel:
                 self._touched[:0] = req.touched
             raise StoreError(f"lost the connection to the store at {self.address} while sending "
                              f"{type(req).__name__} (the daemon exited?)", "unreachable") from None
-        if not expect_reply:
-            pending[req.req_id] = "Commit" if isinstance(req, P.CommitMany) else type(req).__name__
-            return None
+
+    def _pipeline(self, sock: Link, req: P.Req, name: str) -> None:
+        """Send ``req`` and do not wait: its answer is read with a later one's, and an error is raised then
+        (as "an earlier {name}(wait=False) failed")."""
+        self._post(sock, req)
+        self._pending()[req.req_id] = name
+
+    def _roundtrip(self, sock: Link, req: P.Req, wait: float) -> P.Reply:
+        """Send ``req`` and wait up to ``wait`` seconds for its answer (raised if it is an error)."""
+        self._post(sock, req)
         rep = self._recv_until(sock, req.req_id, wait, type(req).__name__)
         if not rep.ok and rep.code == "session" and not isinstance(req, P.Hello) and self._ready:
             self._hello(sock)  # the daemon does not know this socket (it restarted): introduce it, retry once
@@ -177,7 +199,12 @@ class ControlChannel:
             self._tls.deferred = []
         return p
 
-    def _recv_until(self, sock, req_id: int | None, wait: float, what: str) -> P.Reply | None:
+    @overload
+    def _recv_until(self, sock: Link, req_id: int, wait: float, what: str) -> P.Reply: ...
+    @overload
+    def _recv_until(self, sock: Link, req_id: None, wait: float, what: str) -> None: ...
+
+    def _recv_until(self, sock: Link, req_id: int | None, wait: float, what: str) -> P.Reply | None:
         """Receive replies until the one for ``req_id`` (None: until no pipelined request is pending)."""
         pending = self._pending()
         deadline = time.monotonic() + wait

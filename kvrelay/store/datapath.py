@@ -21,7 +21,7 @@ from kvrelay.transfer.wire import ChunkHeader, checksum, copy_into
 try:
     from kvrelay import _native
 except ImportError:  # not built: SharedPath copies through wire.copy_into
-    _native = None
+    _native = None  # type: ignore[assignment]  # the name is typed as the module; None: not built
 
 
 # A batch this large does not stay in the cache for whoever reads it next: store it with non-temporal
@@ -40,18 +40,26 @@ class SharedPath:
 
     def __init__(self, pool_name: str, pool_bytes: int, directory: dict | None = None) -> None:
         self.pool = SharedPool(pool_name, pool_bytes)
-        self.directory = None
+        self.directory: DirectoryReader | None = None
         if directory:
             try:
                 self.directory = DirectoryReader(directory["name"], int(directory["slots"]), self.pool.ident)
             except (OSError, ValueError, KeyError):  # not reachable: every pull asks the daemon
                 pass
-        self.tensor = torch.frombuffer(self.pool.mm, dtype=torch.uint8)
-        self.base, self.nbytes = self.tensor.data_ptr(), self.tensor.numel()
+        tensor = torch.frombuffer(self.pool.mm, dtype=torch.uint8)
+        self._tensor: torch.Tensor | None = tensor  # None once closed
+        self.base, self.nbytes = tensor.data_ptr(), tensor.numel()
         self._pinned = False
         if torch.cuda.is_available():  # page-locked so GPU <-> pool copies are DMA
-            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.tensor.numel(), 0)
+            err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
             self._pinned = int(err) == 0
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The mapped pool as a uint8 tensor (a ValueError once closed)."""
+        if self._tensor is None:
+            raise ValueError(f"the store pool {self.pool.path} is no longer mapped here (the client closed it)")
+        return self._tensor
 
     def publish_view(self, slot: Slot) -> torch.Tensor:
         return self.tensor[slot.offset:slot.offset + slot.nbytes]
@@ -71,9 +79,9 @@ class SharedPath:
         bad = []
         want = expect is not None
         stream = sum(s.nbytes for s in slots) >= STREAM_BATCH_BYTES
-        for i, (s, out) in enumerate(zip(slots, outs)):
+        for i, (s, out) in enumerate(zip(slots, outs, strict=True)):
             got = self._copy(s, out, "an output", to_pool=False, want=want, stream=stream)
-            if want and got != expect[i]:
+            if expect is not None and got != expect[i]:
                 bad.append(i)
         return bad
 
@@ -97,7 +105,7 @@ class SharedPath:
             return None
         return header
 
-    def publish_into(self, slot: Slot, src: torch.Tensor) -> int:
+    def publish_into(self, slot: Slot, src: torch.Tensor) -> int | None:
         """Copy ``src`` (contiguous uint8, the slot's size) into the slot with non-temporal stores (nobody reads
         a pool slot soon) and return the checksum of the bytes copied (each leaf hashed just before its copy)."""
         return self._copy(slot, src, "a payload", to_pool=True, want=True, stream=True)
@@ -123,7 +131,7 @@ class SharedPath:
             self.directory.close()
         if self._pinned:
             torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
-        self.tensor = None
+        self._tensor = None
         self.pool.close()
 
 
@@ -216,7 +224,7 @@ class TransportPath:
         deadline = time.monotonic() + timeout
         left = lambda: max(0.1, deadline - time.monotonic())  # noqa: E731
         direct, rest = [], []
-        for i, (slot, out) in enumerate(zip(slots, outs)):
+        for i, (slot, out) in enumerate(zip(slots, outs, strict=True)):
             reg = self._registered(out)
             if reg is None:
                 rest.append(i)

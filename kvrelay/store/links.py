@@ -120,3 +120,6 @@ class UnixLink:
 
     def close(self) -> None:
         self.sock.close()
+
+
+Link = ZmqLink | UnixLink  # what a thread talks to the daemon through (both: usable, send, recv, close)
