@@ -106,7 +106,7 @@ class StoreCore(Upkeep):
             raise OpError("bad_request", f"reserve: {len(keys)} keys but {len(sizes)} sizes")
         if not 0 < ttl <= 86400:
             raise OpError("bad_request", f"reserve ttl {ttl} must be in (0, 86400] seconds")
-        for k, n in zip(keys, sizes):
+        for k, n in zip(keys, sizes, strict=True):
             if not 0 < n <= self.cfg.max_chunk_bytes:
                 raise OpError("bad_request", f"chunk {kid_of(k)} of {n} bytes: chunks must be 1..max_chunk_bytes "
                                              f"({self.cfg.max_chunk_bytes}); split it or raise max_chunk_bytes")
@@ -114,7 +114,7 @@ class StoreCore(Upkeep):
         with self.lock:
             slots: list[Slot | None] = [None] * len(keys)
             todo = []
-            for i, (k, n) in enumerate(zip(keys, sizes)):
+            for i, (k, n) in enumerate(zip(keys, sizes, strict=True)):
                 e = self.ix.get(kid_of(k))
                 if e is None:
                     todo.append(i)
@@ -152,7 +152,7 @@ class StoreCore(Upkeep):
                 self.ix.add_reserved(Entry(k, kid, sizes[i], State.RESERVED, offset=off, request_id=request_id,
                                            namespace=namespace, deadline=now + ttl, last_access=now))
                 slots[i] = Slot(off, sizes[i])
-            return slots  # type: ignore[return-value]
+            return slots  # type: ignore[return-value]  # no None left: each index is present, shared or reserved
 
     def arena_reserved(self) -> int:
         return self.ix.reserved_bytes
@@ -238,19 +238,22 @@ class StoreCore(Upkeep):
     def commit_many(self, keys: list[ChunkKey], headers: list[ChunkHeader], namespace: str,
                     verify: bool) -> tuple[list[str], list[OpError]]:
         """`commit` for each chunk, each on its own; returns (kids committed fresh, refusals).  Without
-        ``verify`` (nothing to hash) under one lock acquisition."""
-        fresh, refused = [], []
+        ``verify`` (nothing to hash) under one lock acquisition.  ``keys`` and ``headers`` pair up (the server
+        refuses a request where their lengths differ)."""
+        refused: list[OpError] = []
         if verify:
-            for key, header in zip(keys, headers):
+            kids: list[str] = []
+            for key, header in zip(keys, headers, strict=True):
                 try:
                     if self.commit(key, header, namespace, verify=True):
-                        fresh.append(kid_of(key))
+                        kids.append(kid_of(key))
                 except OpError as exc:
                     refused.append(exc)
-            return fresh, refused
+            return kids, refused
+        fresh: list[Entry] = []
         now = time.monotonic()
         with self.lock:
-            for key, header in zip(keys, headers):
+            for key, header in zip(keys, headers, strict=True):
                 kid = kid_of(key)
                 try:
                     e = self._committable(kid, header, namespace)
@@ -290,7 +293,7 @@ class StoreCore(Upkeep):
         now = time.monotonic()
         with self.lock:
             e = self.ix.get(kid)
-            if e is None or e.state is not State.READY:
+            if e is None or e.state is not State.READY or e.header is None:  # (READY entries have a header)
                 return None
             if e.offset < 0:
                 self._promote(e)
@@ -306,12 +309,14 @@ class StoreCore(Upkeep):
         ``max_bytes`` > 0 refuses a batch larger than that (it could not all be pinned in the pool at once)."""
         now = time.monotonic()
         with self.lock:
-            entries = []
+            entries: list[Entry] = []
+            headers: list[ChunkHeader] = []
             for i, k in enumerate(keys):
                 e = self.ix.get(kid_of(k))
-                if e is None or e.state is not State.READY:
+                if e is None or e.state is not State.READY or e.header is None:  # (READY entries have a header)
                     return i
                 entries.append(e)
+                headers.append(e.header)
             if max_bytes and sum(align_up(e.nbytes) for e in {e.kid: e for e in entries}.values()) > max_bytes:
                 raise OpError("bad_request", f"pull_many of {len(keys)} chunks needs more than the pool's "
                                              f"{max_bytes} bytes pinned at once; pull fewer keys per call")
@@ -323,12 +328,11 @@ class StoreCore(Upkeep):
                 self._promote(entries[i])
             if away:
                 return away[0]
-            slots, headers = [], []
+            slots = []
             for e in entries:
                 self.ix.touch(e, now)
                 pid = self.ix.add_pin(e, now + self.cfg.pull_pin_ttl, lease=False)
                 slots.append(Slot(e.offset, e.nbytes, pin=pid))
-                headers.append(e.header)
             self.counters["pulls"] += len(keys)
             return slots, headers
 

@@ -41,6 +41,7 @@ import time
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 import xxhash
 
 from kvrelay.store.pool import DIRECTORY_SUFFIX
@@ -57,6 +58,8 @@ EMPTY = 0
 MIN_SLOTS = 1024
 MAX_SLOTS = 1 << 20  # 256 MiB of rows (pools up to 32 GiB get 2 per 64 KiB); past it, fewer rows per byte
 SUFFIX = DIRECTORY_SUFFIX
+
+Words = npt.NDArray[np.uint64]  # the head (4 words) and the rows (slots x ROW_BYTES // 8), over the mapping
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(ChunkHeader)
@@ -101,8 +104,9 @@ class Directory:
             self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         finally:
             os.close(fd)
-        self.head = np.frombuffer(self.mm, dtype=np.uint64, count=4)
-        self.rows = np.frombuffer(self.mm, dtype=np.uint64, offset=HEAD_BYTES).reshape(slots, ROW_BYTES // 8)
+        self._head: Words | None = np.frombuffer(self.mm, dtype=np.uint64, count=4)
+        self._rows: Words | None = np.frombuffer(self.mm, dtype=np.uint64, offset=HEAD_BYTES).reshape(
+            slots, ROW_BYTES // 8)
         self.head[2], self.head[3] = pool_ident  # which pool segment the rows' offsets point into
         self.beat()
         self.head[0] = MAGIC
@@ -110,6 +114,18 @@ class Directory:
         self.where: dict[str, int] = {}  # kid -> row
         self.kid_at: dict[int, str] = {}  # row -> kid
         self.full = 0  # chunks that found no row within MAX_PROBE (pulled through the daemon)
+
+    @property
+    def head(self) -> Words:
+        if self._head is None:
+            raise ValueError(f"store directory {self.path} is closed")
+        return self._head
+
+    @property
+    def rows(self) -> Words:
+        if self._rows is None:
+            raise ValueError(f"store directory {self.path} is closed")
+        return self._rows
 
     def beat(self) -> None:
         """The daemon is alive (its loop calls this every pass)."""
@@ -135,7 +151,7 @@ class Directory:
                 return
         self.full += 1
 
-    def _write(self, r: int, fields: list[int], hdr: np.ndarray, kid: str) -> None:
+    def _write(self, r: int, fields: list[int], hdr: Words, kid: str) -> None:
         """Rewrite row ``r`` under its seqlock: odd while being written, even (and different) after."""
         row = self.rows[r]
         row[0] += 1
@@ -174,10 +190,10 @@ class Directory:
         row[0] += 1
 
     def close(self) -> None:
-        if self.head is None:
+        if self._head is None:
             return
-        self.head[1] = 0  # stale at once for every reader
-        self.head = self.rows = None
+        self._head[1] = 0  # stale at once for every reader
+        self._head = self._rows = None  # the mapping's views go, so that it can be closed
         try:
             self.mm.close()
         except BufferError:
@@ -203,12 +219,14 @@ class DirectoryReader:
         finally:
             os.close(fd)
         self.slots = slots
-        self.head = np.frombuffer(self.mm, dtype=np.uint64, count=4)
-        if int(self.head[0]) != MAGIC:
+        head = np.frombuffer(self.mm, dtype=np.uint64, count=4)
+        if int(head[0]) != MAGIC:
             raise ValueError(f"store directory {self.path} has no kvrelay header")
-        if (int(self.head[2]), int(self.head[3])) != tuple(pool_ident):  # a restart between the two opens
+        if (int(head[2]), int(head[3])) != tuple(pool_ident):  # a restart between the two opens
             raise ValueError(f"store directory {self.path} belongs to another pool segment than the one mapped")
-        self.rows = np.frombuffer(self.mm, dtype=np.uint64, offset=HEAD_BYTES).reshape(slots, ROW_BYTES // 8)
+        self.head: Words | None = head  # None once closed
+        self.rows: Words | None = np.frombuffer(self.mm, dtype=np.uint64, offset=HEAD_BYTES).reshape(
+            slots, ROW_BYTES // 8)
 
     def live(self) -> bool:
         """The daemon beat recently and its directory is still the file mapped here."""
@@ -236,6 +254,8 @@ class DirectoryReader:
         h1, h2 = key_hash(kid)
         mask = self.slots - 1
         rows = self.rows
+        if rows is None:  # closed
+            return None
         for i in range(MAX_PROBE):
             r = (h1 + i) & mask
             row = rows[r]

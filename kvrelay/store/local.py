@@ -70,7 +70,7 @@ class LocalListener:
 
     def accept(self) -> list[int]:
         """Accept every pending connection; returns their file descriptors (to poll)."""
-        fds = []
+        fds: list[int] = []
         while True:
             try:
                 s, _ = self.sock.accept()
@@ -107,7 +107,8 @@ class LocalListener:
 
     @staticmethod
     def _frames(c: _Conn) -> tuple[list[bytes], str | None]:
-        msgs, pos, buf = [], 0, c.inbuf
+        msgs: list[bytes] = []
+        pos, buf = 0, c.inbuf
         while len(buf) - pos >= FRAME.size:
             (n,) = FRAME.unpack_from(buf, pos)
             if n > MAX_FRAME:

@@ -46,7 +46,7 @@ def unlink_pool(name: str) -> None:
 
 def sweep_stale_pools() -> list[str]:
     """Unlink automatically named pools whose daemon is dead (killed with -9, it could not unlink its own)."""
-    gone = []
+    gone: list[str] = []
     try:
         names = os.listdir("/dev/shm")
     except OSError:
@@ -115,13 +115,20 @@ class SharedPool:
                 os.close(fd)
         self.nbytes = nbytes
         self.ident = (st.st_dev, st.st_ino)  # which segment this is (a restarted daemon makes a new one)
-        self.view = memoryview(self.mm)
+        self._view: memoryview | None = memoryview(self.mm)
+
+    @property
+    def view(self) -> memoryview:
+        """The whole pool as bytes (a ValueError once closed)."""
+        if self._view is None:
+            raise ValueError(f"store pool {self.path} is closed")
+        return self._view
 
     def close(self) -> None:
-        if self.view is None:
+        if self._view is None:
             return
-        self.view.release()
-        self.view = None
+        self._view.release()
+        self._view = None
         try:
             self.mm.close()
         except BufferError:  # someone still holds a view (e.g. a tensor): leave it to the GC

@@ -103,7 +103,7 @@ class StoreServer:
                         for c in local.accept():
                             poller.register(c, zmq.POLLIN)
                     elif isinstance(fd, int) and fd in local.conns:
-                        self._on_local(fd, ev)
+                        self._on_local(local, fd, ev)
             now = time.monotonic()
             self.metrics.heartbeat = now
             if self.core.ix.directory is not None:
@@ -119,8 +119,7 @@ class StoreServer:
         if local is not None:
             local.close()
 
-    def _on_local(self, fd: int, ev: int) -> None:
-        local = self.local
+    def _on_local(self, local: LocalListener, fd: int, ev: int) -> None:
         if ev & zmq.POLLOUT and local.flush(fd) is None:
             self._poller.modify(fd, zmq.POLLIN)
         if ev & (zmq.POLLIN | zmq.POLLERR):
@@ -229,7 +228,10 @@ class StoreServer:
         mode = self.core.cfg.verify_commits
         verify = mode == "all" or (mode == "remote" and self.sessions[ident].transport != "shm")
         single = isinstance(req, P.Commit)
-        keys, headers = ([req.key], [req.header]) if single else (req.keys, req.headers)
+        if isinstance(req, P.Commit):
+            keys, headers = [req.key], [req.header]
+        else:
+            keys, headers = req.keys, req.headers
         if len(keys) != len(headers):
             raise OpError("bad_request", f"commit_many: {len(keys)} keys but {len(headers)} headers")
         fresh, refused = self.core.commit_many(keys, headers, ns, verify)  # one refusal undoes no other
@@ -239,7 +241,7 @@ class StoreServer:
         if refused and single:
             raise refused[0]
         if refused:
-            more = f" ({len(refused)} of {len(req.keys)} refused; the rest committed)" if len(req.keys) > 1 else ""
+            more = f" ({len(refused)} of {len(keys)} refused; the rest committed)" if len(keys) > 1 else ""
             return P.Reply(req_id=req.req_id, ok=False, code=refused[0].code, error=f"{refused[0]}{more}",
                            count=len(fresh))
         return P.Reply(req_id=req.req_id, count=len(fresh))
@@ -266,11 +268,11 @@ class StoreServer:
         if isinstance(req, P.PullMany):
             if not req.keys:
                 return P.Reply(req_id=req.req_id), ""
-            got = self.core.acquire_many(req.keys, self.core.arena.capacity)  # may raise OpError
-            if not isinstance(got, int):
+            many = self.core.acquire_many(req.keys, self.core.capacity)  # may raise OpError
+            if not isinstance(many, int):
                 self.metrics.pull_latency.observe(time.monotonic() - w.start)
-                return P.Reply(req_id=req.req_id, slots=got[0], headers=got[1], count=len(got[0])), ""
-            return None, kid_of(req.keys[got])
+                return P.Reply(req_id=req.req_id, slots=many[0], headers=many[1], count=len(many[0])), ""
+            return None, kid_of(req.keys[many])
         n = self.core.lookup(req.keys, record=False)
         if n == len(req.keys):
             return P.Reply(req_id=req.req_id, count=n), ""

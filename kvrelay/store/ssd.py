@@ -12,6 +12,7 @@ or flipped record is dropped.  Space is reclaimed a whole segment at a time, old
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import struct
@@ -63,7 +64,7 @@ class SsdTier:
         self.bytes_read = 0
         self.read_seconds = 0.0
         self.direct = self._decide_direct(direct)
-        self._journal = None
+        self._journal: io.FileIO | None = None  # opened by recover()
         self._frames = 0
 
     # --- O_DIRECT decision -------------------------------------------------------------------------
@@ -253,9 +254,12 @@ class SsdTier:
 
     def _journal_write(self, e: JEntry) -> None:
         """Append a frame (caller holds the lock); compact once dead frames dominate the journal."""
-        self._journal.write(frame(e))
+        journal = self._journal
+        if journal is None:
+            raise RuntimeError(f"SSD tier {self.dir}: recover() opens the journal and must run before any write")
+        journal.write(frame(e))
         if self.fsync:
-            os.fdatasync(self._journal.fileno())
+            os.fdatasync(journal.fileno())
         self._frames += 1
         if self._frames > JOURNAL_COMPACT_MIN and self._frames > 4 * sum(map(len, self._live.values())):
             self._rewrite_journal()

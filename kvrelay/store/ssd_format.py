@@ -87,7 +87,7 @@ def probe_direct(directory: Path, nbytes: int = 32 << 20, block: int = 4 << 20) 
     """Write ``nbytes`` with and without O_DIRECT; returns (O_DIRECT works, direct GB/s, buffered GB/s)."""
     buf = mmap.mmap(-1, block)
     buf.write(os.urandom(4096) * (block // 4096))
-    rates = []
+    rates: list[float] = []
     ok = True
     for direct in (True, False):
         path = directory / f".probe-{os.getpid()}-{int(direct)}"
