@@ -49,7 +49,7 @@ def main() -> int:
             outs = [many[i * (nbytes + 4096):i * (nbytes + 4096) + nbytes] if i % 2 else
                     torch.empty(nbytes, dtype=torch.uint8) for i in range(count)]
             got = c.pull_many([k for k, _, _ in chunks], outs, deadline=time.monotonic() + 20)
-            for (k, h, d), g, o in zip(chunks, got, outs):
+            for (k, h, d), g, o in zip(chunks, got, outs, strict=True):
                 if g != h or not torch.equal(o, d):
                     print(f"pull_many mismatch on chunk {k}", file=sys.stderr)
                     return 1

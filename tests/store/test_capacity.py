@@ -94,7 +94,7 @@ def test_eviction_to_ssd_and_back(daemon_factory, tmp_path):
     with StoreClient(d.address, compat_hash=COMPAT) as c:
         for ch in chunks:
             publish_all(c, [ch])
-            wait_for(lambda: c.stats()["ssd_chunks"] >= chunks.index(ch) + 1, 10, "spill")
+            wait_for(lambda ch=ch: c.stats()["ssd_chunks"] >= chunks.index(ch) + 1, 10, "spill")
         assert c.lookup([k for k, _, _ in chunks]) == 12  # 5 in memory, all 12 on SSD
         s = c.stats()
         assert s["memory_chunks"] <= 5 and s["ssd_chunks"] == 12 and s["evictions_dropped"] == 0

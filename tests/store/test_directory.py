@@ -136,7 +136,7 @@ def test_pulls_go_through_the_directory_and_are_reported(daemon_factory):
             assert c.pull(k, out, time.monotonic() + 5) == h and torch.equal(out, data)
         outs = [torch.empty(1 << 20, dtype=torch.uint8) for _ in chunks]
         assert c.pull_many([k for k, _, _ in chunks], outs, time.monotonic() + 5) == [h for _, h, _ in chunks]
-        assert all(torch.equal(o, data) for o, (_, _, data) in zip(outs, chunks))
+        assert all(torch.equal(o, data) for o, (_, _, data) in zip(outs, chunks, strict=True))
         s = c.stats()  # carries the reports
         assert s["local_pulls"] - before["local_pulls"] == 6 and s["pulls"] - before["pulls"] == 6
         assert s["pins"] == 0 and s["directory_chunks"] == 3

@@ -104,7 +104,7 @@ def test_threads_share_one_client(daemon):
         def pull_all():
             out = torch.empty(50_000, dtype=torch.uint8)
             try:
-                for k, h, d in chunks:
+                for k, _h, d in chunks:
                     c.pull(k, out, time.monotonic() + 10)
                     assert torch.equal(out, d)
             except BaseException as exc:  # noqa: BLE001 - reported below
@@ -182,7 +182,7 @@ def test_pull_many_one_round_trip_waits_verifies_and_unpins(daemon):
         t.join(timeout=10)
         assert "error" not in result, result.get("error")
         assert result["headers"] == [h for _, h, _ in chunks]
-        for out, (_, h, d) in zip(result["outs"], chunks):
+        for out, (_, h, d) in zip(result["outs"], chunks, strict=True):
             assert torch.equal(out[:h.nbytes], d)
         assert c.pull_many([], [], time.monotonic() + 1) == []
         c.ping()  # hands back the pins

@@ -78,7 +78,7 @@ def test_kill9_restart_recovers_verified_chunks_and_drops_torn_and_flipped(tmp_p
                 outs = [torch.empty(SZ, dtype=torch.uint8) for _ in range(6)]
                 assert c.pull_many([k for k, _, _ in good[:6]], outs, time.monotonic() + 10) == \
                     [h for _, h, _ in good[:6]]
-                assert all(torch.equal(o, data) for o, (_, _, data) in zip(outs, good[:6]))
+                assert all(torch.equal(o, data) for o, (_, _, data) in zip(outs, good[:6], strict=True))
                 for i, (k, h, data) in enumerate(chunks):
                     if i in flipped:
                         assert c.lookup([k]) == 0
@@ -112,7 +112,7 @@ def test_flipped_byte_on_ssd_detected_on_read_back(tmp_path):
         with StoreClient(d.address, compat_hash=COMPAT) as c:
             for n, part in ((30, chunks[:30]), (60, chunks[30:])):
                 fill_part(c, part)  # the first 30 reach the SSD before the next 30 push them out of memory
-                wait_for(lambda: c.stats()["ssd_chunks"] == n, 20, "spill")
+                wait_for(lambda n=n: c.stats()["ssd_chunks"] == n, 20, "spill")
             s = c.stats()
             assert s["memory_chunks"] < 60
             victim = chunks[0]  # least recently used: evicted from memory
