@@ -10,6 +10,7 @@ forward pass, the cache.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -58,13 +59,24 @@ def random_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_random_checkpoint(path: str | Path, cfg: ModelConfig | None = None, tokenizer_json: str | None = None) -> Path:
-    """Write config.json + model.safetensors of the seeded random model (and tokenizer.json if given)."""
+CHECKPOINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def write_random_checkpoint(path: str | Path, cfg: ModelConfig | None = None, tokenizer_json: str | None = None,
+                            dtype: str = "float32") -> Path:
+    """Write config.json + model.safetensors of the seeded random model (and tokenizer.json if given).
+
+    ``dtype`` is the stored dtype (float32, bfloat16 or float16; config.json's ``torch_dtype`` says it).
+    The weights are drawn in float32 and rounded, so the reference engine loads a bfloat16 checkpoint
+    as exactly the rounded values vLLM computes with."""
+    if dtype not in CHECKPOINT_DTYPES:
+        raise ValueError(f"checkpoint dtype {dtype!r} is not one of {', '.join(CHECKPOINT_DTYPES)}")
     cfg = cfg or ModelConfig()
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    cfg.save(d / "config.json")
-    save_file(random_weights(cfg), str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(cfg.to_hf() | {"torch_dtype": dtype}, indent=2))
+    weights = {name: t.to(CHECKPOINT_DTYPES[dtype]).contiguous() for name, t in random_weights(cfg).items()}
+    save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_json is not None:
         (d / "tokenizer.json").write_text(tokenizer_json)
     return d
