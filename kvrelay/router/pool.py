@@ -1,7 +1,8 @@
 """Worker pools for the router: health, load and pairing policies.
 
-Owns: the list of prefill and decode workers, their health (a periodic GET /healthz, plus passive
-marking when a request to them fails) and in-flight counts, and choosing a worker (round robin or least
+Owns: the list of prefill and decode workers, their health (a periodic GET /healthz, or /health for
+workers that have only that, such as vLLM's OpenAI server; plus passive marking when a request to them
+fails) and in-flight counts, and choosing a worker (round robin or least
 loaded).  Must not touch: HTTP forwarding (server.py).
 """
 
@@ -26,6 +27,7 @@ class Worker:
     in_flight: int = 0
     failures: int = 0
     last_error: str = ""
+    health_path: str = "/healthz"  # "/health" once /healthz answered 404 (vLLM)
     checked_at: float = field(default_factory=time.monotonic)
 
 
@@ -62,11 +64,19 @@ class Pool:
     async def check(self, session: aiohttp.ClientSession, timeout: float = 2.0) -> None:
         async def one(w: Worker) -> None:
             try:
-                async with session.get(f"{w.url}/healthz", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                    w.healthy = r.status == 200
-                    w.last_error = "" if w.healthy else f"/healthz answered {r.status}"
+                status = await _get_status(session, w.url + w.health_path, timeout)
+                if status == 404 and w.health_path == "/healthz":
+                    w.health_path = "/health"
+                    status = await _get_status(session, w.url + w.health_path, timeout)
+                w.healthy = status == 200
+                w.last_error = "" if w.healthy else f"{w.health_path} answered {status}"
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 w.healthy = False
-                w.last_error = f"/healthz failed: {type(exc).__name__}: {exc}"
+                w.last_error = f"{w.health_path} failed: {type(exc).__name__}: {exc}"
             w.checked_at = time.monotonic()
         await asyncio.gather(*(one(w) for w in self.workers))
+
+
+async def _get_status(session: aiohttp.ClientSession, url: str, timeout: float) -> int:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        return r.status
