@@ -232,7 +232,8 @@ def _start_vllm(cluster: Cluster, args: argparse.Namespace, store: str) -> Start
         server.wait_healthy(args.vllm_start_timeout)
     urls = [s.url for s in servers]
     prefills, decodes = urls[:args.num_prefill], urls[args.num_prefill:args.num_prefill + args.num_decode]
-    demo_kw: dict[str, Any] = {"expect_kv": connector is not None}
+    decode_bs = args.decode_block_size or 32
+    demo_kw: dict[str, Any] = {"expect_kv": connector is not None, "min_kv_tokens": decode_bs + 1}
     if args.demo:
         demo_kw["recomputed"] = ExternalTokensCounter(decodes)
     return prefills, decodes, urls[len(prefills) + len(decodes):], demo_kw
