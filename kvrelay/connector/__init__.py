@@ -12,10 +12,12 @@ Reading path (each file has one job):
   publisher.py   LayerPublisher: reserve, pack + commit layer by layer on a thread, settle
   puller.py      LayerPuller: pull_many + unpack layer by layer on worker threads, settle
   metrics.py     TransferMetrics: the Prometheus counters both report to
+  breaker.py     CircuitBreaker: skip a dead store or peer at once instead of each caller timing out
 """
 
 from kvrelay.connector.addressing import chunk_ranges, first_token_key, transfer_params
-from kvrelay.connector.binding import EngineCache
+from kvrelay.connector.binding import BlockCodec, EngineCache
+from kvrelay.connector.breaker import BreakerState, CircuitBreaker
 from kvrelay.connector.metrics import TransferMetrics
 from kvrelay.connector.publisher import LayerPublisher, PublishRequest
 from kvrelay.connector.puller import LayerPuller
@@ -23,7 +25,7 @@ from kvrelay.connector.state import (
     FailureCode, PublishPhase, PublishState, PullPhase, PullState, TransferError, TransferFailure)
 
 __all__ = [
-    "EngineCache", "FailureCode", "LayerPublisher", "LayerPuller", "PublishPhase", "PublishRequest",
+    "BlockCodec", "BreakerState", "CircuitBreaker", "EngineCache", "FailureCode", "LayerPublisher", "LayerPuller", "PublishPhase", "PublishRequest",
     "PublishState", "PullPhase", "PullState", "TransferError", "TransferFailure", "TransferMetrics",
     "chunk_ranges", "first_token_key", "transfer_params",
 ]

@@ -7,10 +7,24 @@ Owns: `EngineCache`.  Must not touch: the cache contents.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
+
+import torch
 
 from kvrelay.connector.metrics import TransferMetrics
+from kvrelay.kernels import pack, unpack
 from kvrelay.kernels.layout import KVLayout, LayerTensors
+
+
+class BlockCodec(Protocol):
+    """Pack/unpack for a cache whose in-block order `kvrelay.kernels` does not describe (vLLM's CPU
+    attention: `kvrelay.kernels.permuted.PermutedBlockCodec`)."""
+
+    def pack(self, layer: LayerTensors, block_ids: Sequence[int], token_start: int, token_end: int,
+             out: torch.Tensor) -> int: ...
+
+    def unpack(self, layer: LayerTensors, block_ids: Sequence[int], token_start: int, token_end: int,
+               chunk: torch.Tensor, head_start: int, head_end: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -21,7 +35,22 @@ class EngineCache:
     compat_hash: str  # layout.compat_hash(model_id)
     epoch: str  # the engine process's epoch id (a restarted engine is a new peer)
     metrics: TransferMetrics
+    codec: BlockCodec | None = None  # None: kvrelay.kernels.pack / unpack describe the layout
 
     def __post_init__(self) -> None:
         if len(self.layers) != self.layout.num_layers:
             raise ValueError(f"the cache has {len(self.layers)} layers, its layout {self.layout.num_layers}")
+
+    def pack(self, layer: int, block_ids: Sequence[int], token_start: int, token_end: int,
+             out: torch.Tensor) -> int:
+        """Tokens [token_start, token_end) of ``layer`` into ``out`` in the canonical chunk order."""
+        if self.codec is not None:
+            return self.codec.pack(self.layers[layer], block_ids, token_start, token_end, out)
+        return pack(self.layout, self.layers[layer], list(block_ids), token_start, token_end, out)
+
+    def unpack(self, layer: int, block_ids: Sequence[int], token_start: int, token_end: int, chunk: torch.Tensor,
+               head_start: int, head_end: int) -> None:
+        if self.codec is not None:
+            self.codec.unpack(self.layers[layer], block_ids, token_start, token_end, chunk, head_start, head_end)
+            return
+        unpack(self.layout, self.layers[layer], list(block_ids), token_start, token_end, chunk, head_start, head_end)

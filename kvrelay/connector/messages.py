@@ -5,6 +5,7 @@ Owns: the job types.  Must not touch: anything else.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,8 +26,15 @@ class FinishBatch:
 
     forward_end: float  # time.monotonic() when the forward pass ended (the publish lag starts there)
     batch: list[PublishState]
-    first_tokens: list[int]
+    first_tokens: list[int | None]
     done: Callable[[PublishState], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Every job before this one is done: set ``done``."""
+
+    done: threading.Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,4 +42,4 @@ class StopPublisher:
     pass
 
 
-PublisherJob = PublishLayer | FinishBatch | StopPublisher
+PublisherJob = PublishLayer | FinishBatch | Drain | StopPublisher

@@ -27,10 +27,11 @@ import torch
 from kvrelay.connector.addressing import (
     FIRST_TOKEN_BYTES, chunk_jobs, first_token_header, first_token_key, first_token_payload, transfer_params)
 from kvrelay.connector.binding import EngineCache
-from kvrelay.connector.messages import FinishBatch, PublisherJob, PublishLayer, StopPublisher
-from kvrelay.connector.state import PublishPhase, PublishState, TransferFailure
+from kvrelay.connector.messages import Drain, FinishBatch, PublisherJob, PublishLayer, StopPublisher
+from kvrelay.connector.breaker import CircuitBreaker
+from kvrelay.connector.threads import quiet_torch_thread
+from kvrelay.connector.state import FailureCode, PublishPhase, PublishState, TransferFailure
 from kvrelay.keys import ChunkKey
-from kvrelay.kernels import pack
 from kvrelay.kernels.layout import dtype_name
 from kvrelay.transfer.wire import ChunkHeader, checksum
 
@@ -54,11 +55,12 @@ class PublishRequest:
     request_id: str
     prompt: Sequence[int]  # the tokens whose KV is published
     block_ids: list[int]  # the engine's blocks holding them (read until the request settles)
+    first_token: bool = True  # also publish the sampled first token (engines whose decode recomputes it: no)
 
 
 class LayerPublisher:
     def __init__(self, client: PublishClient, store_address: str, transport: str, *, chunk_tokens: int,
-                 layerwise: bool = True, reserve_ttl: float = 120.0) -> None:
+                 layerwise: bool = True, reserve_ttl: float = 120.0, breaker: CircuitBreaker | None = None) -> None:
         if chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
         self.client = client
@@ -66,8 +68,10 @@ class LayerPublisher:
         self.chunk_tokens = chunk_tokens
         self.layerwise = layerwise
         self.reserve_ttl = reserve_ttl
+        self.breaker = breaker  # the store's: while open, requests answer without publishing at once
         self._cache: EngineCache | None = None
         self._batch: list[PublishState] = []
+        self._sent: set[int] = set()  # layers of the current batch handed to the thread
         self._jobs: queue.SimpleQueue[PublisherJob] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="kv-publisher", daemon=True)
         self._thread.start()
@@ -99,33 +103,59 @@ class LayerPublisher:
                                  first_token_key(req.request_id, params.block_hashes))
             states.append(state)
             sizes = [(c.key, layout.chunk_nbytes(c.token_end - c.token_start)) for c in state.chunks]
+            if req.first_token:
+                sizes.append((state.meta_key, FIRST_TOKEN_BYTES))
+            if self.breaker is not None and not self.breaker.allow():
+                state.fail(TransferFailure(FailureCode.UNAVAILABLE, f"the store is skipped after a failure "
+                                                                    f"({self.breaker.last_error})"))
+                state.phase = PublishPhase.REFUSED
+                self.cache.metrics.publish_errors.labels(FailureCode.UNAVAILABLE.value).inc()
+                continue
             try:
-                self.client.reserve(req.request_id, sizes + [(state.meta_key, FIRST_TOKEN_BYTES)],
-                                    ttl=self.reserve_ttl)
+                self.client.reserve(req.request_id, sizes, ttl=self.reserve_ttl)
             except Exception as exc:  # noqa: BLE001 - the store is full or gone: answer without publishing
-                self._failed(state, TransferFailure.from_exception(exc, "the prefill could not reserve its chunks"))
+                failure = TransferFailure.from_exception(exc, "the prefill could not reserve its chunks")
+                if self.breaker is not None and failure.code in (FailureCode.UNAVAILABLE, FailureCode.TIMEOUT):
+                    self.breaker.failure(str(failure))
+                    state.fail(failure)
+                    self.cache.metrics.publish_errors.labels(failure.code.value).inc()
+                else:
+                    self._failed(state, failure)
                 state.phase = PublishPhase.REFUSED
                 continue
+            if self.breaker is not None:
+                self.breaker.success()
         self._batch = [s for s in states if s.phase is PublishPhase.PUBLISHING]
+        self._sent = set()
         return states
 
     def layer_done(self, layer: int) -> None:
         """Inside the forward pass, once ``layer``'s KV is in the cache.  Returns at once."""
-        if self.layerwise and self._batch:
+        if self.layerwise and self._batch and layer not in self._sent:
+            self._sent.add(layer)
             self._jobs.put(PublishLayer(layer, list(self._batch)))
 
-    def end(self, states: Sequence[PublishState], first_tokens: Sequence[int],
+    def end(self, states: Sequence[PublishState], first_tokens: Sequence[int | None],
             done: Callable[[PublishState], None]) -> None:
-        """After sampling: ``first_tokens`` aligned with ``states`` (as `begin` returned them).  ``done(state)``
-        is called from the publisher thread for every PUBLISHING state once it settled."""
+        """After sampling: ``first_tokens`` aligned with ``states`` (as `begin` returned them; None where the
+        request publishes no first token).  ``done(state)`` is called from the publisher thread for every
+        PUBLISHING state once it settled."""
         batch, self._batch = self._batch, []
-        if not self.layerwise:
-            for layer in range(self.cache.layout.num_layers):
+        for layer in range(self.cache.layout.num_layers):  # all of them without layerwise; else any not seen
+            if batch and layer not in self._sent:
                 self._jobs.put(PublishLayer(layer, batch))
+        self._sent = set()
         firsts = {id(s): t for s, t in zip(states, first_tokens, strict=True)}
         for state in batch:
             state.params.first_token = firsts[id(state)]
         self._jobs.put(FinishBatch(time.monotonic(), batch, [firsts[id(s)] for s in batch], done))
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every job handed over so far is done (an engine about to reuse blocks of a preempted
+        request).  False if ``timeout`` passed first."""
+        done = threading.Event()
+        self._jobs.put(Drain(done))
+        return done.wait(timeout)
 
     def close(self) -> None:
         self._jobs.put(StopPublisher())
@@ -134,6 +164,7 @@ class LayerPublisher:
 
     # ---- publisher thread ------------------------------------------------------------------------------
     def _run(self) -> None:
+        quiet_torch_thread()
         while True:
             match self._jobs.get():
                 case StopPublisher():
@@ -144,6 +175,8 @@ class LayerPublisher:
                         if state.phase is PublishPhase.PUBLISHING:
                             self._publish_layer(state, layer)
                     self.busy_s += time.perf_counter() - t0
+                case Drain(event):
+                    event.set()
                 case FinishBatch(forward_end, batch, first_tokens, done):
                     for state, token in zip(batch, first_tokens, strict=True):
                         self._finish(state, token, forward_end)
@@ -157,7 +190,7 @@ class LayerPublisher:
                 if job.layer != layer:
                     continue
                 buf = self.client.publish_buffer(job.key)
-                n = pack(layout, cache.layers[layer], state.block_ids, job.token_start, job.token_end, buf)
+                n = cache.pack(layer, state.block_ids, job.token_start, job.token_end, buf)
                 header = ChunkHeader(compat_hash=cache.compat_hash, layer=layer, token_start=job.token_start,
                                      token_end=job.token_end, head_start=layout.head_start,
                                      head_end=layout.head_end, dtype=dtype_name(layout.dtype), nbytes=n,
@@ -170,8 +203,8 @@ class LayerPublisher:
         except Exception as exc:  # noqa: BLE001 - the decode side is told (abort) and recomputes
             self._failed(state, TransferFailure.from_exception(exc, f"the prefill could not publish layer {layer}"))
 
-    def _finish(self, state: PublishState, token: int, forward_end: float) -> None:
-        if state.phase is PublishPhase.PUBLISHING:
+    def _finish(self, state: PublishState, token: int | None, forward_end: float) -> None:
+        if state.phase is PublishPhase.PUBLISHING and token is not None:
             try:
                 buf = self.client.publish_buffer(state.meta_key)
                 payload = first_token_payload(token)

@@ -23,9 +23,10 @@ import torch
 
 from kvrelay.connector.addressing import FIRST_TOKEN_BYTES, chunk_ranges, first_token_key
 from kvrelay.connector.binding import EngineCache
+from kvrelay.connector.breaker import CircuitBreaker
+from kvrelay.connector.threads import quiet_torch_thread
 from kvrelay.connector.state import FailureCode, PullPhase, PullState, TransferError, TransferFailure
 from kvrelay.keys import ChunkKey
-from kvrelay.kernels import unpack
 from kvrelay.kernels.layout import dtype_name
 from kvrelay.transfer.wire import ChunkHeader
 
@@ -46,11 +47,14 @@ class PullClient(Protocol):
 
 
 class LayerPuller:
-    def __init__(self, client: PullClient, store_address: str, workers: int = 2) -> None:
+    def __init__(self, client: PullClient, store_address: str, workers: int = 2,
+                 breaker: CircuitBreaker | None = None) -> None:
         self.client = client
+        self.breaker = breaker  # the store's: while open, pulls fail at once (the engine recomputes)
         self.store_address = store_address
         self._cache: EngineCache | None = None
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kv-puller")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kv-puller",
+                                        initializer=quiet_torch_thread)
         self._tls = threading.local()
 
     @property
@@ -68,8 +72,13 @@ class LayerPuller:
         return self._cache
 
     def start(self, state: PullState, deadline: float, done: Callable[[PullState], None]) -> None:
-        """Pull ``state`` on a worker thread; every wait ends by ``deadline`` (time.monotonic())."""
-        self._pool.submit(self._pull_guarded, state, deadline, done)
+        """Pull ``state`` on a worker thread; every wait ends by ``deadline`` (time.monotonic()).  ``done`` is
+        called exactly once, whatever happens (a closed or broken puller settles the state at once)."""
+        try:
+            self._pool.submit(self._pull_guarded, state, deadline, done)
+        except Exception as exc:  # noqa: BLE001 - RuntimeError after close, BrokenThreadPool
+            state.settle(TransferFailure(FailureCode.INTERNAL, f"the puller cannot start a pull: {exc}"))
+            done(state)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -84,12 +93,22 @@ class LayerPuller:
     def _pull_guarded(self, state: PullState, deadline: float, done: Callable[[PullState], None]) -> None:
         state.phase = PullPhase.PULLING
         failure = None
-        try:
-            self._pull(state, deadline)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a reason for the engine's policy
-            failure = TransferFailure.from_exception(exc)
-            if failure.code is FailureCode.INTERNAL:
-                log.exception("pull of %s failed", state.request_id)
+        breaker = self.breaker
+        if breaker is not None and not breaker.allow():
+            failure = TransferFailure(FailureCode.UNAVAILABLE, f"the store is skipped after a failure "
+                                                               f"({breaker.last_error})")
+        else:
+            try:
+                self._pull(state, deadline)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a reason for the engine's policy
+                failure = TransferFailure.from_exception(exc)
+                if failure.code is FailureCode.INTERNAL:
+                    log.exception("pull of %s failed", state.request_id)
+            if breaker is not None:
+                if failure is None:
+                    breaker.success()
+                elif failure.code is FailureCode.UNAVAILABLE:
+                    breaker.failure(str(failure))
         state.settle(failure)
         done(state)
 
@@ -137,11 +156,10 @@ class LayerPuller:
                         heads = hdr.head_end - hdr.head_start
                         full = chunk.view(layout.dtype).view(layout.num_kv, t1 - t0, heads, layout.head_dim)
                         chunk = full[:, start - t0:].contiguous()
-                    unpack(layout, cache.layers[layer], state.block_ids, start, t1, chunk, hdr.head_start,
-                           hdr.head_end)
+                    cache.unpack(layer, state.block_ids, start, t1, chunk, hdr.head_start, hdr.head_end)
             state.advance(layer + 1)
         state.first_token = kp.first_token
-        if state.first_token is None:  # the decode leg was sent before the prefill answered
+        if state.first_token is None and state.fetch_first_token:  # decode leg sent before the prefill answered
             hdr = self.client.pull(first_token_key(kp.request_id, kp.block_hashes), buf, deadline,
                                    request_id=kp.request_id)
             if hdr.nbytes != FIRST_TOKEN_BYTES or hdr.dtype != "int64":

@@ -139,6 +139,7 @@ class PullState:
     layers_done: int = 0
     pulled_bytes: int = 0
     first_token: int | None = None  # params.first_token, or pulled from the store when the params lack it
+    fetch_first_token: bool = True  # False: an engine that recomputes the last prompt token needs none
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)

@@ -1,0 +1,102 @@
+"""Pack and unpack for caches whose blocks keep each head's K and V in an engine-specific element order:
+vLLM's CPU attention stores a layer as ``[num_blocks, kv_heads, block_size, 2*head_dim]``, but inside each
+(block, head) the first ``block_size*head_dim`` elements are K and the next are V, each in an order the
+attention kernel chose for the CPU's instruction set (AMX tiles, transposed K for AVX-512, ...).
+
+Owns: `PermutedBlockCodec`, which is told that order as position maps (where canonical element
+(token t, dim d) of K and of V lives inside a block-head) and converts whole blocks to and from the
+canonical chunk order ``[2, tokens, heads, head_dim]`` with torch gathers.  Partial blocks are read,
+modified and written back.  Deriving the maps is the engine adapter's job (kvrelay/engines/vllm).
+Must not touch: transports, the store, checksums.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from kvrelay.kernels.layout import KVLayout, LayerTensors, Order
+
+
+class PermutedBlockCodec:
+    def __init__(self, layout: KVLayout, key_pos: torch.Tensor, value_pos: torch.Tensor) -> None:
+        if layout.order is not Order.CPU:
+            raise ValueError(f"PermutedBlockCodec describes Order.CPU containers, got {layout.order.value}")
+        n = layout.block_size * layout.head_dim
+        for name, pos in (("key_pos", key_pos), ("value_pos", value_pos)):
+            if pos.shape != (n,) or not torch.equal(torch.sort(pos.to(torch.long)).values, torch.arange(n)):
+                raise ValueError(f"{name} must be a permutation of the {n} element positions of a block-head "
+                                 f"(block_size {layout.block_size} x head_dim {layout.head_dim})")
+        self.layout = layout
+        # canonical (kv, token, dim) -> position inside a block-head's 2*bs*hd elements
+        self.perm = torch.cat([key_pos.to(torch.long), value_pos.to(torch.long) + n])
+
+    def _region(self, layer: LayerTensors) -> torch.Tensor:
+        if not isinstance(layer, torch.Tensor):
+            raise ValueError("a PermutedBlockCodec layer is one tensor [num_blocks, heads, block_size, 2*head_dim]")
+        self.layout.validate_layer(layer)
+        lo = self.layout
+        return layer.view(lo.num_blocks, lo.num_kv_heads, 2 * lo.block_size * lo.head_dim)
+
+    def _blocks(self, block_ids: Sequence[int], token_start: int, token_end: int) -> tuple[torch.Tensor, int]:
+        bs = self.layout.block_size
+        if not 0 <= token_start < token_end:
+            raise ValueError(f"token range [{token_start}, {token_end}) is empty or negative")
+        first, last = token_start // bs, -(-token_end // bs)
+        if last > len(block_ids):
+            raise ValueError(f"{len(block_ids)} block ids cannot hold tokens up to {token_end} "
+                             f"(block size {bs})")
+        ids = torch.as_tensor(list(block_ids[first:last]), dtype=torch.long)
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.layout.num_blocks):
+            raise ValueError(f"block ids must lie in [0, {self.layout.num_blocks})")
+        return ids, first * bs
+
+    def _canonical(self, native: torch.Tensor) -> torch.Tensor:
+        """[n, H, 2*bs*hd] native -> [2, n*bs, H, hd] canonical (a copy)."""
+        lo = self.layout
+        n = native.shape[0]
+        canon = native.index_select(2, self.perm).view(n, lo.num_kv_heads, 2, lo.block_size, lo.head_dim)
+        return canon.permute(2, 0, 3, 1, 4).reshape(2, n * lo.block_size, lo.num_kv_heads, lo.head_dim)
+
+    def pack(self, layer: LayerTensors, block_ids: Sequence[int], token_start: int, token_end: int,
+             out: torch.Tensor) -> int:
+        """Tokens [token_start, token_end) of a request into ``out`` (uint8), canonical order; returns bytes."""
+        region = self._region(layer)
+        ids, base = self._blocks(block_ids, token_start, token_end)
+        lo = self.layout
+        tokens = token_end - token_start
+        nbytes = lo.chunk_nbytes(tokens)
+        if out.dtype != torch.uint8 or out.numel() < nbytes:
+            raise ValueError(f"out must be a uint8 tensor of at least {nbytes} bytes, got {out.numel()} "
+                             f"{out.dtype}")
+        canon = self._canonical(region.index_select(0, ids))
+        dst = out[:nbytes].view(lo.dtype).view(2, tokens, lo.num_kv_heads, lo.head_dim)
+        dst.copy_(canon[:, token_start - base:token_end - base])
+        return nbytes
+
+    def unpack(self, layer: LayerTensors, block_ids: Sequence[int], token_start: int, token_end: int,
+               chunk: torch.Tensor, head_start: int, head_end: int) -> None:
+        """Write a canonical chunk holding model heads [head_start, head_end) into the request's blocks; this
+        cache keeps its own heads [layout.head_start, layout.head_end), which the chunk must cover."""
+        lo = self.layout
+        if not head_start <= lo.head_start < lo.head_end <= head_end:
+            raise ValueError(f"the chunk holds heads [{head_start}, {head_end}), this cache needs "
+                             f"[{lo.head_start}, {lo.head_end})")
+        region = self._region(layer)
+        ids, base = self._blocks(block_ids, token_start, token_end)
+        tokens = token_end - token_start
+        want = 2 * tokens * (head_end - head_start) * lo.head_dim * lo.itemsize
+        if chunk.numel() * chunk.element_size() != want:
+            raise ValueError(f"chunk has {chunk.numel() * chunk.element_size()} bytes, {tokens} tokens of heads "
+                             f"[{head_start}, {head_end}) need {want}")
+        src = chunk.contiguous().view(-1).view(torch.uint8).view(lo.dtype).view(
+            2, tokens, head_end - head_start, lo.head_dim)[:, :, lo.head_start - head_start:lo.head_end - head_start]
+        n = len(ids)
+        canon = self._canonical(region.index_select(0, ids))
+        canon[:, token_start - base:token_end - base] = src
+        flat = canon.view(2, n, lo.block_size, lo.num_kv_heads, lo.head_dim).permute(1, 3, 0, 2, 4).reshape(
+            n, lo.num_kv_heads, 2 * lo.block_size * lo.head_dim)
+        native = torch.empty_like(flat)
+        native.index_copy_(2, self.perm, flat)
+        region.index_copy_(0, ids, native)
