@@ -1,0 +1,99 @@
+"""`RelayConfig`: kvrelay's settings inside vLLM, read from ``--kv-transfer-config``.
+
+    {"kv_connector": "KVRelayConnector", "kv_connector_module_path": "kvrelay.engines.vllm",
+     "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+     "kv_connector_extra_config": {"store": "tcp://127.0.0.1:5600", "transport": "shm", "chunk_tokens": 256,
+                                   "failure_policy": "recompute", "pull_timeout_s": 30, "model_id": "..."}}
+
+Owns: parsing and validating that configuration: every bad or missing value is refused at start-up with a
+message that names it.  Must not touch: vLLM's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvrelay.keys import DEFAULT_CHUNK_TOKENS
+
+ROLES = ("kv_producer", "kv_consumer", "kv_both")
+POLICIES = ("recompute", "fail")
+TRANSPORTS = ("shm", "tcp", "nixl")
+KEYS = ("store", "transport", "chunk_tokens", "failure_policy", "pull_timeout_s", "model_id", "prefix_lookup",
+        "reserve_ttl_s", "breaker_cooldown_s")
+
+
+class ConfigError(ValueError):
+    """A bad kvrelay setting in vLLM's --kv-transfer-config."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    role: str  # kv_producer: publishes; kv_consumer: loads; kv_both: both
+    store: str  # the kvrelay store's control address, tcp://HOST:PORT
+    transport: str = "shm"
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    failure_policy: str = "recompute"
+    pull_timeout_s: float = 30.0
+    model_id: str = ""  # default: vLLM's --model (both sides must name the model alike)
+    prefix_lookup: bool = True  # look every new request's prompt up in the store (cross-instance prefix reuse)
+    reserve_ttl_s: float = 120.0
+    breaker_cooldown_s: float = 1.0  # after the store failed: skip it this long, then probe again
+
+    @property
+    def publishes(self) -> bool:
+        return self.role in ("kv_producer", "kv_both")
+
+    @property
+    def loads(self) -> bool:
+        return self.role in ("kv_consumer", "kv_both")
+
+    @classmethod
+    def parse(cls, role: str | None, extra: dict[str, Any] | None, vllm_policy: str, default_model_id: str,
+              block_size: int) -> "RelayConfig":
+        where = "--kv-transfer-config"
+        if role not in ROLES:
+            raise ConfigError(f"{where}: kv_role {role!r} is not supported by KVRelayConnector; choose one of "
+                              f"{', '.join(ROLES)}")
+        extra = dict(extra or {})
+        unknown = sorted(set(extra) - set(KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: kv_connector_extra_config has unknown keys {unknown}; known: {list(KEYS)}")
+        store = extra.get("store")
+        if not isinstance(store, str) or not store.startswith("tcp://") or ":" not in store[6:]:
+            raise ConfigError(f"{where}: kv_connector_extra_config.store must be the kvrelay store's address like "
+                              f"\"tcp://127.0.0.1:5600\" (start one with `kvrelay store`), got {store!r}")
+        transport = extra.get("transport", "shm")
+        if transport not in TRANSPORTS:
+            raise ConfigError(f"{where}: kv_connector_extra_config.transport {transport!r}: choose one of "
+                              f"{', '.join(TRANSPORTS)}")
+        chunk = extra.get("chunk_tokens", DEFAULT_CHUNK_TOKENS)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0 or chunk % block_size:
+            raise ConfigError(f"{where}: kv_connector_extra_config.chunk_tokens must be a positive multiple of "
+                              f"vLLM's block size {block_size}, got {chunk!r} (every server of a cluster must use "
+                              f"the same chunk_tokens)")
+        policy = extra.get("failure_policy", vllm_policy)
+        if policy not in POLICIES:
+            raise ConfigError(f"{where}: kv_connector_extra_config.failure_policy {policy!r}: choose recompute or "
+                              f"fail")
+        if policy != vllm_policy:
+            raise ConfigError(f"{where}: kv_connector_extra_config.failure_policy is {policy!r} but vLLM's "
+                              f"kv_load_failure_policy is {vllm_policy!r}; set \"kv_load_failure_policy\": "
+                              f"\"{policy}\" in --kv-transfer-config (vLLM applies it)")
+        numbers = {}
+        for key, default in (("pull_timeout_s", 30.0), ("reserve_ttl_s", 120.0), ("breaker_cooldown_s", 1.0)):
+            value = extra.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+                raise ConfigError(f"{where}: kv_connector_extra_config.{key} must be a number of seconds in "
+                                  f"(0, 86400], got {value!r}")
+            numbers[key] = float(value)
+        model_id = extra.get("model_id", default_model_id)
+        if not isinstance(model_id, str) or not model_id:
+            raise ConfigError(f"{where}: kv_connector_extra_config.model_id must be a non-empty string, got "
+                              f"{model_id!r}")
+        lookup = extra.get("prefix_lookup", True)
+        if not isinstance(lookup, bool):
+            raise ConfigError(f"{where}: kv_connector_extra_config.prefix_lookup must be true or false, got "
+                              f"{lookup!r}")
+        return cls(role=role, store=store, transport=transport, chunk_tokens=chunk, failure_policy=policy,
+                   model_id=model_id, prefix_lookup=lookup, **numbers)

@@ -1,0 +1,242 @@
+"""`KVRelayConnector`: kvrelay inside vLLM (``KVConnectorBase_V1``), loaded with
+
+    --kv-transfer-config '{"kv_connector": "KVRelayConnector", "kv_connector_module_path": "kvrelay.engines.vllm",
+                           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"store": "tcp://127.0.0.1:5600"}}'
+
+vLLM builds one instance per process and role: the SCHEDULER instance (EngineCore process) delegates to
+`SchedulerSide`, the WORKER instance (each Worker process) to `WorkerSide`; they talk only through the
+`StepMeta` the scheduler builds each step.  Hooks, by process and when vLLM calls them:
+
+  scheduler  get_num_new_matched_tokens   a waiting request: tokens the store provides (async load)
+             update_state_after_alloc     its blocks are allocated: remember the load
+             build_connector_meta         each step: loads to start, saves (prompts completed this step)
+             update_connector_output      the workers' report: loads that failed are not offered again
+             request_finished             (delay_free while publishing, kv_transfer_params of a prefill leg)
+  worker     register_kv_caches           read the cache layout (CPU or GPU), open the store
+             handle_preemptions           wait for the publisher before preempted blocks are reused
+             bind_connector_metadata      reserve this step's saves
+             start_load_kv                start this step's loads (pulled layer by layer on threads)
+             wait_for_layer_load          nothing: loads are asynchronous, their requests wait
+             save_kv_layer                hand the layer to the publisher thread; returns at once
+             wait_for_save                the publisher settles the step's requests after their last layer
+             get_finished                 settled loads; finished requests whose publish settled
+             get_block_ids_with_load_errors  blocks of failed loads: vLLM recomputes them
+
+Owns: the mapping of vLLM's hooks and objects onto SchedulerSide / WorkerSide.  Must not touch: anything
+the two sides own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole)
+
+from kvrelay.connector import EngineCache, TransferMetrics
+from kvrelay.engines.vllm.config import RelayConfig
+from kvrelay.engines.vllm.layout import cpu_isa, layout_of, ordered_layers
+from kvrelay.engines.vllm.meta import StepMeta
+from kvrelay.engines.vllm.scheduler import SchedulerSide
+from kvrelay.engines.vllm.stats import KVRelayPromMetrics, KVRelayStats
+from kvrelay.engines.vllm.worker import WorkerSide
+from kvrelay.kernels.layout import KVLayout, Order
+
+log = logging.getLogger("kvrelay.vllm")
+
+
+def _log_like_vllm() -> None:
+    """kvrelay's loggers write where vLLM's do (vLLM configures only its own logger tree)."""
+    root = logging.getLogger("kvrelay")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("(kvrelay pid=%(process)d) %(levelname)s %(asctime)s %(name)s: "
+                                               "%(message)s", "%m-%d %H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+STORE_TIMEOUT_S = 5.0  # one store round trip; a dead store opens the circuit breaker after one of these
+
+
+class KVRelayMetadata(KVConnectorMetadata, StepMeta):
+    """The step's `StepMeta`, as the connector metadata vLLM pickles to the workers."""
+
+
+class KVRelayConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        _log_like_vllm()
+        ktc = vllm_config.kv_transfer_config
+        mc, cc = vllm_config.model_config, vllm_config.cache_config
+        self.block_size = int(cc.block_size)
+        self.cfg = RelayConfig.parse(ktc.kv_role, ktc.kv_connector_extra_config,
+                                     str(getattr(ktc, "kv_load_failure_policy", "fail")), str(mc.model),
+                                     self.block_size)
+        self.num_layers = int(mc.get_num_layers(vllm_config.parallel_config))
+        self.total_kv_heads = int(mc.get_total_num_kv_heads())
+        self.head_dim = int(mc.get_head_size())
+        self.cache_dtype = str(cc.cache_dtype)
+        self.model_dtype = mc.dtype
+        dtype = self.model_dtype if self.cache_dtype == "auto" else _cache_torch_dtype(self.cache_dtype)
+        self.compat_hash = KVLayout(num_layers=self.num_layers, num_blocks=1, block_size=self.block_size,
+                                    num_kv_heads=self.total_kv_heads, head_dim=self.head_dim, dtype=dtype,
+                                    order=Order.NHD).compat_hash(self.cfg.model_id)
+        self.sched: SchedulerSide | None = None
+        self.worker: WorkerSide | None = None
+        self._layer_index: dict[str, int] = {}
+        if role == KVConnectorRole.SCHEDULER:
+            self.sched = SchedulerSide(self.cfg, self.compat_hash, self.num_layers, self.total_kv_heads,
+                                       self.block_size, lambda: self._client("scheduler"))
+        log.info("KVRelayConnector %s: role %s, store %s over %s, chunks of %d tokens, compat %s", role.name,
+                 self.cfg.role, self.cfg.store, self.cfg.transport, self.cfg.chunk_tokens, self.compat_hash)
+
+    def _client(self, what: str) -> Any:
+        from kvrelay.store.client import StoreClient
+        return StoreClient(self.cfg.store, transport=self.cfg.transport, compat_hash=self.compat_hash,
+                           name=f"vllm-{what}-{os.getpid()}", timeout=STORE_TIMEOUT_S, staging_bytes=64 << 20)
+
+    # ==== worker side ============================================================================================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        layers = ordered_layers(kv_caches)
+        if len(layers) != self.num_layers:
+            raise ValueError(f"vLLM registered {len(layers)} KV caches, the model has {self.num_layers} layers")
+        self._layer_index = {name: i for i, (name, _) in enumerate(layers)}
+        tensors = [t for _, t in layers]
+        local_heads = tensors[0].shape[1] if tensors[0].device.type == "cpu" and tensors[0].dim() == 4 else None
+        head_start = 0
+        if local_heads is not None and local_heads != self.total_kv_heads:
+            from vllm.distributed import get_tensor_model_parallel_rank
+            head_start = get_tensor_model_parallel_rank() * int(local_heads)
+        isa = None
+        if tensors[0].device.type == "cpu":
+            isa = cpu_isa(self.model_dtype, self.block_size, self.head_dim, self.cache_dtype)
+            if isa == "amx" and not torch.cpu._init_amx():
+                raise RuntimeError("vLLM chose AMX attention but the kernel refused AMX to this process")
+        layout, layer_tensors, codec = layout_of(tensors, head_start=head_start, total_kv_heads=self.total_kv_heads,
+                                                 cpu_isa_name=isa)
+        compat = layout.compat_hash(self.cfg.model_id)
+        if compat != self.compat_hash:
+            raise ValueError(f"the registered KV caches ({layout.dtype}, head dim {layout.head_dim}, "
+                             f"{layout.total_kv_heads} KV heads, {layout.num_layers} layers: compat {compat}) do "
+                             f"not match the model config (compat {self.compat_hash})")
+        epoch = uuid.uuid4().hex
+
+        def cache_factory(metrics: TransferMetrics) -> EngineCache:
+            return EngineCache(layout, layer_tensors, self.cfg.model_id, self.compat_hash, epoch, metrics, codec)
+
+        self.worker = WorkerSide(self.cfg, cache_factory, lambda: self._client("worker"))
+        log.info("kvrelay: %d layers of %s blocks (block size %d, %d KV heads, isa %s)", layout.num_layers,
+                 layout.num_blocks, layout.block_size, layout.num_kv_heads, isa or "-")
+
+    def handle_preemptions(self, kv_connector_metadata: Any) -> None:
+        if self.worker is not None and isinstance(kv_connector_metadata, StepMeta):
+            self.worker.preempted(kv_connector_metadata.preempted)
+
+    def bind_connector_metadata(self, connector_metadata: Any) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None and isinstance(connector_metadata, StepMeta):
+            self.worker.bind(connector_metadata)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        if self.worker is not None:
+            self.worker.start_loads()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are asynchronous: their requests are not scheduled until reported in get_finished
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        if self.worker is not None:
+            index = self._layer_index.get(layer_name)
+            if index is not None:
+                self.worker.save_layer(index)
+
+    def wait_for_save(self) -> None:
+        if self.worker is not None:
+            self.worker.end_step()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self.worker is None:
+            return None, None
+        sending, recving = self.worker.finished(finished_req_ids)
+        return sending or None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.load_errors() if self.worker is not None else set()
+
+    def get_kv_connector_stats(self) -> KVRelayStats | None:
+        counts: dict[str, int] = {}
+        if self.worker is not None:
+            counts = self.worker.take_counts()
+        elif self.sched is not None:
+            counts = self.sched.take_counts()
+        stats = KVRelayStats(data=dict(counts))
+        return None if stats.is_empty() else stats
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        if self.sched is not None:
+            self.sched.close()
+
+    # ==== scheduler side =========================================================================================
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self.sched is None:
+            return 0, False
+        return self.sched.matched_tokens(request.request_id, request.prompt_token_ids or [],
+                                         request.kv_transfer_params, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        if self.sched is not None and num_external_tokens > 0:
+            self.sched.after_alloc(request.request_id, blocks.get_block_ids()[0], num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        meta = KVRelayMetadata()
+        if self.sched is None:
+            return meta
+        so = scheduler_output
+        n_new = so.num_scheduled_tokens
+        scheduled = [(r.req_id, r.num_computed_tokens, n_new.get(r.req_id, 0)) for r in so.scheduled_new_reqs]
+        cached = so.scheduled_cached_reqs
+        scheduled += [(rid, computed, n_new.get(rid, 0))
+                      for rid, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=True)]
+        manager = self._kv_cache_manager
+        if manager is None:
+            raise RuntimeError("vLLM did not bind its KV cache manager to the connector (bind_kv_cache_manager)")
+        step = self.sched.build_meta(scheduled, lambda rid: list(manager.get_blocks(rid).get_block_ids()[0]))
+        meta.loads, meta.saves = step.loads, step.saves
+        meta.preempted = sorted(so.preempted_req_ids or ())
+        return meta
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        if self.sched is not None:
+            self.sched.load_failed(set(connector_output.finished_recving or ()),
+                                   set(connector_output.invalid_block_ids or ()))
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self.sched is None:
+            return False, None
+        return self.sched.finished(request.request_id)
+
+    # ==== stats ==================================================================================================
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVRelayStats | None:
+        return KVRelayStats(data=dict(data)) if data is not None else KVRelayStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVRelayPromMetrics:
+        return KVRelayPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+def _cache_torch_dtype(name: str) -> torch.dtype:
+    table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16, "float": torch.float32,
+             "float32": torch.float32}
+    if name not in table:
+        raise ValueError(f"kvrelay does not move {name!r} KV caches (supported: auto, {', '.join(table)})")
+    return table[name]

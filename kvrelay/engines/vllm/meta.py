@@ -1,0 +1,46 @@
+"""What the scheduler-side connector tells the worker-side one each step (pickled by vLLM), and the
+kvrelay fields inside vLLM's ``kv_transfer_params``.
+
+Owns: `LoadSpec`, `SaveSpec`, the field names shared with the router.  Must not touch: anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# kv_transfer_params fields (a prefill leg carries do_remote_decode, a decode leg do_remote_prefill, as with
+# vLLM's own connectors); the router names both legs' shared id in RELAY_ID so they can be sent at once.
+DO_REMOTE_DECODE = "do_remote_decode"
+DO_REMOTE_PREFILL = "do_remote_prefill"
+RELAY_ID = "kvrelay_request_id"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """Pull the prompt KV of ``req_id`` into ``block_ids`` (covering the prompt from token 0), skipping the
+    first ``skip_tokens`` (this instance's own prefix cache holds them), up to ``num_tokens``."""
+
+    req_id: str  # vLLM's request id (reported back in finished_recving)
+    relay_id: str  # the request id the prefill publishes under (store aborts reach pulls through it)
+    block_hashes: list[str]
+    num_tokens: int
+    block_ids: list[int]
+    skip_tokens: int
+    deadline_s: float  # the pull gives up (and vLLM recomputes) this long after it starts
+
+
+@dataclass(frozen=True, slots=True)
+class SaveSpec:
+    """Publish the prompt KV of ``req_id`` (its prompt is complete in the cache after this step's forward)."""
+
+    req_id: str
+    relay_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+
+
+@dataclass
+class StepMeta:
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)  # requests whose blocks vLLM reuses from this step on

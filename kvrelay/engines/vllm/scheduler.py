@@ -1,0 +1,210 @@
+"""The scheduler-side half of the vLLM connector (vLLM's EngineCore process): decides, per request, what
+to load from the kvrelay store and what to publish, and tells the worker each step (`StepMeta`).
+
+- **Loads.**  A decode leg (``kv_transfer_params.do_remote_prefill``) loads its whole prompt: the prefill
+  publishes it layer by layer at the same time and the pulls wait in the store for each layer.  Any other
+  request (roles kv_consumer / kv_both, ``prefix_lookup``) looks its prompt up in the store: the keys of
+  the *last* layer, committed last, so a hit means every layer is there.  Loads are asynchronous (vLLM
+  keeps the request waiting until the worker reports it), never offered twice for a request whose load
+  failed, and skipped at once while the store's circuit breaker is open.
+- **Saves.**  Roles kv_producer / kv_both publish a request's prompt in the step where its last prompt
+  token is computed (unless it all came from the store).  Such a request's blocks are freed only once
+  the worker reports its publish settled (``delay_free``).
+- **Params.**  A prefill leg (``do_remote_decode``) answers with `KVTransferParams` plus
+  ``do_remote_prefill: true``, which a decode leg sent by vLLM's proxy conventions carries back.
+
+Owns: that bookkeeping.  Must not touch: the cache, the worker, vLLM's scheduler state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import msgspec
+
+from kvrelay.connector import CircuitBreaker, FailureCode, TransferFailure, transfer_params
+from kvrelay.engines.vllm.config import RelayConfig
+from kvrelay.engines.vllm.meta import DO_REMOTE_DECODE, DO_REMOTE_PREFILL, RELAY_ID, LoadSpec, SaveSpec, StepMeta
+from kvrelay.keys import ChunkKey, block_hashes
+
+log = logging.getLogger("kvrelay.vllm.scheduler")
+
+
+class LookupClient(Protocol):
+    def lookup(self, keys: list[ChunkKey]) -> int: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Request:
+    req_id: str
+    token_ids: list[int]
+    params: dict[str, Any]
+    relay_id: str
+    hashes: list[str] | None = None
+    matched: tuple[int, int] | None = None  # (num_computed asked, tokens offered)
+    load: LoadSpec | None = None
+    loaded_tokens: int = 0
+    saving: bool = False  # a save was scheduled: its blocks are freed when the worker says so
+
+
+@dataclass
+class SchedulerStats:
+    lookups: int = 0
+    lookup_hit_tokens: int = 0
+    lookup_miss_tokens: int = 0
+    skipped_store_down: int = 0
+    failed_loads: int = 0
+
+
+class SchedulerSide:
+    def __init__(self, cfg: RelayConfig, compat_hash: str, num_layers: int, total_kv_heads: int,
+                 block_size: int, client_factory: Callable[[], LookupClient]) -> None:
+        self.cfg, self.compat_hash = cfg, compat_hash
+        self.num_layers, self.total_kv_heads, self.block_size = num_layers, total_kv_heads, block_size
+        self._client_factory = client_factory
+        self._client: LookupClient | None = None
+        self.breaker = CircuitBreaker("kvrelay store (scheduler)", cfg.breaker_cooldown_s)
+        self._reqs: dict[str, _Request] = {}
+        self._pending_loads: list[LoadSpec] = []
+        self._failed_loads: set[str] = set()
+        self.stats = SchedulerStats()
+
+    # ---- vLLM hooks --------------------------------------------------------------------------------------
+    def track(self, req_id: str, token_ids: Sequence[int], params: dict[str, Any] | None) -> _Request:
+        r = self._reqs.get(req_id)
+        if r is None:
+            p = dict(params or {})
+            r = self._reqs[req_id] = _Request(req_id, list(token_ids), p, str(p.get(RELAY_ID) or req_id))
+        return r
+
+    def matched_tokens(self, req_id: str, token_ids: Sequence[int], params: dict[str, Any] | None,
+                       num_computed: int) -> tuple[int, bool]:
+        """How many prompt tokens after ``num_computed`` the store will provide (loaded asynchronously)."""
+        r = self.track(req_id, token_ids, params)
+        if not self.cfg.loads or req_id in self._failed_loads or r.load is not None:
+            return 0, False
+        if r.matched is not None and r.matched[0] == num_computed:
+            return r.matched[1], r.matched[1] > 0
+        n = len(r.token_ids)
+        offer = 0
+        if r.params.get(DO_REMOTE_PREFILL):
+            if self.breaker.allow():  # decode leg: the prefill publishes the whole prompt right now
+                offer = max(0, n - num_computed)
+            else:
+                self.stats.skipped_store_down += 1
+        elif self.cfg.prefix_lookup and n > num_computed:
+            offer = max(0, self._stored_tokens(r) - num_computed)
+        r.matched = (num_computed, offer)
+        return offer, offer > 0
+
+    def after_alloc(self, req_id: str, block_ids: Sequence[int], num_external: int) -> None:
+        r = self._reqs.get(req_id)
+        if r is None or num_external <= 0 or r.load is not None or r.matched is None:
+            return
+        skip = r.matched[0]
+        # a decode leg waits for its prefill; a prefix found by lookup is already there (a short deadline)
+        wait = self.cfg.pull_timeout_s if r.params.get(DO_REMOTE_PREFILL) else min(self.cfg.pull_timeout_s, 5.0)
+        r.load = LoadSpec(req_id, r.relay_id, self._hashes(r), skip + num_external, list(block_ids), skip, wait)
+        r.loaded_tokens = skip + num_external
+        self._pending_loads.append(r.load)
+
+    def build_meta(self, scheduled: Sequence[tuple[str, int, int]],
+                   blocks_of: Callable[[str], list[int]]) -> StepMeta:
+        """``scheduled``: (req_id, tokens computed before this step, tokens scheduled in it)."""
+        meta = StepMeta(loads=self._pending_loads)
+        self._pending_loads = []
+        if not self.cfg.publishes:
+            return meta
+        for req_id, computed, num_new in scheduled:
+            r = self._reqs.get(req_id)
+            if r is None:
+                continue
+            n = len(r.token_ids)
+            if computed < n <= computed + num_new and r.loaded_tokens < n:
+                nblocks = -(-n // self.block_size)
+                meta.saves.append(SaveSpec(req_id, r.relay_id, r.token_ids, blocks_of(req_id)[:nblocks]))
+                r.saving = True
+        return meta
+
+    def load_failed(self, finished_recving: set[str], invalid_block_ids: set[int]) -> None:
+        """From the worker's output: a finished load whose blocks were reported invalid is not offered again."""
+        if not invalid_block_ids:
+            return
+        for req_id in finished_recving:
+            r = self._reqs.get(req_id)
+            if r is not None and r.load is not None and invalid_block_ids & set(r.load.block_ids):
+                self._failed_loads.add(req_id)
+                self.stats.failed_loads += 1
+                r.loaded_tokens = 0
+                r.matched = None
+
+    def finished(self, req_id: str) -> tuple[bool, dict[str, Any] | None]:
+        """(delay_free, kv_transfer_params) for vLLM's request_finished."""
+        r = self._reqs.pop(req_id, None)
+        self._failed_loads.discard(req_id)
+        if r is None:
+            return False, None
+        params = None
+        if r.params.get(DO_REMOTE_DECODE) and r.saving:
+            kp = transfer_params(r.token_ids, r.relay_id, self.cfg.model_id, self.compat_hash, self.cfg.chunk_tokens,
+                                 self.num_layers, 0, self.total_kv_heads, self.cfg.store, self.cfg.transport)
+            params = {**msgspec.to_builtins(kp), DO_REMOTE_PREFILL: True, DO_REMOTE_DECODE: False,
+                      RELAY_ID: r.relay_id}
+        return r.saving, params
+
+    def take_counts(self) -> dict[str, int]:
+        """Counts since the last call, for vLLM's connector stats."""
+        st = self.stats
+        counts = {"lookup_hit_tokens": st.lookup_hit_tokens, "lookup_miss_tokens": st.lookup_miss_tokens,
+                  "store_skipped": st.skipped_store_down}
+        self.stats = SchedulerStats(lookups=0)
+        return {k: v for k, v in counts.items() if v}
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # ---- store ---------------------------------------------------------------------------------------------
+    def _hashes(self, r: _Request) -> list[str]:
+        if r.hashes is None:
+            r.hashes = block_hashes(r.token_ids, self.cfg.chunk_tokens, self.cfg.model_id, self.compat_hash)
+        return r.hashes
+
+    def _stored_tokens(self, r: _Request) -> int:
+        """Prompt tokens whose every layer the store holds, from token 0 (one round trip)."""
+        if not self.breaker.allow():
+            self.stats.skipped_store_down += 1
+            return 0
+        # chunk-major, every layer: the store counts the keys present from the first, so a chunk counts only
+        # when all its layers are there (LRU eviction may have taken an early layer of a later chunk)
+        keys = [ChunkKey(h, layer, 0, self.total_kv_heads) for h in self._hashes(r) for layer in range(self.num_layers)]
+        try:
+            if self._client is None:
+                self._client = self._client_factory()
+            present = self._client.lookup(keys)
+        except Exception as exc:  # noqa: BLE001 - the store is down or refuses: compute locally
+            failure = TransferFailure.from_exception(exc, "store lookup")
+            if failure.code in (FailureCode.UNAVAILABLE, FailureCode.TIMEOUT, FailureCode.INTERNAL):
+                self.breaker.failure(str(failure))
+                self._drop_client()
+            else:
+                log.warning("%s", failure)
+            return 0
+        self.breaker.success()
+        tokens = min(len(r.token_ids), present // self.num_layers * self.cfg.chunk_tokens)
+        self.stats.lookups += 1
+        self.stats.lookup_hit_tokens += tokens
+        self.stats.lookup_miss_tokens += len(r.token_ids) - tokens
+        return tokens
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - it is broken anyway
+                pass
