@@ -32,8 +32,14 @@ from kvrelay.keys import ChunkKey, block_hashes
 log = logging.getLogger("kvrelay.vllm.scheduler")
 
 
+def _ping(client: "LookupClient") -> int:
+    client.ping()
+    return 0
+
+
 class LookupClient(Protocol):
     def lookup(self, keys: list[ChunkKey]) -> int: ...
+    def ping(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -66,7 +72,7 @@ class SchedulerSide:
         self.num_layers, self.total_kv_heads, self.block_size = num_layers, total_kv_heads, block_size
         self._client_factory = client_factory
         self._client: LookupClient | None = None
-        self.breaker = CircuitBreaker("kvrelay store (scheduler)", cfg.breaker_cooldown_s)
+        self.breaker = CircuitBreaker("kvrelay store (scheduler)", cfg.breaker_cooldown_s, probe=self._probe)
         self._reqs: dict[str, _Request] = {}
         self._pending_loads: list[LoadSpec] = []
         self._failed_loads: set[str] = set()
@@ -91,10 +97,8 @@ class SchedulerSide:
         n = len(r.token_ids)
         offer = 0
         if r.params.get(DO_REMOTE_PREFILL):
-            if self.breaker.allow():  # decode leg: the prefill publishes the whole prompt right now
+            if self._store_alive():  # decode leg: the prefill publishes the whole prompt right now
                 offer = max(0, n - num_computed)
-            else:
-                self.stats.skipped_store_down += 1
         elif self.cfg.prefix_lookup and n > num_computed:
             offer = max(0, self._stored_tokens(r) - num_computed)
         r.matched = (num_computed, offer)
@@ -148,7 +152,8 @@ class SchedulerSide:
         if r is None:
             return False, None
         params = None
-        if r.params.get(DO_REMOTE_DECODE) and r.saving:
+        if r.params.get(DO_REMOTE_DECODE) and (r.saving or r.loaded_tokens >= len(r.token_ids)):
+            # published now, or every chunk was already in the store (this prefill loaded them all)
             kp = transfer_params(r.token_ids, r.relay_id, self.cfg.model_id, self.compat_hash, self.cfg.chunk_tokens,
                                  self.num_layers, 0, self.total_kv_heads, self.cfg.store, self.cfg.transport)
             params = {**msgspec.to_builtins(kp), DO_REMOTE_PREFILL: True, DO_REMOTE_DECODE: False,
@@ -164,6 +169,7 @@ class SchedulerSide:
         return {k: v for k, v in counts.items() if v}
 
     def close(self) -> None:
+        self.breaker.close()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -174,27 +180,46 @@ class SchedulerSide:
             r.hashes = block_hashes(r.token_ids, self.cfg.chunk_tokens, self.cfg.model_id, self.compat_hash)
         return r.hashes
 
-    def _stored_tokens(self, r: _Request) -> int:
-        """Prompt tokens whose every layer the store holds, from token 0 (one round trip)."""
+    def _call(self, what: str, call: Callable[[LookupClient], int]) -> int | None:
+        """One store call through the breaker: None when the store is skipped or failed."""
         if not self.breaker.allow():
             self.stats.skipped_store_down += 1
-            return 0
-        # chunk-major, every layer: the store counts the keys present from the first, so a chunk counts only
-        # when all its layers are there (LRU eviction may have taken an early layer of a later chunk)
-        keys = [ChunkKey(h, layer, 0, self.total_kv_heads) for h in self._hashes(r) for layer in range(self.num_layers)]
+            return None
         try:
             if self._client is None:
                 self._client = self._client_factory()
-            present = self._client.lookup(keys)
+            result = call(self._client)
         except Exception as exc:  # noqa: BLE001 - the store is down or refuses: compute locally
-            failure = TransferFailure.from_exception(exc, "store lookup")
+            failure = TransferFailure.from_exception(exc, what)
             if failure.code in (FailureCode.UNAVAILABLE, FailureCode.TIMEOUT, FailureCode.INTERNAL):
                 self.breaker.failure(str(failure))
                 self._drop_client()
             else:
                 log.warning("%s", failure)
-            return 0
+            return None
         self.breaker.success()
+        return result
+
+    def _probe(self) -> None:
+        client = self._client_factory()
+        try:
+            client.ping()
+        finally:
+            client.close()
+
+    def _store_alive(self) -> bool:
+        """A decode leg loads only from a live store (one round trip): with the store dead, every decode
+        leg after the first recomputes at once instead of waiting out its pull deadline."""
+        return self._call("store check", _ping) is not None
+
+    def _stored_tokens(self, r: _Request) -> int:
+        """Prompt tokens whose every layer the store holds, from token 0 (one round trip)."""
+        # chunk-major, every layer: the store counts the keys present from the first, so a chunk counts only
+        # when all its layers are there (LRU eviction may have taken an early layer of a later chunk)
+        keys = [ChunkKey(h, layer, 0, self.total_kv_heads) for h in self._hashes(r) for layer in range(self.num_layers)]
+        present = self._call("store lookup", lambda c: c.lookup(keys))
+        if present is None:
+            return 0
         tokens = min(len(r.token_ids), present // self.num_layers * self.cfg.chunk_tokens)
         self.stats.lookups += 1
         self.stats.lookup_hit_tokens += tokens

@@ -41,7 +41,8 @@ class WorkerSide:
         self.registry = CollectorRegistry()
         self.metrics = TransferMetrics(self.registry, "kvrelay_vllm")
         self.cache = cache_factory(self.metrics)
-        self.breaker = CircuitBreaker("kvrelay store (worker)", cfg.breaker_cooldown_s)
+        self.breaker = CircuitBreaker("kvrelay store (worker)", cfg.breaker_cooldown_s,
+                                      probe=lambda: self._ping(client_factory))
         self.publisher: LayerPublisher | None = None
         self.puller: LayerPuller | None = None
         if cfg.publishes:
@@ -152,11 +153,20 @@ class WorkerSide:
         return counts
 
     def close(self) -> None:
+        self.breaker.close()
         for hook in (self.publisher, self.puller):
             if hook is not None:
                 hook.close()
 
     # ---- helpers -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _ping(client_factory: Callable[[], object]) -> None:
+        client = client_factory()
+        try:
+            client.ping()  # type: ignore[attr-defined]
+        finally:
+            client.close()  # type: ignore[attr-defined]
+
     def _on_loaded(self, req_id: str, state: PullState) -> None:
         with self._lock:
             self._settled.append(req_id)
