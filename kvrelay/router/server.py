@@ -31,6 +31,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from kvrelay.router.pool import POLICIES, NoWorkerError, Pool
 from kvrelay.serving import check_loopback, serve_until_signal
 
+RELAY_ID = "kvrelay_request_id"  # = kvrelay.engines.vllm.meta.RELAY_ID (not imported: no engine code here)
+
 log = logging.getLogger("kvrelay.router")
 
 
@@ -112,7 +114,10 @@ class Router:
         body = {**body, "request_id": rid}
         prefill = asyncio.create_task(self._prefill_leg(request.path, body))
         try:
-            return await self._decode_leg(request, {**body, "kv_transfer_params": {"do_remote_prefill": True}})
+            # kvrelay_request_id: vLLM names each leg's request itself; the shared id lets a prefill's abort
+            # in the store reach the decode's waiting pulls there too (the reference engines use request_id)
+            return await self._decode_leg(request, {**body, "kv_transfer_params": {"do_remote_prefill": True,
+                                                                                   RELAY_ID: rid}})
         finally:
             if not prefill.done():  # the decode is answered: the prefill leg has no one left to serve
                 prefill.cancel()
@@ -123,7 +128,8 @@ class Router:
 
     async def _prefill_leg(self, path: str, body: dict) -> bool:
         """Run the prefill leg, failing over to other prefill workers; True once one published."""
-        leg = {**body, "stream": False, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+        leg = {**body, "stream": False, "max_tokens": 1,
+               "kv_transfer_params": {"do_remote_decode": True, RELAY_ID: body["request_id"]}}
         leg.pop("max_completion_tokens", None)
         tried: set[str] = set()
         while True:

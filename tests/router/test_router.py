@@ -100,9 +100,10 @@ def test_params_flow_and_prefill_failover():
                 assert r.status == 200
                 assert bad.bodies and good.bodies, "the failing prefill worker must be tried, then the next"
                 assert good.bodies[0]["max_tokens"] == 1 and good.bodies[0]["stream"] is False
-                assert good.bodies[0]["kv_transfer_params"] == {"do_remote_decode": True}
+                rid = good.bodies[0]["request_id"]
+                assert good.bodies[0]["kv_transfer_params"] == {"do_remote_decode": True, "kvrelay_request_id": rid}
                 # Both legs run under one request id; the decode derives the chunk addresses itself.
-                assert body["received"]["kv_transfer_params"] == {"do_remote_prefill": True}
+                assert body["received"]["kv_transfer_params"] == {"do_remote_prefill": True, "kvrelay_request_id": rid}
                 assert body["received"]["request_id"] == good.bodies[0]["request_id"] == bad.bodies[0]["request_id"]
                 assert body["received"]["max_tokens"] == 7
                 assert not router.prefill.workers[0].healthy
