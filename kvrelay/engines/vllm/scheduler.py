@@ -58,11 +58,11 @@ class _Request:
 
 @dataclass
 class SchedulerStats:
-    lookups: int = 0
+    """Counts since the last `take_counts` (vLLM's connector stats; failed loads are the worker's)."""
+
     lookup_hit_tokens: int = 0
     lookup_miss_tokens: int = 0
     skipped_store_down: int = 0
-    failed_loads: int = 0
 
 
 class SchedulerSide:
@@ -141,7 +141,6 @@ class SchedulerSide:
             r = self._reqs.get(req_id)
             if r is not None and r.load is not None and invalid_block_ids & set(r.load.block_ids):
                 self._failed_loads.add(req_id)
-                self.stats.failed_loads += 1
                 r.loaded_tokens = 0
                 r.matched = None
 
@@ -165,7 +164,7 @@ class SchedulerSide:
         st = self.stats
         counts = {"lookup_hit_tokens": st.lookup_hit_tokens, "lookup_miss_tokens": st.lookup_miss_tokens,
                   "store_skipped": st.skipped_store_down}
-        self.stats = SchedulerStats(lookups=0)
+        self.stats = SchedulerStats()
         return {k: v for k, v in counts.items() if v}
 
     def close(self) -> None:
@@ -221,7 +220,6 @@ class SchedulerSide:
         if present is None:
             return 0
         tokens = min(len(r.token_ids), present // self.num_layers * self.cfg.chunk_tokens)
-        self.stats.lookups += 1
         self.stats.lookup_hit_tokens += tokens
         self.stats.lookup_miss_tokens += len(r.token_ids) - tokens
         return tokens
