@@ -9,6 +9,7 @@
 
 #include "chunksum.h"
 #include "kvcopy.h"
+#include "permcopy.h"
 
 #define COPY_NARGS 25
 
@@ -41,6 +42,44 @@ static PyObject *py_copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_BEGIN_ALLOW_THREADS
     rc = kv_validate(&j, err, sizeof err);
     if (rc == 0) bytes = kv_run(&j);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return PyLong_FromLongLong(bytes);
+}
+
+#define PERM_NARGS 17
+/* perm_copy(pack, region, region_nbytes, num_blocks, cache_heads, block_size, head_dim, elem_size, perm_ptr,
+ * ids_ptr, num_ids, token_start, tokens, chunk_ptr, chunk_nbytes, chunk_heads, chunk_h0) -> bytes (permcopy.h) */
+static PyObject *py_perm_copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != PERM_NARGS) {
+        PyErr_Format(PyExc_TypeError, "_native.perm_copy takes %d int arguments, got %zd", PERM_NARGS, nargs);
+        return NULL;
+    }
+    long long v[PERM_NARGS];
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        v[i] = PyLong_AsLongLong(args[i]);
+        if (v[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    pc_job j;
+    int k = 0;
+    j.pack = (int)v[k++];
+    j.region = (char *)(intptr_t)v[k++]; j.region_nbytes = v[k++];
+    j.num_blocks = v[k++]; j.cache_heads = v[k++]; j.block_size = v[k++]; j.head_dim = v[k++];
+    j.elem_size = v[k++];
+    j.perm = (const int32_t *)(intptr_t)v[k++];
+    j.ids = (const int64_t *)(intptr_t)v[k++]; j.num_ids = v[k++];
+    j.token_start = v[k++]; j.tokens = v[k++];
+    j.chunk = (char *)(intptr_t)v[k++]; j.chunk_nbytes = v[k++]; j.chunk_heads = v[k++]; j.chunk_h0 = v[k++];
+    char err[512];
+    int rc;
+    int64_t bytes = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pc_validate(&j, err, sizeof err);
+    if (rc == 0) bytes = pc_run(&j);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_SetString(PyExc_ValueError, err);
@@ -203,6 +242,10 @@ static PyMethodDef methods[] = {
      "copy(pack, base0, extent0, offset0, base1, extent1, offset1, num_kv, block_stride, token_stride, "
      "head_stride, row_bytes, num_blocks, block_size, cache_heads, ids_ptr, num_ids, token_start, token_end, "
      "cache_h0, num_heads, chunk_ptr, chunk_nbytes, chunk_heads, chunk_h0) -> bytes; ValueError on bad bounds"},
+    {"perm_copy", (PyCFunction)(void (*)(void))py_perm_copy, METH_FASTCALL,
+     "perm_copy(pack, region, region_nbytes, num_blocks, cache_heads, block_size, head_dim, elem_size, perm_ptr, "
+     "ids_ptr, num_ids, token_start, tokens, chunk_ptr, chunk_nbytes, chunk_heads, chunk_h0) -> bytes: pack/unpack "
+     "through a position map (csrc/permcopy.h); ValueError on bad bounds"},
     {"checksum", py_checksum, METH_O, "checksum(buf) -> int: the chunk checksum (see csrc/chunksum.h)"},
     {"copy_into", (PyCFunction)(void (*)(void))py_copy_into, METH_FASTCALL,
      "copy_into(dst, src, with_checksum, stream) -> checksum or None: a pooled copy, each leaf hashed before its copy; "

@@ -5,8 +5,10 @@ attention kernel chose for the CPU's instruction set (AMX tiles, transposed K fo
 
 Owns: `PermutedBlockCodec`, which is told that order as position maps (where canonical element
 (token t, dim d) of K and of V lives inside a block-head) and converts whole blocks to and from the
-canonical chunk order ``[2, tokens, heads, head_dim]`` with torch gathers.  Partial blocks are read,
-modified and written back.  Deriving the maps is the engine adapter's job (kvrelay/engines/vllm).
+canonical chunk order ``[2, tokens, heads, head_dim]``.  The native library gathers and scatters each canonical
+row through the map (csrc/permcopy.c: one pass, partial blocks written in place, about 10x the torch path);
+without it, or for a non-contiguous layer, torch gathers whole blocks and partial blocks are read, modified and
+written back.  Deriving the maps is the engine adapter's job (kvrelay/engines/vllm).
 Must not touch: transports, the store, checksums.
 """
 
@@ -18,9 +20,16 @@ import torch
 
 from kvrelay.kernels.layout import KVLayout, LayerTensors, Order
 
+try:
+    from kvrelay import _native
+    HAVE_NATIVE = hasattr(_native, "perm_copy")
+except ImportError:  # the torch path below still works
+    HAVE_NATIVE = False
+
 
 class PermutedBlockCodec:
-    def __init__(self, layout: KVLayout, key_pos: torch.Tensor, value_pos: torch.Tensor) -> None:
+    def __init__(self, layout: KVLayout, key_pos: torch.Tensor, value_pos: torch.Tensor,
+                 use_native: bool = HAVE_NATIVE) -> None:
         if layout.order is not Order.CPU:
             raise ValueError(f"PermutedBlockCodec describes Order.CPU containers, got {layout.order.value}")
         n = layout.block_size * layout.head_dim
@@ -31,6 +40,21 @@ class PermutedBlockCodec:
         self.layout = layout
         # canonical (kv, token, dim) -> position inside a block-head's 2*bs*hd elements
         self.perm = torch.cat([key_pos.to(torch.long), value_pos.to(torch.long) + n])
+        self.perm32 = self.perm.to(torch.int32).contiguous()  # the native path's map
+        self.use_native = use_native and HAVE_NATIVE
+
+    def _native(self, pack: bool, region: torch.Tensor, ids: torch.Tensor, first_token: int, tokens: int,
+                chunk: torch.Tensor, chunk_heads: int, chunk_h0: int) -> int:
+        """``ids``: the blocks from the one holding the first token (``first_token`` counts from its start)."""
+        lo = self.layout
+        return _native.perm_copy(int(pack), region.data_ptr(), region.numel() * region.element_size(),
+                                 lo.num_blocks, lo.num_kv_heads, lo.block_size, lo.head_dim, lo.itemsize,
+                                 self.perm32.data_ptr(), ids.data_ptr(), len(ids), first_token, tokens, chunk.data_ptr(), chunk.numel() * chunk.element_size(),
+                                 chunk_heads, chunk_h0)
+
+    def _native_ok(self, region: torch.Tensor, chunk: torch.Tensor) -> bool:
+        return (self.use_native and region.device.type == "cpu" and region.is_contiguous()
+                and chunk.device.type == "cpu" and chunk.is_contiguous())
 
     def _region(self, layer: LayerTensors) -> torch.Tensor:
         if not isinstance(layer, torch.Tensor):
@@ -70,6 +94,8 @@ class PermutedBlockCodec:
         if out.dtype != torch.uint8 or out.numel() < nbytes:
             raise ValueError(f"out must be a uint8 tensor of at least {nbytes} bytes, got {out.numel()} "
                              f"{out.dtype}")
+        if self._native_ok(region, out):
+            return self._native(True, region, ids, token_start - base, tokens, out[:nbytes], lo.num_kv_heads, 0)
         canon = self._canonical(region.index_select(0, ids))
         dst = out[:nbytes].view(lo.dtype).view(2, tokens, lo.num_kv_heads, lo.head_dim)
         dst.copy_(canon[:, token_start - base:token_end - base])
@@ -90,6 +116,10 @@ class PermutedBlockCodec:
         if chunk.numel() * chunk.element_size() != want:
             raise ValueError(f"chunk has {chunk.numel() * chunk.element_size()} bytes, {tokens} tokens of heads "
                              f"[{head_start}, {head_end}) need {want}")
+        if self._native_ok(region, chunk):
+            self._native(False, region, ids, token_start - base, tokens, chunk.view(-1), head_end - head_start,
+                         lo.head_start - head_start)
+            return
         src = chunk.contiguous().view(-1).view(torch.uint8).view(lo.dtype).view(
             2, tokens, head_end - head_start, lo.head_dim)[:, :, lo.head_start - head_start:lo.head_end - head_start]
         n = len(ids)
