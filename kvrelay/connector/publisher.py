@@ -56,6 +56,8 @@ class PublishRequest:
     prompt: Sequence[int]  # the tokens whose KV is published
     block_ids: list[int]  # the engine's blocks holding them (read until the request settles)
     first_token: bool = True  # also publish the sampled first token (engines whose decode recomputes it: no)
+    stored_tokens: int = 0  # the prompt's first tokens are already in the store (loaded from it): chunks that
+    #                         end within them are not packed or sent again
 
 
 class LayerPublisher:
@@ -99,12 +101,15 @@ class LayerPublisher:
             params = transfer_params(req.prompt, req.request_id, cache.model_id, cache.compat_hash,
                                      self.chunk_tokens, layout.num_layers, layout.head_start, layout.head_end,
                                      self.store_address, self.transport, prefill_epoch=cache.epoch)
-            state = PublishState(req.request_id, req.block_ids, params, chunk_jobs(params),
+            jobs = [c for c in chunk_jobs(params) if c.token_end > req.stored_tokens]
+            state = PublishState(req.request_id, req.block_ids, params, jobs,
                                  first_token_key(req.request_id, params.block_hashes))
             states.append(state)
             sizes = [(c.key, layout.chunk_nbytes(c.token_end - c.token_start)) for c in state.chunks]
             if req.first_token:
                 sizes.append((state.meta_key, FIRST_TOKEN_BYTES))
+            if not sizes:  # all of it is stored already: nothing to reserve or send (it still settles in end())
+                continue
             if self.breaker is not None and not self.breaker.allow():
                 state.fail(TransferFailure(FailureCode.UNAVAILABLE, f"the store is skipped after a failure "
                                                                     f"({self.breaker.last_error})"))

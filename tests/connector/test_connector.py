@@ -111,6 +111,46 @@ def test_publish_then_pull_is_byte_exact_across_block_sizes(daemon, transport):
         pull.close()
 
 
+def test_stored_prefix_is_not_sent_again(daemon):
+    """A request that loaded its first chunks from the store publishes only the chunks after them; a puller
+    of the whole prompt still gets every token (the prefix from the first publish)."""
+    layout = _layout(16)
+    src, src_reg = _cache(layout, seed=5)
+    dst, _ = _cache(layout, seed=None)
+    n = 150
+    prompt = list(range(5000, 5000 + n))
+    blocks = list(range(-(-n // 16)))
+    pub = LayerPublisher(_client(daemon, layout), daemon.address, "shm", chunk_tokens=CHUNK)
+    pull = LayerPuller(_client(daemon, layout), daemon.address)
+    pub.bind(src)
+    pull.bind(dst)
+
+    def publish(req: PublishRequest) -> None:
+        states = pub.begin([req])
+        for layer in range(LAYERS):
+            pub.layer_done(layer)
+        done = threading.Event()
+        pub.end(states, [None], lambda s: done.set())
+        assert done.wait(30) and states[0].phase is PublishPhase.COMMITTED
+
+    try:
+        publish(PublishRequest("first", prompt[:CHUNK], blocks, first_token=False))  # one whole chunk
+        sent = _value(src_reg, "test_published_bytes_total")
+        assert sent == LAYERS * CHUNK * 2 * HEADS * DIM * 4
+        publish(PublishRequest("second", prompt, blocks, first_token=False, stored_tokens=CHUNK))
+        assert _value(src_reg, "test_published_bytes_total") - sent == LAYERS * (n - CHUNK) * 2 * HEADS * DIM * 4
+        params = transfer_params(prompt, "second", MODEL, layout.compat_hash(MODEL), CHUNK, LAYERS, 0, HEADS,
+                                 daemon.address, "shm")
+        ps = PullState(params, blocks, fetch_first_token=False)
+        settled = threading.Event()
+        pull.start(ps, time.monotonic() + 30, lambda s: settled.set())
+        assert settled.wait(30) and ps.phase is PullPhase.DONE, ps.failure
+        assert torch.equal(_tokens(layout, src, blocks, n), _tokens(layout, dst, blocks, n))
+    finally:
+        pub.close()
+        pull.close()
+
+
 def test_first_token_pulled_from_the_store_when_params_lack_it(daemon):
     layout = _layout(16)
     src, _ = _cache(layout, seed=2)

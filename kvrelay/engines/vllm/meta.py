@@ -37,6 +37,7 @@ class SaveSpec:
     relay_id: str
     token_ids: list[int]
     block_ids: list[int]
+    stored_tokens: int = 0  # loaded from the store in this request: those chunks are there already
 
 
 @dataclass

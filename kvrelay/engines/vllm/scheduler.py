@@ -129,7 +129,9 @@ class SchedulerSide:
             n = len(r.token_ids)
             if computed < n <= computed + num_new and r.loaded_tokens < n:
                 nblocks = -(-n // self.block_size)
-                meta.saves.append(SaveSpec(req_id, r.relay_id, r.token_ids, blocks_of(req_id)[:nblocks]))
+                # a prefix found by lookup holds chunks [0, loaded_tokens) in the store: only the rest is sent
+                stored = r.loaded_tokens if r.load is not None and not r.params.get(DO_REMOTE_PREFILL) else 0
+                meta.saves.append(SaveSpec(req_id, r.relay_id, r.token_ids, blocks_of(req_id)[:nblocks], stored))
                 r.saving = True
         return meta
 
