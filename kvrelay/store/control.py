@@ -211,11 +211,12 @@ class ControlChannel:
         while req_id is not None or pending:
             try:
                 data = sock.recv(deadline - time.monotonic())
-            except LinkClosed:
+            except LinkClosed as exc:
                 pending.clear()  # their answers will not come either
                 self._drop_link(sock)
-                raise StoreError(f"lost the connection to the store at {self.address} while waiting for {what} "
-                                 f"(the daemon exited?)", "unreachable") from None
+                why = f": {exc}" if str(exc) else ""
+                raise StoreError(f"lost the connection to the store at {self.address} while waiting for {what}"
+                                 f"{why} (the daemon exited?)", "unreachable") from None
             if data is None:
                 if time.monotonic() >= deadline:
                     raise StoreError(f"store at {self.address} did not answer {what} within {wait:.1f}s: is the "

@@ -2,7 +2,8 @@
 
 Both send one encoded request and receive one encoded reply at a time, and both notice at once when the
 daemon's end goes away (`LinkClosed`): the Unix socket by its end of file, the DEALER by a monitor of
-its disconnect events.  Must not touch: what the messages mean (control.py, client.py).
+its disconnect events and of refused connection attempts (a daemon that is not there: a request fails in
+milliseconds instead of waiting out its timeout; ZMQ keeps retrying, so a restarted daemon is found).  Must not touch: what the messages mean (control.py, client.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class ZmqLink:
     def __init__(self, ctx: zmq.Context, address: str) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         self.sock.connect(address)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
@@ -46,9 +47,19 @@ class ZmqLink:
     def recv(self, timeout: float) -> bytes | None:
         """The next reply, or None if none came within ``timeout`` seconds."""
         events = dict(self.poller.poll(int(timeout * 1000) + 1)) if timeout > 0 else {}
-        if self.mon in events and recv_monitor_message(self.mon)["event"] == zmq.EVENT_DISCONNECTED:
-            raise LinkClosed
-        return self.sock.recv() if self.sock in events else None
+        if self.sock in events:
+            return self.sock.recv()
+        if self.mon in events:
+            lost = ""
+            while self.mon.poll(0):  # a disconnect, or a connection attempt refused: nobody will answer
+                event = recv_monitor_message(self.mon)["event"]
+                if event == zmq.EVENT_DISCONNECTED:
+                    lost = "the daemon closed the connection"
+                elif event == zmq.EVENT_CONNECT_RETRIED:
+                    lost = lost or "nothing accepts connections there"
+            if lost:
+                raise LinkClosed(lost)
+        return None
 
     def close(self) -> None:
         try:

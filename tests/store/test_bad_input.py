@@ -142,8 +142,18 @@ def test_health_ready_metrics(daemon):
 
 
 def test_unreachable_daemon_is_a_clear_error():
-    with pytest.raises(StoreError, match="did not answer"):
-        StoreClient("tcp://127.0.0.1:9", compat_hash=COMPAT, timeout=0.3)
+    """Nothing listening: refused at once (not after the 30 s timeout); something listening that never
+    answers: the timeout, named."""
+    import socket
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match="nothing accepts connections") as ei:
+        StoreClient("tcp://127.0.0.1:9", compat_hash=COMPAT, timeout=30)
+    assert ei.value.code == "unreachable" and time.monotonic() - t0 < 15
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        with pytest.raises(StoreError, match="did not answer"):
+            StoreClient(f"tcp://127.0.0.1:{silent.getsockname()[1]}", compat_hash=COMPAT, timeout=0.5)
     with pytest.raises(ValueError, match="tcp://"):
         StoreClient("127.0.0.1:9", compat_hash=COMPAT)
 
