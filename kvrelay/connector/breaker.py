@@ -41,6 +41,7 @@ class CircuitBreaker:
         self.last_error = ""
         self.opened = 0  # times it opened (a metric)
         self.skipped = 0  # calls it refused
+        self.on_skip: Callable[[], object] | None = None  # told of each refused call (a metric)
 
     @property
     def state(self) -> BreakerState:
@@ -56,7 +57,9 @@ class CircuitBreaker:
                 self._state = BreakerState.HALF_OPEN
                 return True
             self.skipped += 1
-            return False
+        if self.on_skip is not None:
+            self.on_skip()
+        return False
 
     def success(self) -> None:
         with self._lock:

@@ -82,6 +82,8 @@ class LayerPublisher:
     def bind(self, cache: EngineCache) -> None:
         """Called once by the engine, before its first `begin`."""
         self._cache = cache
+        if self.breaker is not None:
+            cache.metrics.watch(self.breaker)
 
     @property
     def cache(self) -> EngineCache:
@@ -163,6 +165,8 @@ class LayerPublisher:
         return done.wait(timeout)
 
     def close(self) -> None:
+        if self.breaker is not None:
+            self.breaker.close()
         self._jobs.put(StopPublisher())
         self._thread.join(10)
         self.client.close()
@@ -234,6 +238,10 @@ class LayerPublisher:
         log.warning("publishing %s failed: %s", state.request_id, failure)
         self.cache.metrics.publish_errors.labels(failure.code.value).inc()
         state.fail(failure)
+        if failure.code is FailureCode.UNAVAILABLE:  # the store is gone: nobody to tell, and the calls after
+            if self.breaker is not None:            # this one skip it until its probe answers
+                self.breaker.failure(str(failure))
+            return
         try:
             self.client.abort(state.request_id, str(failure))
         except Exception as exc:  # noqa: BLE001 - the store is gone: the decode's deadline still bounds the wait

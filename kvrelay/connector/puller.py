@@ -64,6 +64,8 @@ class LayerPuller:
     def bind(self, cache: EngineCache) -> None:
         """Called once by the engine, before its first `start`."""
         self._cache = cache
+        if self.breaker is not None:
+            cache.metrics.watch(self.breaker)
 
     @property
     def cache(self) -> EngineCache:
@@ -81,6 +83,8 @@ class LayerPuller:
             done(state)
 
     def close(self) -> None:
+        if self.breaker is not None:
+            self.breaker.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()
 

@@ -227,3 +227,62 @@ def test_store_full_aborts_the_waiting_decode_at_once(model_cfg, weights):
             assert _value(dec.metrics.transfer.pulls, "recompute", "aborted") == 1
         finally:
             dec.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_dead_store_costs_at_most_one_request_and_its_return_is_found(model_cfg, weights, tmp_path):
+    """The store killed with -9: the prefill's first publish fails fast (its link sees the refusal) and opens
+    the circuit breaker; the requests after it answer without touching the store, and a decode recomputes at
+    once.  The store restarted on its port: the breaker's background ping finds it within about a second,
+    and P/D is exact again."""
+    import signal
+    from kvrelay.engines.vllm.process import free_port
+    from kvrelay.connector import BreakerState
+    from kvrelay.store.process import DaemonProcess
+    port = free_port()
+    prompts = [rand_prompt(100 + i, seed=474700 + i) for i in range(6)]
+    ref = Engine(model_cfg, EngineConfig(num_blocks=256, max_model_len=1024), weights)
+    want = ref.generate(prompts, SP)
+    d = DaemonProcess(pool_size="256MiB", port=port, transports="shm,tcp").start()
+    pre = _prefill_engine(model_cfg, weights, d)
+    dec = _decode_engine(model_cfg, weights, d, "tcp", pull_timeout_s=60)
+    d2 = None
+    try:
+        (s,) = pre.run([Sequence(prompts[0], SP, publish=True)])
+        assert s.publish_state.failure is None
+        breaker = pre.publisher.breaker
+        d.stop(signal.SIGKILL)
+        t0 = time.monotonic()
+        seqs = pre.run([Sequence(p, SP, publish=True) for p in prompts[1:4]], timeout=60)
+        assert time.monotonic() - t0 < 20  # no reserve or abort waits out a 10 s timeout, let alone three
+        assert [q.output for q in seqs] == [w[:1] for w in want[1:4]]  # the prefill still answers
+        assert all(q.publish_state.failure is not None for q in seqs)
+        assert breaker.state is BreakerState.OPEN and breaker.opened == 1 and breaker.skipped >= 1
+        tm = pre.metrics.transfer
+        assert tm.breaker_open.collect()[0].samples[0].value == 1.0
+        assert _value(tm.breaker_skipped) == breaker.skipped
+        assert pre.blocks.num_free == pre.cfg.num_blocks
+        # the decode side: a pull fails at once, the request is recomputed, exactly
+        kp = transfer_params(prompts[4], "dead-store-1", model_cfg.model_id, dec.layout.compat_hash(model_cfg.model_id),
+                             dec.cfg.chunk_tokens, model_cfg.num_layers, 0, model_cfg.num_kv_heads, d.address, "tcp")
+        t0 = time.monotonic()
+        (q,) = dec.run([Sequence(prompts[4], SP, kv_params=kp)], timeout=60)
+        assert time.monotonic() - t0 < 20 and q.output == want[4] and q.recomputed is not None
+        # the store comes back on the same port: both breakers close by themselves
+        d2 = DaemonProcess(pool_size="256MiB", port=port, transports="shm,tcp").start()
+        breakers = (breaker, dec.puller.breaker)
+        deadline = time.monotonic() + 10
+        while any(b.state is not BreakerState.CLOSED for b in breakers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(b.state is BreakerState.CLOSED for b in breakers)
+        assert tm.breaker_open.collect()[0].samples[0].value == 0.0
+        (s,) = pre.run([Sequence(prompts[5], SP, publish=True, request_id="after-restart-1")])
+        assert s.publish_state.failure is None, s.publish_state.failure
+        (q,) = dec.run([Sequence(prompts[5], SP, kv_params=s.publish_state.params)], timeout=60)
+        assert q.output == want[5] and q.recomputed is None
+    finally:
+        pre.stop()
+        dec.stop()
+        for x in (d, d2):
+            if x is not None:
+                x.stop()

@@ -1,18 +1,20 @@
 """Wiring of the P/D hooks: build the store client and the `kvrelay.connector` publisher (prefill) or
-puller (decode) for a reference engine.
+puller (decode) for a reference engine, behind a circuit breaker on the store: after the store failed once,
+a prefill answers without publishing and a decode recomputes at once, until a background ping (every
+``breaker_cooldown_s``) finds the store back.
 
 Owns: `make_hooks()`.  Must not touch: the hooks' internals.
 """
 
 from __future__ import annotations
 
-from kvrelay.connector import LayerPublisher, LayerPuller
+from kvrelay.connector import CircuitBreaker, LayerPublisher, LayerPuller
 from kvrelay.engines.reference.config import EngineConfig, ModelConfig
 from kvrelay.engines.reference.model import make_layout
 
 
 def make_hooks(role: str, mcfg: ModelConfig, ecfg: EngineConfig, store: str, transport: str,
-               layerwise: bool = True, name: str | None = None
+               layerwise: bool = True, name: str | None = None, breaker_cooldown_s: float = 0.5
                ) -> tuple[LayerPublisher | None, LayerPuller | None]:
     if role not in ("prefill", "decode"):
         raise ValueError(f"role {role!r} has no KV hooks (choose prefill or decode)")
@@ -20,6 +22,9 @@ def make_hooks(role: str, mcfg: ModelConfig, ecfg: EngineConfig, store: str, tra
     compat = make_layout(mcfg, ecfg.num_blocks, ecfg.block_size, ecfg.dtype).compat_hash(mcfg.model_id)
     client = StoreClient(store, transport=transport, compat_hash=compat, name=name or f"engine-{role}",
                          staging_bytes=64 << 20)
+    # the probe pings from its own thread, so on its own link (a restarted daemon is introduced to it again)
+    breaker = CircuitBreaker(f"kvrelay store {store} ({role})", breaker_cooldown_s, probe=client.ping)
     if role == "prefill":
-        return LayerPublisher(client, store, transport, chunk_tokens=ecfg.chunk_tokens, layerwise=layerwise), None
-    return None, LayerPuller(client, store)
+        return LayerPublisher(client, store, transport, chunk_tokens=ecfg.chunk_tokens, layerwise=layerwise,
+                              breaker=breaker), None
+    return None, LayerPuller(client, store, breaker=breaker)
