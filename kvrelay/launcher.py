@@ -1,26 +1,26 @@
 """`kvrelay up`: bring up a local P/D cluster (store daemon, prefill and decode engines, router).
 
-Owns: starting the processes, waiting for them to be ready (kvrelay processes write a ready file, vLLM
-servers answer /health), tearing them all down (SIGTERM, then SIGKILL after a grace period) whatever
-happens, and the `--demo` run.  `--engine reference` (the default) runs kvrelay's reference engines;
-`--engine vllm` runs vLLM OpenAI servers with the kvrelay KV connector (`vllm_kv_transfer_config`).
+Owns: which processes run with which flags, checking the flags before anything starts, and the
+`--demo` run.  `--engine reference` (the default) runs kvrelay's reference engines; `--engine vllm` runs
+vLLM OpenAI servers with the kvrelay KV connector (`vllm_kv_transfer_config`).  Starting, restarting
+and stopping the kvrelay processes is supervisor.py's (vLLM servers are started here and not restarted);
+the store keeps its SSD tier in the work dir, so a restarted store has what it had spilled.
 Must not touch: what the processes do (see kvrelay/store, kvrelay/engines, kvrelay/router).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvrelay.readyfile import wait_ready_file
+from kvrelay import upstate
+from kvrelay.store.pool import unlink_pool
+from kvrelay.supervisor import Backoff, StartError, Supervisor
 from kvrelay.transfer import available_transports
 
 if TYPE_CHECKING:
@@ -42,81 +42,38 @@ def vllm_kv_transfer_config(store_address: str, transport: str,
             "kv_connector_extra_config": {"store": store_address, "transport": transport}}
 
 
-@dataclass
-class Proc:
-    name: str
-    argv: list[str]
-    ready_file: Path
-    log_path: Path
-    popen: subprocess.Popen | None = None
-    info: dict = field(default_factory=dict)
+class Cluster(Supervisor):
+    """The supervised kvrelay processes plus the vLLM servers, all stopped when the cluster is closed."""
 
-
-class Cluster:
-    """A set of child processes that are all stopped when the cluster is closed."""
-
-    def __init__(self, workdir: Path, verbose: bool = False) -> None:
-        self.workdir = workdir
-        self.verbose = verbose
-        self.procs: list[Proc] = []
+    def __init__(self, workdir: Path, verbose: bool = False, backoff: Backoff | None = None) -> None:
+        super().__init__(workdir, verbose, backoff)
         self.vllm: list[VllmServer] = []
-
-    def start(self, name: str, args: list[str], timeout: float = 120.0) -> dict:
-        ready = self.workdir / f"{name}.ready.json"
-        log_path = self.workdir / f"{name}.log"
-        ready.unlink(missing_ok=True)  # a ready file left by an earlier run must not pass for this one's
-        proc = Proc(name, [sys.executable, "-m", "kvrelay.cli", *args, "--ready-file", str(ready)], ready, log_path)
-        out = None if self.verbose else open(log_path, "wb")
-        proc.popen = subprocess.Popen(proc.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
-        if out is not None:
-            out.close()
-        self.procs.append(proc)
-        try:
-            proc.info = wait_ready_file(ready, proc.popen, timeout)
-        except (ChildProcessError, TimeoutError) as exc:
-            raise RuntimeError(f"{name} {exc}; its log: {log_path}\n{_tail(log_path)}") from None
-        return proc.info
 
     def spawn_vllm(self, label: str, checkpoint: str, **kw: Any) -> "VllmServer":
         """Spawn a vLLM server logging to ``{label}.log`` (wait for it with ``wait_healthy``); closed with
-        the cluster."""
+        the cluster, shown by `kvrelay status`, not restarted."""
         from kvrelay.engines.vllm.process import VllmServer
         server = VllmServer(checkpoint, log_path=self.workdir / f"{label}.log", **kw)
         self.vllm.append(server)
         server.spawn()
+        assert server.popen is not None
+        self.external.append({"name": label, "pid": server.popen.pid, "state": "running", "started": self.started,
+                              "last_exit": None, "address": server.url, "health_url": f"{server.url}/health",
+                              "log": str(server.log_path), "supervised": False})
         return server
 
     def close(self, grace: float = 5.0) -> None:
         for server in reversed(self.vllm):  # they may hold store leases: stop them before the store
             server.stop()
         self.vllm.clear()
-        for proc in reversed(self.procs):
-            if proc.popen and proc.popen.poll() is None:
-                proc.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in reversed(self.procs):
-            if proc.popen is None:
-                continue
-            try:
-                proc.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.popen.pid, signal.SIGKILL)
-                proc.popen.wait()
-        self.procs.clear()
+        self.external.clear()
+        super().close(grace)
 
     def __enter__(self) -> "Cluster":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _tail(path: Path, n: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", default="shm", help="data path between the engines and the store (shm, tcp, nixl)")
     p.add_argument("--port", type=int, default=8000, help="router port on 127.0.0.1 (0 picks a free one)")
     p.add_argument("--pool-size", default="1GiB", help="store host-memory pool")
-    p.add_argument("--ssd-dir", default="", help="store SSD tier directory (default: none, memory only)")
+    p.add_argument("--ssd-dir", default="", help="store SSD tier directory, kept across restarts of the store "
+                                                 "(default: WORKDIR/ssd; 'none': memory only)")
     p.add_argument("--prefill-block-size", type=int, default=None,
                    help="the prefill side's block size (default 16; vllm: 32, a multiple of 32 on CPU)")
     p.add_argument("--decode-block-size", type=int, default=None,
@@ -141,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=6, help="--demo: number of requests")
     p.add_argument("--workdir", default="", help="where ready files and logs go (default: a temporary dir)")
     p.add_argument("--verbose", action="store_true", help="let the children log to this terminal")
+    b = Backoff()
+    p.add_argument("--max-restarts", type=int, default=b.max_restarts,
+                   help=f"restarts in a row of a process that keeps dying (each within {b.healthy_after:g}s of its "
+                        f"start) before it is given up; the wait between them doubles from {b.initial:g}s to "
+                        f"{b.maximum:g}s (0: never restart)")
     p.add_argument("--vllm-connector", default=VLLM_CONNECTOR,
                    help="vllm: the KV connector class in kvrelay.engines.vllm ('none': plain servers, the decode "
                         "recomputes; the demo then checks the outputs only)")
@@ -149,37 +112,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags, in one line naming the bad value (None: nothing), before anything starts."""
     usable = available_transports()
     if args.transport not in usable:
-        print(f"kvrelay up: unknown transport {args.transport!r}; choose one of {', '.join(usable)}", file=sys.stderr)
-        return 2
+        return f"unknown transport {args.transport!r}; choose one of {', '.join(usable)}"
     if usable[args.transport] is not None:
-        print(f"kvrelay up: transport {args.transport!r} is not usable here: {usable[args.transport]}", file=sys.stderr)
-        return 2
+        return f"transport {args.transport!r} is not usable here: {usable[args.transport]}"
     if args.engine == "vllm" and not args.checkpoint:
-        print("kvrelay up: --engine vllm needs --checkpoint DIR (config.json + *.safetensors); "
-              "kvrelay.engines.vllm.checkpoint.write_llama_checkpoint writes a seeded one", file=sys.stderr)
+        return ("--engine vllm needs --checkpoint DIR (config.json + *.safetensors); "
+                "kvrelay.engines.vllm.checkpoint.write_llama_checkpoint writes a seeded one")
+    if not 0 <= args.port <= 65535:
+        return f"--port {args.port} is outside 0..65535 (0 picks a free port)"
+    for flag, value, least in (("--num-prefill", args.num_prefill, 0), ("--num-decode", args.num_decode, 1),
+                               ("--requests", args.requests, 1), ("--max-restarts", args.max_restarts, 0),
+                               ("--prefill-block-size", 1 if args.prefill_block_size is None else
+                                args.prefill_block_size, 1),
+                               ("--decode-block-size", 1 if args.decode_block_size is None else
+                                args.decode_block_size, 1)):
+        if value < least:
+            return f"{flag} {value} must be at least {least}"
+    from kvrelay.store.config import StoreConfig
+    from kvrelay.store.pool import check_fits
+    try:
+        check_fits(StoreConfig(pool_size=args.pool_size, port=0, pool_name="kvrelay-up-check").pool_size)
+    except ValueError as exc:
+        return f"--pool-size {args.pool_size}: {exc}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s kvrelay up: %(message)s", datefmt="%H:%M:%S")
+    error = check_args(args)
+    if error:
+        print(f"kvrelay up: {error}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrelay-up-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    pool_name = f"kvrelay-up-{os.getpid()}"
     try:
-        with Cluster(workdir, verbose=args.verbose) as cluster:
+        with Cluster(workdir, verbose=args.verbose, backoff=Backoff(max_restarts=args.max_restarts)) as cluster:
+            upstate.register(workdir, cluster.started)
             print(f"kvrelay up: logs in {workdir}", file=sys.stderr)
             store_args = ["store", "--port", "0", "--metrics-port", "0", "--pool-size", args.pool_size,
-                          "--pool-name", f"kvrelay-up-{os.getpid()}",
-                          "--transports", ",".join(sorted({"shm", args.transport}))]
-            if args.ssd_dir:
-                store_args += ["--ssd-dir", args.ssd_dir]
-            store = cluster.start("store", store_args)
+                          "--pool-name", pool_name, "--transports", ",".join(sorted({"shm", args.transport}))]
+            ssd_dir = "" if args.ssd_dir == "none" else args.ssd_dir or str(workdir / "ssd")
+            if ssd_dir:
+                store_args += ["--ssd-dir", ssd_dir]
+            store = cluster.start("store", store_args, on_exit=lambda: unlink_pool(pool_name))
             print(f"  store    {store['address']}  metrics http://127.0.0.1:{store['metrics_port']}/metrics")
             start_engines = _start_vllm if args.engine == "vllm" else _start_reference
             prefills, decodes, colocated, demo_kw = start_engines(cluster, args, store["address"])
             for kind, urls in (("prefill", prefills), ("decode", decodes), ("colocated", colocated)):
                 for url in urls:
                     print(f"  {kind:<8} {url}")
-            router_args = ["router", "--port", str(0 if args.demo else args.port)]
+            router_args = ["router", "--port", str(0 if args.demo else args.port), "--store", store["address"]]
             for url in prefills:
                 router_args += ["--prefill", url]
             for url in decodes:
@@ -190,13 +178,22 @@ def main(argv: list[str] | None = None) -> int:
                 from kvrelay.demo import model_limits, run_demo
                 return run_demo(router["url"], colocated[0], args.requests, limits=model_limits(args.checkpoint),
                                 **demo_kw)
-            print("kvrelay up: serving; Ctrl-C stops everything", file=sys.stderr)
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            print("kvrelay up: serving; a process that dies is restarted; `kvrelay status` shows them; Ctrl-C "
+                  "stops everything", file=sys.stderr)
+            cluster.supervise()
             return 0
+    except StartError as exc:
+        if exc.code == 2 and exc.line:  # the process refused its configuration, in one line: pass it on
+            print(f"kvrelay up: {exc.line}", file=sys.stderr)
+            return 2
+        print(f"kvrelay up: {exc}", file=sys.stderr)
+        return 1
     except (RuntimeError, TimeoutError, ValueError) as exc:
         print(f"kvrelay up: {exc}", file=sys.stderr)
         return 1
+    finally:
+        upstate.unregister()
+        unlink_pool(pool_name)  # whatever happened to the store
 
 
 Started = tuple[list[str], list[str], list[str], dict[str, Any]]  # prefill, decode, colocated URLs; demo options
@@ -206,12 +203,15 @@ def _start_reference(cluster: Cluster, args: argparse.Namespace, store: str) -> 
     model = ["--checkpoint", args.checkpoint] if args.checkpoint else []
     common = [*model, "--port", "0", "--store", store, "--transport", args.transport]
     prefill_bs, decode_bs = args.prefill_block_size or 16, args.decode_block_size or 32
-    prefills = [cluster.start(f"prefill{i}", ["engine", "--role", "prefill", *common, "--block-size", str(prefill_bs)])
-                for i in range(args.num_prefill)]
-    decodes = [cluster.start(f"decode{i}", ["engine", "--role", "decode", *common, "--block-size", str(decode_bs)])
-               for i in range(args.num_decode)]
-    colocated = [cluster.start("colocated", ["engine", "--role", "colocated", *model, "--port", "0"])] if args.demo else []
-    return ([i["url"] for i in prefills], [i["url"] for i in decodes], [i["url"] for i in colocated], {})
+    specs = [(f"prefill{i}", ["engine", "--role", "prefill", *common, "--block-size", str(prefill_bs)])
+             for i in range(args.num_prefill)]
+    specs += [(f"decode{i}", ["engine", "--role", "decode", *common, "--block-size", str(decode_bs)])
+              for i in range(args.num_decode)]
+    specs += [("colocated", ["engine", "--role", "colocated", *model, "--port", "0"])] if args.demo else []
+    children = [cluster.spawn(name, argv) for name, argv in specs]  # all at once: each loads its model for seconds
+    urls = [cluster.wait_ready(child)["url"] for child in children]
+    n, m = args.num_prefill, args.num_decode
+    return urls[:n], urls[n:n + m], urls[n + m:], {}
 
 
 def _start_vllm(cluster: Cluster, args: argparse.Namespace, store: str) -> Started:

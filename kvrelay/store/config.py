@@ -118,13 +118,12 @@ class StoreConfig:
         names = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         if yaml_path:
-            with open(yaml_path) as fh:
-                data = yaml.safe_load(fh) or {}
-            if not isinstance(data, dict):
-                raise ValueError(f"{yaml_path}: expected a mapping of store options, got {type(data).__name__}")
+            data = _load_yaml(yaml_path)
             unknown = sorted(set(data) - set(names))
             if unknown:
                 raise ValueError(f"{yaml_path}: unknown store options {unknown}; known: {sorted(names)}")
+            for k, v in data.items():
+                _check_type(k, v, str(names[k].type), yaml_path)
             values.update(data)
         for k, v in (os.environ if env is None else env).items():
             if k.startswith(ENV_PREFIX):
@@ -134,6 +133,39 @@ class StoreConfig:
                 values[name] = _coerce(v, names[name].type, k)
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls(**values)
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    """The mapping in YAML file ``path``; ValueError (one line: the file, and where it is malformed) otherwise."""
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"--config {path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of store options, got {type(data).__name__}")
+    return data
+
+
+_SIZES = ("pool_size", "max_chunk_bytes", "ssd_size", "ssd_segment_size")  # ints that may also be '4GiB'
+
+
+def _check_type(name: str, value: Any, typ: str, source: str) -> None:
+    """ValueError naming option ``name`` from ``source`` unless ``value`` suits its declared type."""
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool) or (name in _SIZES and isinstance(v, str)),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool),
+          "str": lambda v: isinstance(v, str),
+          "list[str]": lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v),
+          }.get(typ, lambda v: True)
+    if not ok(value):
+        raise ValueError(f"{source}: {name}: {value!r} is not a valid {typ}" +
+                         (" (a size: bytes or e.g. '4GiB')" if name in _SIZES else ""))
 
 
 def _coerce(raw: str, typ: Any, what: str) -> Any:

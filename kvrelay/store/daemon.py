@@ -59,15 +59,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.monotonic()
     for name in sweep_stale_pools():
-        log.info("removed /dev/shm/%s, the pool of a store daemon that is gone", name)
+        log.info("removed /dev/shm/%s (and its directory), the pool of a store daemon that is gone", name)
     holder: dict = {}
     # health first: /healthz answers and /readyz says "recovering" while the SSD index is replayed
     metrics = StoreMetrics(lambda: holder["core"].stats() if "core" in holder else {})
     try:
         mport = metrics.serve(cfg.metrics_port) if cfg.metrics_port >= 0 else -1
+    except OSError as exc:
+        print(f"kvrelay store: cannot serve metrics on port {cfg.metrics_port}: {exc}", file=sys.stderr)
+        metrics.close()
+        return 2
+    try:
         core = holder["core"] = StoreCore(cfg)
     except (ValueError, OSError) as exc:
-        print(f"kvrelay store: cannot start: {exc} (metrics port {cfg.metrics_port})", file=sys.stderr)
+        print(f"kvrelay store: cannot start: {exc}", file=sys.stderr)
         metrics.close()
         return 2
     transports: list = []

@@ -33,41 +33,94 @@ def shm_path(name: str) -> str:
 
 AUTO_POOL_PREFIX = "kvrelay-store-0-"  # + pid: the pool of a daemon started with --port 0 and no --pool-name
 DIRECTORY_SUFFIX = ".dir"  # the pool's shared directory of ready chunks is /dev/shm/<pool name>.dir (directory.py)
+OWNER_SUFFIX = ".owner"  # /dev/shm/<pool name>.owner: "<pid> <start time>" of the daemon that created the pool
+SWEPT_PREFIX = "kvrelay-"  # the sweep looks at nothing else in /dev/shm
 
 
 def unlink_pool(name: str) -> None:
-    """Remove a dead daemon's pool segment and its directory from /dev/shm (either may be gone already)."""
-    for n in (name, name + DIRECTORY_SUFFIX):
+    """Remove a dead daemon's pool segment, its directory and its owner file from /dev/shm (any may be gone)."""
+    for n in (name, name + DIRECTORY_SUFFIX, name + OWNER_SUFFIX):
         try:
             os.unlink(shm_path(n))
         except FileNotFoundError:
             pass
 
 
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22); None if it is gone
+    or a zombie (it has exited: its memory is no one's)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def owner_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process ``pid`` runs (and, given ``start``, is the one that started then, not a reused pid)."""
+    now = _start_time(pid)
+    return now is not None and (start is None or now == start)
+
+
+def write_owner(name: str) -> None:
+    """Record this process as the owner of pool ``name`` (read by `sweep_stale_pools` in other processes)."""
+    pid = os.getpid()
+    path = shm_path(name) + OWNER_SUFFIX
+    tmp = f"{path}.{pid}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{pid} {_start_time(pid)}\n")
+    os.replace(tmp, path)
+
+
+def read_owner(name: str) -> tuple[int, str | None] | None:
+    """(pid, start time) from pool ``name``'s owner file; None if there is none or it cannot be read."""
+    try:
+        with open(shm_path(name) + OWNER_SUFFIX) as f:
+            pid, start = f.read().split()
+        return int(pid), None if start == "None" else start
+    except (OSError, ValueError):
+        return None
+
+
 def sweep_stale_pools() -> list[str]:
-    """Unlink automatically named pools whose daemon is dead (killed with -9, it could not unlink its own)."""
+    """Unlink the pools (segment, directory, owner file) of store daemons that are gone: killed with -9, they
+    could not unlink their own.  A pool's owner is read from its owner file (or, for an automatically named
+    pool, from its name); a pool whose owner cannot be told, or is alive, is never touched."""
     gone: list[str] = []
     try:
         names = os.listdir("/dev/shm")
     except OSError:
         return gone
     for name in names:
-        pid = name[len(AUTO_POOL_PREFIX):].removesuffix(DIRECTORY_SUFFIX)  # the pool, or its directory
-        if not name.startswith(AUTO_POOL_PREFIX) or not pid.isdigit():
+        if not name.startswith(SWEPT_PREFIX):
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive (or a reused pid: keep it, to be safe)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        owner: tuple[int, str | None] | None = None
+        if name.endswith(OWNER_SUFFIX):
+            base = name.removesuffix(OWNER_SUFFIX)
+            owner = read_owner(base)
+        elif name.startswith(AUTO_POOL_PREFIX):
+            base = name.removesuffix(DIRECTORY_SUFFIX)
+            pid = base[len(AUTO_POOL_PREFIX):]
+            owner = (int(pid), None) if pid.isdigit() else None
+        if owner is None or owner_alive(*owner) or base in gone:
             continue
-        try:
-            os.unlink(f"/dev/shm/{name}")
-            gone.append(name)
-        except OSError:
-            pass
+        unlink_pool(base)
+        gone.append(base)
     return gone
+
+
+def check_fits(nbytes: int) -> None:
+    """ValueError unless a pool of ``nbytes`` fits in this host's memory and in /dev/shm's free space (found
+    out now, not by filling /dev/shm page by page until the allocation fails)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > memory:
+        raise ValueError(f"pool_size {nbytes} bytes is more than this host's memory ({memory} bytes); lower "
+                         f"pool_size")
+    st = os.statvfs("/dev/shm")
+    if nbytes > st.f_bavail * st.f_frsize:
+        raise ValueError(f"pool_size {nbytes} bytes is more than /dev/shm has free ({st.f_bavail * st.f_frsize} "
+                         f"bytes); lower pool_size or enlarge /dev/shm")
 
 
 class SharedPool:
@@ -85,6 +138,7 @@ class SharedPool:
                 os.unlink(self.path)  # a segment left behind by a daemon that was killed
             except FileNotFoundError:
                 pass
+            check_fits(nbytes)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.ftruncate(fd, nbytes)
@@ -98,6 +152,7 @@ class SharedPool:
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
+            write_owner(name)
         else:
             try:
                 fd = os.open(self.path, os.O_RDWR)
@@ -134,10 +189,11 @@ class SharedPool:
         except BufferError:  # someone still holds a view (e.g. a tensor): leave it to the GC
             pass
         if self.owner:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            for path in (self.path, self.path + OWNER_SUFFIX):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
 
 class Arena:

@@ -109,7 +109,20 @@ class ModelConfig:
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"no config.json at {p}; pass a checkpoint directory holding config.json")
-        return cls.from_hf(json.loads(p.read_text()), model_id=model_id)
+        try:
+            data = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{p}: malformed JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: expected a JSON object (an HF config.json), got {type(data).__name__}")
+        try:
+            return cls.from_hf(data, model_id=model_id)
+        except KeyError as exc:
+            raise ValueError(f"{p}: missing key {exc.args[0]!r} (an HF config.json of a Llama/Qwen2 model)") from None
+        except (TypeError, ValueError) as exc:
+            if str(exc).startswith("config.json") or str(exc).startswith("ModelConfig"):
+                raise ValueError(f"{p}: {exc}") from None
+            raise ValueError(f"{p}: a value has the wrong type ({exc})") from None
 
 
 @dataclass(slots=True)

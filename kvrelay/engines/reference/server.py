@@ -235,12 +235,30 @@ async def _serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from kvrelay.store.control import StoreError
     try:
+        check_args(args)
         asyncio.run(_serve(args))
-    except ValueError as exc:
+    except (ValueError, StoreError) as exc:  # bad flags, checkpoint or store: one line, before serving
         print(f"kvrelay engine: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"kvrelay engine: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags that can be checked before the model is loaded (seconds): ValueError naming the bad one."""
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is outside 0..65535 (0 picks a free port)")
+    if args.role != "colocated":
+        from kvrelay.transfer import available_transports
+        usable = available_transports()
+        if args.transport not in usable:
+            raise ValueError(f"--transport {args.transport!r} is unknown; choose one of {', '.join(usable)}")
+        if usable[args.transport] is not None:
+            raise ValueError(f"--transport {args.transport!r} is not usable here: {usable[args.transport]}")
 
 
 if __name__ == "__main__":
