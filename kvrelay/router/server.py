@@ -5,13 +5,14 @@ from their pools and sends both legs at once, under one request id.  The prefill
 prompt's KV layer by layer into the store; the decode leg carries ``kv_transfer_params:
 {"do_remote_prefill": true}``, so the decode worker derives the chunk addresses from the prompt itself
 and pulls each layer as soon as it is committed, while the prefill is still computing later layers.
-Chunks are content-addressed, so a failed prefill leg is simply sent again to another prefill worker
-under the same request id, and the waiting decode never notices; with no prefill worker left the decode
-recomputes the prompt once its pull deadline passes (or at once, when no prefill worker was healthy to
-begin with).  A decode worker that fails before answering is marked down and the request goes to
-another.  A background task re-checks /healthz of every worker.
+Each leg is retried with jittered backoff (legs.py, retry.py); each worker has a circuit breaker
+(pool.py, breaker.py).  With no prefill worker in service, or with the store down (``--store``: its
+breaker open, store.py), the request goes to a decode worker alone, which computes it at once.  A
+background loop re-checks every worker's health every ``--health-interval`` seconds, and those out of
+service every ``--probe-interval``, so a worker that answers again is back within that much.
 
-Owns: request forwarding and failover.  Must not touch: engines or the store.
+Owns: the app (routes, /readyz, /metrics), P/D or decode alone, the health loop and the command line.
+Must not touch: engines or the store.
 """
 
 from __future__ import annotations
@@ -26,35 +27,41 @@ import uuid
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kvrelay.router.legs import RELAY_ID, Legs
+from kvrelay.router.metrics import RouterMetrics
 from kvrelay.router.pool import POLICIES, NoWorkerError, Pool
+from kvrelay.router.relay import ClientGone, error_response
+from kvrelay.router.retry import RetryPolicy
+from kvrelay.router.store import StoreWatch
 from kvrelay.serving import check_loopback, serve_until_signal
-
-RELAY_ID = "kvrelay_request_id"  # = kvrelay.engines.vllm.meta.RELAY_ID (not imported: no engine code here)
 
 log = logging.getLogger("kvrelay.router")
 
 
 class Router:
-    def __init__(self, prefill: Pool, decode: Pool, health_interval: float = 2.0, timeout: float = 600.0) -> None:
-        self.prefill, self.decode = prefill, decode
-        self.health_interval = health_interval
+    def __init__(self, prefill: Pool, decode: Pool, health_interval: float = 2.0, timeout: float = 600.0, *,
+                 retry: RetryPolicy | None = None, probe_interval: float = 0.2,
+                 store: StoreWatch | None = None) -> None:
+        if health_interval <= 0 or probe_interval <= 0:
+            raise ValueError(f"--health-interval {health_interval} and --probe-interval {probe_interval} must be "
+                             f"positive (seconds)")
+        self.prefill, self.decode, self.store = prefill, decode, store
+        self.health_interval, self.probe_interval = health_interval, probe_interval
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.session: aiohttp.ClientSession | None = None
-        self.registry = CollectorRegistry()
-        self.requests = Counter("kvrelay_router_requests", "Requests by outcome", ["outcome"], registry=self.registry)
-        self.failovers = Counter("kvrelay_router_failovers", "Legs retried on another worker", ["role"],
-                                 registry=self.registry)
-        self.prefill_latency = Histogram("kvrelay_router_prefill_seconds", "Prefill leg latency",
-                                         registry=self.registry)
+        self.metrics = RouterMetrics((prefill, decode), store)
+        self.legs = Legs(prefill, decode, retry or RetryPolicy(), self.metrics, lambda: self.http)
+        self._wake = asyncio.Event()  # a breaker opened: start probing at the short interval
+        prefill.on_open = decode.on_open = self._wake.set
         self.app = web.Application()
         self.app.router.add_post("/v1/completions", self.handle)
         self.app.router.add_post("/v1/chat/completions", self.handle)
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
-        self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_get("/metrics", self.metrics_page)
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._stop)
 
@@ -67,30 +74,57 @@ class Router:
 
     async def _start(self, app: web.Application) -> None:
         self.session = aiohttp.ClientSession(timeout=self.timeout)
-        await asyncio.gather(self.prefill.check(self.session), self.decode.check(self.session))
+        await self._check(only_down=False)
+        if self.store is not None:
+            await self.store.check()
+            self.store.start()
         self._health_task = asyncio.create_task(self._health_loop())
 
     async def _stop(self, app: web.Application) -> None:
         self._health_task.cancel()
+        if self.store is not None:
+            await self.store.stop()
         if self.session is not None:
             await self.session.close()
 
+    async def _check(self, only_down: bool) -> None:
+        await asyncio.gather(self.prefill.check(self.http, only_down=only_down),
+                             self.decode.check(self.http, only_down=only_down))
+
     async def _health_loop(self) -> None:
+        """Every worker every health interval; while any is out of service, those every probe interval."""
+        loop = asyncio.get_running_loop()
+        next_full, next_probe = loop.time() + self.health_interval, float("inf")
         while True:
-            await asyncio.sleep(self.health_interval)
-            await asyncio.gather(self.prefill.check(self.http), self.decode.check(self.http))
+            self._wake.clear()
+            if next_probe == float("inf") and (self.prefill.down() or self.decode.down()):
+                next_probe = loop.time() + self.probe_interval
+            try:  # woken early when a breaker opens: its probe is then due a probe interval later
+                await asyncio.wait_for(self._wake.wait(), max(0.0, min(next_full, next_probe) - loop.time()))
+                continue
+            except asyncio.TimeoutError:
+                pass
+            full = loop.time() >= next_full
+            await self._check(only_down=not full)
+            next_probe = float("inf")
+            if full:
+                next_full = loop.time() + self.health_interval
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
         ready = bool(self.decode.healthy())
+        breakers = {p.role: [{"url": w.url, "state": w.breaker.state.value, "consecutive_failures":
+                              w.breaker.consecutive, "opened": w.breaker.opened, "last_error": w.last_error}
+                             for w in p.workers] for p in (self.prefill, self.decode)}
         body = {"ready": ready, "prefill": [w.url for w in self.prefill.healthy()],
-                "decode": [w.url for w in self.decode.healthy()]}
+                "decode": [w.url for w in self.decode.healthy()], "breakers": breakers,
+                "store": self.store.state() if self.store is not None else None}
         return web.json_response(body, status=200 if ready else 503)
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
         try:
@@ -98,25 +132,37 @@ class Router:
             async with self.http.get(f"{worker.url}/v1/models") as r:
                 return web.Response(body=await r.read(), status=r.status, content_type="application/json")
         except (NoWorkerError, aiohttp.ClientError) as exc:
-            return _error(503, str(exc))
+            return error_response(503, str(exc))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return _error(400, f"the request body is not valid JSON: {exc}")
+            return error_response(400, f"the request body is not valid JSON: {exc}")
         if not isinstance(body, dict):
-            return _error(400, "the request body must be a JSON object")
+            return error_response(400, "the request body must be a JSON object")
+        try:
+            return await self._route(request, body)
+        except ClientGone as gone:
+            self.metrics.requests.labels("client_gone").inc()
+            return gone.response
+
+    async def _route(self, request: web.Request, body: dict) -> web.StreamResponse:
+        if self.store is not None and not self.store.up:
+            self.metrics.routes.labels("decode_only_store_down").inc()
+            return await self.legs.decode(request, body)
         if not self.prefill.healthy():
-            log.warning("no healthy prefill worker: the decode worker computes the whole request")
-            return await self._decode_leg(request, body)
+            log.warning("no prefill worker in service: the decode worker computes the whole request")
+            self.metrics.routes.labels("decode_only_no_prefill").inc()
+            return await self.legs.decode(request, body)
+        self.metrics.routes.labels("pd").inc()
         rid = str(body.get("request_id") or f"kvrelay-{uuid.uuid4().hex}")
         body = {**body, "request_id": rid}
-        prefill = asyncio.create_task(self._prefill_leg(request.path, body))
+        prefill = asyncio.create_task(self.legs.prefill(request.path, body))
         try:
             # kvrelay_request_id: vLLM names each leg's request itself; the shared id lets a prefill's abort
             # in the store reach the decode's waiting pulls there too (the reference engines use request_id)
-            return await self._decode_leg(request, {**body, "kv_transfer_params": {"do_remote_prefill": True,
+            return await self.legs.decode(request, {**body, "kv_transfer_params": {"do_remote_prefill": True,
                                                                                    RELAY_ID: rid}})
         finally:
             if not prefill.done():  # the decode is answered: the prefill leg has no one left to serve
@@ -126,76 +172,6 @@ class Router:
             except asyncio.CancelledError:
                 pass
 
-    async def _prefill_leg(self, path: str, body: dict) -> bool:
-        """Run the prefill leg, failing over to other prefill workers; True once one published."""
-        leg = {**body, "stream": False, "max_tokens": 1,
-               "kv_transfer_params": {"do_remote_decode": True, RELAY_ID: body["request_id"]}}
-        leg.pop("max_completion_tokens", None)
-        tried: set[str] = set()
-        while True:
-            try:
-                worker = self.prefill.pick(tried)
-            except NoWorkerError as exc:
-                log.warning("prefill leg of %s failed everywhere; the decode recomputes after its deadline: %s",
-                            body["request_id"], exc)
-                return False
-            tried.add(worker.url)
-            worker.in_flight += 1
-            try:
-                with self.prefill_latency.time():
-                    async with self.http.post(worker.url + path, json=leg) as r:
-                        data = await r.json(content_type=None)
-                if r.status >= 500:
-                    raise aiohttp.ClientError(f"HTTP {r.status}: {data}")
-                if r.status >= 400:  # the request itself is bad: the decode leg says why to the client
-                    return False
-                if not data.get("kv_transfer_params"):  # e.g. the store was full: nothing was published,
-                    log.warning("prefill of %s published nothing (the decode recomputes after its deadline)",
-                                body["request_id"])  # and another prefill worker would meet the same store
-                    return False
-                return True
-            except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
-                self.prefill.mark_failed(worker, f"{type(exc).__name__}: {exc}")
-                self.failovers.labels("prefill").inc()
-                log.warning("prefill worker %s failed (%s); trying another", worker.url, exc)
-            finally:
-                worker.in_flight -= 1
-
-    async def _decode_leg(self, request: web.Request, body: dict) -> web.StreamResponse:
-        tried: set[str] = set()
-        while True:
-            try:
-                worker = self.decode.pick(tried)
-            except NoWorkerError as exc:
-                self.requests.labels("no_decode_worker").inc()
-                return _error(503, str(exc))
-            tried.add(worker.url)
-            worker.in_flight += 1
-            resp: web.StreamResponse | None = None
-            try:
-                async with self.http.post(worker.url + request.path, json=body) as r:
-                    resp = web.StreamResponse(status=r.status, headers={
-                        "Content-Type": r.headers.get("Content-Type", "application/json")})
-                    await resp.prepare(request)
-                    async for data in r.content.iter_any():
-                        await resp.write(data)
-                    await resp.write_eof()
-                    self.requests.labels("ok" if r.status < 400 else f"http_{r.status}").inc()
-                    return resp
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                self.decode.mark_failed(worker, f"{type(exc).__name__}: {exc}")
-                if resp is not None:  # bytes already went to the client: cannot retry
-                    self.requests.labels("decode_failed_midstream").inc()
-                    return resp
-                self.failovers.labels("decode").inc()
-                log.warning("decode worker %s failed (%s); trying another", worker.url, exc)
-            finally:
-                worker.in_flight -= 1
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "code": status}}, status=status)
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrelay router", description=__doc__.split("\n\n")[0])
@@ -204,29 +180,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", action="append", default=[], metavar="URL", help="a prefill worker (repeatable)")
     p.add_argument("--decode", action="append", default=[], metavar="URL", help="a decode worker (repeatable)")
     p.add_argument("--policy", choices=POLICIES, default="least_loaded")
-    p.add_argument("--health-interval", type=float, default=2.0)
+    p.add_argument("--store", default="", metavar="ADDR",
+                   help="the store's control address (tcp://127.0.0.1:PORT, as given to the engines): while it does "
+                        "not answer pings, requests go to a decode worker alone")
+    p.add_argument("--health-interval", type=float, default=2.0, help="seconds between health checks of every worker")
+    p.add_argument("--probe-interval", type=float, default=0.2,
+                   help="seconds between probes of a worker (or the store) out of service")
+    p.add_argument("--retries", type=int, default=5, help="attempts of a failed leg after the first")
+    p.add_argument("--retry-backoff", type=float, default=0.05,
+                   help="seconds: the first retry waits a random time below this; each next one below twice as much")
+    p.add_argument("--retry-backoff-max", type=float, default=1.0, help="seconds: the longest wait between retries")
+    p.add_argument("--breaker-failures", type=int, default=10,
+                   help="consecutive failed requests that take a worker out of service (a refused or reset "
+                        "connection does at once)")
     p.add_argument("--ready-file", default="")
     p.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
     return p
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    router = Router(Pool("prefill", args.prefill, args.policy), Pool("decode", args.decode, args.policy),
-                    args.health_interval)
-    await serve_until_signal(router.app, args.host, args.port, args.ready_file,
-                             f"kvrelay router ({len(args.prefill)} prefill, {len(args.decode)} decode)", log)
+def build_router(args: argparse.Namespace) -> Router:
+    """The router the flags describe; ValueError names a bad flag."""
+    check_loopback(args.host, "router")
+    if not args.decode:
+        raise ValueError("at least one --decode URL is needed")
+    store = (StoreWatch(args.store, interval=args.health_interval, probe_interval=args.probe_interval)
+             if args.store else None)
+    return Router(Pool("prefill", args.prefill, args.policy, args.breaker_failures),
+                  Pool("decode", args.decode, args.policy, args.breaker_failures), args.health_interval,
+                  retry=RetryPolicy(args.retries, args.retry_backoff, args.retry_backoff_max),
+                  probe_interval=args.probe_interval, store=store)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        check_loopback(args.host, "router")
+        router = build_router(args)
     except ValueError as exc:
         print(f"kvrelay router: {exc}", file=sys.stderr)
         return 2
-    if not args.decode:
-        print("kvrelay router: at least one --decode URL is needed", file=sys.stderr)
-        return 2
-    asyncio.run(_serve(args))
+    name = f"kvrelay router ({len(args.prefill)} prefill, {len(args.decode)} decode)"
+    asyncio.run(serve_until_signal(router.app, args.host, args.port, args.ready_file, name, log))
     return 0

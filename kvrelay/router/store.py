@@ -1,0 +1,128 @@
+"""The router's view of the store: is it up?  While it is down, requests skip the prefill leg.
+
+The router keeps one ZMQ DEALER on the store's control address (the one engines are given,
+tcp://127.0.0.1:PORT) and pings it with the store protocol's anonymous `Ping`: every ``interval`` seconds
+while it is up, every ``probe_interval`` while it is down.  The breaker opens when a ping is not answered
+within ``timeout``, or at once when the store drops the connection (its process exited: a ZMQ monitor
+reports it); the first answered ping closes it.  The DEALER reconnects by itself (every RECONNECT_MS), so
+a restarted store answers the next probe.
+
+Owns: `StoreWatch`.  Must not touch: the store's state (it only pings) or engine code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from kvrelay.router.breaker import Breaker
+from kvrelay.store import protocol as P
+
+log = logging.getLogger("kvrelay.router.store")
+RECONNECT_MS = 50
+
+
+class StoreWatch:
+    def __init__(self, address: str, timeout: float = 1.0, interval: float = 2.0, probe_interval: float = 0.2) -> None:
+        if not address.startswith("tcp://"):
+            raise ValueError(f"--store {address!r}: give the store's control address, e.g. tcp://127.0.0.1:5600")
+        if min(timeout, interval, probe_interval) <= 0:
+            raise ValueError(f"store ping timeout {timeout}, interval {interval} and probe interval "
+                             f"{probe_interval} must be positive (seconds)")
+        self.address, self.timeout = address, timeout
+        self.interval, self.probe_interval = interval, probe_interval
+        self.breaker = Breaker(f"store {address}", threshold=1)
+        self.pings = 0  # answered pings (a test counts them)
+        self._ids = itertools.count(1)
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._lock = asyncio.Lock()  # one ping at a time on the socket
+        self._wake = asyncio.Event()  # the store dropped the connection: ping now
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def up(self) -> bool:
+        return self.breaker.available
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            self._ctx = zmq.asyncio.Context()
+            self._sock = self._ctx.socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
+            self._sock.connect(self.address)
+        return self._sock
+
+    async def ping(self) -> None:
+        """One ping; raises TimeoutError (no answer in time) or RuntimeError (an error answer)."""
+        async with self._lock:
+            sock = self._socket()
+            req_id = next(self._ids)
+            await sock.send(P.encode(P.Ping(req_id=req_id)))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.timeout
+            while True:  # answers to earlier pings that timed out may come first: skipped
+                left = deadline - loop.time()
+                if left <= 0 or not await sock.poll(int(left * 1000) + 1):
+                    raise TimeoutError(f"no answer to a ping within {self.timeout}s")
+                rep = P.decode_reply(await sock.recv())
+                if rep.req_id == req_id:
+                    if not rep.ok:
+                        raise RuntimeError(f"the store answered a ping with {rep.code}: {rep.error}")
+                    self.pings += 1
+                    return
+
+    async def check(self) -> bool:
+        """Ping once and update the breaker; True if the store answered."""
+        try:
+            await self.ping()
+        except (TimeoutError, RuntimeError, ValueError, zmq.ZMQError) as exc:
+            self.breaker.probe_failed(f"{type(exc).__name__}: {exc}")
+            return False
+        self.breaker.success()
+        return True
+
+    def start(self) -> None:
+        mon = self._socket().get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._watch(mon))]
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            wait = self.interval if await self.check() else self.probe_interval
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _watch(self, mon: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await mon.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self.breaker.probe_failed("the store dropped its connection (exited or restarted)")
+                    self._wake.set()
+        finally:
+            mon.close(linger=0)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = self._sock = None
+
+    def state(self) -> dict:
+        b = self.breaker
+        return {"address": self.address, "up": self.up, "state": b.state.value, "opened": b.opened,
+                "last_error": b.last_error}
