@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         upstate.unregister()
         unlink_pool(pool_name)  # whatever happened to the store
+        if not args.workdir and not args.ssd_dir:  # a temporary work dir: keep its logs, not its SSD segments
+            shutil.rmtree(workdir / "ssd", ignore_errors=True)
 
 
 Started = tuple[list[str], list[str], list[str], dict[str, Any]]  # prefill, decode, colocated URLs; demo options

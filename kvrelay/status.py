@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -98,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvrelay status: no `kvrelay up` is running{where}; start one with `kvrelay up`", file=sys.stderr)
         return 1
     procs = collect(state, args.timeout)
-    if args.json:
-        print(json.dumps({"pid": state["pid"], "workdir": state["workdir"], "started": state["started"],
-                          "processes": procs}, indent=2))
-    else:
-        print(table(state, procs))
+    text = json.dumps({"pid": state["pid"], "workdir": state["workdir"], "started": state["started"],
+                       "processes": procs}, indent=2) if args.json else table(state, procs)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `kvrelay status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if all(p.get("state") == "running" and p["health"] == "ok" for p in procs) else 3
