@@ -1,7 +1,8 @@
-"""`kvrelay up` supervises its processes: a store or an engine killed with -9 is restarted on the same
-port, the store with what it had spilled to its SSD directory and none of its old /dev/shm files; requests
-through the router still answer token-identically; `kvrelay status` shows the restarts; stopping
-`kvrelay up` leaves nothing in /dev/shm.  One small cluster (reference engine, default model)."""
+"""`kvrelay up` supervises its processes: a store, an engine or the router killed with -9 is restarted
+on the same port, the store with what it had spilled to its SSD directory and none of its old /dev/shm
+files; requests through the router still answer token-identically; `kvrelay status` shows the
+restarts; stopping `kvrelay up` leaves nothing in /dev/shm.  One small cluster (reference engine,
+default model)."""
 
 import json
 import os
@@ -70,7 +71,7 @@ def kvrelay_status(workdir: Path, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(400)
-def test_up_restarts_a_killed_store_and_engine(tmp_path):
+def test_up_restarts_a_killed_store_engine_and_router(tmp_path):
     workdir, env = tmp_path / "up", {**os.environ, "KVRELAY_RUNTIME_DIR": str(tmp_path / "run")}
     up = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "up", "--port", "0", "--pool-size", "64MiB",
                            "--workdir", str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -115,13 +116,18 @@ def test_up_restarts_a_killed_store_and_engine(tmp_path):
         assert procs["decode0"]["address"] == decode["address"]
         assert wait_for("the router serving through the restarted decode0", lambda: answered(router), 60) == answer
         print(f"decode kill -> a request answered: {time.monotonic() - t0:.2f}s")
+
+        # the router, killed with -9: restarted on its port (clients keep their URL)
+        os.kill(procs["router"]["pid"], signal.SIGKILL)
+        wait_for("the router restarted", lambda: healthy(workdir, store=1, decode0=1, router=1), 60)
+        assert wait_for("the restarted router serving", lambda: answered(router), 60) == answer
     finally:
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)
         out = up.communicate(timeout=60)[0].decode(errors="replace")
     assert up.returncode == 0, out
     assert "store (pid" in out and "restarting it in 0.5s" in out, out
-    assert out.count("restarting it in") == 2, out  # the exits of `kvrelay up`'s own stop are not crashes
+    assert out.count("restarting it in") == 3, out  # the exits of `kvrelay up`'s own stop are not crashes
     assert shm(pool) == [], "kvrelay up left its pool in /dev/shm"
     assert list((tmp_path / "run").glob("up-*.json")) == []
     cli = kvrelay_status(workdir, env)
