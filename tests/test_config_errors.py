@@ -4,6 +4,7 @@ traceback: malformed YAML/JSON, impossible sizes, unknown transports, in `kvrela
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -11,7 +12,7 @@ MORE_THAN_MEMORY = "1024TiB"
 
 
 def run(*args: str) -> tuple[int, list[str]]:
-    proc = subprocess.run([sys.executable, "-m", "kvrelay.cli", *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "kvrelay.cli", *args], capture_output=True, text=True, timeout=240)
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("kvrelay up: logs in")]
     return proc.returncode, lines
@@ -51,11 +52,19 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def results(files):
+    """Every case's (exit code, stderr lines), run four at a time (most of each is Python and torch imports)."""
+    with ThreadPoolExecutor(4) as ex:
+        runs = {case: ex.submit(run, *[a.format(d=files) for a in args]) for case, (args, _) in CASES.items()}
+        return {case: future.result() for case, future in runs.items()}
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_configuration_is_one_line_and_exit_2(files, case):
-    args, expected = CASES[case]
-    code, lines = run(*[a.format(d=files) for a in args])
+def test_bad_configuration_is_one_line_and_exit_2(results, case):
+    code, lines = results[case]
+    expected = CASES[case][1]
     assert code == 2, lines
     assert len(lines) == 1, lines
     assert all(e in lines[0] for e in expected), lines
