@@ -3,7 +3,8 @@
 Owns: which processes run with which flags, checking the flags before anything starts, and the
 `--demo` run.  `--engine reference` (the default) runs kvrelay's reference engines; `--engine vllm` runs
 vLLM OpenAI servers with the kvrelay KV connector (`vllm_kv_transfer_config`).  Starting, restarting
-and stopping the kvrelay processes is supervisor.py's (vLLM servers are started here and not restarted);
+and stopping the kvrelay processes is supervisor.py's (it restarts them while serving; `--demo` runs
+once, unsupervised; vLLM servers are started here and not restarted);
 the store keeps its SSD tier in the work dir, so a restarted store has what it had spilled.
 Must not touch: what the processes do (see kvrelay/store, kvrelay/engines, kvrelay/router).
 """
