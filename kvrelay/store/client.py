@@ -91,8 +91,11 @@ class StoreClient(ControlChannel):
             path = self._make_path(info)
             for buf in self._user_bufs:
                 path.register_buffer(buf)
-            self._retired.append(self._path)
+            for old in self._retired:  # two restarts ago: no copy of that epoch is still running
+                old.close()
+            self._retired = [self._path]
             self._path, self.info = path, info
+            self._link_gen += 1  # every thread opens a fresh link: the new daemon's same-host socket again
             self._slots.clear()
             self._views.clear()
             self._requests.clear()
@@ -343,6 +346,13 @@ class StoreClient(ControlChannel):
 
     def ping(self) -> None:
         self._call(P.Ping())
+
+    def probe(self) -> None:
+        """Ping from a short-lived thread (a circuit breaker's probe) and close that thread's link after."""
+        try:
+            self.ping()
+        finally:
+            self.drop_thread_link()
 
     def close(self) -> None:
         if self._closed:

@@ -61,6 +61,7 @@ class ControlChannel:
     timeout: float
     _closed: bool
     _ready = False  # set once the client is set up: from then on new links say hello by themselves
+    _link_gen = 0  # links of an older generation are reopened (after the daemon restarted)
     control = "auto"  # "auto": the daemon's same-host socket when it offers one; "zmq": ZMQ only
     info: dict[str, Any] = {}
 
@@ -81,7 +82,7 @@ class ControlChannel:
     def _sock(self) -> Link:
         """This thread's link to the daemon (opened on first use, and again after the daemon went away)."""
         link = getattr(self._tls, "link", None)
-        if link is not None and link.usable():
+        if link is not None and link.usable() and getattr(link, "gen", 0) == self._link_gen:
             return link
         if self._closed:
             raise StoreError("the StoreClient is closed", "closed")
@@ -96,12 +97,19 @@ class ControlChannel:
                 link = None
         if link is None:
             link = ZmqLink(self._ctx, self.address)
+        link.gen = self._link_gen
         self._tls.link = link
         with self._lock:
             self._links.append(link)
         if self._ready:  # a new thread's link: introduce it (namespace for commits)
             self._hello(link)
         return link
+
+    def drop_thread_link(self) -> None:
+        """Close this thread's link (a short-lived thread, such as a breaker's probe, must not leave one)."""
+        link = getattr(self._tls, "link", None)
+        if link is not None:
+            self._drop_link(link)
 
     def _drop_link(self, link: Link) -> None:
         if getattr(self._tls, "link", None) is link:
@@ -159,8 +167,8 @@ class ControlChannel:
         """Send ``req`` with a fresh id and the pins (and, but with a hello, the touched ids) waiting to go."""
         req.req_id = next(self._ids)
         with self._lock:
-            req.unpin, self._unpin = self._unpin, []
             if not isinstance(req, P.Hello):  # a hello's link may be unknown to the daemon: it would drop them
+                req.unpin, self._unpin = self._unpin, []
                 req.touched, self._touched = self._touched, []
         pending = self._pending()
         try:
@@ -170,6 +178,7 @@ class ControlChannel:
             self._drop_link(sock)
             with self._lock:  # not delivered: they go with the next request that is
                 self._touched[:0] = req.touched
+                self._unpin[:0] = req.unpin
             raise StoreError(f"lost the connection to the store at {self.address} while sending "
                              f"{type(req).__name__} (the daemon exited?)", "unreachable") from None
 

@@ -26,6 +26,7 @@ class LinkClosed(Exception):
 
 class ZmqLink:
     kind = "zmq"
+    gen = 0  # the client's link generation it was opened in (control.py)
 
     def __init__(self, ctx: zmq.Context, address: str) -> None:
         self.sock = ctx.socket(zmq.DEALER)
@@ -72,6 +73,7 @@ class ZmqLink:
 
 class UnixLink:
     kind = "local"
+    gen = 0
 
     def __init__(self, name: str, timeout: float) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

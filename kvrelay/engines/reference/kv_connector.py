@@ -22,8 +22,8 @@ def make_hooks(role: str, mcfg: ModelConfig, ecfg: EngineConfig, store: str, tra
     compat = make_layout(mcfg, ecfg.num_blocks, ecfg.block_size, ecfg.dtype).compat_hash(mcfg.model_id)
     client = StoreClient(store, transport=transport, compat_hash=compat, name=name or f"engine-{role}",
                          staging_bytes=64 << 20)
-    # the probe pings from its own thread, so on its own link (a restarted daemon is introduced to it again)
-    breaker = CircuitBreaker(f"kvrelay store {store} ({role})", breaker_cooldown_s, probe=client.ping)
+    # the probe pings on a link of its own thread (a restarted daemon is introduced to it), closed after
+    breaker = CircuitBreaker(f"kvrelay store {store} ({role})", breaker_cooldown_s, probe=client.probe)
     if role == "prefill":
         return LayerPublisher(client, store, transport, chunk_tokens=ecfg.chunk_tokens, layerwise=layerwise,
                               breaker=breaker), None
