@@ -42,6 +42,11 @@ class FailureCode(str, enum.Enum):
             return _STORE_CODES.get(code, cls.REFUSED)
         if isinstance(exc, (ConnectionError, OSError)):
             return cls.UNAVAILABLE
+        from kvrelay.transfer.base import HandshakeError, TransferError as TransportError
+        if isinstance(exc, HandshakeError):
+            return cls.MISMATCH
+        if isinstance(exc, TransportError):  # the data path to the store failed (its peer exited, a lost link)
+            return cls.UNAVAILABLE
         return cls.INTERNAL
 
 

@@ -264,6 +264,9 @@ def test_failure_codes_of_exceptions():
     assert FailureCode.of(ConnectionResetError()) is FailureCode.UNAVAILABLE
     assert FailureCode.of(TransferError(FailureCode.MISMATCH, "m")) is FailureCode.MISMATCH
     assert FailureCode.of(KeyError("k")) is FailureCode.INTERNAL
+    from kvrelay.transfer.base import HandshakeError, TransferError as TransportError
+    assert FailureCode.of(TransportError("peer 'kvrelay-store' (pid 1) exited")) is FailureCode.UNAVAILABLE
+    assert FailureCode.of(HandshakeError("compatibility hash mismatch")) is FailureCode.MISMATCH
     f = TransferFailure.from_exception(TimeoutError("no chunk"), "pulling")
     assert str(f) == "timeout: pulling: no chunk"
 
