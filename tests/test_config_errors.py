@@ -1,7 +1,9 @@
 """Bad configuration is refused at start-up with one line naming the bad value and exit code 2, never a
-traceback: malformed YAML/JSON, impossible sizes, unknown transports, in `kvrelay store`, `engine`, `up`."""
+traceback: malformed YAML/JSON, impossible sizes, unknown transports, malformed addresses, in `kvrelay store`,
+`engine`, `up`, `router`."""
 
 import json
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +34,7 @@ def files(tmp_path_factory):
 
 STORE = ["store", "--port", "0", "--metrics-port", "-1", "--log-level", "WARNING"]
 ENGINE = ["engine", "--port", "0", "--log-level", "WARNING"]
+ROUTER = ["router", "--decode", "http://127.0.0.1:1"]
 CASES = {
     "store malformed yaml": ([*STORE, "--config", "{d}/malformed.yaml"], ["malformed.yaml", "malformed YAML", "line 2"]),
     "store missing yaml": ([*STORE, "--config", "{d}/missing.yaml"], ["missing.yaml", "cannot read"]),
@@ -49,6 +52,10 @@ CASES = {
     "up zero pool": (["up", "--pool-size", "0"], ["pool_size 0"]),
     "up pool over memory": (["up", "--pool-size", MORE_THAN_MEMORY], ["memory"]),
     "up block size 0": (["up", "--decode-block-size", "0"], ["--decode-block-size 0"]),
+    "router port out of range": ([*ROUTER, "--port", "99999"], ["--port 99999"]),
+    "router decode not a url": (["router", "--decode", "notaurl"], ["--decode 'notaurl'", "http://HOST:PORT"]),
+    "router store without port": ([*ROUTER, "--store", "tcp://127.0.0.1"], ["--store 'tcp://127.0.0.1'", "no port"]),
+    "router backoff nan": ([*ROUTER, "--retry-backoff", "nan"], ["--retry-backoff nan"]),
 }
 
 
@@ -75,3 +82,15 @@ def test_up_passes_on_an_engines_configuration_error(files, tmp_path):
     """A child that refuses its configuration (exit 2, one line) makes `kvrelay up` exit 2 with that line."""
     code, lines = run("up", "--pool-size", "16MiB", "--checkpoint", str(files / "ckpt"), "--workdir", str(tmp_path))
     assert code == 2 and len(lines) == 1 and "malformed JSON" in lines[0], lines
+
+
+@pytest.mark.timeout(120)
+def test_router_on_a_port_in_use_is_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # ERROR: the start-up probe's warning about the dead decode worker is not the error line
+        code, lines = run(*ROUTER, "--port", str(port), "--log-level", "ERROR")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"--port {port}" in lines[0] and "in use" in lines[0], lines

@@ -21,9 +21,12 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
+import urllib.parse
 import uuid
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -211,14 +214,78 @@ def build_router(args: argparse.Namespace) -> Router:
                   probe_interval=args.probe_interval, store=store)
 
 
+def _bad_address(address: str, schemes: tuple[str, ...]) -> str:
+    """Why ``address`` is not SCHEME://HOST:PORT with one of ``schemes`` ("" if it is)."""
+    try:
+        parts = urllib.parse.urlsplit(address)
+        port = parts.port
+    except ValueError as exc:  # a port that is not a number, or out of range
+        return str(exc)
+    if parts.scheme not in schemes:
+        return f"the scheme must be {' or '.join(s + '://' for s in schemes)}"
+    if not parts.hostname:
+        return "no host"
+    if port is None:
+        return "no port"
+    if port == 0:
+        return "port 0 is not a port to connect to"
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username is not None:
+        return "nothing may follow host:port"
+    return ""
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags checked before anything starts: ValueError naming the bad one (build_router checks the rest)."""
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is outside 0..65535 (0 picks a free port)")
+    addresses: list[tuple[str, str, tuple[str, ...], str]] = [
+        ("--prefill", u, ("http", "https"), "http://127.0.0.1:8100") for u in args.prefill]
+    addresses += [("--decode", u, ("http", "https"), "http://127.0.0.1:8200") for u in args.decode]
+    if args.store:
+        addresses.append(("--store", args.store, ("tcp",), "tcp://127.0.0.1:5600 (the store's control address)"))
+    for flag, address, schemes, example in addresses:
+        if why := _bad_address(address, schemes):
+            raise ValueError(f"{flag} {address!r}: {why}; give {schemes[0]}://HOST:PORT, e.g. {example}")
+    if args.retries < 0:
+        raise ValueError(f"--retries {args.retries}: must be 0 (no retry) or more")
+    if args.breaker_failures < 1:
+        raise ValueError(f"--breaker-failures {args.breaker_failures}: a worker needs at least 1 failure to go out "
+                         f"of service")
+    for flag, seconds in (("--retry-backoff", args.retry_backoff), ("--retry-backoff-max", args.retry_backoff_max),
+                          ("--health-interval", args.health_interval), ("--probe-interval", args.probe_interval)):
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"{flag} {seconds:g}: must be a positive number of seconds")
+    if args.retry_backoff_max < args.retry_backoff:
+        raise ValueError(f"--retry-backoff {args.retry_backoff:g} is above --retry-backoff-max "
+                         f"{args.retry_backoff_max:g}: the first wait's cap must be at most the longest wait")
+    if args.ready_file and not Path(args.ready_file).parent.is_dir():
+        raise ValueError(f"--ready-file {args.ready_file!r}: the directory {str(Path(args.ready_file).parent)!r} "
+                         f"does not exist")
+    if not isinstance(logging.getLevelName(args.log_level.upper()), int):
+        raise ValueError(f"--log-level {args.log_level!r}: choose DEBUG, INFO, WARNING or ERROR")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        check_args(args)
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
         router = build_router(args)
     except ValueError as exc:
         print(f"kvrelay router: {exc}", file=sys.stderr)
         return 2
     name = f"kvrelay router ({len(args.prefill)} prefill, {len(args.decode)} decode)"
-    asyncio.run(serve_until_signal(router.app, args.host, args.port, args.ready_file, name, log))
+
+    async def serve() -> None:
+        try:
+            await serve_until_signal(router.app, args.host, args.port, args.ready_file, name, log)
+        except OSError:  # the app had started (its session, its probes) before the bind failed: close them
+            await router.app.cleanup()
+            raise
+
+    try:
+        asyncio.run(serve())
+    except OSError as exc:  # the port is taken, or the ready file cannot be written
+        print(f"kvrelay router: cannot serve on --host {args.host} --port {args.port}: {exc}", file=sys.stderr)
+        return 2
     return 0
