@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import time
 import traceback
 import uuid
@@ -46,6 +47,11 @@ class StoreServer:
                  endpoints: dict[str, dict] | None = None, local: bool = True) -> None:
         self.core = core
         self.metrics = metrics
+        # fault injection (kvrelay bench faults): every request but Hello/Ping waits this long first
+        self.fault_delay = float(os.environ.get("KVRELAY_FAULT_STORE_DELAY_MS", "0") or 0) / 1000
+        if self.fault_delay:
+            log.warning("fault injection: KVRELAY_FAULT_STORE_DELAY_MS delays every request by %.0f ms",
+                        self.fault_delay * 1000)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -166,6 +172,8 @@ class StoreServer:
                 self.core.unpin(req.unpin)
             if req.touched and ident in self.sessions:
                 self.core.touched(req.touched[:MAX_TOUCHED])
+            if self.fault_delay and not isinstance(req, (P.Hello, P.Ping)):
+                time.sleep(self.fault_delay)
             reply = self._dispatch(ident, req)
         except OpError as exc:
             reply = P.Reply(req_id=req.req_id, ok=False, code=exc.code, error=str(exc))
