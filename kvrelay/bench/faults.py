@@ -499,6 +499,7 @@ def _note(text: str) -> Scenario:
 
 
 SCENARIOS: dict[str, tuple[Scenario, dict[str, Any]]] = {
+    "no-fault": (_note("the same load with no fault: the baseline for request times"), {}),
     "prefill-kill": (kill_prefill, {}),
     "decode-kill-before-first-token": (kill_decode_early, {}),
     "decode-kill-mid-stream": (kill_decode_midstream, {}),
@@ -510,7 +511,7 @@ SCENARIOS: dict[str, tuple[Scenario, dict[str, Any]]] = {
                    {"store_env": {"KVRELAY_FAULT_STORE_DELAY_MS": "300"}}),
     "client-disconnect": (_note("every client closes its stream after 2 tokens"), {"disconnect_after": 2}),
 }
-QUICK = ("store-kill-and-restart", "decode-kill-mid-stream")
+QUICK = ("no-fault", "store-kill-and-restart", "decode-kill-mid-stream")
 
 
 def run_scenario(name: str, workdir: Path, requests: int = 32, concurrency: int = 16,
@@ -562,6 +563,9 @@ def run(ctx: BenchContext) -> None:
                                    params=s))
             ctx.add(Record.compare(SUITE, name, "recovery", s["recovery_s"], "s", "target", RECOVERY_TARGET_S,
                                    params=s, lower_is_better=True))
+            if out[0]["scenario"] == "no-fault":  # the same load's slowest request without a fault
+                ctx.add(Record.compare(SUITE, name, "slowest_request", s["max_request_s"], "s", "no-fault",
+                                       out[0]["max_request_s"], params=s, lower_is_better=True))
             # a request sent right after the fault queues behind the load: set beside the load's slowest request
             ctx.add(Record.compare(SUITE, name, "first_answer_after_fault", s["first_answer_s"], "s",
                                    "slowest request of the load", s["max_request_s"], params=s, lower_is_better=True))
