@@ -476,7 +476,7 @@ def corrupt_pool(cluster: UpCluster, load: Load, fig: Figures) -> threading.Thre
     def fault() -> None:
         _after_streaming(load, 2)
         mine = f"kvrelay-up-{cluster.proc.pid}"
-        pools = [f for f in os.listdir("/dev/shm") if f.startswith(mine) and not f.endswith(".dir")]
+        pools = [f for f in os.listdir("/dev/shm") if f == mine]  # not its .dir or .owner sidecars
         rng = random.Random(16)
         flipped = 0
         for name in pools:

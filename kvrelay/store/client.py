@@ -28,6 +28,7 @@ from kvrelay.store.datapath import SharedPath, TransportPath
 from kvrelay.transfer.wire import ChunkHeader, copy_into, verify
 
 
+PULL_GRACE_S = 1.0
 log = logging.getLogger("kvrelay.store.client")
 PARALLEL_ABOVE = 1 << 20  # remote pull_many verifies chunks this big on PULL_THREADS behind the transfers
 PULL_THREADS = 2
@@ -190,7 +191,7 @@ class StoreClient(ControlChannel):
                 return header
         left = deadline - time.monotonic()
         rep = self._call(P.Pull(key=key, timeout=max(0.0, left), request_id=request_id),
-                         wait=max(0.0, left) + self.timeout)
+                         wait=max(0.0, left) + self._grace, late="timeout")
         slot, header = rep.slots[0], rep.header
         try:
             if header is None:
@@ -235,7 +236,7 @@ class StoreClient(ControlChannel):
                           verify_checksum: bool, request_id: str) -> list[ChunkHeader]:
         left = deadline - time.monotonic()
         rep = self._call(P.PullMany(keys=keys, timeout=max(0.0, left), request_id=request_id),
-                         wait=max(0.0, left) + self.timeout)
+                         wait=max(0.0, left) + self._grace, late="timeout")
         slots, headers = rep.slots, rep.headers
         try:
             if len(slots) != len(keys) or len(headers) != len(keys):
@@ -309,7 +310,7 @@ class StoreClient(ControlChannel):
 
     def wait_ready(self, keys: Sequence[ChunkKey], deadline: float, request_id: str = "") -> None:
         left = max(0.0, deadline - time.monotonic())
-        self._call(P.WaitReady(keys=list(keys), timeout=left, request_id=request_id), wait=left + self.timeout)
+        self._call(P.WaitReady(keys=list(keys), timeout=left, request_id=request_id), wait=left + self._grace, late="timeout")
 
     def abort(self, request_id: str, reason: str) -> int:
         """Tell the store this client will not publish ``request_id``: pulls waiting for it (passed the same
@@ -343,6 +344,12 @@ class StoreClient(ControlChannel):
 
     def stats(self) -> dict:
         return self._call(P.Stats()).info
+
+    @property
+    def _grace(self) -> float:
+        """How long past a pull's deadline to wait for the daemon's answer: a slowed daemon must not stretch a
+        caller's deadline by a whole timeout (the caller recomputes instead; a late answer is dropped)."""
+        return min(self.timeout, PULL_GRACE_S)
 
     def ping(self) -> None:
         self._call(P.Ping())

@@ -119,10 +119,12 @@ class ControlChannel:
                 self._links.remove(link)
         link.close()
 
-    def _call(self, req: P.Req, wait: float | None = None) -> P.Reply:
+    def _call(self, req: P.Req, wait: float | None = None, late: str = "unreachable") -> P.Reply:
+        """``late``: the error code when no answer came within ``wait`` ("timeout" for a wait the caller bounded
+        by its own deadline: a slow daemon is not a dead one)."""
         sock = self._sock()
         self._send_commits(sock)  # this thread's queued commits go first: what it asks next may depend on them
-        return self._roundtrip(sock, req, self.timeout if wait is None else wait)
+        return self._roundtrip(sock, req, self.timeout if wait is None else wait, late)
 
     def _queue_commit(self, key: ChunkKey, header: ChunkHeader) -> None:
         """A pipelined commit: queued on this thread, sent with others as one `CommitMany` once COMMIT_BATCH
@@ -188,16 +190,16 @@ class ControlChannel:
         self._post(sock, req)
         self._pending()[req.req_id] = name
 
-    def _roundtrip(self, sock: Link, req: P.Req, wait: float) -> P.Reply:
+    def _roundtrip(self, sock: Link, req: P.Req, wait: float, late: str = "unreachable") -> P.Reply:
         """Send ``req`` and wait up to ``wait`` seconds for its answer (raised if it is an error)."""
         self._post(sock, req)
-        rep = self._recv_until(sock, req.req_id, wait, type(req).__name__)
+        rep = self._recv_until(sock, req.req_id, wait, type(req).__name__, late)
         if not rep.ok and rep.code == "session" and not isinstance(req, P.Hello) and self._ready:
             self._hello(sock)  # the daemon does not know this socket (it restarted): introduce it, retry once
             req.unpin = []  # pins of the daemon that forgot this socket mean nothing to it (touched ids may)
             req.req_id = next(self._ids)
             sock.send(P.encode(req))
-            rep = self._recv_until(sock, req.req_id, wait, type(req).__name__)
+            rep = self._recv_until(sock, req.req_id, wait, type(req).__name__, late)
         self._raise_deferred()
         return self._check(rep)
 
@@ -209,11 +211,12 @@ class ControlChannel:
         return p
 
     @overload
-    def _recv_until(self, sock: Link, req_id: int, wait: float, what: str) -> P.Reply: ...
+    def _recv_until(self, sock: Link, req_id: int, wait: float, what: str, late: str = ...) -> P.Reply: ...
     @overload
-    def _recv_until(self, sock: Link, req_id: None, wait: float, what: str) -> None: ...
+    def _recv_until(self, sock: Link, req_id: None, wait: float, what: str, late: str = ...) -> None: ...
 
-    def _recv_until(self, sock: Link, req_id: int | None, wait: float, what: str) -> P.Reply | None:
+    def _recv_until(self, sock: Link, req_id: int | None, wait: float, what: str,
+                    late: str = "unreachable") -> P.Reply | None:
         """Receive replies until the one for ``req_id`` (None: until no pipelined request is pending)."""
         pending = self._pending()
         deadline = time.monotonic() + wait
@@ -228,6 +231,9 @@ class ControlChannel:
                                  f"{why} (the daemon exited?)", "unreachable") from None
             if data is None:
                 if time.monotonic() >= deadline:
+                    if late == "timeout":
+                        raise StoreError(f"store at {self.address} did not answer {what} by its deadline "
+                                         f"(+{wait:.1f}s wait): it is slow or stuck", "timeout")
                     raise StoreError(f"store at {self.address} did not answer {what} within {wait:.1f}s: is the "
                                      f"daemon running?", "unreachable")
                 continue

@@ -272,3 +272,22 @@ def test_a_wait_fails_at_once_when_the_daemon_dies(tmp_path, ctl):
             assert got["after"] < 10
     finally:
         d.cleanup()
+
+
+@pytest.mark.timeout(60)
+def test_a_slowed_daemon_does_not_stretch_a_pull_past_its_deadline(tmp_path, monkeypatch):
+    """The daemon answers each request 5 s late (fault injection): a pull with a 0.5 s deadline gives up
+    about a second after it with a 'timeout' (the caller recomputes), not 'unreachable' (the store is not
+    dead: no breaker should open) and not after a whole 10 s client timeout."""
+    monkeypatch.setenv("KVRELAY_FAULT_STORE_DELAY_MS", "5000")
+    d = start(tmp_path)
+    try:
+        with StoreClient(d.address, compat_hash=COMPAT, timeout=10) as c:
+            k, _, _ = make_chunk(990, 4096)
+            t0 = time.monotonic()
+            with pytest.raises(StoreError) as ei:
+                c.pull(k, torch.empty(4096, dtype=torch.uint8), time.monotonic() + 0.5)
+            assert ei.value.code == "timeout" and "deadline" in str(ei.value)
+            assert time.monotonic() - t0 < 4.5
+    finally:
+        d.cleanup()
