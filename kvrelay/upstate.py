@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvrelay.readyfile import write_ready_file
+from kvrelay.store.pool import owner_alive  # /proc: a zombie or a gone pid is not alive
 
 STATE_FILE = "up.json"
 
@@ -43,18 +44,6 @@ def unregister() -> None:
     _pointer(os.getpid()).unlink(missing_ok=True)
 
 
-def alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def newest_workdir() -> Path | None:
     """The work dir of the newest running `kvrelay up`; pointers of dead ones are removed on the way."""
     best: tuple[float, Path] | None = None
@@ -64,7 +53,7 @@ def newest_workdir() -> Path | None:
             pid, workdir, started = int(info["pid"]), Path(info["workdir"]), float(info["started"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if not alive(pid):
+        if not owner_alive(pid):
             path.unlink(missing_ok=True)
             continue
         if best is None or started > best[0]:
@@ -78,6 +67,6 @@ def read_state(workdir: Path) -> dict[str, Any] | None:
         state = json.loads((workdir / STATE_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(state, dict) or not alive(int(state.get("pid", 0))):
+    if not isinstance(state, dict) or not owner_alive(int(state.get("pid", 0))):
         return None
     return state

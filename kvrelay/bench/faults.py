@@ -446,15 +446,9 @@ def kill_decode_midstream(cluster: UpCluster, load: Load, fig: Figures) -> threa
 def kill_store(cluster: UpCluster, load: Load, fig: Figures) -> threading.Thread:
     def fault() -> None:
         _after_streaming(load, 1)
-        before = cluster.process("store") or {}
-        t_kill = time.monotonic()
-        fig.notes.append(f"killed the store (pid {cluster.kill('store')}) mid-transfer; kvrelay up restarts it")
-        deadline = t_kill + 120
-        while time.monotonic() < deadline:  # the supervisor's restart: a new pid, running
-            now = cluster.process("store") or {}
-            if now.get("pid") != before.get("pid") and now.get("state") == "running":
-                break
-            time.sleep(0.05)
+        pid, t_kill = cluster.kill("store"), time.monotonic()
+        fig.notes.append(f"killed the store (pid {pid}) mid-transfer; kvrelay up restarts it")
+        restarted(cluster, "store", pid)  # the supervisor's restart: a new pid, running
         back = time.monotonic()
         fig.notes.append(f"the store was back {back - t_kill:.1f}s after its kill (supervisor backoff + start-up "
                          f"+ SSD recovery, on cores the engines keep busy recomputing)")
