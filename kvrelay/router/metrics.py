@@ -27,6 +27,9 @@ class RouterMetrics:
         self.retries = Counter("kvrelay_router_retries", "Leg attempts after a failed attempt", ["role"], registry=r)
         self.prefill_latency = Histogram("kvrelay_router_prefill_seconds", "Prefill legs answered by a worker "
                                          "(cancelled and failed attempts are not counted)", registry=r)
+        self.prefill_drained = Counter("kvrelay_router_prefill_drained", "Prefill legs still running when their "
+                                       "decode was answered, by how they ended: finished (their connection kept) or "
+                                       "cancelled (after --prefill-drain seconds)", ["outcome"], registry=r)
         r.register(_BreakerCollector(pools, store))
 
 

@@ -32,6 +32,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kvrelay import security
 from kvrelay.router.legs import RELAY_ID, Legs
 from kvrelay.router.metrics import RouterMetrics
 from kvrelay.router.pool import POLICIES, NoWorkerError, Pool
@@ -46,16 +47,28 @@ log = logging.getLogger("kvrelay.router")
 class Router:
     def __init__(self, prefill: Pool, decode: Pool, health_interval: float = 2.0, timeout: float = 600.0, *,
                  retry: RetryPolicy | None = None, probe_interval: float = 0.2,
-                 store: StoreWatch | None = None) -> None:
+                 store: StoreWatch | None = None, prefill_connections: int = 1000, decode_connections: int = 1000,
+                 prefill_drain: float = 30.0) -> None:
         if health_interval <= 0 or probe_interval <= 0:
             raise ValueError(f"--health-interval {health_interval} and --probe-interval {probe_interval} must be "
                              f"positive (seconds)")
+        for flag, n in (("--prefill-connections", prefill_connections), ("--decode-connections", decode_connections)):
+            if n < 0:
+                raise ValueError(f"{flag} {n}: must be 0 (no limit) or a positive number of connections")
+        if not (math.isfinite(prefill_drain) and prefill_drain >= 0):
+            raise ValueError(f"--prefill-drain {prefill_drain:g}: must be 0 (cancel at once) or a positive number of "
+                             f"seconds")
         self.prefill, self.decode, self.store = prefill, decode, store
         self.health_interval, self.probe_interval = health_interval, probe_interval
         self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self.session: aiohttp.ClientSession | None = None
+        # one session per leg, each with its own connection limit (aiohttp's default of 100 shared by both
+        # legs capped the router at 100 streams), and one for the health probes
+        self.limits = {"prefill": prefill_connections, "decode": decode_connections, "health": 100}
+        self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self.prefill_drain = prefill_drain
+        self._draining: set[asyncio.Task] = set()
         self.metrics = RouterMetrics((prefill, decode), store)
-        self.legs = Legs(prefill, decode, retry or RetryPolicy(), self.metrics, lambda: self.http)
+        self.legs = Legs(prefill, decode, retry or RetryPolicy(), self.metrics, self._session)
         self._wake = asyncio.Event()  # a breaker opened: start probing at the short interval
         prefill.on_open = decode.on_open = self._wake.set
         self.app = web.Application()
@@ -68,15 +81,21 @@ class Router:
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._stop)
 
+    def _session(self, role: str) -> aiohttp.ClientSession:
+        """The session of one leg ("prefill", "decode") or of the probes ("health"); they exist while the app
+        runs (from its startup to its cleanup)."""
+        session = self.sessions.get(role)
+        if session is None:
+            raise RuntimeError("the router's HTTP sessions are not open: the app is not running")
+        return session
+
     @property
     def http(self) -> aiohttp.ClientSession:
-        """The session to the workers; it exists while the app runs (from its startup to its cleanup)."""
-        if self.session is None:
-            raise RuntimeError("the router's HTTP session is not open: the app is not running")
-        return self.session
+        return self._session("health")
 
     async def _start(self, app: web.Application) -> None:
-        self.session = aiohttp.ClientSession(timeout=self.timeout)
+        self.sessions = {role: aiohttp.ClientSession(timeout=self.timeout, connector=aiohttp.TCPConnector(
+            limit=limit, limit_per_host=0)) for role, limit in self.limits.items()}
         await self._check(only_down=False)
         if self.store is not None:
             await self.store.check()
@@ -85,10 +104,14 @@ class Router:
 
     async def _stop(self, app: web.Application) -> None:
         self._health_task.cancel()
+        for task in list(self._draining):
+            task.cancel()
+        await asyncio.gather(*self._draining, return_exceptions=True)
         if self.store is not None:
             await self.store.stop()
-        if self.session is not None:
-            await self.session.close()
+        for session in self.sessions.values():
+            await session.close()
+        self.sessions = {}
 
     async def _check(self, only_down: bool) -> None:
         await asyncio.gather(self.prefill.check(self.http, only_down=only_down),
@@ -161,7 +184,8 @@ class Router:
         self.metrics.routes.labels("pd").inc()
         rid = str(body.get("request_id") or f"kvrelay-{uuid.uuid4().hex}")
         body = {**body, "request_id": rid}
-        prefill = asyncio.create_task(self.legs.prefill(request.path, body))
+        stop = asyncio.Event()
+        prefill = asyncio.create_task(self.legs.prefill(request.path, body, stop))
         try:
             # kvrelay_request_id: vLLM names each leg's request itself; the shared id lets a prefill's abort
             # in the store reach the decode's waiting pulls there too (the reference engines use request_id)
@@ -169,11 +193,24 @@ class Router:
                                                                                    RELAY_ID: rid}})
         finally:
             if not prefill.done():  # the decode is answered: the prefill leg has no one left to serve
-                prefill.cancel()
-            try:
-                await prefill
-            except asyncio.CancelledError:
-                pass
+                stop.set()
+                self._drain(prefill)
+
+    def _drain(self, task: asyncio.Task) -> None:
+        """Let a prefill leg whose decode was answered finish its attempt in the background, so that its
+        connection goes back to the pool; cancelled (closing the connection) after ``prefill_drain`` seconds."""
+        if self.prefill_drain <= 0:
+            task.cancel()
+        self._draining.add(task)
+        timer = asyncio.get_running_loop().call_later(self.prefill_drain, task.cancel)
+
+        def done(t: asyncio.Task) -> None:
+            timer.cancel()
+            self._draining.discard(t)
+            self.metrics.prefill_drained.labels("cancelled" if t.cancelled() else "finished").inc()
+            if not t.cancelled() and t.exception() is not None:
+                log.error("a drained prefill leg failed: %s", t.exception())
+        task.add_done_callback(done)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,8 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--breaker-failures", type=int, default=10,
                    help="consecutive failed requests that take a worker out of service (a refused or reset "
                         "connection does at once)")
+    p.add_argument("--prefill-connections", type=int, default=1000,
+                   help="most open connections to the prefill workers together (0: no limit)")
+    p.add_argument("--decode-connections", type=int, default=1000,
+                   help="most open connections to the decode workers together, hence most streams at once (0: no "
+                        "limit)")
+    p.add_argument("--prefill-drain", type=float, default=30.0,
+                   help="seconds a prefill leg may run on after its decode was answered, so that its connection is "
+                        "kept; then it is cancelled (0: at once)")
     p.add_argument("--ready-file", default="")
     p.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
+    security.add_argument(p)
     return p
 
 
@@ -211,7 +257,8 @@ def build_router(args: argparse.Namespace) -> Router:
     return Router(Pool("prefill", args.prefill, args.policy, args.breaker_failures),
                   Pool("decode", args.decode, args.policy, args.breaker_failures), args.health_interval,
                   retry=RetryPolicy(args.retries, args.retry_backoff, args.retry_backoff_max),
-                  probe_interval=args.probe_interval, store=store)
+                  probe_interval=args.probe_interval, store=store, prefill_connections=args.prefill_connections,
+                  decode_connections=args.decode_connections, prefill_drain=args.prefill_drain)
 
 
 def _bad_address(address: str, schemes: tuple[str, ...]) -> str:
@@ -238,6 +285,7 @@ def check_args(args: argparse.Namespace) -> None:
     """The flags checked before anything starts: ValueError naming the bad one (build_router checks the rest)."""
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is outside 0..65535 (0 picks a free port)")
+    security.configure(args.keys)
     addresses: list[tuple[str, str, tuple[str, ...], str]] = [
         ("--prefill", u, ("http", "https"), "http://127.0.0.1:8100") for u in args.prefill]
     addresses += [("--decode", u, ("http", "https"), "http://127.0.0.1:8200") for u in args.decode]
@@ -251,6 +299,13 @@ def check_args(args: argparse.Namespace) -> None:
     if args.breaker_failures < 1:
         raise ValueError(f"--breaker-failures {args.breaker_failures}: a worker needs at least 1 failure to go out "
                          f"of service")
+    for flag, n in (("--prefill-connections", args.prefill_connections),
+                    ("--decode-connections", args.decode_connections)):
+        if n < 0:
+            raise ValueError(f"{flag} {n}: must be 0 (no limit) or a positive number of connections")
+    if not (math.isfinite(args.prefill_drain) and args.prefill_drain >= 0):
+        raise ValueError(f"--prefill-drain {args.prefill_drain:g}: must be 0 (cancel at once) or a positive number "
+                         f"of seconds")
     for flag, seconds in (("--retry-backoff", args.retry_backoff), ("--retry-backoff-max", args.retry_backoff_max),
                           ("--health-interval", args.health_interval), ("--probe-interval", args.probe_interval)):
         if not (math.isfinite(seconds) and seconds > 0):

@@ -30,6 +30,9 @@ class Worker:
         self.die_before, self.die_after, self.cut_body = die_before, die_after, cut_body
         self.health_status = 200
         self.chunk_delay = 0.0  # seconds between stream events
+        self.delay = 0.0  # seconds before answering
+        self.peers: set[tuple] = set()  # client (host, port) of each connection seen: connections opened
+        self.active = self.max_active = 0  # requests in progress now, and at most
         self.bodies: list[dict] = []
         self.times: list[float] = []  # when each request came in (monotonic)
         self.health_checks = 0
@@ -51,7 +54,19 @@ class Worker:
         return f"data: {json.dumps(event)}\n\n".encode()
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            return await self._completions(request)
+        finally:
+            self.active -= 1
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        self.peers.add(request.transport.get_extra_info("peername"))
         body = await request.json()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         self.bodies.append(body)
         self.times.append(time.monotonic())
         if self.status == 200 and not self.die_before:
@@ -102,18 +117,19 @@ class Worker:
 
 async def with_router(prefill_urls, decode_urls, fn, *, store: StoreWatch | None = None,
                       retry: RetryPolicy | None = None, breaker_failures: int = 10, health_interval: float = 3600,
-                      probe_interval: float = 0.2):
-    """Run ``fn(router, session, url)`` against a router over the given workers, on 127.0.0.1."""
+                      probe_interval: float = 0.2, **kw):
+    """Run ``fn(router, session, url)`` against a router over the given workers, on 127.0.0.1 (``kw``: more
+    of Router's keyword arguments)."""
     router = Router(Pool("prefill", prefill_urls, breaker_failures=breaker_failures),
                     Pool("decode", decode_urls, breaker_failures=breaker_failures), health_interval=health_interval,
-                    retry=retry, probe_interval=probe_interval, store=store)
+                    retry=retry, probe_interval=probe_interval, store=store, **kw)
     runner = web.AppRunner(router.app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             return await fn(router, session, url)
     finally:
         await runner.cleanup()
