@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from kvrelay import upstate
 from kvrelay.store.pool import unlink_pool
 from kvrelay.supervisor import Backoff, StartError, Supervisor
-from kvrelay.transfer import available_transports
+from kvrelay.transfer import available_transports, check_store_transport
 
 if TYPE_CHECKING:
     from kvrelay.engines.vllm.process import VllmServer
@@ -122,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags, in one line naming the bad value (None: nothing), before anything starts."""
     usable = available_transports()
-    if args.transport not in usable:
-        return f"unknown transport {args.transport!r}; choose one of {', '.join(usable)}"
+    try:
+        check_store_transport(args.transport, "--transport")
+    except ValueError as exc:
+        return str(exc)
     if usable[args.transport] is not None:
         return f"transport {args.transport!r} is not usable here: {usable[args.transport]}"
     if args.engine == "vllm" and not args.checkpoint:

@@ -26,7 +26,7 @@ class KVTransferParams(msgspec.Struct, kw_only=True):
     head_start: int  # head range the prefill published
     head_end: int
     store_address: str  # control address of the store daemon, e.g. "tcp://127.0.0.1:5600"
-    transport: str  # transport the decode should pull with ("shm", "tcp", "nixl", "nvlink")
+    transport: str  # transport the decode should pull with from the store: a STORE_TRANSPORTS name ("shm", "tcp", "nixl")
     first_token: int | None = None  # the prefill's sampled token, once known
     prefill_epoch: str = ""  # epoch id of the prefill process (stale metadata is dropped)
     version: int = PARAMS_VERSION

@@ -46,6 +46,8 @@ class StoreClient(ControlChannel):
             raise ValueError("compat_hash is required (KVLayout.compat_hash(model_id)); it namespaces your chunks")
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
+        from kvrelay.transfer import check_store_transport
+        check_store_transport(transport)
         if control not in ("auto", "zmq"):
             raise ValueError(f"control {control!r}: choose auto (the daemon's same-host socket if it offers one) "
                              f"or zmq")

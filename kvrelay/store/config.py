@@ -15,11 +15,12 @@ from typing import Any
 import yaml
 
 from kvrelay.store.pool import ALIGN
+from kvrelay.transfer import STORE_TRANSPORTS, check_store_transport
 
 ENV_PREFIX = "KVRELAY_STORE_"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-KNOWN_TRANSPORTS = ("shm", "tcp", "nixl", "nvlink")
+KNOWN_TRANSPORTS = STORE_TRANSPORTS  # what the store serves (kvrelay/transfer/__init__.py says why not nvlink)
 
 
 def parse_size(value: Any, what: str) -> int:
@@ -91,9 +92,10 @@ class StoreConfig:
             raise ValueError(f"ssd_direct {self.ssd_direct!r}: choose auto, on or off")
         if isinstance(self.transports, str):
             self.transports = [t for t in self.transports.split(",") if t]
-        bad = [t for t in self.transports if t not in KNOWN_TRANSPORTS]
-        if bad or not self.transports:
-            raise ValueError(f"transports {self.transports}: choose from {', '.join(KNOWN_TRANSPORTS)}")
+        if not self.transports:
+            raise ValueError(f"transports is empty: choose from {', '.join(KNOWN_TRANSPORTS)}")
+        for t in self.transports:
+            check_store_transport(t, f"transports {self.transports}: transport")
         for name in ("reserve_ttl", "pull_pin_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -197,7 +199,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssd-segment-size")
     p.add_argument("--ssd-direct", choices=["auto", "on", "off"])
     p.add_argument("--ssd-fsync", action="store_const", const=True)
-    p.add_argument("--transports", help="comma-separated: shm,tcp,nixl,nvlink")
+    p.add_argument("--transports", help="comma-separated: shm,tcp,nixl (nvlink is engine to engine: it cannot carry the host pool)")
     p.add_argument("--reserve-ttl", type=float)
     p.add_argument("--chunk-ttl", type=float)
     p.add_argument("--pull-pin-ttl", type=float)

@@ -6,6 +6,12 @@ Owns: the registry of transport implementations.  Must not touch: their internal
     tcp     ZeroMQ over TCP (any host; zero-copy frames into registered buffers)
     nixl    NIXL 1.5.1 agent with UCX (DRAM on CPU, VRAM on GPU)
     nvlink  CUDA IPC between GPUs of one node
+
+Two lists, one source of truth for both: `ENGINE_TRANSPORTS` (every transport: each moves bytes between two
+endpoints, e.g. engine to engine) and `STORE_TRANSPORTS` (those that can carry the store's data).  The
+store's pool is host memory, so only transports that register host memory serve it; nvlink (CUDA IPC)
+moves device memory only.  A GPU engine reaches a same-host store through shm: its copies run GPU <->
+pinned pool by DMA (store/datapath.py).  `check_store_transport` names the choice when one is wrong.
 """
 
 from __future__ import annotations
@@ -22,6 +28,20 @@ _IMPLS = {
     "nixl": ("kvrelay.transfer.nixl_transport", "NixlTransport"),
     "nvlink": ("kvrelay.transfer.nvlink", "NvlinkTransport"),
 }
+
+ENGINE_TRANSPORTS = tuple(_IMPLS)
+STORE_TRANSPORTS = ("shm", "tcp", "nixl")
+
+
+def check_store_transport(name: str, what: str = "transport") -> None:
+    """ValueError naming ``what`` unless ``name`` is a transport the store serves (`STORE_TRANSPORTS`)."""
+    if name in STORE_TRANSPORTS:
+        return
+    if name == "nvlink":
+        raise ValueError(f"{what} 'nvlink' cannot reach the store: CUDA IPC moves device memory between engines' "
+                         f"endpoints, and the store's pool is host memory. Use shm (same host; a GPU client "
+                         f"copies to and from the pinned pool by DMA), nixl or tcp")
+    raise ValueError(f"{what} {name!r} is not a store transport; choose one of {', '.join(STORE_TRANSPORTS)}")
 
 
 def _unavailable(name: str) -> str | None:
@@ -59,4 +79,5 @@ def create_transport(name: str, agent_name: str, compat_hash: str, host: str = "
     return getattr(importlib.import_module(module), cls)(agent_name, compat_hash, host=host, port=port, **options)
 
 
-__all__ = ["create_transport", "available_transports"]
+__all__ = ["create_transport", "available_transports", "check_store_transport", "ENGINE_TRANSPORTS",
+           "STORE_TRANSPORTS"]

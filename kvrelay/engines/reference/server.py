@@ -253,10 +253,9 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is outside 0..65535 (0 picks a free port)")
     if args.role != "colocated":
-        from kvrelay.transfer import available_transports
+        from kvrelay.transfer import available_transports, check_store_transport
         usable = available_transports()
-        if args.transport not in usable:
-            raise ValueError(f"--transport {args.transport!r} is unknown; choose one of {', '.join(usable)}")
+        check_store_transport(args.transport, "--transport")
         if usable[args.transport] is not None:
             raise ValueError(f"--transport {args.transport!r} is not usable here: {usable[args.transport]}")
 

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvrelay.keys import DEFAULT_CHUNK_TOKENS
+from kvrelay.transfer import STORE_TRANSPORTS
 
 ROLES = ("kv_producer", "kv_consumer", "kv_both")
 POLICIES = ("recompute", "fail")
-TRANSPORTS = ("shm", "tcp", "nixl")
+TRANSPORTS = STORE_TRANSPORTS  # the engines reach each other through the store
 KEYS = ("store", "transport", "chunk_tokens", "failure_policy", "pull_timeout_s", "model_id", "prefix_lookup",
         "reserve_ttl_s", "breaker_cooldown_s")
 
