@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "router": ("kvrelay.router.server", "run the OpenAI-compatible P/D router over prefill and decode pools"),
     "up": ("kvrelay.launcher", "bring up a local P/D cluster (store, engines) and optionally run a demo"),
     "status": ("kvrelay.status", "show the processes of a running `kvrelay up`: health, restarts, uptime"),
+    "keys": ("kvrelay.security.keygen", "write a key directory (CURVE keys, shared secret, HTTP token) for --keys"),
     "bench": ("kvrelay.bench.harness", "run a benchmark suite (kernels, transports, store, pd, vllm)"),
 }
 

@@ -22,13 +22,16 @@ from pathlib import Path
 import urllib.error
 import urllib.request
 
+from kvrelay.security.http import auth_headers
+
 DEMO_LENGTHS = (1, 17, 130, 333, 700, 1100, 64, 257, 900, 45)
 FIRST_ID = 3  # ids 0-2 are the usual pad/bos/eos
 
 
 
 def post(url: str, body: dict, timeout: float = 300.0) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **auth_headers()})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvrelay import upstate
+from kvrelay import security, upstate
 from kvrelay.store.pool import unlink_pool
 from kvrelay.supervisor import Backoff, StartError, Supervisor
 from kvrelay.transfer import available_transports, check_store_transport
@@ -41,7 +41,8 @@ def vllm_kv_transfer_config(store_address: str, transport: str,
         return None
     return {"kv_connector": connector, "kv_connector_module_path": "kvrelay.engines.vllm", "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"store": store_address, "transport": transport}}
+            "kv_connector_extra_config": {"store": store_address, "transport": transport,
+                                          **({"keys": str(keys.directory)} if (keys := security.current()) else {})}}
 
 
 class Cluster(Supervisor):
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "recomputes; the demo then checks the outputs only)")
     p.add_argument("--vllm-kv-cache-gib", type=float, default=1.0, help="vllm: KV cache per server (GiB)")
     p.add_argument("--vllm-start-timeout", type=float, default=600.0, help="vllm: seconds to wait for /health")
+    security.add_argument(p)
     return p
 
 
@@ -133,6 +135,10 @@ def check_args(args: argparse.Namespace) -> str | None:
                 "kvrelay.engines.vllm.checkpoint.write_llama_checkpoint writes a seeded one")
     if not 0 <= args.port <= 65535:
         return f"--port {args.port} is outside 0..65535 (0 picks a free port)"
+    try:
+        security.configure(args.keys)  # every child gets --keys (and KVRELAY_KEYS) of the same directory
+    except security.KeysError as exc:
+        return str(exc)
     for flag, value, least in (("--num-prefill", args.num_prefill, 0), ("--num-decode", args.num_decode, 1),
                                ("--requests", args.requests, 1), ("--max-restarts", args.max_restarts, 0),
                                ("--prefill-block-size", 1 if args.prefill_block_size is None else
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         with Cluster(workdir, verbose=args.verbose, backoff=Backoff(max_restarts=args.max_restarts)) as cluster:
             upstate.register(workdir, cluster.started)
             print(f"kvrelay up: logs in {workdir}", file=sys.stderr)
-            store_args = ["store", "--port", "0", "--metrics-port", "0", "--pool-size", args.pool_size,
+            store_args = ["store", *_keys_args(), "--port", "0", "--metrics-port", "0", "--pool-size", args.pool_size,
                           "--pool-name", pool_name, "--transports", ",".join(sorted({"shm", args.transport}))]
             ssd_dir = "" if args.ssd_dir == "none" else args.ssd_dir or str(workdir / "ssd")
             if ssd_dir:
@@ -178,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             for kind, urls in (("prefill", prefills), ("decode", decodes), ("colocated", colocated)):
                 for url in urls:
                     print(f"  {kind:<8} {url}")
-            router_args = ["router", "--port", str(0 if args.demo else args.port), "--store", store["address"]]
+            router_args = ["router", *_keys_args(), "--port", str(0 if args.demo else args.port), "--store",
+                           store["address"]]
             for url in prefills:
                 router_args += ["--prefill", url]
             for url in decodes:
@@ -284,13 +291,14 @@ Started = tuple[list[str], list[str], list[str], dict[str, Any]]  # prefill, dec
 
 def _start_reference(cluster: Cluster, args: argparse.Namespace, store: str) -> Started:
     model = ["--checkpoint", args.checkpoint] if args.checkpoint else []
-    common = [*model, "--port", "0", "--store", store, "--transport", args.transport]
+    common = [*model, *_keys_args(), "--port", "0", "--store", store, "--transport", args.transport]
     prefill_bs, decode_bs = args.prefill_block_size or 16, args.decode_block_size or 32
     specs = [(f"prefill{i}", ["engine", "--role", "prefill", *common, "--block-size", str(prefill_bs)])
              for i in range(args.num_prefill)]
     specs += [(f"decode{i}", ["engine", "--role", "decode", *common, "--block-size", str(decode_bs)])
               for i in range(args.num_decode)]
-    specs += [("colocated", ["engine", "--role", "colocated", *model, "--port", "0"])] if args.demo else []
+    specs += [("colocated", ["engine", "--role", "colocated", *model, *_keys_args(), "--port", "0"])] if args.demo \
+        else []
     children = [cluster.spawn(name, argv) for name, argv in specs]  # all at once: each loads its model for seconds
     urls = [cluster.wait_ready(child)["url"] for child in children]
     n, m = args.num_prefill, args.num_decode
@@ -320,6 +328,12 @@ def _start_vllm(cluster: Cluster, args: argparse.Namespace, store: str) -> Start
     if args.demo:
         demo_kw["recomputed"] = ExternalTokensCounter(decodes)
     return prefills, decodes, urls[len(prefills) + len(decodes):], demo_kw
+
+
+def _keys_args() -> list[str]:
+    """``--keys DIR`` for a child when this `kvrelay up` has keys (``--keys`` or $KVRELAY_KEYS)."""
+    keys = security.current()
+    return ["--keys", str(keys.directory)] if keys is not None else []
 
 
 def _served_name(checkpoint: str) -> str:

@@ -1,7 +1,7 @@
 """Running an aiohttp app as a kvrelay process: bind, announce readiness, serve until SIGTERM/SIGINT.
 
 Owns: what an HTTP process puts in its ready file (``{port, pid, url}``; the convention itself is
-kvrelay/readyfile.py) and the loopback-only rule.  Must not touch: the app's routes.
+kvrelay/readyfile.py) (the loopback-unless-authenticated rule, check_loopback, lives in kvrelay/security).  Must not touch: the app's routes.
 """
 
 from __future__ import annotations
@@ -14,13 +14,9 @@ import signal
 from aiohttp import web
 
 from kvrelay.readyfile import write_ready_file
+from kvrelay.security import LOOPBACK, check_loopback
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def check_loopback(host: str, what: str) -> None:
-    if host not in LOOPBACK:
-        raise ValueError(f"--host {host!r}: the {what} binds loopback only (127.0.0.1)")
+__all__ = ["LOOPBACK", "check_loopback", "serve_until_signal"]
 
 
 async def serve_until_signal(app: web.Application, host: str, port: int, ready_file: str, name: str,

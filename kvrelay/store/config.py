@@ -68,9 +68,8 @@ class StoreConfig:
     spill_max_delay: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.host not in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError(f"host {self.host!r}: the store binds loopback only (127.0.0.1); "
-                             f"expose it through a transport, not the control socket")
+        from kvrelay.serving import check_loopback  # another address only with authentication on
+        check_loopback(self.host, "store")
         for name in ("port", "metrics_port"):
             v = getattr(self, name)
             if not -1 <= v <= 65535:

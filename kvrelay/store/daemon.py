@@ -15,6 +15,7 @@ import time
 
 import zmq
 
+from kvrelay import security
 from kvrelay.readyfile import write_ready_file
 from kvrelay.store.config import from_args, add_arguments, StoreConfig
 from kvrelay.store.core import StoreCore
@@ -49,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvrelay store", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     parser.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
+    security.add_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     del args.log_level
+    keys_dir = args.keys
+    del args.keys
     try:
+        security.configure(keys_dir)  # before the config: a non-loopback --host needs keys
         cfg = from_args(args)
     except ValueError as exc:
         print(f"kvrelay store: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ import sys
 import msgspec
 from aiohttp import web
 
+from kvrelay import security
 from kvrelay.connector import PublishPhase, transfer_params
 from kvrelay.engines.reference import api
 from kvrelay.engines.reference.config import FAILURE_POLICIES, ROLES, EngineConfig, ModelConfig
@@ -167,7 +168,7 @@ def _error(status: int, message: str) -> web.Response:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrelay engine", description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless --keys)")
     p.add_argument("--port", type=int, default=8100, help="HTTP port (0 picks a free one)")
     p.add_argument("--ready-file", default="", help="write {port, pid} here once serving")
     p.add_argument("--role", choices=ROLES, default="colocated")
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-layerwise", action="store_true", help="prefill: publish after the whole forward pass")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
+    security.add_argument(p)
     return p
 
 
@@ -252,6 +254,8 @@ def check_args(args: argparse.Namespace) -> None:
     """The flags that can be checked before the model is loaded (seconds): ValueError naming the bad one."""
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is outside 0..65535 (0 picks a free port)")
+    security.configure(args.keys)
+    check_loopback(args.host, "engine")
     if args.role != "colocated":
         from kvrelay.transfer import available_transports, check_store_transport
         usable = available_transports()

@@ -3,7 +3,11 @@
     {"kv_connector": "KVRelayConnector", "kv_connector_module_path": "kvrelay.engines.vllm",
      "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
      "kv_connector_extra_config": {"store": "tcp://127.0.0.1:5600", "transport": "shm", "chunk_tokens": 256,
-                                   "failure_policy": "recompute", "pull_timeout_s": 30, "model_id": "..."}}
+                                   "failure_policy": "recompute", "pull_timeout_s": 30, "model_id": "...",
+                                   "keys": "/path/to/keys"}}
+
+``keys`` (a directory written by `kvrelay keys`; default $KVRELAY_KEYS) authenticates the store's planes; it
+is made this process's keys (kvrelay.security.configure) when the configuration is parsed.
 
 Owns: parsing and validating that configuration: every bad or missing value is refused at start-up with a
 message that names it.  Must not touch: vLLM's state.
@@ -14,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kvrelay import security
 from kvrelay.keys import DEFAULT_CHUNK_TOKENS
 from kvrelay.transfer import STORE_TRANSPORTS
 
@@ -21,7 +26,7 @@ ROLES = ("kv_producer", "kv_consumer", "kv_both")
 POLICIES = ("recompute", "fail")
 TRANSPORTS = STORE_TRANSPORTS  # the engines reach each other through the store
 KEYS = ("store", "transport", "chunk_tokens", "failure_policy", "pull_timeout_s", "model_id", "prefix_lookup",
-        "reserve_ttl_s", "breaker_cooldown_s")
+        "reserve_ttl_s", "breaker_cooldown_s", "keys")
 
 
 class ConfigError(ValueError):
@@ -40,6 +45,7 @@ class RelayConfig:
     prefix_lookup: bool = True  # look every new request's prompt up in the store (cross-instance prefix reuse)
     reserve_ttl_s: float = 120.0
     breaker_cooldown_s: float = 1.0  # after the store failed: skip it this long, then probe again
+    keys: str = ""  # key directory (kvrelay.security); "" : $KVRELAY_KEYS or none
 
     @property
     def publishes(self) -> bool:
@@ -96,5 +102,14 @@ class RelayConfig:
         if not isinstance(lookup, bool):
             raise ConfigError(f"{where}: kv_connector_extra_config.prefix_lookup must be true or false, got "
                               f"{lookup!r}")
+        keys = extra.get("keys", "")
+        if not isinstance(keys, str):
+            raise ConfigError(f"{where}: kv_connector_extra_config.keys must be a key directory (a string), got "
+                              f"{keys!r}")
+        try:
+            configured = security.configure(keys or None)
+        except security.KeysError as exc:
+            raise ConfigError(f"{where}: kv_connector_extra_config.keys: {exc}") from None
         return cls(role=role, store=store, transport=transport, chunk_tokens=chunk, failure_policy=policy,
-                   model_id=model_id, prefix_lookup=lookup, **numbers)
+                   model_id=model_id, prefix_lookup=lookup, keys=str(configured.directory) if configured else "",
+                   **numbers)
