@@ -119,6 +119,11 @@ class StoreClient(ControlChannel):
             self._requests.setdefault(request_id, set()).update(kid_of(k) for k in keys)
             self._kid_req.update((kid_of(k), request_id) for k in keys)
 
+    def use_gpu(self) -> None:
+        """Say this client copies between CUDA memory and its `publish_buffer`s / pull outputs: a same-host
+        client pins the mapped pool then, in the background (never before: a CPU client makes no CUDA call)."""
+        self._path.use_gpu()
+
     def publish_buffer(self, key: ChunkKey) -> torch.Tensor:
         kid = kid_of(key)
         with self._lock:
@@ -171,8 +176,8 @@ class StoreClient(ControlChannel):
         got: int | None
         if isinstance(path, SharedPath) and slot is not None and not slot.present and kid not in self._views:
             got = path.publish_into(slot, src)  # straight into the mapped slot, by address
-        else:
-            got = copy_into(self.publish_buffer(key), src, True, stream=True)  # a pool slot: nobody reads it soon
+        else:  # a pool slot: nobody reads it soon
+            got = copy_into(self.publish_buffer(key), src if src.device.type == "cpu" else src.cpu(), True, stream=True)
         if got != header.checksum:
             raise ValueError(f"publish({kid}): the payload's checksum is {got:#018x}, the header says "
                              f"{header.checksum:#018x}; nothing was committed")
@@ -180,8 +185,8 @@ class StoreClient(ControlChannel):
 
     def pull(self, key: ChunkKey, out: torch.Tensor, deadline: float, verify_checksum: bool = True,
              request_id: str = "") -> ChunkHeader:
-        if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous():
-            raise ValueError(f"pull needs a contiguous uint8 CPU tensor, got {out.dtype} on {out.device}")
+        if out.dtype != torch.uint8 or out.device.type not in ("cpu", "cuda") or not out.is_contiguous():
+            raise ValueError(f"pull needs a contiguous uint8 CPU or CUDA tensor, got {out.dtype} on {out.device}")
         if self._closed:
             raise StoreError("the StoreClient is closed", "closed")
         path = self._path
@@ -223,8 +228,9 @@ class StoreClient(ControlChannel):
         if len(keys) != len(outs):
             raise ValueError(f"pull_many: {len(keys)} keys but {len(outs)} output tensors")
         for out in outs:
-            if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous():
-                raise ValueError(f"pull_many needs contiguous uint8 CPU tensors, got {out.dtype} on {out.device}")
+            if out.dtype != torch.uint8 or out.device.type not in ("cpu", "cuda") or not out.is_contiguous():
+                raise ValueError(f"pull_many needs contiguous uint8 CPU or CUDA tensors, got {out.dtype} on "
+                                 f"{out.device}")
         if not keys:
             return []
         if self._closed:
@@ -404,9 +410,9 @@ def _as_uint8(payload) -> torch.Tensor:
         if (payload.dtype == torch.uint8 and payload.dim() == 1 and payload.device.type == "cpu"
                 and payload.is_contiguous()):
             return payload
-        if payload.device.type != "cpu":
+        if payload.device.type not in ("cpu", "cuda"):
             payload = payload.cpu()
-        return payload.contiguous().view(torch.uint8).reshape(-1)
+        return payload.contiguous().view(torch.uint8).reshape(-1)  # a CUDA payload stays there: one copy to the pool
     return torch.from_numpy(np.frombuffer(memoryview(payload).cast("B"), dtype=np.uint8).copy())
 
 

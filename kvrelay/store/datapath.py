@@ -3,6 +3,11 @@
 Owns: `SharedPath` (maps the pool; publish in place, pull by one copy) and `TransportPath` (a local
 registered staging region + one-sided read/write of descriptors through a `kvrelay.transfer` endpoint).
 Must not touch: the control protocol (client.py) or the pool allocator in the daemon.
+
+GPU clients: `SharedPath` copies a CUDA tensor to and from the pool with ``Tensor.copy_`` on the caller's
+current stream (it returns once the copy is done, so it is ordered after the caller's kernels and before
+its later ones), and checksums the pool side.  The pool is pinned for them by `pinning.PoolPinner`,
+from the first GPU copy (or `use_gpu()`), in the background: a CPU-only client never calls into CUDA.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from concurrent.futures import Executor, Future
 import torch
 
 from kvrelay.store.directory import DirectoryReader
+from kvrelay.store.pinning import PoolPinner
 from kvrelay.store.pool import ALIGN, Arena, SharedPool, align_up
 from kvrelay.store.protocol import STORE_COMPAT, Slot  # noqa: F401  (STORE_COMPAT re-exported)
 from kvrelay.transfer.wire import ChunkHeader, checksum, copy_into
@@ -49,10 +55,12 @@ class SharedPath:
         tensor = torch.frombuffer(self.pool.mm, dtype=torch.uint8)
         self._tensor: torch.Tensor | None = tensor  # None once closed
         self.base, self.nbytes = tensor.data_ptr(), tensor.numel()
-        self._pinned = False
-        if torch.cuda.is_available():  # page-locked so GPU <-> pool copies are DMA
-            err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
-            self._pinned = int(err) == 0
+        self.pinner = PoolPinner(self.base, self.nbytes)  # started by the first GPU copy, never in a CPU client
+
+    def use_gpu(self) -> None:
+        """This client copies between CUDA memory and the pool (e.g. into `publish_view`s): pin the pool, in
+        the background, so those copies are DMA.  Called by the first GPU copy through this path anyway."""
+        self.pinner.start()
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -116,6 +124,15 @@ class SharedPath:
         if s.offset < 0 or s.offset + s.nbytes > self.nbytes or t.numel() != s.nbytes:
             raise ValueError(f"slot [{s.offset}, +{s.nbytes}) outside the {self.nbytes}-byte pool, or {what} "
                              f"of {t.numel()} bytes")
+        if t.device.type != "cpu":  # a GPU client: a device copy on its current stream, the checksum pool-side
+            self.use_gpu()
+            view = self.tensor[s.offset:s.offset + s.nbytes]
+            if to_pool:
+                view.copy_(t)  # device -> host: returns once the bytes are in the pool
+                return checksum(view) if want else None
+            got = checksum(view) if want else None  # hashed before the copy, as the CPU path does
+            t.copy_(view)
+            return got
         if _native is None:  # not built: through the buffer protocol (slower per call, same bytes)
             view = self.tensor[s.offset:s.offset + s.nbytes]
             return copy_into(view, t, want, stream) if to_pool else copy_into(t, view, want, stream)
@@ -129,8 +146,7 @@ class SharedPath:
     def close(self) -> None:
         if self.directory is not None:
             self.directory.close()
-        if self._pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+        self.pinner.close()  # no CUDA call unless this client pinned
         self._tensor = None
         self.pool.close()
 
@@ -180,6 +196,9 @@ class TransportPath:
                 h.result(timeout)
         finally:
             self.discard(view)
+
+    def use_gpu(self) -> None:
+        pass  # staging is host memory the transport registered; device copies go through it
 
     def register_buffer(self, buf: torch.Tensor) -> None:
         """Register a long-lived uint8 CPU tensor so pulls into it skip the staging copy."""
@@ -247,11 +266,20 @@ class TransportPath:
         elif direct:
             with self.t.read(self.peer, [d for _, d in direct], timeout=left()) as h:
                 h.result(left())
+        host_sums: dict[int, int] = {}
         for i in rest:
-            self.pull_into(slots[i], outs[i], left())
+            if outs[i].device.type == "cpu":
+                self.pull_into(slots[i], outs[i], left())
+                continue
+            host = torch.empty(slots[i].nbytes, dtype=torch.uint8)  # a GPU out: verified in host memory
+            self.pull_into(slots[i], host, left())
+            if expect is not None:
+                host_sums[i] = checksum(host)
+            outs[i].copy_(host)
         if expect is None:
             return []
-        return [i for i in range(len(outs)) if (sums[i].result() if i in sums else checksum(outs[i])) != expect[i]]
+        return [i for i in range(len(outs))
+                if (sums[i].result() if i in sums else host_sums[i] if i in host_sums else checksum(outs[i])) != expect[i]]
 
     def close(self) -> None:
         self.t.close()
