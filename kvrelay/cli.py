@@ -16,6 +16,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("kvrelay.launcher", "bring up a local P/D cluster (store, engines) and optionally run a demo"),
     "status": ("kvrelay.status", "show the processes of a running `kvrelay up`: health, restarts, uptime"),
     "keys": ("kvrelay.security.keygen", "write a key directory (CURVE keys, shared secret, HTTP token) for --keys"),
+    "dynamo-worker": ("kvrelay.engines.dynamo.worker", "run a reference engine as an NVIDIA Dynamo worker (prefill, "
+                      "decode or colocated)"),
+    "dynamo-frontend": ("kvrelay.engines.dynamo.frontend", "run `python -m dynamo.frontend` on 127.0.0.1 over "
+                        "kvrelay's Dynamo workers"),
+    "dynamo-broker": ("kvrelay.engines.dynamo.broker", "run the loopback event broker a Dynamo deployment needs"),
+    "dynamo-checkpoint": ("kvrelay.engines.dynamo.model_dir", "write a seeded checkpoint ready for Dynamo's frontend"),
     "bench": ("kvrelay.bench.harness", "run a benchmark suite (kernels, transports, store, pd, vllm)"),
 }
 
