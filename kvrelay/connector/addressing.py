@@ -45,13 +45,13 @@ def first_token_header(compat_hash: str, num_tokens: int, payload: torch.Tensor)
 
 def transfer_params(prompt: Sequence[int], request_id: str, model_id: str, compat_hash: str, chunk_tokens: int,
                     num_layers: int, head_start: int, head_end: int, store_address: str, transport: str,
-                    first_token: int | None = None, prefill_epoch: str = "") -> KVTransferParams:
+                    first_token: int | None = None, prefill_epoch: str = "", cache_salt: str = "") -> KVTransferParams:
     """The `KVTransferParams` a prefill of ``prompt`` publishes under.  A router or a decode worker can
     build them itself and send the decode leg at once (``first_token=None``: the decode pulls it from the
-    store)."""
+    store).  ``cache_salt``: the request's tenant salt (kvrelay.keys), part of every chunk's address."""
     return KVTransferParams(
         request_id=request_id, model_id=model_id, compat_hash=compat_hash, num_tokens=len(prompt),
-        chunk_tokens=chunk_tokens, block_hashes=block_hashes(prompt, chunk_tokens, model_id, compat_hash),
+        chunk_tokens=chunk_tokens, block_hashes=block_hashes(prompt, chunk_tokens, model_id, compat_hash, cache_salt),
         num_layers=num_layers, head_start=head_start, head_end=head_end, store_address=store_address,
         transport=transport, first_token=first_token, prefill_epoch=prefill_epoch)
 

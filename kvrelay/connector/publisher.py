@@ -41,7 +41,8 @@ log = logging.getLogger("kvrelay.connector.publish")
 class PublishClient(Protocol):
     """The part of `kvrelay.store.client.StoreClient` a publisher uses."""
 
-    def reserve(self, request_id: str, chunks: list[tuple[ChunkKey, int]], ttl: float = ...) -> None: ...
+    def reserve(self, request_id: str, chunks: list[tuple[ChunkKey, int]], ttl: float = ...,
+                tenant: str = ...) -> None: ...
     def publish_buffer(self, key: ChunkKey) -> torch.Tensor: ...
     def commit(self, key: ChunkKey, header: ChunkHeader, *, wait: bool = ...) -> None: ...
     def flush(self) -> None: ...
@@ -58,6 +59,7 @@ class PublishRequest:
     first_token: bool = True  # also publish the sampled first token (engines whose decode recomputes it: no)
     stored_tokens: int = 0  # the prompt's first tokens are already in the store (loaded from it): chunks that
     #                         end within them are not packed or sent again
+    cache_salt: str = ""  # the request's tenant salt: in its chunks' addresses, and its chunks' owner in the store
 
 
 class LayerPublisher:
@@ -102,7 +104,8 @@ class LayerPublisher:
         for req in requests:
             params = transfer_params(req.prompt, req.request_id, cache.model_id, cache.compat_hash,
                                      self.chunk_tokens, layout.num_layers, layout.head_start, layout.head_end,
-                                     self.store_address, self.transport, prefill_epoch=cache.epoch)
+                                     self.store_address, self.transport, prefill_epoch=cache.epoch,
+                                     cache_salt=req.cache_salt)
             jobs = [c for c in chunk_jobs(params) if c.token_end > req.stored_tokens]
             state = PublishState(req.request_id, req.block_ids, params, jobs,
                                  first_token_key(req.request_id, params.block_hashes))
@@ -119,7 +122,10 @@ class LayerPublisher:
                 self.cache.metrics.publish_errors.labels(FailureCode.UNAVAILABLE.value).inc()
                 continue
             try:
-                self.client.reserve(req.request_id, sizes, ttl=self.reserve_ttl)
+                if req.cache_salt:  # the store books the chunks to this tenant (quota, metrics, purge)
+                    self.client.reserve(req.request_id, sizes, ttl=self.reserve_ttl, tenant=req.cache_salt)
+                else:
+                    self.client.reserve(req.request_id, sizes, ttl=self.reserve_ttl)
             except Exception as exc:  # noqa: BLE001 - the store is full or gone: answer without publishing
                 failure = TransferFailure.from_exception(exc, "the prefill could not reserve its chunks")
                 if self.breaker is not None and failure.code in (FailureCode.UNAVAILABLE, FailureCode.TIMEOUT):

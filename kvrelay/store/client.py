@@ -106,13 +106,17 @@ class StoreClient(ControlChannel):
             self._unpin.clear()
 
     # --- API ---------------------------------------------------------------------------------------
-    def lookup(self, keys: list[ChunkKey]) -> int:
-        return self._call(P.Lookup(keys=list(keys))).count
+    def lookup(self, keys: list[ChunkKey], tenant: str = "") -> int:
+        """How many of ``keys``, from the first, are ready; ``tenant`` (the request's cache_salt) is who asks."""
+        return self._call(P.Lookup(keys=list(keys), tenant=tenant)).count
 
-    def reserve(self, request_id: str, chunks: list[tuple[ChunkKey, int]], ttl: float = 60.0) -> None:
+    def reserve(self, request_id: str, chunks: list[tuple[ChunkKey, int]], ttl: float = 60.0,
+                tenant: str = "") -> None:
+        """Reserve pool slots for chunks, booked to ``tenant`` (the request's cache_salt: its quota applies,
+        code "quota" when over it)."""
         keys = [k for k, _ in chunks]
         slots = self._call(P.Reserve(request_id=request_id, keys=keys, nbytes=[int(n) for _, n in chunks],
-                                     ttl=ttl)).slots
+                                     ttl=ttl, tenant=tenant)).slots
         with self._lock:
             for k, s in zip(keys, slots, strict=True):
                 self._slots[kid_of(k)] = s
@@ -349,6 +353,11 @@ class StoreClient(ControlChannel):
 
     def purge(self, prefix: str | None = None, namespace: str | None = None) -> int:
         return self._call(P.Purge(prefix=prefix, namespace=namespace)).count
+
+    def purge_tenant(self, tenant: str, by: str = "", timeout: float | None = None) -> dict[str, int]:
+        """Drop a tenant's chunks and overwrite their bytes in memory and on SSD (purge.py); recorded in the
+        store's journal and audit log under ``by``.  Returns {"chunks", "bytes", "skipped"}."""
+        return dict(self._call(P.Purge(tenant=tenant, by=by), wait=timeout).info)
 
     def stats(self) -> dict:
         return self._call(P.Stats()).info

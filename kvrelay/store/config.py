@@ -66,6 +66,15 @@ class StoreConfig:
     # chunk, but at most spill_max_delay seconds after its commit; spill_max_delay 0 writes at once
     spill_quiet: float = 0.05
     spill_max_delay: float = 2.0
+    # tenants (tenants.py; a tenant is a request's cache_salt): "T=SIZE,...,*=SIZE" pool bytes a tenant may
+    # hold (reserved + in memory), "T=SECONDS,..." idle TTL of its chunks (else chunk_ttl), metric labels
+    tenant_quotas: str = ""
+    tenant_ttls: str = ""
+    max_tenant_labels: int = 64
+    # encryption of the SSD tier (crypto.py): a key file of mode 0600, one "ID HEX" key a line, the last current
+    at_rest_key: str = ""
+    # append-only JSON lines: one per purge (time, who, tenant, chunks and bytes purged); empty: no audit log
+    audit_log: str = ""
 
     def __post_init__(self) -> None:
         from kvrelay.serving import check_loopback  # another address only with authentication on
@@ -109,6 +118,13 @@ class StoreConfig:
             raise ValueError(f"verify_commits {self.verify_commits!r}: choose remote, all or none")
         if self.eviction != "lru":
             raise ValueError(f"eviction policy {self.eviction!r} is not supported; use 'lru'")
+        from kvrelay.store.tenants import parse_per_tenant
+        parse_per_tenant(self.tenant_quotas, "tenant_quotas", lambda v: parse_size(v, "size"))
+        parse_per_tenant(self.tenant_ttls, "tenant_ttls", float)
+        if not 1 <= self.max_tenant_labels <= 10000:
+            raise ValueError(f"max_tenant_labels must be in 1..10000, got {self.max_tenant_labels}")
+        if self.at_rest_key and not self.ssd_dir:
+            raise ValueError("at_rest_key encrypts the SSD tier, and there is none: give ssd_dir too")
         if not self.pool_name:
             self.pool_name = f"kvrelay-store-0-{os.getpid()}" if self.port == 0 else \
                 f"kvrelay-store-{self.port}"
@@ -214,6 +230,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve the ZMQ socket only (by default same-host clients also get a Unix socket)")
     p.add_argument("--no-directory", dest="directory", action="store_const", const=False,
                    help="no shared directory of ready chunks: every same-host pull asks the daemon")
+    p.add_argument("--tenant-quotas", help="pool bytes per tenant (cache_salt): 'T=SIZE,...' ('*=SIZE': every other)")
+    p.add_argument("--tenant-ttls", help="idle TTL (s) of each tenant's chunks: 'T=SECONDS,...' (else --chunk-ttl)")
+    p.add_argument("--max-tenant-labels", type=int, help="tenants with a metric label of their own (default 64)")
+    p.add_argument("--at-rest-key", help="encrypt the SSD tier with the keys of this file (mode 0600; "
+                                         "`kvrelay store keygen --at-rest-key FILE` makes one)")
+    p.add_argument("--audit-log", help="append one JSON line per purge to this file")
 
 
 def from_args(args: argparse.Namespace) -> StoreConfig:

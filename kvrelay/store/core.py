@@ -5,6 +5,10 @@ background threads change the store through (the spiller: ``spill_*``, the promo
 they never take the lock or see the index).  Must not touch: sockets (server.py), the on-disk format
 (ssd.py) or the allocator internals (pool.py).
 
+Tenants (tenants.py): a reservation names its tenant (the request's cache_salt); a tenant over its quota
+has its own unpinned LRU chunks evicted to make room, never another tenant's, else is refused (code
+"quota").  Its hits, moved bytes and usage are counted per tenant.
+
 Eviction: ``reserve`` makes room by dropping the in-memory copy of unpinned LRU chunks, clean ones (already
 on SSD) first, then dirty ones (lost, counted); if pinned and reserved bytes leave no room it refuses
 with `OpError("full")`.  Every committed chunk is queued for write-behind to SSD on a background thread:
@@ -20,7 +24,9 @@ import time
 from collections import Counter
 
 from kvrelay.keys import ChunkKey, kid_of
-from kvrelay.store.config import StoreConfig
+from kvrelay.store.audit import AuditLog
+from kvrelay.store.config import StoreConfig, parse_size
+from kvrelay.store.crypto import KeyRing
 from kvrelay.store.directory import Directory, slots_for
 from kvrelay.store.index import Entry, Index, OpError, State
 from kvrelay.store.pool import Arena, SharedPool, align_up
@@ -28,6 +34,7 @@ from kvrelay.store.protocol import Slot
 from kvrelay.store.promote import Promoter
 from kvrelay.store.spill import Spill, spill_loop
 from kvrelay.store.ssd import Loc, SsdTier
+from kvrelay.store.tenants import TenantPolicy, parse_per_tenant
 from kvrelay.store.upkeep import Upkeep
 from kvrelay.transfer.wire import ChunkHeader, checksum
 
@@ -42,6 +49,8 @@ EVICT_BATCH = 8  # LRU victims taken per scan when making room
 
 
 class StoreCore(Upkeep):
+    audit: AuditLog | None = None
+
     def __init__(self, cfg: StoreConfig) -> None:
         self.cfg = cfg
         self.pool = SharedPool(cfg.pool_name, cfg.pool_size, create=True)
@@ -66,15 +75,22 @@ class StoreCore(Upkeep):
         self.closing = False
         self.recovered = self.recover_dropped = 0
         self.last_spill_error = ""
+        quotas, default_quota = parse_per_tenant(cfg.tenant_quotas, "tenant_quotas", lambda v: parse_size(v, "size"))
+        ttls, default_ttl = parse_per_tenant(cfg.tenant_ttls, "tenant_ttls", float)
+        self.policy = TenantPolicy(quotas, default_quota, ttls, default_ttl)
+        self.ix.book.max_labels = cfg.max_tenant_labels
+        self.keyring = KeyRing.load(cfg.at_rest_key) if cfg.at_rest_key else None
+        self.audit = AuditLog(cfg.audit_log) if cfg.audit_log else None
         if cfg.directory and platform.machine() in ("x86_64", "AMD64"):
             self.ix.directory = Directory(cfg.pool_name, slots_for(cfg.pool_size), self.pool.ident)
         if cfg.ssd_dir:
-            self.ssd = SsdTier(cfg.ssd_dir, cfg.ssd_size, cfg.ssd_segment_size, cfg.ssd_direct, cfg.ssd_fsync)
+            self.ssd = SsdTier(cfg.ssd_dir, cfg.ssd_size, cfg.ssd_segment_size, cfg.ssd_direct, cfg.ssd_fsync,
+                               self.keyring)
             now = time.monotonic()
             recs, self.recover_dropped = self.ssd.recover()
             for r in recs:
                 e = Entry(r.key, kid_of(r.key), r.header.nbytes, State.READY, header=r.header,
-                          namespace=r.header.compat_hash, last_access=now, ssd=r.loc)
+                          namespace=r.header.compat_hash, last_access=now, ssd=r.loc, tenant=r.tenant)
                 self.ix.add_recovered(e)
             self.recovered = len(recs)
             self._spiller = threading.Thread(target=spill_loop, args=(self, self.ssd, self._spill_q),
@@ -83,7 +99,7 @@ class StoreCore(Upkeep):
             self.promoter = Promoter(self, self.ssd)
 
     # --- queries -----------------------------------------------------------------------------------
-    def lookup(self, keys: list[ChunkKey], record: bool = True) -> int:
+    def lookup(self, keys: list[ChunkKey], record: bool = True, tenant: str = "") -> int:
         with self.lock:
             n = 0
             for k in keys:
@@ -97,11 +113,13 @@ class StoreCore(Upkeep):
             self.counters["lookup_hits"] += n > 0
             self.counters["lookup_chunks"] += len(keys)
             self.counters["lookup_chunks_hit"] += n
+            self.ix.book.count(tenant, "lookup_chunks", len(keys))
+            self.ix.book.count(tenant, "lookup_chunks_hit", n)
             return n
 
     # --- admission and publish ---------------------------------------------------------------------
     def reserve(self, request_id: str, keys: list[ChunkKey], sizes: list[int], ttl: float,
-                namespace: str) -> list[Slot]:
+                namespace: str, tenant: str = "") -> list[Slot]:
         if len(keys) != len(sizes):
             raise OpError("bad_request", f"reserve: {len(keys)} keys but {len(sizes)} sizes")
         if not 0 < ttl <= 86400:
@@ -125,6 +143,7 @@ class StoreCore(Upkeep):
                     raise OpError("bad_request", f"chunk {e.kid} is already reserved with {e.nbytes} bytes, not {n}")
                 else:  # reserved by someone else: share the reservation
                     slots[i] = Slot(e.offset, e.nbytes)
+            self._quota_room(tenant, sum({kid_of(keys[i]): sizes[i] for i in todo}.values()), request_id)
             need = sum(align_up(sizes[i]) for i in dict.fromkeys(todo))
             pinned = sum(align_up(e.nbytes) for e in self._pinned_in_memory())
             if need > self.arena.capacity - self.arena_reserved() - pinned:
@@ -150,9 +169,36 @@ class StoreCore(Upkeep):
                                           f"{request_id!r} after evicting every unpinned chunk; raise pool_size")
                 done.append((i, off))
                 self.ix.add_reserved(Entry(k, kid, sizes[i], State.RESERVED, offset=off, request_id=request_id,
-                                           namespace=namespace, deadline=now + ttl, last_access=now))
+                                           namespace=namespace, deadline=now + ttl, last_access=now, tenant=tenant))
                 slots[i] = Slot(off, sizes[i])
             return slots  # type: ignore[return-value]  # no None left: each index is present, shared or reserved
+
+    def _quota_room(self, tenant: str, need: int, request_id: str) -> None:
+        """Make ``need`` more bytes fit the tenant's quota (lock held) by evicting the tenant's own unpinned LRU
+        chunks, clean (on SSD) before dirty (lost); else refuse with code "quota"."""
+        quota = self.policy.quota(tenant)
+        book = self.ix.book
+        u = book.usage.get(tenant)
+        held = u.pool_bytes if u is not None else 0
+        if not quota or held + need <= quota:
+            return
+        if u is not None and need <= quota:
+            for dirty_ok in ((True,) if self.ssd is None else (False, True)):
+                for kid in list(u.lru):
+                    e = self.ix.entries[kid]
+                    if e.pins or e.spilling or (e.ssd is None and not dirty_ok):
+                        continue
+                    self._evict_memory(e)
+                    book.count(tenant, "quota_evictions")
+                    if u.pool_bytes + need <= quota:
+                        return
+        book.count(tenant, "quota_refusals")
+        self.counters["admission_refusals"] += 1
+        left = u.pool_bytes if u is not None else 0
+        raise OpError("quota", f"tenant {tenant!r} is over its quota: request {request_id!r} needs {need} bytes, "
+                               f"the tenant holds {held} of its {quota} ({left} after evicting its own unpinned "
+                               f"chunks; the rest is pinned or reserved); raise its share in --tenant-quotas, "
+                               f"release its leases or retry later")
 
     def arena_reserved(self) -> int:
         return self.ix.reserved_bytes
@@ -224,6 +270,7 @@ class StoreCore(Upkeep):
                 return False
             self.ix.mark_ready(e, header, time.monotonic())
             self.counters["commits"] += 1
+            self.ix.book.count(e.tenant, "committed_bytes", e.nbytes)
         if self.ssd is not None:
             self._queue_spill([e])
         return True
@@ -264,6 +311,7 @@ class StoreCore(Upkeep):
                     continue
                 e.verified = False
                 self.ix.mark_ready(e, header, now)
+                self.ix.book.count(e.tenant, "committed_bytes", e.nbytes)
                 fresh.append(e)
             self.counters["commits"] += len(fresh)
         if self.ssd is not None:
@@ -301,6 +349,7 @@ class StoreCore(Upkeep):
             self.ix.touch(e, now)
             pid = self.ix.add_pin(e, now + self.cfg.pull_pin_ttl, lease=False)
             self.counters["pulls"] += 1
+            self.ix.book.count(e.tenant, "pulled_bytes", e.nbytes)
             return Slot(e.offset, e.nbytes, pin=pid), e.header
 
     def acquire_many(self, keys: list[ChunkKey], max_bytes: int = 0) -> tuple[list[Slot], list[ChunkHeader]] | int:
@@ -333,6 +382,7 @@ class StoreCore(Upkeep):
                 self.ix.touch(e, now)
                 pid = self.ix.add_pin(e, now + self.cfg.pull_pin_ttl, lease=False)
                 slots.append(Slot(e.offset, e.nbytes, pin=pid))
+                self.ix.book.count(e.tenant, "pulled_bytes", e.nbytes)
             self.counters["pulls"] += len(keys)
             return slots, headers
 
@@ -345,6 +395,7 @@ class StoreCore(Upkeep):
                 e = self.ix.get(kid)
                 if e is not None and e.state is State.READY:
                     self.ix.touch(e, now)
+                    self.ix.book.count(e.tenant, "pulled_bytes", e.nbytes)
                     n += 1
             self.counters["pulls"] += n
             self.counters["local_pulls"] += n
@@ -454,3 +505,5 @@ class StoreCore(Upkeep):
                 self.ix.directory = None
             d.close()
         self.pool.close()
+        if self.audit is not None:
+            self.audit.close()

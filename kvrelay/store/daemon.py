@@ -47,7 +47,13 @@ def open_endpoints(cfg: StoreConfig, core: StoreCore) -> tuple[dict[str, dict], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvrelay store", description=__doc__.split("\n\n")[0])
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in ("purge", "keygen"):  # operator commands (admin.py), not the daemon
+        from kvrelay.store.admin import main as admin
+        return admin(words)
+    parser = argparse.ArgumentParser(prog="kvrelay store", description=__doc__.split("\n\n")[0],
+                                     epilog="Also: kvrelay store purge --tenant T --store ADDR; "
+                                            "kvrelay store keygen --at-rest-key FILE (each has --help).")
     add_arguments(parser)
     parser.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
     security.add_argument(parser)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from kvrelay.keys import ChunkKey
 from kvrelay.store.directory import Directory
 from kvrelay.store.ssd import Loc
+from kvrelay.store.tenants import TenantBook
 from kvrelay.transfer.wire import ChunkHeader
 
 
@@ -43,6 +44,7 @@ class Entry:
     spilling: bool = False
     promoting: int = -1  # pool offset being filled from SSD (promote.py), -1 when not
     verified: bool = True  # False: a same-host commit not re-hashed (the spiller checks it before the SSD)
+    tenant: str = ""  # the publisher's cache_salt (tenants.py): whose quota, TTL, metrics and purge it falls under
 
 
 @dataclass(slots=True)
@@ -64,6 +66,7 @@ class Index:
     ssd_chunks: int = 0
     ssd_bytes: int = 0
     directory: "Directory | None" = None  # shared map of READY in-memory chunks (directory.py)
+    book: TenantBook = field(default_factory=TenantBook)  # the same bytes per tenant, and each tenant's LRU
 
     def get(self, kid: str) -> Entry | None:
         return self.entries.get(kid)
@@ -72,11 +75,13 @@ class Index:
         e.last_access = now
         if e.kid in self.lru:
             self.lru.move_to_end(e.kid)
+            self.book.touch(e)
 
     def add_reserved(self, e: Entry) -> None:
         self.entries[e.kid] = e
         self.reserved_bytes += e.nbytes
         self.requests.setdefault(e.request_id, set()).add(e.kid)
+        self.book.change(e, "reserved", 1)
 
     def mark_ready(self, e: Entry, header: ChunkHeader, now: float) -> None:
         self.reserved_bytes -= e.nbytes
@@ -84,33 +89,40 @@ class Index:
         e.state, e.header, e.last_access = State.READY, header, now
         self.mem_bytes += e.nbytes
         self.lru[e.kid] = None
+        self.book.change(e, "reserved", -1)
+        self.book.change(e, "memory", 1)
         if self.directory is not None and e.offset >= 0:
             self.directory.put(e.kid, e.offset, e.nbytes, header)
 
     def add_recovered(self, e: Entry) -> None:
         self.entries[e.kid] = e
-        self.set_ssd(e, e.ssd)
+        loc, e.ssd = e.ssd, None  # counted once (set_ssd first uncounts an entry's previous location)
+        self.set_ssd(e, loc)
 
     def set_ssd(self, e: Entry, loc: Loc | None) -> None:
         if e.ssd is not None:
             self.ssd_chunks -= 1
             self.ssd_bytes -= e.nbytes
+            self.book.change(e, "ssd", -1)
         e.ssd = loc
         if loc is not None:
             self.ssd_chunks += 1
             self.ssd_bytes += e.nbytes
+            self.book.change(e, "ssd", 1)
 
     def set_memory(self, e: Entry, offset: int) -> None:
         """A READY entry gains (offset >= 0) or loses (offset = -1) its in-memory copy."""
         if e.offset >= 0:
             self.mem_bytes -= e.nbytes
             self.lru.pop(e.kid, None)
+            self.book.change(e, "memory", -1)
             if self.directory is not None:
                 self.directory.drop(e.kid)
         e.offset = offset
         if offset >= 0:
             self.mem_bytes += e.nbytes
             self.lru[e.kid] = None
+            self.book.change(e, "memory", 1)
             if self.directory is not None:
                 self.directory.put(e.kid, offset, e.nbytes, e.header)
 
@@ -123,11 +135,14 @@ class Index:
         if e.state is State.RESERVED:
             self.reserved_bytes -= e.nbytes
             self._forget_request(e)
+            self.book.change(e, "reserved", -1)
         elif e.offset >= 0:
             self.mem_bytes -= e.nbytes
+            self.book.change(e, "memory", -1)
         if e.ssd is not None:
             self.ssd_chunks -= 1
             self.ssd_bytes -= e.nbytes
+            self.book.change(e, "ssd", -1)
 
     def _forget_request(self, e: Entry) -> None:
         kids = self.requests.get(e.request_id)

@@ -39,6 +39,46 @@ _COUNTERS = {
 }
 
 
+# per tenant (tenants.py; label "_none": unsalted, "_other": past --max-tenant-labels): counter -> family
+_TENANT_COUNTERS = {
+    "lookup_chunks": ("kvrelay_store_tenant_lookup_chunks_total", "chunks the tenant's lookups asked for", {}),
+    "lookup_chunks_hit": ("kvrelay_store_tenant_hit_chunks_total", "chunks the tenant's lookups found", {}),
+    "committed_bytes": ("kvrelay_store_tenant_moved_bytes_total", "bytes of the tenant's chunks moved",
+                        {"direction": "in"}),
+    "pulled_bytes": ("kvrelay_store_tenant_moved_bytes_total", "bytes of the tenant's chunks moved",
+                     {"direction": "out"}),
+    "quota_evictions": ("kvrelay_store_tenant_evictions_total", "the tenant's chunks evicted by a rule of its own",
+                        {"reason": "quota"}),
+    "ttl_expiries": ("kvrelay_store_tenant_evictions_total", "the tenant's chunks evicted by a rule of its own",
+                     {"reason": "ttl"}),
+    "quota_refusals": ("kvrelay_store_tenant_quota_refusals_total", "reservations refused over the tenant's quota", {}),
+    "purged_chunks": ("kvrelay_store_tenant_purged_chunks_total", "the tenant's chunks purged", {}),
+}
+
+
+def _tenant_families(tenants: dict[str, dict[str, float]], by_key: dict[str, int]):
+    nb = GaugeMetricFamily("kvrelay_store_tenant_bytes", "bytes the tenant holds per tier", labels=["tenant", "tier"])
+    quota = GaugeMetricFamily("kvrelay_store_tenant_quota_bytes", "the tenant's pool quota (0: none)",
+                              labels=["tenant"])
+    fams: dict[str, CounterMetricFamily] = {}
+    for tenant, row in sorted(tenants.items()):
+        for tier in ("reserved", "memory", "ssd"):
+            nb.add_metric([tenant, tier], row.get(f"{tier}_bytes", 0))
+        if "quota_bytes" in row:
+            quota.add_metric([tenant], row["quota_bytes"])
+        for key, (name, doc, labels) in _TENANT_COUNTERS.items():
+            fam = fams.get(name) or fams.setdefault(name, CounterMetricFamily(name, doc, labels=["tenant", *labels]))
+            fam.add_metric([tenant, *labels.values()], row.get(key, 0))
+    yield nb
+    yield quota
+    yield from fams.values()
+    recs = GaugeMetricFamily("kvrelay_store_ssd_records", "live SSD records per at-rest key id (0: plaintext)",
+                             labels=["key_id"])
+    for k, n in sorted(by_key.items()):
+        recs.add_metric([k], n)
+    yield recs
+
+
 class StoreMetrics:
     def __init__(self, stats: Callable[[], dict]) -> None:
         self.registry = CollectorRegistry()
@@ -84,6 +124,7 @@ class StoreMetrics:
             fam = fams.get(name) or fams.setdefault(name, CounterMetricFamily(name, doc, labels=list(labels)))
             fam.add_metric(list(labels.values()), s.get(key, 0))
         yield from fams.values()
+        yield from _tenant_families(s.get("tenants", {}), s.get("ssd_records_by_key", {}))
 
     def serve(self, port: int) -> int:
         metrics = self

@@ -247,3 +247,7 @@ class Arena:
 
     def largest_free(self) -> int:
         return max(self._sizes, default=0)
+
+    def free_ranges(self) -> list[tuple[int, int]]:
+        """(offset, size) of every free range, in order (a purge overwrites them: purge.py)."""
+        return list(zip(self._starts, self._sizes, strict=True))

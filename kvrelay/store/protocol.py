@@ -9,7 +9,9 @@ malformed messages it cannot decode, which are answered with ``req_id=-1``).
 
 Versions:
   1  first version.  Additive since (old peers never send or read them): `PullMany`, `Reply.headers`,
-     `CommitMany`, `Req.touched` and the Hello info's "directory" (an older daemon ignores ``touched``).
+     `CommitMany`, `Req.touched` and the Hello info's "directory" (an older daemon ignores ``touched``);
+     tenants: ``Reserve.tenant``, ``Lookup.tenant``, ``Purge.tenant`` and ``Purge.by`` (an older daemon
+     ignores them: its chunks have no owner).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Hello(Req, tag="hello"):
 
 class Lookup(Req, tag="lookup"):
     keys: list[ChunkKey]
+    tenant: str = ""  # who asks (the request's cache_salt): its hits and misses are counted under it
 
 
 class Reserve(Req, tag="reserve"):
@@ -50,6 +53,7 @@ class Reserve(Req, tag="reserve"):
     keys: list[ChunkKey]
     nbytes: list[int]
     ttl: float = 60.0
+    tenant: str = ""  # the request's cache_salt: the chunks are booked to it (quota, TTL, metrics, purge)
 
 
 class Commit(Req, tag="commit"):
@@ -110,8 +114,14 @@ class Delete(Req, tag="delete"):
 
 
 class Purge(Req, tag="purge"):
+    """Drop every ready, unpinned chunk matching all the filters given.  With ``tenant``, the chunks' bytes
+    are also overwritten in the pool and on SSD, the purge is recorded in the SSD journal and the audit log
+    (``by``: who asked, as the operator names themself), and the reply's info says chunks, bytes and the
+    chunks skipped (pinned or being written: purge again)."""
     prefix: str | None = None
     namespace: str | None = None
+    tenant: str | None = None
+    by: str = ""
 
 
 class Stats(Req, tag="stats"):

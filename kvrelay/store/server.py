@@ -26,6 +26,7 @@ from kvrelay.store.local import LocalListener, local_name
 from kvrelay.store.metrics import StoreMetrics
 
 log = logging.getLogger("kvrelay.store")
+from kvrelay.store.purge import purge
 SWEEP_INTERVAL = 0.25  # housekeeping (expiry) period and the longest the loop sleeps
 MAX_TOUCHED = 4096  # directory pulls reported per request (a client sends them in batches of TOUCH_BATCH)
 ABORT_TTL = 120.0  # an aborted request id fails new pulls this long
@@ -206,9 +207,10 @@ class StoreServer:
                                      "hello first: StoreClient does so and retries by itself")
         ns = self.sessions[ident].compat_hash
         if isinstance(req, P.Lookup):
-            return P.Reply(req_id=req.req_id, count=core.lookup(req.keys))
+            return P.Reply(req_id=req.req_id, count=core.lookup(req.keys, tenant=req.tenant))
         if isinstance(req, P.Reserve):
-            return P.Reply(req_id=req.req_id, slots=core.reserve(req.request_id, req.keys, req.nbytes, req.ttl, ns))
+            return P.Reply(req_id=req.req_id, slots=core.reserve(req.request_id, req.keys, req.nbytes, req.ttl, ns,
+                                                                 req.tenant))
         if isinstance(req, (P.Commit, P.CommitMany)):
             return self._commit(ident, req, ns)
         if isinstance(req, (P.Pull, P.PullMany, P.WaitReady)):
@@ -226,7 +228,7 @@ class StoreServer:
         if isinstance(req, P.Delete):
             return P.Reply(req_id=req.req_id, count=core.delete(req.keys))
         if isinstance(req, P.Purge):
-            return P.Reply(req_id=req.req_id, count=core.purge(req.prefix, req.namespace))
+            return purge(core, req, client=self.sessions[ident].name)
         if isinstance(req, (P.Stats, P.Ping)):
             return self._dispatch_anonymous(req)
         raise OpError("bad_request", f"unhandled request {type(req).__name__}")

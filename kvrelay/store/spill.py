@@ -70,7 +70,7 @@ def spill_loop(core: StoreCore, ssd: SsdTier, q: queue.SimpleQueue[tuple[str, fl
         loc: Loc | None = None
         evicted: list[str]
         try:
-            loc, evicted = ssd.append(e.key, header, view)
+            loc, evicted = ssd.append(e.key, header, view, e.tenant)
         except SsdFullError as exc:
             evicted = exc.evicted
             _failed(core, e, exc)

@@ -8,6 +8,12 @@ Records and journal frames are laid out in ssd_format.py.  A record counts only 
 ("add", after the record is written) exists; frames are ``u32 len | u64 xxh3(body) | body``.  After a
 crash, replay stops at the first torn frame, and every surviving record is re-read and verified: a torn
 or flipped record is dropped.  Space is reclaimed a whole segment at a time, oldest first.
+
+At rest (``keyring``, crypto.py): payloads are sealed with AES-GCM as they are written, bound to their
+chunk id and tenant, and opened as they are read back (recovery included): a record that does not open is
+corrupt, dropped and counted like a failed checksum.  A dropped record's head is overwritten with zeros (its
+nonce and tag go with it: an encrypted payload can no longer be opened, even with the key); `scrub`
+(a tenant's purge) overwrites the whole record, and `purged` writes the purge in the journal.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ from __future__ import annotations
 import io
 import mmap
 import os
-import struct
 import threading
 import time
 from pathlib import Path
@@ -23,10 +28,13 @@ from pathlib import Path
 import msgspec
 import xxhash
 
+from collections import Counter
+
 from kvrelay.keys import ChunkKey
+from kvrelay.store.crypto import TAG_BYTES, KeyRing, associated_data
 from kvrelay.store.pool import ALIGN, align_up
-from kvrelay.store.ssd_format import (FRAME, HEAD, JDEC, MAGIC, RECOVER_WINDOW, JEntry, Loc, Recovered, frame,
-                                      parse_key, probe_direct, verify_record)
+from kvrelay.store.ssd_format import (FRAME, JDEC, RECOVER_WINDOW, JEntry, Loc, Recovered, Sealed, frame,
+                                      pack_head, parse_key, probe_direct, verify_record)
 from kvrelay.transfer.wire import ChunkHeader, encode_header
 from kvrelay.transfer.wire import checksum as chunk_checksum
 
@@ -47,7 +55,7 @@ class SsdFullError(OSError):
 
 class SsdTier:
     def __init__(self, directory: str, capacity: int, segment_size: int, direct: str = "auto",
-                 fsync: bool = False) -> None:
+                 fsync: bool = False, keyring: KeyRing | None = None) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.capacity = capacity
@@ -66,6 +74,12 @@ class SsdTier:
         self.direct = self._decide_direct(direct)
         self._journal: io.FileIO | None = None  # opened by recover()
         self._frames = 0
+        self.keyring = keyring
+        self._sealed: dict[int, dict[int, Sealed]] = {}  # seg -> offset -> how its payload was sealed
+        self._wstage = _Buffer()  # ciphertext being written (under _lock)
+        self._rstage = _Buffer()  # ciphertext being read (the promoter's thread, or recovery before it starts)
+        self._rplain = _Buffer()  # recovery: plaintext opened to verify its checksum
+        self._zero = mmap.mmap(-1, ALIGN)  # a head's worth of zeros, page-aligned (O_DIRECT)
 
     # --- O_DIRECT decision -------------------------------------------------------------------------
     def _decide_direct(self, mode: str) -> bool:
@@ -133,18 +147,42 @@ class SsdTier:
                     if loc.offset < win_start or end > win_start + len(win):
                         fh.seek(loc.offset)
                         win, win_start = fh.read(max(RECOVER_WINDOW, end - loc.offset)), loc.offset
-                    rec = verify_record(memoryview(win)[loc.offset - win_start:end - win_start], kstr, loc)
+                    rec = verify_record(memoryview(win)[loc.offset - win_start:end - win_start], kstr, loc,
+                                        self._unseal)
                     if rec is None:
                         dropped += 1
                         continue
                     out.append(rec)
                     self._live.setdefault(seg, {})[kstr] = loc
+                    if rec.sealed is not None:
+                        self._sealed.setdefault(seg, {})[loc.offset] = rec.sealed
         for seg in segs - set(self._live):  # segments with nothing live
             self._remove_seg(seg)
         self._cur = max(segs, default=-1)
         self._pos = self.segment_size  # always start a fresh segment after recovery
         self._rewrite_journal()
         return out, dropped
+
+    def _unseal(self, sealed: Sealed, ciphertext: memoryview) -> memoryview | None:
+        """Recovery: the plaintext of a sealed payload (a view of a scratch buffer), or None."""
+        if self.keyring is None:
+            return None
+        n = len(ciphertext)
+        stage = self._rstage.get(n + TAG_BYTES)
+        stage[:n] = ciphertext
+        stage[n:n + TAG_BYTES] = sealed.tag
+        plain = self._rplain.get(n + TAG_BYTES)
+        if not self.keyring.open(sealed.key_id, sealed.nonce, stage[:n + TAG_BYTES],
+                                 associated_data(sealed.kid, sealed.tenant), plain):
+            return None
+        return plain[:n]
+
+    def records_by_key(self) -> Counter[int]:
+        """Live sealed records per key id (0: plaintext): an old key may leave the key file at 0."""
+        with self._lock:
+            sealed = Counter(s.key_id for recs in self._sealed.values() for s in recs.values())
+            sealed[0] = sum(map(len, self._live.values())) - sum(sealed.values())
+            return sealed
 
     def _rewrite_journal(self) -> None:
         jpath = self.dir / "journal.log"
@@ -162,14 +200,12 @@ class SsdTier:
         self._frames = sum(map(len, self._live.values()))
 
     # --- write / read / drop -----------------------------------------------------------------------
-    def append(self, key: ChunkKey, header: ChunkHeader, payload: memoryview) -> tuple[Loc, list[str]]:
-        """Write one record (``payload`` must be ALIGN-padded, page-aligned memory such as a pool slot).
-        Returns its location and the keys dropped by reclaiming old segments to make room."""
+    def append(self, key: ChunkKey, header: ChunkHeader, payload: memoryview, tenant: str = "") -> tuple[Loc, list[str]]:
+        """Write one record (``payload`` must be ALIGN-padded, page-aligned memory such as a pool slot), sealed
+        if the tier has a key ring.  Returns its location and the keys dropped by reclaiming old segments to
+        make room."""
         kstr = key.encode().decode()
         hb = encode_header(header)
-        kb = kstr.encode()
-        if HEAD.size + len(kb) + len(hb) + 8 > ALIGN:
-            raise ValueError(f"chunk key + header of {len(kb) + len(hb)} bytes do not fit a record head")
         nbytes = header.nbytes
         padded = align_up(max(nbytes, 1))
         if len(payload) < padded:
@@ -179,14 +215,17 @@ class SsdTier:
             if self._pos + ALIGN + padded > self.segment_size:
                 evicted = self._next_segment()
             fd, off = self._fds[self._cur], self._pos
-            h = self._head
-            h[:] = bytes(ALIGN)
-            HEAD.pack_into(h, 0, MAGIC, len(kb), len(hb), nbytes)
-            h[HEAD.size:HEAD.size + len(kb)] = kb
-            h[HEAD.size + len(kb):HEAD.size + len(kb) + len(hb)] = hb
-            h[ALIGN - 8:] = struct.pack("<Q", xxhash.xxh3_64_intdigest(memoryview(h)[:ALIGN - 8]))
             t0 = time.perf_counter()
-            n = os.pwritev(fd, [h, payload[:padded]], off)
+            sealed: Sealed | None = None
+            body = payload[:padded]
+            if self.keyring is not None:
+                stage = self._wstage.get(padded + TAG_BYTES)
+                key_id, nonce, tag = self.keyring.seal(payload[:nbytes], associated_data(kstr, tenant), stage)
+                sealed = Sealed(key_id, nonce, tag, kstr, tenant)
+                body = stage[:padded]
+            h = self._head
+            pack_head(memoryview(h), kstr, hb, nbytes, tenant, sealed)
+            n = os.pwritev(fd, [h, body], off)
             if n != ALIGN + padded:
                 raise OSError(f"short write to SSD segment {self._cur}: {n} of {ALIGN + padded} bytes")
             if self.fsync:
@@ -197,6 +236,8 @@ class SsdTier:
             loc = Loc(self._cur, off, nbytes)
             self._journal_write(JEntry("add", kstr, loc))
             self._live.setdefault(self._cur, {})[kstr] = loc
+            if sealed is not None:
+                self._sealed.setdefault(self._cur, {})[off] = sealed
             return loc, evicted
 
     def _next_segment(self) -> list[str]:
@@ -227,30 +268,70 @@ class SsdTier:
         if fd is not None:
             os.close(fd)
         self._live.pop(seg, None)
+        self._sealed.pop(seg, None)
         (self.dir / f"seg-{seg:08d}.kvs").unlink(missing_ok=True)
 
     def read_into(self, loc: Loc, out: memoryview, checksum: int) -> bool:
         """Read a record's payload into ``out`` (page-aligned, >= align_up(nbytes)); False if corrupt."""
         with self._lock:
             fd = self._fds.get(loc.seg)
+            sealed = self._sealed.get(loc.seg, {}).get(loc.offset)
         if fd is None:
             return False
         t0 = time.perf_counter()
-        padded = align_up(max(loc.nbytes, 1))
-        try:
-            got = os.preadv(fd, [out[:padded]], loc.offset + ALIGN)
-        except OSError:
-            return False
+        n = loc.nbytes
+        padded = align_up(max(n, 1))
+        if sealed is not None:
+            if self.keyring is None:
+                return False
+            stage = self._rstage.get(padded + TAG_BYTES)
+            try:
+                got = os.preadv(fd, [stage[:padded]], loc.offset + ALIGN)
+            except OSError:
+                return False
+            stage[n:n + TAG_BYTES] = sealed.tag
+            if got < n or not self.keyring.open(sealed.key_id, sealed.nonce, stage[:n + TAG_BYTES],
+                                                associated_data(sealed.kid, sealed.tenant), out):
+                return False
+        else:
+            try:
+                got = os.preadv(fd, [out[:padded]], loc.offset + ALIGN)
+            except OSError:
+                return False
         self.read_seconds += time.perf_counter() - t0
         self.bytes_read += padded
-        return got >= loc.nbytes and chunk_checksum(out[:loc.nbytes]) == checksum
+        return got >= n and chunk_checksum(out[:n]) == checksum
 
-    def drop(self, key: ChunkKey, loc: Loc) -> None:
+    def drop(self, key: ChunkKey, loc: Loc, scrub: bool = False) -> None:
+        """Forget a record: its head is zeroed (with ``scrub``, its payload too) and the journal says so."""
         kstr = key.encode().decode()
         with self._lock:
             live = self._live.get(loc.seg)
             if live is not None and live.pop(kstr, None) is not None:
+                self._sealed.get(loc.seg, {}).pop(loc.offset, None)
+                fd = self._fds.get(loc.seg)
+                if fd is not None:
+                    size = ALIGN + align_up(max(loc.nbytes, 1)) if scrub else ALIGN
+                    zeros = self._zero if not scrub else mmap.mmap(-1, size)
+                    try:
+                        os.pwrite(fd, zeros, loc.offset)
+                    except OSError:  # the journal still forgets it; recovery would not trust it either way
+                        pass
+                    finally:
+                        if zeros is not self._zero:
+                            zeros.close()
                 self._journal_write(JEntry("del", kstr, None))
+
+    def purged(self, tenant: str) -> None:
+        """After a tenant's records were scrubbed (drop(scrub=True)): make it durable -- the segments and a
+        compacted journal (no frame of the purged chunks left) synced -- and record the purge in the journal."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.fdatasync(fd)
+            self._rewrite_journal()
+            self._journal_write(JEntry("purge", tenant, None))
+            if self._journal is not None:
+                os.fdatasync(self._journal.fileno())
 
     def _journal_write(self, e: JEntry) -> None:
         """Append a frame (caller holds the lock); compact once dead frames dominate the journal."""
@@ -276,3 +357,26 @@ class SsdTier:
             if self._journal:
                 self._journal.close()
             self._head.close()
+            self._zero.close()
+            for b in (self._wstage, self._rstage, self._rplain):
+                b.close()
+
+
+class _Buffer:
+    """A page-aligned scratch buffer that grows to the largest size asked for (O_DIRECT-safe)."""
+
+    def __init__(self) -> None:
+        self._mm: mmap.mmap | None = None
+
+    def get(self, nbytes: int) -> memoryview:
+        if self._mm is None or len(self._mm) < nbytes:  # the old one goes with its last view
+            self._mm = mmap.mmap(-1, align_up(max(nbytes, 1)))
+        return memoryview(self._mm)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
+            self._mm = None

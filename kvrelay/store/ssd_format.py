@@ -5,8 +5,13 @@ placement, the pool or the index.
 
 Record = one ALIGN-byte head block + payload padded to ALIGN (so both can be written with O_DIRECT
 straight from the page-aligned pool):
-    head: "KVR1" | u32 keylen | u32 hdrlen | u64 nbytes | key | msgpack ChunkHeader | ... | u64 xxh3(head[:-8])
-The payload's xxh3 is the ChunkHeader's checksum.  Journal frames are ``u32 len | u64 xxh3(body) | body``
+    head v1: "KVR1" | u32 keylen | u32 hdrlen | u64 nbytes | key | msgpack ChunkHeader | ... | u64 xxh3(head[:-8])
+    head v2: "KVR2" | u32 keylen | u32 hdrlen | u64 nbytes | u32 tenantlen | u32 key id | 12-byte nonce |
+             16-byte tag | key | msgpack ChunkHeader | tenant | ... | u64 xxh3(head[:-8])
+The plaintext payload's xxh3 is the ChunkHeader's checksum.  v2 (what is written now; v1 records are still
+read) names the chunk's tenant, and with key id > 0 the payload is AES-GCM ciphertext under that key of the
+key file (crypto.py), bound to (chunk id, tenant); key id 0 is plaintext.  The head stays in clear: the
+chunk id, its tenant and its header (with the plaintext's 64-bit xxh3) are readable on disk.  Journal frames are ``u32 len | u64 xxh3(body) | body``
 with a msgpack `JEntry` body.
 """
 
@@ -17,6 +22,7 @@ import os
 import struct
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import msgspec
 import xxhash
@@ -26,8 +32,10 @@ from kvrelay.store.pool import ALIGN
 from kvrelay.transfer.wire import ChunkHeader, checksum, decode_header
 
 HEAD = struct.Struct("<4sIIQ")
+HEAD2 = struct.Struct("<4sIIQII12s16s")
 FRAME = struct.Struct("<IQ")
 MAGIC = b"KVR1"
+MAGIC2 = b"KVR2"
 RECOVER_WINDOW = 16 << 20  # recovery reads segments sequentially in windows of this size
 
 
@@ -38,15 +46,73 @@ class Loc(msgspec.Struct, frozen=True, array_like=True):
 
 
 class JEntry(msgspec.Struct, frozen=True, array_like=True):
-    op: str  # "add" | "del" | "dropseg"
+    op: str  # "add" | "del" | "dropseg" | "purge" (key: the tenant; a record of the purge, nothing to replay)
     key: str = ""
     loc: Loc | None = None
+
+
+class Sealed(NamedTuple):
+    """How an encrypted record's payload was sealed (crypto.py), and what it is bound to."""
+    key_id: int
+    nonce: bytes
+    tag: bytes
+    kid: str
+    tenant: str
 
 
 class Recovered(msgspec.Struct):
     key: ChunkKey
     header: ChunkHeader
     loc: Loc
+    tenant: str = ""
+    sealed: Sealed | None = None
+
+
+class Head(NamedTuple):
+    kid: str
+    header: ChunkHeader
+    nbytes: int
+    tenant: str
+    sealed: Sealed | None
+
+
+def pack_head(h: memoryview, kid: str, hb: bytes, nbytes: int, tenant: str, sealed: Sealed | None) -> None:
+    """Fill the ALIGN-byte head block ``h`` (v2) for a record of ``nbytes`` payload bytes."""
+    kb, tb = kid.encode(), tenant.encode()
+    if HEAD2.size + len(kb) + len(hb) + len(tb) + 8 > ALIGN:
+        raise ValueError(f"chunk key + header + tenant of {len(kb) + len(hb) + len(tb)} bytes do not fit a "
+                         f"record head")
+    h[:] = bytes(ALIGN)
+    key_id, nonce, tag = (sealed.key_id, sealed.nonce, sealed.tag) if sealed else (0, bytes(12), bytes(16))
+    HEAD2.pack_into(h, 0, MAGIC2, len(kb), len(hb), nbytes, len(tb), key_id, nonce, tag)
+    off = HEAD2.size
+    for part in (kb, hb, tb):
+        h[off:off + len(part)] = part
+        off += len(part)
+    h[ALIGN - 8:] = struct.pack("<Q", xxhash.xxh3_64_intdigest(h[:ALIGN - 8]))
+
+
+def parse_head(head: memoryview) -> Head | None:
+    """A record's head (v1 or v2), or None if torn or corrupt."""
+    try:
+        if len(head) < ALIGN or xxhash.xxh3_64_intdigest(head[:ALIGN - 8]) != struct.unpack("<Q", head[ALIGN - 8:ALIGN])[0]:
+            return None
+        magic = bytes(head[:4])
+        if magic == MAGIC:
+            _, klen, hlen, nbytes = HEAD.unpack_from(head)
+            tlen, key_id, nonce, tag, off = 0, 0, b"", b"", HEAD.size
+        elif magic == MAGIC2:
+            _, klen, hlen, nbytes, tlen, key_id, nonce, tag = HEAD2.unpack_from(head)
+            off = HEAD2.size
+        else:
+            return None
+        kid = bytes(head[off:off + klen]).decode()
+        header = decode_header(bytes(head[off + klen:off + klen + hlen]))
+        tenant = bytes(head[off + klen + hlen:off + klen + hlen + tlen]).decode()
+        sealed = Sealed(key_id, nonce, tag, kid, tenant) if key_id else None
+        return Head(kid, header, nbytes, tenant, sealed)
+    except (ValueError, UnicodeDecodeError, struct.error):
+        return None
 
 
 JENC = msgspec.msgpack.Encoder()
@@ -58,24 +124,26 @@ def parse_key(s: str) -> ChunkKey:
     return ChunkKey(h, int(layer), int(hs), int(he))
 
 
-def verify_record(rec: memoryview, kstr: str, loc: Loc) -> Recovered | None:
-    """Check one record (head + padded payload) read back from a segment; None if torn or corrupt."""
-    try:
-        if len(rec) < ALIGN + loc.nbytes:
-            return None
-        head = rec[:ALIGN]
-        if head[:4] != MAGIC or xxhash.xxh3_64_intdigest(head[:-8]) != struct.unpack("<Q", head[-8:])[0]:
-            return None
-        _, klen, hlen, nbytes = HEAD.unpack_from(head)
-        off = HEAD.size
-        if bytes(head[off:off + klen]).decode() != kstr or nbytes != loc.nbytes:
-            return None
-        header = decode_header(bytes(head[off + klen: off + klen + hlen]))
-        if header.nbytes != nbytes or checksum(rec[ALIGN:ALIGN + nbytes]) != header.checksum:
-            return None
-        return Recovered(parse_key(kstr), header, loc)
-    except (ValueError, UnicodeDecodeError, struct.error):
+def verify_record(rec: memoryview, kstr: str, loc: Loc,
+                  unseal: Callable[[Sealed, memoryview], memoryview | None] | None = None) -> Recovered | None:
+    """Check one record (head + padded payload) read back from a segment; None if torn, corrupt, or sealed
+    and not opened by ``unseal`` (given the record's sealing and ciphertext, it returns the plaintext or None:
+    ssd.py's, with the key ring; without one, a sealed record cannot be read)."""
+    if len(rec) < ALIGN + loc.nbytes:
         return None
+    h = parse_head(rec[:ALIGN])
+    if h is None or h.kid != kstr or h.nbytes != loc.nbytes or h.header.nbytes != h.nbytes:
+        return None
+    payload: memoryview | None = rec[ALIGN:ALIGN + h.nbytes]
+    if h.sealed is not None:
+        payload = unseal(h.sealed, rec[ALIGN:ALIGN + h.nbytes]) if unseal is not None else None
+    if payload is None or checksum(payload) != h.header.checksum:
+        return None
+    try:
+        key = parse_key(kstr)
+    except ValueError:
+        return None
+    return Recovered(key, h.header, loc, h.tenant, h.sealed)
 
 
 def frame(e: JEntry) -> bytes:

@@ -16,6 +16,7 @@ from kvrelay.store.config import StoreConfig
 from kvrelay.store.index import Entry, Index, OpError, State
 from kvrelay.store.pool import Arena
 from kvrelay.store.ssd import SsdTier
+from kvrelay.store.tenants import TenantPolicy
 
 
 class Upkeep:
@@ -29,6 +30,7 @@ class Upkeep:
     recovered: int
     recover_dropped: int
     last_spill_error: str
+    policy: TenantPolicy
 
     def lease(self, keys: list[ChunkKey], ttl: float) -> list[int]:
         if not 0 < ttl <= 86400:
@@ -107,11 +109,14 @@ class Upkeep:
                     if e.deadline <= now and e.pins == 0 and not e.spilling:
                         self._drop(e)
                         self.counters["reservation_expiries"] += 1
-            if self.cfg.chunk_ttl:
+            if self.cfg.chunk_ttl or self.policy.has_ttls:  # per tenant (tenants.py), else chunk_ttl
+                ttl = self.policy.ttl
                 for e in [e for e in self.ix.entries.values() if e.state is State.READY and e.pins == 0
-                          and not e.spilling and now - e.last_access > self.cfg.chunk_ttl]:
+                          and not e.spilling and (t := ttl(e.tenant, self.cfg.chunk_ttl))
+                          and now - e.last_access > t]:
                     self._drop(e)
                     self.counters["ttl_expiries"] += 1
+                    self.ix.book.count(e.tenant, "ttl_expiries")
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
@@ -128,4 +133,6 @@ class Upkeep:
                     "ssd_read_seconds": self.ssd.read_seconds if self.ssd else 0.0,
                     "directory_chunks": len(ix.directory.where) if ix.directory else 0,
                     "directory_misses": ix.directory.full if ix.directory else 0,
+                    "tenants": ix.book.snapshot(self.policy),
+                    "ssd_records_by_key": {str(k): n for k, n in self.ssd.records_by_key().items()} if self.ssd else {},
                     **dict(self.counters)}

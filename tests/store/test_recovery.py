@@ -38,7 +38,7 @@ def record_offsets(ssd: Path) -> list[tuple[Path, int]]:
     out = []
     for seg in sorted(ssd.glob("seg-*.kvs")):
         data = seg.read_bytes()
-        out += [(seg, off) for off in range(0, len(data), ALIGN) if data[off:off + 4] == b"KVR1"]
+        out += [(seg, off) for off in range(0, len(data), ALIGN) if data[off:off + 4] in (b"KVR1", b"KVR2")]
     return out
 
 

@@ -2,7 +2,8 @@
 
 Owns: turning /v1/completions and /v1/chat/completions bodies into prompts + `SamplingParams` (+ the
 decode role's `kv_transfer_params`), and building response / SSE chunk bodies.  Extensions beyond
-OpenAI: ``prompt`` may be a list of token ids (as in vLLM); choices carry ``token_ids``; responses carry
+OpenAI: ``prompt`` may be a list of token ids (as in vLLM); ``cache_salt`` (as in vLLM) salts the prompt's
+KV addresses, here and in the store (kvrelay.keys); choices carry ``token_ids``; responses carry
 ``kv_transfer_params`` (prefill role).  Must not touch: the engine.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from kvrelay.engines.reference.sequence import SamplingParams
 from kvrelay.engines.reference.tokenizer import Tokenizer, apply_chat_template
+from kvrelay.keys import check_salt
 from kvrelay.params import KVTransferParams
 
 
@@ -26,6 +28,7 @@ class ParsedRequest:
     stream: bool
     chat: bool
     kv_params: KVTransferParams | None
+    cache_salt: str = ""  # the tenant's salt (as vLLM's OpenAI server takes it): part of every KV address
 
 
 def parse(body: Any, tok: Tokenizer, chat: bool) -> ParsedRequest:
@@ -66,7 +69,8 @@ def parse(body: Any, tok: Tokenizer, chat: bool) -> ParsedRequest:
     kv_params = KVTransferParams.from_dict(kvp) if isinstance(kvp, dict) and "block_hashes" in kvp else None
     rid = str(body.get("request_id") or (kv_params.request_id if kv_params else "") or
               f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}")
-    return ParsedRequest(rid, prompt, params, bool(body.get("stream", False)), chat, kv_params)
+    salt = check_salt(body.get("cache_salt"))
+    return ParsedRequest(rid, prompt, params, bool(body.get("stream", False)), chat, kv_params, salt)
 
 
 def wants_remote_prefill(body: dict) -> bool:

@@ -26,6 +26,12 @@ class Block:
     token_ids: list[int] = field(default_factory=list)
 
 
+def salt_seed(salt: str) -> bytes | None:
+    """The parent hash of a sequence's first block: None unsalted, else the salt's hash (a tenant's prompts
+    never share this cache's blocks with another tenant's: no hit, no time difference to observe)."""
+    return xxhash.xxh3_128_digest(f"salt|{salt}".encode()) if salt else None
+
+
 def chain_hash(token_ids: Seq[int], parent: bytes | None) -> bytes:
     h = xxhash.xxh3_128()
     if parent is not None:
@@ -78,7 +84,7 @@ class BlockManager:
         if need > self.num_free:
             raise RuntimeError(f"need {need} blocks, {self.num_free} free")
         tokens = seq.tokens
-        parent: bytes | None = None
+        parent = salt_seed(seq.cache_salt)
         cached = 0
         missed = False
         for i in range(need):
@@ -113,7 +119,7 @@ class BlockManager:
         """Enter ``seq``'s full blocks within its first ``num_tokens`` tokens into the prefix cache."""
         bs = self.block_size
         tokens = seq.tokens
-        parent: bytes | None = None
+        parent = salt_seed(seq.cache_salt)
         for i in range(num_tokens // bs):
             ids = tokens[i * bs:(i + 1) * bs]
             b = self.blocks[seq.block_table[i]]
@@ -155,7 +161,8 @@ class BlockManager:
             last = self.blocks[seq.block_table[-1]]
             if last.hash is None:
                 ids = seq.tokens[n - bs:n]
-                parent = self.blocks[seq.block_table[-2]].hash if len(seq.block_table) > 1 else None
+                parent = self.blocks[seq.block_table[-2]].hash if len(seq.block_table) > 1 else \
+                    salt_seed(seq.cache_salt)
                 if parent is not None or len(seq.block_table) == 1:
                     h = chain_hash(ids, parent)
                     last.hash, last.token_ids = h, ids

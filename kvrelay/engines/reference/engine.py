@@ -177,7 +177,8 @@ class Engine:
         states: list[PublishState] = []
         hook = None
         if publisher is not None and pubs:
-            states = publisher.begin([PublishRequest(s.request_id, s.prompt, s.block_table) for s in pubs])
+            states = publisher.begin([PublishRequest(s.request_id, s.prompt, s.block_table, cache_salt=s.cache_salt)
+                                       for s in pubs])
             for s, state in zip(pubs, states, strict=True):
                 s.publish_state = state
             hook = publisher.layer_done

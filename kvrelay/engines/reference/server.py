@@ -82,7 +82,7 @@ class EngineServer:
             if req.kv_params is None and api.wants_remote_prefill(body):
                 req.kv_params = self._remote_prefill_params(req)
             seq = Sequence(req.prompt, req.params, request_id=req.request_id, kv_params=req.kv_params,
-                           publish=self.engine.cfg.role == "prefill",
+                           cache_salt=req.cache_salt, publish=self.engine.cfg.role == "prefill",
                            on_token=lambda s, t, fin: _put_threadsafe(loop, q, (t, fin)))
             self.engine.add(seq)
         except (ValueError, TypeError) as exc:
@@ -145,7 +145,7 @@ class EngineServer:
         layout = self.engine.layout
         return transfer_params(req.prompt, req.request_id, self.engine.model_cfg.model_id, self.engine.compat_hash,
                                self.engine.cfg.chunk_tokens, layout.num_layers, layout.head_start, layout.head_end,
-                               puller.store_address, puller.transport)
+                               puller.store_address, puller.transport, cache_salt=req.cache_salt)
 
     def _extra(self, seq: Sequence) -> dict | None:
         out: dict = {}

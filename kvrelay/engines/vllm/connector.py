@@ -189,7 +189,8 @@ class KVRelayConnector(KVConnectorBase_V1):
         if self.sched is None:
             return 0, False
         return self.sched.matched_tokens(request.request_id, request.prompt_token_ids or [],
-                                         request.kv_transfer_params, num_computed_tokens)
+                                         request.kv_transfer_params, num_computed_tokens,
+                                         getattr(request, "cache_salt", None) or "")
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         if self.sched is not None and num_external_tokens > 0:

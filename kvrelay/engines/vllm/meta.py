@@ -38,6 +38,7 @@ class SaveSpec:
     token_ids: list[int]
     block_ids: list[int]
     stored_tokens: int = 0  # loaded from the store in this request: those chunks are there already
+    cache_salt: str = ""  # the request's tenant salt (in its chunks' addresses; their owner in the store)
 
 
 @dataclass

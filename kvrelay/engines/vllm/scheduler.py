@@ -38,7 +38,7 @@ def _ping(client: "LookupClient") -> int:
 
 
 class LookupClient(Protocol):
-    def lookup(self, keys: list[ChunkKey]) -> int: ...
+    def lookup(self, keys: list[ChunkKey], tenant: str = ...) -> int: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
 
@@ -54,6 +54,7 @@ class _Request:
     load: LoadSpec | None = None
     loaded_tokens: int = 0
     saving: bool = False  # a save was scheduled: its blocks are freed when the worker says so
+    cache_salt: str = ""  # vLLM's request.cache_salt: the tenant, part of every chunk's address (kvrelay.keys)
 
 
 @dataclass
@@ -79,17 +80,19 @@ class SchedulerSide:
         self.stats = SchedulerStats()
 
     # ---- vLLM hooks --------------------------------------------------------------------------------------
-    def track(self, req_id: str, token_ids: Sequence[int], params: dict[str, Any] | None) -> _Request:
+    def track(self, req_id: str, token_ids: Sequence[int], params: dict[str, Any] | None,
+              cache_salt: str = "") -> _Request:
         r = self._reqs.get(req_id)
         if r is None:
             p = dict(params or {})
-            r = self._reqs[req_id] = _Request(req_id, list(token_ids), p, str(p.get(RELAY_ID) or req_id))
+            r = self._reqs[req_id] = _Request(req_id, list(token_ids), p, str(p.get(RELAY_ID) or req_id),
+                                              cache_salt=cache_salt)
         return r
 
     def matched_tokens(self, req_id: str, token_ids: Sequence[int], params: dict[str, Any] | None,
-                       num_computed: int) -> tuple[int, bool]:
+                       num_computed: int, cache_salt: str = "") -> tuple[int, bool]:
         """How many prompt tokens after ``num_computed`` the store will provide (loaded asynchronously)."""
-        r = self.track(req_id, token_ids, params)
+        r = self.track(req_id, token_ids, params, cache_salt)
         if not self.cfg.loads or req_id in self._failed_loads or r.load is not None:
             return 0, False
         if r.matched is not None and r.matched[0] == num_computed:
@@ -131,7 +134,8 @@ class SchedulerSide:
                 nblocks = -(-n // self.block_size)
                 # a prefix found by lookup holds chunks [0, loaded_tokens) in the store: only the rest is sent
                 stored = r.loaded_tokens if r.load is not None and not r.params.get(DO_REMOTE_PREFILL) else 0
-                meta.saves.append(SaveSpec(req_id, r.relay_id, r.token_ids, blocks_of(req_id)[:nblocks], stored))
+                meta.saves.append(SaveSpec(req_id, r.relay_id, r.token_ids, blocks_of(req_id)[:nblocks], stored,
+                                           r.cache_salt))
                 r.saving = True
         return meta
 
@@ -156,7 +160,8 @@ class SchedulerSide:
         if r.params.get(DO_REMOTE_DECODE) and (r.saving or r.loaded_tokens >= len(r.token_ids)):
             # published now, or every chunk was already in the store (this prefill loaded them all)
             kp = transfer_params(r.token_ids, r.relay_id, self.cfg.model_id, self.compat_hash, self.cfg.chunk_tokens,
-                                 self.num_layers, 0, self.total_kv_heads, self.cfg.store, self.cfg.transport)
+                                 self.num_layers, 0, self.total_kv_heads, self.cfg.store, self.cfg.transport,
+                                 cache_salt=r.cache_salt)
             params = {**msgspec.to_builtins(kp), DO_REMOTE_PREFILL: True, DO_REMOTE_DECODE: False,
                       RELAY_ID: r.relay_id}
         return r.saving, params
@@ -178,7 +183,8 @@ class SchedulerSide:
     # ---- store ---------------------------------------------------------------------------------------------
     def _hashes(self, r: _Request) -> list[str]:
         if r.hashes is None:
-            r.hashes = block_hashes(r.token_ids, self.cfg.chunk_tokens, self.cfg.model_id, self.compat_hash)
+            r.hashes = block_hashes(r.token_ids, self.cfg.chunk_tokens, self.cfg.model_id, self.compat_hash,
+                                    r.cache_salt)
         return r.hashes
 
     def _call(self, what: str, call: Callable[[LookupClient], int]) -> int | None:
@@ -218,7 +224,8 @@ class SchedulerSide:
         # chunk-major, every layer: the store counts the keys present from the first, so a chunk counts only
         # when all its layers are there (LRU eviction may have taken an early layer of a later chunk)
         keys = [ChunkKey(h, layer, 0, self.total_kv_heads) for h in self._hashes(r) for layer in range(self.num_layers)]
-        present = self._call("store lookup", lambda c: c.lookup(keys))
+        present = self._call("store lookup", lambda c: c.lookup(keys, tenant=r.cache_salt) if r.cache_salt
+                             else c.lookup(keys))
         if present is None:
             return 0
         tokens = min(len(r.token_ids), present // self.num_layers * self.cfg.chunk_tokens)

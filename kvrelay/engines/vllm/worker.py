@@ -69,7 +69,7 @@ class WorkerSide:
         self._step = []
         if meta.saves and self.publisher is not None:
             reqs = [PublishRequest(s.relay_id, s.token_ids, s.block_ids, first_token=False,
-                                   stored_tokens=s.stored_tokens) for s in meta.saves]
+                                   stored_tokens=s.stored_tokens, cache_salt=s.cache_salt) for s in meta.saves]
             self._step = self.publisher.begin(reqs)
             for spec, state in zip(meta.saves, self._step, strict=True):
                 self._saves.setdefault(spec.req_id, []).append(state)
