@@ -2,6 +2,10 @@
 
 Owns: turning the public arguments into a checked `CopyPlan` (or a ValueError that names the value,
 the limit and the fix) before any implementation touches memory.  Must not touch: tensor contents.
+
+Block ids are checked on the host, where engines keep them (lists, numpy, CPU tensors): planning never
+reads device memory.  Ids handed over as a CUDA tensor are copied to the host once for the check,
+which waits for that tensor's stream: pass host ids on hot paths.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ BlockIds = Union[Sequence[int], np.ndarray, torch.Tensor]
 class CopyPlan:
     """A checked copy: tokens [token_start, token_end) of the request, model heads [head_start, head_end)."""
 
-    ids: Union[np.ndarray, torch.Tensor]  # int64, 1-D, contiguous (numpy on CPU; a tensor when on a device)
+    ids: np.ndarray  # int64, 1-D, contiguous, on the host (cuda_path.py uploads it, cached)
     token_start: int
     token_end: int
     head_start: int  # model heads copied (the intersection for unpack)
@@ -40,28 +44,23 @@ class CopyPlan:
         return self.head_end - self.head_start
 
 
-def block_ids_array(block_ids: BlockIds, device: torch.device) -> Union[np.ndarray, torch.Tensor]:
-    """The block ids as contiguous int64: numpy for CPU caches, a tensor on ``device`` otherwise."""
+def block_ids_array(block_ids: BlockIds) -> np.ndarray:
+    """The block ids as contiguous int64 on the host (a CUDA tensor is copied once: a sync)."""
     if isinstance(block_ids, torch.Tensor):
         if block_ids.dim() != 1:
             raise ValueError(f"block_ids must be 1-D, got shape {tuple(block_ids.shape)}")
         if block_ids.dtype.is_floating_point or block_ids.dtype.is_complex or block_ids.dtype == torch.bool:
             raise ValueError(f"block_ids must be integers, got dtype {block_ids.dtype}")
-        if device.type == "cpu":
-            return np.ascontiguousarray(block_ids.detach().cpu().numpy(), dtype=np.int64)
-        return block_ids.detach().to(device=device, dtype=torch.int64).contiguous()
+        return np.ascontiguousarray(block_ids.detach().cpu().numpy(), dtype=np.int64)
     arr = np.asarray(block_ids)
     if arr.ndim != 1:
         raise ValueError(f"block_ids must be a 1-D sequence, got shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "iu":
         raise ValueError(f"block_ids must be integers, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=np.int64)
-    if device.type == "cpu":
-        return arr
-    return torch.from_numpy(arr).to(device)
+    return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def _check_tokens(layout: KVLayout, ids: Union[np.ndarray, torch.Tensor], token_start: int, token_end: int) -> None:
+def _check_tokens(layout: KVLayout, ids: np.ndarray, token_start: int, token_end: int) -> None:
     for name, value in (("token_start", token_start), ("token_end", token_end)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
             raise ValueError(f"{name} must be an int, got {value!r}")
@@ -74,10 +73,7 @@ def _check_tokens(layout: KVLayout, ids: Union[np.ndarray, torch.Tensor], token_
         raise ValueError(f"token range [{token_start}, {token_end}) needs {need} blocks of {bs} tokens, but only "
                          f"{len(ids)} block ids were given; allocate more blocks or shorten the range")
     used = ids[token_start // bs: need]
-    if isinstance(used, torch.Tensor):
-        lo, hi = (int(x) for x in torch.stack([used.min(), used.max()]).cpu())
-    else:
-        lo, hi = int(used.min()), int(used.max())
+    lo, hi = int(used.min()), int(used.max())
     if lo < 0 or hi >= layout.num_blocks:
         bad = lo if lo < 0 else hi
         raise ValueError(f"block id {bad} out of range: the cache has {layout.num_blocks} blocks (valid ids "
@@ -107,9 +103,9 @@ def check_buffer(buf: torch.Tensor, nbytes: int, cache_device: torch.device, nam
                          f"layout.chunk_nbytes(num_tokens, num_heads) bytes")
 
 
-def plan_pack(layout: KVLayout, block_ids: BlockIds, token_start: int, token_end: int, device: torch.device,
+def plan_pack(layout: KVLayout, block_ids: BlockIds, token_start: int, token_end: int,
               head_start: int | None, head_end: int | None) -> CopyPlan:
-    ids = block_ids_array(block_ids, device)
+    ids = block_ids_array(block_ids)
     _check_tokens(layout, ids, token_start, token_end)
     hs = layout.head_start if head_start is None else head_start
     he = layout.head_end if head_end is None else head_end
@@ -122,9 +118,9 @@ def plan_pack(layout: KVLayout, block_ids: BlockIds, token_start: int, token_end
                     _chunk_nbytes(layout, token_end - token_start, n))
 
 
-def plan_unpack(layout: KVLayout, block_ids: BlockIds, token_start: int, token_end: int, device: torch.device,
+def plan_unpack(layout: KVLayout, block_ids: BlockIds, token_start: int, token_end: int,
                 chunk_head_start: int, chunk_head_end: int) -> CopyPlan:
-    ids = block_ids_array(block_ids, device)
+    ids = block_ids_array(block_ids)
     _check_tokens(layout, ids, token_start, token_end)
     _check_heads(layout, chunk_head_start, chunk_head_end, "chunk_")
     hs, he = max(chunk_head_start, layout.head_start), min(chunk_head_end, layout.head_end)

@@ -73,5 +73,5 @@ def rank_layouts(order: Order | str, fused: bool, dtype: torch.dtype, block_size
 def write_logical(layout: KVLayout, layer: LayerTensors, ids, logical: torch.Tensor) -> None:
     """Write the model's canonical KV ``logical`` ([kv, tokens, total_heads, row bytes], uint8) into a rank's cache."""
     n = logical.shape[1]
-    plan = plan_unpack(layout, ids, 0, n, torch.device("cpu"), 0, layout.total_kv_heads)
+    plan = plan_unpack(layout, ids, 0, n, 0, layout.total_kv_heads)
     reference.unpack(layout, layer, plan, logical.contiguous())

@@ -1,23 +1,19 @@
 """The Triton kernels on CPU tensors through Triton's interpreter, byte-exact against the reference.
 
-TRITON_INTERPRET=1 is set before triton is imported (triton_kernels also runs CPU tensors through the
-interpreter explicitly, so the result does not depend on import order).  Caches stay tiny: the
-interpreter costs about 0.7 ms per program instance.
+TRITON_INTERPRET is not needed and not set: triton_kernels runs CPU tensors through the interpreter
+explicitly, and setting it at import would leak into a GPU run of the whole suite and its
+subprocesses.  Caches stay tiny: the interpreter costs about 0.7 ms per program instance.
 """
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+from hypothesis import given, settings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-
-from kernels_util import allocate, clone_layer, layers_equal  # noqa: E402
-from kvrelay.kernels import KVLayout, pack, unpack  # noqa: E402
-from test_kernels_roundtrip import cases, run_case  # noqa: E402
+from kernels_util import allocate, clone_layer, layers_equal
+from kvrelay.kernels import KVLayout, pack, unpack
+from test_kernels_roundtrip import cases, run_case
 
 
 @pytest.mark.timeout(300)
