@@ -44,8 +44,8 @@ def dynamo_env(discovery_dir: str | Path, event_broker: str, system_port: int | 
             "DYN_EVENT_PLANE": "zmq", "DYN_ZMQ_BROKER_URL": check_broker_url(event_broker),
             "DYN_HTTP_HOST": LOOPBACK}
     if system_port is not None:
-        if not 1 <= system_port <= 65535:
-            raise ValueError(f"--metrics-port {system_port} is outside 1..65535")
+        if not 1 <= system_port <= 32767:  # Dynamo parses DYN_SYSTEM_PORT as a signed 16-bit number
+            raise ValueError(f"--metrics-port {system_port} is outside 1..32767 (Dynamo's limit)")
         env |= {"DYN_SYSTEM_PORT": str(system_port), "DYN_SYSTEM_ENABLED": "true"}
     else:
         env["DYN_SELF_HOST_METADATA"] = "0"  # no status server: the model card goes to the discovery directory
