@@ -38,10 +38,12 @@ LATENCY_TARGET_US = 100.0
 Op = Callable[[int], None]
 
 
-def _launch(kind: str, nbytes: int, stack: ExitStack) -> subprocess.Popen[bytes]:
+def _launch(kind: str, nbytes: int, stack: ExitStack, prefix: tuple[str, ...] = (), host: str = "127.0.0.1",
+            env_extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """The bench peer of ``kind``, bound to ``host``, run under ``prefix`` (e.g. ``ip netns exec NS``)."""
     # unbuffered stdout: select() must see every byte the peer wrote (NIXL logs to stdout too)
-    env = {"NIXL_LOG_LEVEL": "WARNING", **os.environ}  # NIXL logs to stdout, which nobody reads after start-up
-    proc = subprocess.Popen([sys.executable, "-m", "kvrelay.transfer.bench_peer", kind, str(nbytes)],
+    env = {"NIXL_LOG_LEVEL": "WARNING", **os.environ, **(env_extra or {})}  # NIXL logs to stdout, unread after start
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "kvrelay.transfer.bench_peer", kind, str(nbytes), host],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
                             env=env)
 
@@ -99,7 +101,7 @@ def _transport_ops(kind: str, meta: dict, nbytes: int, stack: ExitStack) -> dict
 
 def _socket_ops(meta: dict, nbytes: int, stack: ExitStack) -> dict[str, Op]:
     from kvrelay.transfer.bench_peer import _REQ
-    sock = socket.create_connection(("127.0.0.1", meta["port"]))
+    sock = socket.create_connection((meta.get("host", "127.0.0.1"), meta["port"]))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     stack.callback(sock.close)
     mv = np.zeros(nbytes, np.uint8).data  # a memoryview (typed as one, unlike memoryview(array) before 3.12)

@@ -1,8 +1,9 @@
 """The far side of `kvrelay bench transports`: a process that serves one transport or raw primitive.
 
-    python -m kvrelay.transfer.bench_peer KIND NBYTES
+    python -m kvrelay.transfer.bench_peer KIND NBYTES [HOST]
 
-KIND is a kvrelay transport (shm, tcp, nixl) or a raw baseline: ``socket`` (loopback TCP socket),
+HOST is the address it binds and advertises (default 127.0.0.1; `kvrelay bench hosts` gives a veth's address
+in a network namespace).  KIND is a kvrelay transport (shm, tcp, nixl) or a raw baseline: ``socket`` (loopback TCP socket),
 ``zmq`` (pyzmq ROUTER, zero-copy replies, 1 MiB frames), ``nixl-raw`` (a bare NIXL agent) or
 ``mooncake`` (Mooncake's transfer engine over TCP).  Prints one JSON line describing how to reach it,
 then serves until stdin closes (a kvrelay transport is then closed).  Owns: the serving side of every baseline.  Must not touch: the
@@ -23,10 +24,10 @@ RAW_FRAME = 1 << 20
 _REQ = struct.Struct("<cQ")  # op (b"r" | b"w"), nbytes
 
 
-def _serve_socket(buf: np.ndarray) -> dict:
+def _serve_socket(buf: np.ndarray, host: str = "127.0.0.1") -> dict:
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
+    srv.bind((host, 0))
     srv.listen(4)
     mv = buf.data  # a memoryview of the array (typed as one, unlike memoryview(buf) before Python 3.12)
 
@@ -54,7 +55,7 @@ def _serve_socket(buf: np.ndarray) -> dict:
             threading.Thread(target=client, args=(conn,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
-    return {"port": srv.getsockname()[1]}
+    return {"port": srv.getsockname()[1], "host": host}
 
 
 def _serve_zmq(buf: np.ndarray) -> dict:
@@ -106,9 +107,9 @@ def _serve_mooncake(buf: np.ndarray) -> dict:
     return {"target": f"127.0.0.1:{te.get_rpc_port()}", "address": buf.ctypes.data}
 
 
-def _serve_transport(kind: str, nbytes: int) -> dict:
+def _serve_transport(kind: str, nbytes: int, host: str = "127.0.0.1") -> dict:
     from kvrelay.transfer import create_transport
-    ep = create_transport(kind, f"bench-{kind}-target", "bench")
+    ep = create_transport(kind, f"bench-{kind}-target", "bench", host)
     info, view = ep.alloc(nbytes)
     if not isinstance(view, memoryview):
         raise ValueError(f"the bench peer serves host memory; transport {kind!r} allocated a {type(view).__name__}")
@@ -119,8 +120,11 @@ def _serve_transport(kind: str, nbytes: int) -> dict:
 
 def main() -> None:
     kind, nbytes = sys.argv[1], int(sys.argv[2])
+    host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
     if kind in ("shm", "tcp", "nixl"):
-        meta = _serve_transport(kind, nbytes)
+        meta = _serve_transport(kind, nbytes, host)
+    elif kind == "socket":
+        meta = _serve_socket(np.full(nbytes, 7, dtype=np.uint8), host)
     else:
         buf = np.full(nbytes, 7, dtype=np.uint8)
         serve = {"socket": _serve_socket, "zmq": _serve_zmq, "nixl-raw": _serve_nixl_raw,
