@@ -107,8 +107,9 @@ def _url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def load(path: str | os.PathLike[str]) -> ClusterSpec:
-    """Read and validate a cluster file; ClusterError naming the file and the field otherwise."""
+def load(path: str | os.PathLike[str], keys: str = "") -> ClusterSpec:
+    """Read and validate a cluster file; ClusterError naming the file and the field otherwise.  ``keys``
+    (`kvrelay up --keys DIR`) replaces the file's ``keys``; $KVRELAY_KEYS is used when neither gives one."""
     src = str(path)
     try:
         with open(path) as fh:
@@ -119,6 +120,10 @@ def load(path: str | os.PathLike[str]) -> ClusterSpec:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ClusterError(f"{src}: malformed YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if isinstance(data, dict):
+        keys = keys or data.get("keys") or os.environ.get("KVRELAY_KEYS", "")
+        if keys:
+            data["keys"] = keys
     return parse(data, src)
 
 

@@ -225,7 +225,7 @@ def _run_cluster_file(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrelay-up-"))
     pool_name = f"kvrelay-up-{os.getpid()}"
     try:
-        spec = C.load(args.file)
+        spec = C.load(args.file, getattr(args, "keys", None) or "")
         host = C.find_host(spec, args.host or None)
         host_plan = C.plan(spec, host, pool_name, workdir)
     except C.ClusterError as exc:

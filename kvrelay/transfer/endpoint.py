@@ -7,7 +7,8 @@ local region bookkeeping, the handle registry (deadline sweeps, leak counts) and
 Must not touch: how bytes move (subclasses implement `_start`), chunk contents.
 
 Subclass hooks: `_make_region`, `_drop_region`, `_agent_meta`, `_start(conn, op, descs, handle)`,
-`_peer_added(conn)`, `_peer_lost(conn)`, `_shutdown()`.
+`_peer_added(conn)`, `_peer_lost(conn)`, `_peer_region_gone(conn, region_id)` (with ``announce_unmap``),
+`_shutdown()`.
 
 Thread safety: as documented on `Transport`; the hooks run on the caller's thread or on the control
 thread (`_peer_added` for inbound handshakes, `_peer_lost`), never concurrently for the same peer.
@@ -30,7 +31,7 @@ import zmq
 from kvrelay.transfer.base import (DEFAULT_TIMEOUT_S, AgentInfo, Desc, HandshakeError, Notification, Peer,
                                    RegionInfo, Transport, XferHandle, XferState, check_compat, check_descs)
 from kvrelay.transfer.buffers import LocalRegion, byte_view
-from kvrelay.transfer.control import Bye, Hello, Notify, PeerConn, Refuse, Welcome
+from kvrelay.transfer.control import Bye, Hello, Notify, PeerConn, Refuse, Unmap, Welcome
 from kvrelay.transfer.control import decoder as _dec
 from kvrelay.transfer.control import encoder as _enc
 from kvrelay.transfer.handle import Handle
@@ -108,7 +109,25 @@ class Endpoint(Transport):
             region = self._regions.pop(region_id, None)
         if region is None:
             raise ValueError(f"region {region_id} is not registered on {self.agent_name!r}")
+        if self.announce_unmap:
+            self._announce_unmap(region_id)
         self._drop_region(region)
+
+    # peers are told of a deregistration (an Unmap message), so they drop the region and unmap it (nvlink)
+    announce_unmap = False
+
+    def _announce_unmap(self, region_id: int) -> None:
+        msg = _enc.encode(Unmap(self.agent_name, self.epoch, region_id))
+        for conn in [c for c in self._peers.values() if c.alive]:
+            with conn.lock:
+                try:
+                    if conn.ctrl is None:
+                        conn.ctrl = self._ctx.socket(zmq.DEALER)
+                        conn.ctrl.setsockopt(zmq.LINGER, 0)
+                        conn.ctrl.connect(conn.peer.info.address)
+                    conn.ctrl.send(msg, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # a peer that cannot be told is going away: it unmaps when it is lost
 
     def local_region(self, region_id: int) -> LocalRegion:
         region = self._regions.get(region_id)
@@ -365,6 +384,13 @@ class Endpoint(Transport):
                 with self._notif_cond:
                     self._notifs.append(Notification(msg.name, msg.epoch, msg.payload))
                     self._notif_cond.notify_all()
+            elif isinstance(msg, Unmap):
+                conn = self._peers.get(msg.name)
+                if conn is not None and conn.peer.info.epoch == msg.epoch:
+                    info = conn.peer.info
+                    conn.peer = Peer(msgspec.structs.replace(
+                        info, regions=[r for r in info.regions if r.region_id != msg.region_id]))
+                    self._peer_region_gone(conn, msg.region_id)
             elif isinstance(msg, Bye):
                 conn = self._peers.get(msg.name)
                 if conn is not None and conn.peer.info.epoch == msg.epoch:
@@ -437,6 +463,9 @@ class Endpoint(Transport):
 
     def _peer_lost(self, conn: PeerConn) -> None:
         pass
+
+    def _peer_region_gone(self, conn: PeerConn, region_id: int) -> None:
+        """The peer deregistered ``region_id`` (announced with Unmap); its record no longer lists it."""
 
     def _shutdown(self) -> None:
         pass

@@ -130,3 +130,15 @@ def test_up_refuses_a_bad_file_in_one_line(tmp_path):
                               timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_keys_from_the_flag_or_the_environment(tmp_path, monkeypatch):
+    """`kvrelay up -f FILE --keys DIR` (or $KVRELAY_KEYS) stands in for a file without `keys:`."""
+    monkeypatch.delenv("KVRELAY_KEYS", raising=False)
+    f = tmp_path / "c.yaml"
+    f.write_text(TWO_HOSTS.replace("keys: KEYS\n", ""))
+    with pytest.raises(C.ClusterError, match="keys: hosts.a.address 198.18.7.1 is not loopback"):
+        C.load(f)
+    assert C.load(f, keys="/k1").keys == "/k1"
+    monkeypatch.setenv("KVRELAY_KEYS", "/k2")
+    assert C.load(f).keys == "/k2" and C.load(f, keys="/k1").keys == "/k1"
