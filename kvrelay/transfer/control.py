@@ -42,7 +42,14 @@ class Bye(msgspec.Struct, tag="bye"):
     epoch: str
 
 
-Message = Union[Hello, Welcome, Refuse, Notify, Bye]
+class Unmap(msgspec.Struct, tag="unmap"):
+    """The sender deregistered ``region_id``: drop it from its peer record and unmap it (nvlink)."""
+    name: str
+    epoch: str
+    region_id: int
+
+
+Message = Union[Hello, Welcome, Refuse, Notify, Bye, Unmap]
 encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(Message)
 

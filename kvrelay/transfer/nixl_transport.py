@@ -15,6 +15,13 @@ Exit crash: the UCX bundled with NIXL 1.5.1 loads its InfiniBand modules, whose 
 in its destructor at interpreter exit (SIGSEGV in rtnl_tc_unregister, even after every agent is
 gone).  On hosts without InfiniBand devices we set ``UCX_MODULES=^ib`` (unless the user set
 UCX_MODULES) before UCX loads, which avoids it.
+Device memory (VRAM): NIXL is not stream-ordered: it posts from the host and moves bytes as soon as the
+request is posted.  So before posting a transfer whose local side is on a GPU, the caller's current stream
+of that GPU is synchronised (an event recorded there, then waited on by the host; cuda_ipc.host_wait_for_stream):
+a pack kernel has then written the source of a WRITE, and an unpack still reading the destination of a
+READ has finished.  Completion is observed by the host (check_xfer_state), so kernels the caller queues
+after `wait()` returns see the bytes.  The peer's side is the peer's business: it must not touch its
+region while a transfer into it may run (the same rule as for host memory).
 """
 
 from __future__ import annotations
@@ -142,10 +149,13 @@ class NixlTransport(Endpoint):
     def _start(self, conn: PeerConn, op: str, descs: list[Desc], handle: Handle) -> None:
         local, remote = [], []
         l_mem = r_mem = "DRAM"
+        gpus: set[str] = set()
         for d in descs:
             lr = self.local_region(d.local_region)
             rm = _meta_dec.decode(conn.peer.region(d.remote_region).meta)
             l_mem = "VRAM" if lr.device != "cpu" else "DRAM"
+            if l_mem == "VRAM":
+                gpus.add(lr.device)
             r_mem = rm.mem_type
             local.append((lr.address + d.local_offset, d.length, int(lr.device.split(":")[1]) if ":" in lr.device else 0))
             remote.append((rm.address + d.remote_offset, d.length, rm.device_id))
@@ -188,6 +198,8 @@ class NixlTransport(Endpoint):
         handle._abort = lambda state: free()
         handle.set_transferring()
         try:
+            if gpus:
+                _sync_producers(gpus)
             status = self._agent.transfer(xfer)
         except Exception as exc:  # noqa: BLE001 - e.g. nixlRemoteDisconnectError
             handle.fail(f"NIXL could not post the {op} to peer {conn.peer.name!r}: {type(exc).__name__}: {exc}")
@@ -205,3 +217,12 @@ class NixlTransport(Endpoint):
                 pass
         self._reg.clear()
         self._agent = None
+
+
+def _sync_producers(devices: set[str]) -> None:
+    """Wait (host side) for the work queued on the caller's current stream of each GPU (see the docstring)."""
+    import torch
+
+    from kvrelay.transfer.cuda_ipc import host_wait_for_stream
+    for dev in sorted(devices):
+        host_wait_for_stream(torch.cuda, torch.device(dev))
