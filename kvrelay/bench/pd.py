@@ -2,7 +2,7 @@
 
 Owns: the pd suite only.  Must not touch: the harness or other suites.
 
-Per transport (shm, tcp, nixl: whatever `available_transports()` offers here, nvlink excluded on CPU)
+Per transport (shm, tcp, nixl: the STORE_TRANSPORTS that `available_transports()` offers here)
 and prompt length (>= 1,000 tokens), in one process on a real `kvrelay store` daemon:
   prefill        the reference engine's forward pass over the prompt alone (colocated, max_tokens=1)
   pd/layerwise   decode leg sent first (router-style params, first token unknown), then the prefill
@@ -82,8 +82,8 @@ def _pd_once(pre: Engine, dec: Engine, prompt: list[int], store: str, transport:
 
 
 def run(ctx: BenchContext) -> None:
-    from kvrelay.transfer import available_transports
-    transports = [t for t, why in available_transports().items() if why is None and t in ("shm", "tcp", "nixl")]
+    from kvrelay.transfer import STORE_TRANSPORTS, available_transports
+    transports = [t for t, why in available_transports().items() if why is None and t in STORE_TRANSPORTS]
     lengths = [1024] if ctx.quick else [1024, 2048]
     reps = 2 if ctx.quick else 4
     mcfg = ModelConfig()

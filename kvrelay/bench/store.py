@@ -67,8 +67,8 @@ def run(ctx: BenchContext) -> None:
     n = 16 if quick else 48
     reps = 3 if quick else 5
     pool = (256 << 20) if quick else (1 << 30)
-    from kvrelay.transfer import available_transports
-    remote = [t for t, why in available_transports().items() if why is None and t in ("tcp", "nixl")]
+    from kvrelay.transfer import STORE_TRANSPORTS, available_transports
+    remote = [t for t, why in available_transports().items() if why is None and t in STORE_TRANSPORTS and t != "shm"]
     tmp = Path(tempfile.mkdtemp(prefix="kvrelay-bench-store-"))
     try:  # the SSD files (GBs) go with the run: each run used to leave 2.2 GB behind in /tmp
         params = {"chunk_bytes": chunk, "chunks": n, "pool_bytes": pool, "quick": quick}
