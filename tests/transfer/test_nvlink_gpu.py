@@ -41,6 +41,7 @@ def test_nvlink_read_write_map_and_peer_death():
                 h.result()
             mapped = ep.map_remote(peer, peer_proc.regions[1])
             assert torch.equal(mapped, local[:MIB])
+            assert ep.open_maps() == 2  # one open per peer region, however many transfers used it
             with pytest.raises(ValueError):
                 ep.read(peer, [Desc(info.region_id, 0, peer_proc.regions[1], MIB - 1, 2)])
             peer_proc.kill()
@@ -50,5 +51,9 @@ def test_nvlink_read_write_map_and_peer_death():
             with ep.read(peer, [Desc(info.region_id, 0, peer_proc.regions[1], 0, 16)], timeout=2) as h:
                 assert h.wait() is XferState.FAILED and h.error
             assert ep.open_handles() == 0
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and ep.open_maps():
+                time.sleep(0.05)
+            assert ep.open_maps() == 0  # the dead peer's regions are unmapped
     finally:
         peer_proc.kill()
