@@ -128,9 +128,15 @@ class NvlinkTransport(Endpoint):
         if not buf.is_contiguous():
             raise ValueError("cannot register a non-contiguous CUDA tensor: call .contiguous() first")
         flat = buf.view(torch.uint8).reshape(-1)
-        shared = flat.untyped_storage()._share_cuda_()  # one share: torch's counter starts at 1, ours
+        if flat.numel() == 0:
+            raise ValueError("cannot register an empty CUDA tensor")
         uuid = str(torch.cuda.get_device_properties(buf.device).uuid)
-        meta = encode_ipc_handle(shared, flat.storage_offset(), flat.numel(), uuid)
+        shared = flat.untyped_storage()._share_cuda_()  # one share: torch's counter starts at 1, ours
+        try:
+            meta = encode_ipc_handle(shared, flat.storage_offset(), flat.numel(), uuid)
+        except ValueError:
+            torch.UntypedStorage._release_ipc_counter_cuda(bytes(shared[4]), int(shared[5]))
+            raise
         self._shares[region_id] = (bytes(shared[4]), int(shared[5]))
         return LocalRegion(region_id, memoryview(b""), flat.numel(), device=str(buf.device), meta=meta,
                            keep=[buf], device_obj=flat)
