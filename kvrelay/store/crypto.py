@@ -22,6 +22,7 @@ import secrets
 import stat
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext, Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 NONCE_BYTES = 12
@@ -96,6 +97,7 @@ class KeyRing:
         if not keys:
             raise ValueError("a KeyRing needs at least one key")
         self._aead = {kid: AESGCM(key) for kid, key in keys}
+        self._current_key = keys[-1][1]
         self.current = keys[-1][0]
 
     @classmethod
@@ -112,6 +114,14 @@ class KeyRing:
         n = len(src)
         self._aead[self.current].encrypt_into(nonce, src, ad, out[:n + TAG_BYTES])
         return self.current, nonce, bytes(out[n:n + TAG_BYTES])
+
+    def sealer(self, ad: bytes) -> tuple[int, bytes, AEADEncryptionContext]:
+        """(key id, nonce, an encryptor bound to ``ad``) for sealing a payload piece by piece (ssd.py overlaps
+        each piece's encryption with the previous piece's write); its ``tag`` after ``finalize()``."""
+        nonce = os.urandom(NONCE_BYTES)
+        enc = Cipher(algorithms.AES(self._current_key), modes.GCM(nonce)).encryptor()
+        enc.authenticate_additional_data(ad)
+        return self.current, nonce, enc
 
     def open(self, key_id: int, nonce: bytes, sealed: memoryview, ad: bytes, out: memoryview) -> bool:
         """Decrypt ``sealed`` (ciphertext then its TAG_BYTES tag) into ``out``; False if the key is unknown or

@@ -29,6 +29,7 @@ import msgspec
 import xxhash
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 from kvrelay.keys import ChunkKey
 from kvrelay.store.crypto import TAG_BYTES, KeyRing, associated_data
@@ -42,6 +43,7 @@ __all__ = ["SsdTier", "SsdFullError", "Loc", "Recovered", "parse_key", "probe_di
 
 
 DIRECT_BIAS = 0.8
+SEAL_PIECE = 1 << 20  # sealed payloads are encrypted and written this much at a time (a multiple of ALIGN)
 JOURNAL_COMPACT_MIN = 65536  # frames; below this the journal is never compacted while running
 
 
@@ -80,6 +82,7 @@ class SsdTier:
         self._rstage = _Buffer()  # ciphertext being read (the promoter's thread, or recovery before it starts)
         self._rplain = _Buffer()  # recovery: plaintext opened to verify its checksum
         self._zero = mmap.mmap(-1, ALIGN)  # a head's worth of zeros, page-aligned (O_DIRECT)
+        self._writer: ThreadPoolExecutor | None = None  # writes sealed pieces while the next is encrypted
 
     # --- O_DIRECT decision -------------------------------------------------------------------------
     def _decide_direct(self, mode: str) -> bool:
@@ -217,15 +220,14 @@ class SsdTier:
             fd, off = self._fds[self._cur], self._pos
             t0 = time.perf_counter()
             sealed: Sealed | None = None
-            body = payload[:padded]
-            if self.keyring is not None:
-                stage = self._wstage.get(padded + TAG_BYTES)
-                key_id, nonce, tag = self.keyring.seal(payload[:nbytes], associated_data(kstr, tenant), stage)
-                sealed = Sealed(key_id, nonce, tag, kstr, tenant)
-                body = stage[:padded]
             h = self._head
-            pack_head(memoryview(h), kstr, hb, nbytes, tenant, sealed)
-            n = os.pwritev(fd, [h, body], off)
+            if self.keyring is None:
+                pack_head(memoryview(h), kstr, hb, nbytes, tenant, None)
+                n = os.pwritev(fd, [h, payload[:padded]], off)
+            else:  # the payload sealed and written piece by piece, then the head (it holds the tag)
+                sealed = self._seal_write(fd, off + ALIGN, payload[:nbytes], padded, kstr, tenant)
+                pack_head(memoryview(h), kstr, hb, nbytes, tenant, sealed)
+                n = os.pwrite(fd, h, off) + padded
             if n != ALIGN + padded:
                 raise OSError(f"short write to SSD segment {self._cur}: {n} of {ALIGN + padded} bytes")
             if self.fsync:
@@ -239,6 +241,29 @@ class SsdTier:
             if sealed is not None:
                 self._sealed.setdefault(self._cur, {})[off] = sealed
             return loc, evicted
+
+    def _seal_write(self, fd: int, at: int, plain: memoryview, padded: int, kid: str, tenant: str) -> Sealed:
+        """Encrypt ``plain`` into the write stage and write it at ``at``, SEAL_PIECE bytes at a time: a piece is
+        written (on the writer thread: the write releases the GIL) while the next one is encrypted, so sealing
+        costs about max(encrypt, write), not their sum (was 0.69x an unsealed spill here, written after)."""
+        assert self.keyring is not None
+        key_id, nonce, enc = self.keyring.sealer(associated_data(kid, tenant))
+        stage = self._wstage.get(padded + TAG_BYTES)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvrelay-ssd-seal")
+        n = len(plain)
+        writes = []
+        try:
+            for pos in range(0, n, SEAL_PIECE):
+                end = min(n, pos + SEAL_PIECE)
+                enc.update_into(plain[pos:end], stage[pos:end + TAG_BYTES - 1])
+                stop = end if end < n else padded  # the last piece carries the padding (O_DIRECT: whole pages)
+                writes.append(self._writer.submit(_pwrite_all, fd, stage[pos:stop], at + pos))
+            enc.finalize()
+        finally:
+            for w in writes:
+                w.result()  # raises the first failed write
+        return Sealed(key_id, nonce, enc.tag, kid, tenant)
 
     def _next_segment(self) -> list[str]:
         evicted: list[str] = []
@@ -358,8 +383,16 @@ class SsdTier:
                 self._journal.close()
             self._head.close()
             self._zero.close()
+            if self._writer is not None:
+                self._writer.shutdown()
             for b in (self._wstage, self._rstage, self._rplain):
                 b.close()
+
+
+def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
+    n = os.pwrite(fd, data, at)
+    if n != len(data):
+        raise OSError(f"short write to an SSD segment: {n} of {len(data)} bytes at {at}")
 
 
 class _Buffer:
