@@ -79,6 +79,9 @@ class StoreConfig:
     def __post_init__(self) -> None:
         from kvrelay.serving import check_loopback  # another address only with authentication on
         check_loopback(self.host, "store")
+        if self.host in ("0.0.0.0", "::", ""):
+            raise ValueError(f"host {self.host!r} binds every address, but the store tells its clients where to reach "
+                             f"its transports by this address: give the one address other hosts reach it at")
         for name in ("port", "metrics_port"):
             v = getattr(self, name)
             if not -1 <= v <= 65535:
@@ -203,7 +206,8 @@ def _coerce(raw: str, typ: Any, what: str) -> Any:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of store options (keys as below, with underscores)")
-    p.add_argument("--host")
+    p.add_argument("--host", help="the address the store binds and gives clients for its transports (default "
+                                   "127.0.0.1; another one only with --keys)")
     p.add_argument("--port", type=int)
     p.add_argument("--metrics-port", type=int)
     p.add_argument("--pool-size", help="host-memory pool, e.g. 4GiB")

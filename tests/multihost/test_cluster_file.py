@@ -142,3 +142,16 @@ def test_keys_from_the_flag_or_the_environment(tmp_path, monkeypatch):
     assert C.load(f, keys="/k1").keys == "/k1"
     monkeypatch.setenv("KVRELAY_KEYS", "/k2")
     assert C.load(f).keys == "/k2" and C.load(f, keys="/k1").keys == "/k1"
+
+
+def test_store_binds_one_address_it_can_advertise(tmp_path, monkeypatch):
+    """The store gives clients its own address for its transports: a wildcard bind would hand them 0.0.0.0."""
+    from kvrelay.store.config import StoreConfig
+    monkeypatch.delenv("KVRELAY_KEYS", raising=False)
+    with pytest.raises(ValueError, match="authentication"):
+        StoreConfig(host="198.18.7.1", port=0)
+    monkeypatch.setenv("KVRELAY_KEYS", str(key_dir(tmp_path)))
+    for wildcard in ("0.0.0.0", "::"):
+        with pytest.raises(ValueError, match="binds every address"):
+            StoreConfig(host=wildcard, port=0)
+    assert StoreConfig(host="198.18.7.1", port=0).host == "198.18.7.1"
