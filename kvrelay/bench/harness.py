@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import msgspec
 
-SUITES = ("kernels", "transports", "store", "pd", "vllm", "faults", "hosts")
+SUITES = ("kernels", "transports", "store", "pd", "vllm", "faults", "router", "hosts", "atrest")
 
 
 class Record(msgspec.Struct, kw_only=True):

@@ -108,13 +108,6 @@ class KeyRing:
     def ids(self) -> list[int]:
         return sorted(self._aead)
 
-    def seal(self, src: memoryview, ad: bytes, out: memoryview) -> tuple[int, bytes, bytes]:
-        """Encrypt ``src`` into ``out`` (at least len(src) + TAG_BYTES long); returns (key id, nonce, tag)."""
-        nonce = os.urandom(NONCE_BYTES)
-        n = len(src)
-        self._aead[self.current].encrypt_into(nonce, src, ad, out[:n + TAG_BYTES])
-        return self.current, nonce, bytes(out[n:n + TAG_BYTES])
-
     def sealer(self, ad: bytes) -> tuple[int, bytes, AEADEncryptionContext]:
         """(key id, nonce, an encryptor bound to ``ad``) for sealing a payload piece by piece (ssd.py overlaps
         each piece's encryption with the previous piece's write); its ``tag`` after ``finalize()``."""

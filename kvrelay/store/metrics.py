@@ -14,6 +14,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from kvrelay.security.metrics import register as register_auth_metrics
+
 _COUNTERS = {
     "evictions_memory": ("kvrelay_store_evictions_total", "chunks evicted", {"tier": "memory"}),
     "evictions_ssd": ("kvrelay_store_evictions_total", "chunks evicted", {"tier": "ssd"}),
@@ -72,8 +74,8 @@ def _tenant_families(tenants: dict[str, dict[str, float]], by_key: dict[str, int
     yield nb
     yield quota
     yield from fams.values()
-    recs = GaugeMetricFamily("kvrelay_store_ssd_records", "live SSD records per at-rest key id (0: plaintext)",
-                             labels=["key_id"])
+    recs = GaugeMetricFamily("kvrelay_store_ssd_records", "live SSD records per at-rest key id (0: plaintext): a "
+                             "key may leave the key file once it has none", labels=["key_id"])
     for k, n in sorted(by_key.items()):
         recs.add_metric([k], n)
     yield recs
@@ -82,6 +84,7 @@ def _tenant_families(tenants: dict[str, dict[str, float]], by_key: dict[str, int
 class StoreMetrics:
     def __init__(self, stats: Callable[[], dict]) -> None:
         self.registry = CollectorRegistry()
+        register_auth_metrics(self.registry)  # kvrelay_auth_refused_total (kvrelay.security)
         self._stats = stats
         self.pull_latency = Histogram("kvrelay_store_pull_latency_seconds", "pull request to reply (includes waiting)",
                                       registry=self.registry,
@@ -125,6 +128,11 @@ class StoreMetrics:
             fam.add_metric(list(labels.values()), s.get(key, 0))
         yield from fams.values()
         yield from _tenant_families(s.get("tenants", {}), s.get("ssd_records_by_key", {}))
+        rec = GaugeMetricFamily("kvrelay_store_recovery_chunks", "SSD records at start-up: recovered, or dropped "
+                                "(torn, corrupt, or sealed records that do not open)", labels=["outcome"])
+        rec.add_metric(["recovered"], s.get("recovered", 0))
+        rec.add_metric(["dropped"], s.get("recover_dropped", 0))
+        yield rec
 
     def serve(self, port: int) -> int:
         metrics = self

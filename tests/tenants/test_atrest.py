@@ -8,12 +8,14 @@ import struct
 
 import pytest
 import xxhash
+from prometheus_client import generate_latest
 
 from tenant_helpers import CHUNK, chunk_keys_for, payload, put, read, wait_spilled
 from kvrelay.keys import kid_of
 from kvrelay.store.config import StoreConfig
 from kvrelay.store.core import StoreCore
 from kvrelay.store.crypto import keygen
+from kvrelay.store.metrics import StoreMetrics
 from kvrelay.store.pool import ALIGN
 from kvrelay.store.ssd_format import HEAD2
 
@@ -67,6 +69,8 @@ def test_moved_record_is_detected_only_when_sealed(make_core, tmp_path, encrypte
     got = read(core, a)
     if encrypted:  # bound to b's identity: it does not open as a -- corrupt, counted, and a miss
         assert core.recover_dropped == 1 and got is None and core.lookup([a]) == 0
+        text = generate_latest(StoreMetrics(core.stats).registry).decode()
+        assert 'kvrelay_store_recovery_chunks{outcome="dropped"} 1.0' in text
     else:  # negative control: unsealed, the moved record passes every check and b's bytes are served as a
         assert core.recover_dropped == 0 and got == payload(2).numpy().tobytes()
     assert read(core, b) == payload(2).numpy().tobytes()
