@@ -130,8 +130,9 @@ def test_pd_across_namespaces(hosts, keys, colocated, transport, tmp_path):
             work = tmp_path / name
             work.mkdir()
             with open(work / "up.log", "wb") as log:
-                procs.append(hosts.popen(name, [sys.executable, "-m", "kvrelay.cli", "up", "-f", str(cluster),
-                                                "--host", name, "--workdir", str(work)],
+                which = [] if name == "router" else ["--host", name]  # the router's host finds itself by address
+                procs.append(hosts.popen(name, [sys.executable, "-m", "kvrelay.cli", "up", "-f", str(cluster), *which,
+                                                "--workdir", str(work)],
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         router = f"http://{hosts.address('router')}:8000"
         _wait_router(router, procs, tmp_path)
