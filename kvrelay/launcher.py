@@ -6,6 +6,8 @@ vLLM OpenAI servers with the kvrelay KV connector (`vllm_kv_transfer_config`).  
 and stopping the kvrelay processes is supervisor.py's (it restarts them while serving; `--demo` runs
 once, unsupervised; vLLM servers are started here and not restarted);
 the store keeps its SSD tier in the work dir, so a restarted store has what it had spilled.
+`kvrelay up -f cluster.yaml [--host NAME]` runs one host's part of a cluster of several hosts instead
+(kvrelay/cluster.py reads the file and plans the host; `_run_cluster_file` starts and supervises it).
 Must not touch: what the processes do (see kvrelay/store, kvrelay/engines, kvrelay/router).
 """
 
