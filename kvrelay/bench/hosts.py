@@ -8,8 +8,10 @@ kvrelay/bench/transports.py's and kvrelay/transfer/bench_peer.py's, bound to the
 loopback.  nixl runs UCX over tcp on the veth (UCX_TLS=tcp,self, UCX_NET_DEVICES=<the veth> on each side).
 Must not touch: the transports (public API only).
 
-Ratios: tcp vs socket and nixl vs socket, read and write, per chunk size; the target is >= 0.9.  Needs
-root (`ip netns`); without it the suite says why and records nothing.
+Ratios: tcp vs socket and nixl vs socket, read and write, per chunk size; the target is >= 0.9.  Beside
+them, in the same run, tcp vs socket on loopback (``tcp-lo``, ``socket-lo``: both ends in this namespace),
+which tells the transport's own cost from the crossing's.  Needs root (`ip netns`); without it the suite
+says why and records nothing.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def measure(ctx: BenchContext) -> tuple[dict, dict[str, str]]:
                     _transport_ops(kind, meta, nbytes, stack)
             except Exception as exc:  # noqa: BLE001 - a kind that cannot run is reported, not fatal
                 skipped[kind] = f"{type(exc).__name__}: {exc}"
+        for kind in [k for k in ("socket", "tcp") if k in ops]:  # the same pair on loopback, for reference
+            try:
+                meta = _ready(kind, _launch(kind, nbytes, stack))
+                ops[f"{kind}-lo"] = _socket_ops(meta, nbytes, stack) if kind == "socket" else \
+                    _transport_ops(kind, meta, nbytes, stack)
+            except Exception as exc:  # noqa: BLE001
+                skipped[f"{kind}-lo"] = f"{type(exc).__name__}: {exc}"
         results: dict = {kind: {"read": {}, "write": {}} for kind in ops}
         for op in ("read", "write"):
             for n in ctx.steps(sizes, f"{op} sizes"):
@@ -87,14 +96,15 @@ def run(ctx: BenchContext) -> None:
         print(f"hosts: {kind} skipped: {why}", file=sys.stderr)
     if "socket" not in results:
         return
-    for kind in ("tcp", "nixl"):
-        if kind not in results:
+    for kind, base, across in (("tcp", "socket", "veth between network namespaces"),
+                               ("nixl", "socket", "veth between network namespaces"),
+                               ("tcp-lo", "socket-lo", "loopback (reference)")):
+        if kind not in results or base not in results:
             continue
         for op in ("read", "write"):
             for n, (gbs, p50, _) in results[kind][op].items():
-                b_gbs, b_p50, _ = results["socket"][op][n]
-                params = {"transport": kind, "op": op, "bytes": n, "across": "veth between network namespaces",
-                          "target": TARGET}
+                b_gbs, b_p50, _ = results[base][op][n]
+                params = {"transport": kind.split("-")[0], "op": op, "bytes": n, "across": across, "target": TARGET}
                 case = f"{kind}/{op}/{n // MIB}MiB"
-                ctx.add(Record.compare("hosts", case, "throughput", gbs, "GB/s", "socket", b_gbs, params))
-                ctx.add(Record.compare("hosts", case, "latency_p50", p50, "us", "socket", b_p50, params, True))
+                ctx.add(Record.compare("hosts", case, "throughput", gbs, "GB/s", base, b_gbs, params))
+                ctx.add(Record.compare("hosts", case, "latency_p50", p50, "us", base, b_p50, params, True))
