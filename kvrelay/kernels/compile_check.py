@@ -52,8 +52,7 @@ def specialization_key(launch: triton_kernels.Launch, pack: bool, target: GPUTar
     args = list(launch.args)
     if chunk_address is not None:
         args[2] = _HostPtr(args[2], chunk_address)
-    kwargs = dict(PACK=pack, BLOCK_T=launch.block_t, BLOCK_W=launch.block_w)
-    _, _, specialization, _ = _bind(tuple(args), kwargs, target)
+    _, _, specialization, _ = _bind(tuple(args), triton_kernels.launch_options(launch, pack), target)
     return tuple((kind, value) for kind, value in specialization)
 
 
@@ -68,7 +67,7 @@ class Build:
 def compile_for(launch: triton_kernels.Launch, pack: bool, target: GPUTarget = SM90) -> Build:
     """Build the kernel for ``target`` as the launcher would for this launch (a few seconds on CPU)."""
     fn = triton_kernels.kv_copy_jit
-    kwargs = dict(PACK=pack, BLOCK_T=launch.block_t, BLOCK_W=launch.block_w)
+    kwargs = triton_kernels.launch_options(launch, pack)
     backend, bound, specialization, options = _bind(launch.args, kwargs, target)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     kernel = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)

@@ -1,143 +1,138 @@
-"""GPU check for the Triton pack/unpack kernels: `python -m kvrelay.kernels.gpu_check [--quick]`.
+"""The ten-minute GPU check: `python -m kvrelay.kernels.gpu_check [--quick]`, one JSON summary on stdout.
 
-Owns: a short, standalone run on real CUDA tensors: (1) byte-exact round trips against the torch
-reference across orders, dtypes, block sizes and TP head slicing; (2) pack/unpack bandwidth for a
-Llama-3-8B-like layer beside a device-to-device copy of the same bytes and the device's peak DRAM
-bandwidth (read + write traffic).  Exits 0 with a "no CUDA" message on machines without a GPU, 1 if
-any check fails.  Must not touch: anything but the tensors it allocates.
+Owns: running every part of gpu_parts.py in a process of its own (a CUDA error or a hang in one part
+cannot spoil the next) under the part's time budget and an overall deadline, and the summary: the
+device, each part's ``{"ok", "seconds", ...figures}`` (``"error"`` when it crashed or ran out of time,
+``"skipped"`` when it could not run here, e.g. NIXL without CUDA support), and the failed and skipped
+lists.  Progress goes to stderr.  Exit status 1 if any part failed (a skipped part is listed, not
+failed); 0 with ``{"cuda": false, ...}`` on a machine without a CUDA device.  Must not touch: anything
+but the processes it starts.
+
+Parts: exact (byte-exact vs the torch reference with guard bytes: every word width, TP and block-size
+conversion, MLA, > 1,024 words per token), large (layers over 2**31 elements and bytes), streams (side
+stream + done event, the cache device's current stream, a non-current device, no host wait per call, no
+recompiles across token ranges), staging (CUDA cache <-> pinned and pageable host memory), bandwidth (vs
+the device's peak, pass/fail), nvlink / nixl_vram / store_gpu (kvrelay.transfer.gpu_selfcheck), and
+pytest_gpu (the GPU-only test files, TRITON_INTERPRET unset).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import json
+import os
+import platform
+import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 
-from kvrelay.kernels import KVLayout, pack, unpack
-from kvrelay.kernels.device import device_peak_gbps
-
-CASES = [  # (order, fused, dtype, src block, dst block, total heads, src tp, dst tp, head_dim)
-    ("NHD", True, torch.bfloat16, 16, 32, 8, 1, 2, 128),
-    ("NHD", False, torch.float16, 128, 16, 8, 2, 1, 128),
-    ("HND", True, torch.float32, 16, 16, 4, 1, 1, 64),
-    ("HND", False, torch.float8_e4m3fn, 32, 16, 8, 1, 4, 128),
-    ("CPU", True, torch.bfloat16, 16, 16, 4, 2, 1, 80),
-    ("MLA", True, torch.bfloat16, 64, 16, 1, 1, 1, 576),
-    ("NHD", True, torch.float8_e5m2, 16, 8, 2, 1, 2, 33),
-]
+MARK = "GPU_CHECK_PART "
+DEADLINE_S = 580.0  # all parts together, under the ten minutes a GPU session grants
+BUDGETS = {"exact": 120.0, "large": 45.0, "streams": 45.0, "staging": 30.0, "bandwidth": 60.0, "nvlink": 50.0,
+           "nixl_vram": 50.0, "store_gpu": 50.0, "pytest_gpu": 100.0}  # seconds, start-up included
+PART_NAMES = tuple(BUDGETS)
 
 
-def _layouts(order, fused, dtype, bs, total, tp, d, nb):
-    per = total // tp
-    return [KVLayout(num_layers=1, num_blocks=nb, block_size=bs, num_kv_heads=per, head_dim=d, dtype=dtype,
-                     order=order, kv_fused=fused, head_start=r * per, total_kv_heads=total) for r in range(tp)]
+def part_command(name: str, quick: bool) -> list[str]:
+    return [sys.executable, "-m", "kvrelay.kernels.gpu_check", "--part", name, *(["--quick"] if quick else [])]
 
 
-def _random_layer(layout: KVLayout, gen: torch.Generator, device: str):
-    def one():
-        t = torch.empty(layout.tensor_shape(), dtype=layout.dtype, device=device)
-        b = t.view(torch.uint8)
-        b.copy_(torch.randint(0, 256, b.shape, dtype=torch.uint8, generator=gen).to(device))
-        return t
-    return one() if layout.fused else (one(), one())
+def run_part_here(name: str, quick: bool) -> dict:
+    """One part in this process (what a child runs); exceptions become the part's error."""
+    from kvrelay.kernels import gpu_parts
+    t0 = time.monotonic()
+    try:
+        if name == "bandwidth":
+            result = gpu_parts.bandwidth(quick=quick)
+        elif name == "pytest_gpu":
+            result = gpu_parts.gpu_pytest(timeout=BUDGETS[name] - 10)
+        else:
+            result = gpu_parts.PARTS[name]()
+    except Exception as exc:  # noqa: BLE001 - a part reports, it never takes the check down
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    result.setdefault("seconds", round(time.monotonic() - t0, 2))
+    return result
 
 
-def _same(a, b) -> bool:
-    ta = (a,) if isinstance(a, torch.Tensor) else a
-    tb = (b,) if isinstance(b, torch.Tensor) else b
-    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(ta, tb, strict=True))
+def run_parts(names: tuple[str, ...], command: Callable[[str], list[str]], budgets: dict[str, float],
+              deadline_s: float, log: Callable[[str], None] = lambda s: None) -> dict[str, dict]:
+    """Each part in a child process under min(its budget, what is left of the deadline)."""
+    end = time.monotonic() + deadline_s
+    results: dict[str, dict] = {}
+    for name in names:
+        left = end - time.monotonic()
+        if left < 5:
+            results[name] = {"ok": False, "error": f"not run: the check's {deadline_s:.0f} s deadline was reached"}
+            log(f"{name}: not run (deadline)")
+            continue
+        budget = min(budgets[name], left)
+        t0 = time.monotonic()
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        try:
+            r = subprocess.run(command(name), capture_output=True, text=True, timeout=budget, env=env)
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith(MARK)]
+            if lines:
+                results[name] = json.loads(lines[-1][len(MARK):])
+            else:
+                tail = (r.stderr or r.stdout).strip().splitlines()[-8:]
+                results[name] = {"ok": False, "error": f"the part exited {r.returncode} without a result",
+                                 "tail": tail}
+        except subprocess.TimeoutExpired:
+            results[name] = {"ok": False, "error": f"ran past its budget of {budget:.0f} s"}
+        results[name].setdefault("seconds", round(time.monotonic() - t0, 2))
+        status = "skipped" if _skipped(results[name]) else ("ok" if results[name]["ok"] else "FAIL")
+        log(f"{name}: {status} ({results[name]['seconds']} s)")
+    return results
 
 
-def _clone(layer):
-    return layer.clone() if isinstance(layer, torch.Tensor) else (layer[0].clone(), layer[1].clone())
+def _skipped(r: dict) -> bool:
+    return not r.get("ok") and "skipped" in r
 
 
-def check_exact(tokens: int = 300, device: str = "cuda") -> list[str]:
-    """Triton (impl=None on CUDA; forced, through the interpreter, on CPU) vs the reference; failed case names."""
-    impl = "triton"
-    failures = []
-    gen = torch.Generator().manual_seed(0)
-    for order, fused, dtype, bs_s, bs_d, total, tp_s, tp_d, d in CASES:
-        name = f"{order} fused={fused} {dtype} block {bs_s}->{bs_d} tp {tp_s}->{tp_d} d={d}"
-        start, end = 7, tokens - 3
-        nb_s, nb_d = -(-tokens // bs_s) + 3, -(-tokens // bs_d) + 3
-        ids_s = torch.randperm(nb_s, generator=gen)[: -(-tokens // bs_s)]
-        ids_d = torch.randperm(nb_d, generator=gen)[: -(-tokens // bs_d)]
-        chunks = []
-        for lay in _layouts(order, fused, dtype, bs_s, total, tp_s, d, nb_s):
-            layer = _random_layer(lay, gen, device)
-            out = torch.zeros(lay.chunk_nbytes(end - start), dtype=torch.uint8, device=device)
-            ref = out.clone()
-            pack(lay, layer, ids_s.to(device), start, end, out, impl=impl)
-            pack(lay, layer, ids_s, start, end, ref, impl="torch")
-            if not torch.equal(out, ref):
-                failures.append(f"pack {name}")
-            chunks.append((lay.head_start, lay.head_end, ref))
-        for lay in _layouts(order, fused, dtype, bs_d, total, tp_d, d, nb_d):
-            got = _random_layer(lay, gen, device)
-            want = _clone(got)
-            for h0, h1, chunk in chunks:
-                if h1 <= lay.head_start or h0 >= lay.head_end:
-                    continue
-                unpack(lay, got, ids_d, start, end, chunk, h0, h1, impl=impl)
-                unpack(lay, want, ids_d, start, end, chunk, h0, h1, impl="torch")
-            if not _same(got, want):
-                failures.append(f"unpack {name}")
-        print(f"  {'FAIL' if any(name in f for f in failures) else 'ok  '} {name}")
-    return failures
+def summary(parts: dict[str, dict], seconds: float) -> dict:
+    failed = [n for n, r in parts.items() if not r.get("ok") and not _skipped(r)]
+    return {"check": "kvrelay.kernels.gpu_check", "cuda": True, "device": torch.cuda.get_device_name(),
+            "devices": torch.cuda.device_count(), "torch": torch.__version__, "triton": _triton_version(),
+            "host": platform.node(), "ok": not failed, "failed": failed,
+            "skipped": [n for n, r in parts.items() if _skipped(r)], "seconds": round(seconds, 1), "parts": parts}
 
 
-def _time(fn, repeat: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def no_cuda_summary() -> dict:
+    return {"check": "kvrelay.kernels.gpu_check", "cuda": False, "ok": True,
+            "reason": "no CUDA device: nothing to check here (the Triton kernels are tested on CPU through "
+                      "Triton's interpreter: tests/kernels)",
+            "failed": [], "skipped": list(PART_NAMES),
+            "parts": {n: {"ok": None, "skipped": "no CUDA device"} for n in PART_NAMES}}
 
 
-def bandwidth(tokens_list: list[int], repeat: int) -> None:
-    peak, source = device_peak_gbps()
-    print(f"device peak {peak:.0f} GB/s ({source}); traffic = read + write bytes")
-    for tokens in tokens_list:
-        need = tokens // 16
-        lay = KVLayout(num_layers=1, num_blocks=need + need // 4, block_size=16, num_kv_heads=8, head_dim=128,
-                       dtype=torch.bfloat16)
-        layer = torch.ones(lay.tensor_shape(), dtype=lay.dtype, device="cuda")
-        ids = torch.randperm(lay.num_blocks, device="cuda")[:need]
-        chunk = torch.empty(lay.chunk_nbytes(tokens), dtype=torch.uint8, device="cuda")
-        other = torch.empty_like(chunk)
-        secs = {"copy_": _time(functools.partial(other.copy_, chunk), repeat),
-                "pack": _time(functools.partial(pack, lay, layer, ids, 0, tokens, chunk), repeat),
-                "unpack": _time(functools.partial(unpack, lay, layer, ids, 0, tokens, chunk, 0, 8), repeat)}
-        parts = [f"{k} {2 * chunk.numel() / s / 1e9:7.0f} GB/s ({2 * chunk.numel() / s / 1e9 / peak:.2f} of peak)"
-                 for k, s in secs.items()]
-        print(f"  {tokens:6d} tokens ({chunk.numel() / 2**20:.0f} MiB): " + ", ".join(parts))
+def _triton_version() -> str:
+    try:
+        import triton
+        return str(triton.__version__)
+    except ImportError:
+        return "missing"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvrelay.kernels.gpu_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats in the bandwidth part")
+    parser.add_argument("--part", choices=PART_NAMES, help="run one part in this process (what the check's children do)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("no CUDA device: nothing to check (the Triton kernels are tested on CPU under TRITON_INTERPRET=1)")
+        print(json.dumps(no_cuda_summary(), indent=1))
         return 0
-    print(f"device: {torch.cuda.get_device_name()}")
-    print("byte-exact round trips (Triton vs torch reference):")
-    failures = check_exact()
-    print("bandwidth (Llama-3-8B-like layer, NHD fused bf16, block 16, scattered blocks):")
-    bandwidth([2048, 32768] if args.quick else [2048, 8192, 32768, 131072], 10 if args.quick else 30)
-    if failures:
-        print(f"FAILED: {len(failures)} checks: {failures}")
-        return 1
-    print("all byte-exact checks passed")
-    return 0
+    if args.part:
+        print(MARK + json.dumps(run_part_here(args.part, args.quick)), flush=True)
+        return 0
+    t0 = time.monotonic()
+    parts = run_parts(PART_NAMES, lambda n: part_command(n, args.quick), BUDGETS, DEADLINE_S,
+                      lambda s: print(s, file=sys.stderr, flush=True))
+    result = summary(parts, time.monotonic() - t0)
+    print(json.dumps(result, indent=1))
+    return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -144,9 +144,17 @@ def prepare(view: LayerView, plan: CopyPlan, chunk: torch.Tensor, ids: torch.Ten
     return Launch(grid, args, bt, bw, w)
 
 
+def launch_options(prep: Launch, pack: bool) -> dict:
+    """The kernel's keyword arguments on a GPU (no float math: FP fusion off, which also keeps Triton 3.9
+    from warning that its default changes)."""
+    return dict(PACK=pack, BLOCK_T=prep.block_t, BLOCK_W=prep.block_w, enable_fp_fusion=False)
+
+
 def launch(prep: Launch, pack: bool, interpret: bool = False) -> None:
-    kernel = _kv_copy_interpreted() if interpret else kv_copy_jit
-    kernel[prep.grid](*prep.args, PACK=pack, BLOCK_T=prep.block_t, BLOCK_W=prep.block_w)
+    if interpret:
+        _kv_copy_interpreted()[prep.grid](*prep.args, PACK=pack, BLOCK_T=prep.block_t, BLOCK_W=prep.block_w)
+    else:
+        kv_copy_jit[prep.grid](*prep.args, **launch_options(prep, pack))
 
 
 def copy(view: LayerView, plan: CopyPlan, chunk: torch.Tensor, ids: torch.Tensor, pack: bool,

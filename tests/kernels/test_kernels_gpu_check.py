@@ -1,28 +1,97 @@
-"""The GPU check script: its exactness checks run here through Triton's interpreter on tiny caches,
-and without CUDA the script exits 0 with a "no CUDA" message."""
+"""The GPU check without a GPU: its exactness part runs here through Triton's interpreter on small caches,
+its runner's budgets and failure isolation run on stand-in child commands, and the script itself prints
+the "no CUDA" JSON (every part listed) and exits 0."""
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from kvrelay.kernels import gpu_check, gpu_parts
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script runs the real checks")
 
 
 @pytest.mark.timeout(300)
-def test_check_exact_on_cpu_interpreter():
-    from kvrelay.kernels.gpu_check import check_exact
-    assert check_exact(tokens=40, device="cpu") == []
+def test_exact_part_on_the_cpu_interpreter_covers_every_word_width():
+    result = gpu_parts.exact(device="cpu", tokens=40)
+    assert result == {"ok": True, "cases": len(gpu_parts.CASES), "failures": [], "word_widths": [1, 2, 4, 8]}
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script runs the real checks")
-def test_no_cuda_message():
+def test_exact_part_fails_when_a_kernel_writes_wrong_bytes(monkeypatch):
+    """Negative control: a kernel that misses one byte is reported, case by case."""
+    from kvrelay.kernels import triton_kernels
+    real = triton_kernels.copy
+
+    def off_by_one(view, plan, chunk, ids, pack, block_t=None):
+        n = real(view, plan, chunk, ids, pack, block_t)
+        if pack:
+            flat = chunk.reshape(-1).view(torch.uint8)
+            flat[n - 1] ^= 1
+        return n
+    monkeypatch.setattr(triton_kernels, "copy", off_by_one)
+    result = gpu_parts.exact(device="cpu", tokens=20)
+    assert not result["ok"] and len(result["failures"]) >= len(gpu_parts.CASES)
+
+
+def test_every_part_has_a_budget_and_a_function_and_fits_ten_minutes():
+    assert tuple(gpu_parts.PARTS) == gpu_check.PART_NAMES
+    assert sum(gpu_check.BUDGETS.values()) <= gpu_check.DEADLINE_S <= 600
+
+
+@pytest.mark.timeout(60)
+def test_runner_isolates_a_crash_a_hang_and_a_missing_result():
+    scripts = {
+        "exact": f"print({gpu_check.MARK!r} + '{{\"ok\": true, \"n\": 3}}')",
+        "large": "import sys; sys.exit('boom: a CUDA error')",
+        "streams": "import time; time.sleep(30)",
+        "staging": "print('no marker line')",
+        "bandwidth": f"print({gpu_check.MARK!r} + '{{\"ok\": false, \"skipped\": \"nixl missing\"}}')",
+    }
+    names = tuple(scripts)
+    budgets = {n: 3.0 for n in names}
+    results = gpu_check.run_parts(names, lambda n: [sys.executable, "-c", scripts[n]], budgets, deadline_s=60)
+    assert results["exact"]["ok"] is True and results["exact"]["n"] == 3
+    assert results["large"]["ok"] is False and "boom" in " ".join(results["large"]["tail"])
+    assert results["streams"] == {"ok": False, "error": "ran past its budget of 3 s", "seconds": pytest.approx(3, abs=2)}
+    assert results["staging"]["ok"] is False and "without a result" in results["staging"]["error"]
+    assert results["bandwidth"]["skipped"] == "nixl missing"
+
+
+@pytest.mark.timeout(60)
+def test_runner_stops_starting_parts_at_the_deadline():
+    results = gpu_check.run_parts(("exact", "large"), lambda n: [sys.executable, "-c", "import time; time.sleep(2)"],
+                                  {"exact": 10.0, "large": 10.0}, deadline_s=6)
+    assert "deadline" in results["large"]["error"]
+
+
+def test_selfcheck_parts_report_a_missing_transport_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvrelay.transfer.gpu_selfcheck", None)  # the import raises ImportError
+    for name in ("nvlink", "nixl_vram", "store_gpu"):
+        result = gpu_parts.PARTS[name]()
+        assert result["ok"] is False and "gpu_selfcheck is missing" in result["error"]
+
+
+def test_gpu_test_files_are_found():
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    files = gpu_parts.gpu_test_files(root)
+    assert "tests/gpu/test_kernels_gpu.py" in files
+    assert all(f.endswith("_gpu.py") or f.startswith("tests/gpu/") for f in files)
+
+
+@pytest.mark.timeout(120)
+@NO_CUDA
+def test_no_cuda_json_lists_every_part_and_exits_0():
     r = subprocess.run([sys.executable, "-m", "kvrelay.kernels.gpu_check", "--quick"], capture_output=True,
                        text=True, timeout=100)
     assert r.returncode == 0, r.stderr
-    assert "no CUDA" in r.stdout
+    out = json.loads(r.stdout)
+    assert out["cuda"] is False and out["ok"] is True and "no CUDA device" in out["reason"]
+    assert list(out["parts"]) == list(gpu_check.PART_NAMES)
+    assert all(p == {"ok": None, "skipped": "no CUDA device"} for p in out["parts"].values())
