@@ -20,11 +20,12 @@ __all__ = ["LOOPBACK", "check_loopback", "serve_until_signal"]
 
 
 async def serve_until_signal(app: web.Application, host: str, port: int, ready_file: str, name: str,
-                             log: logging.Logger) -> None:
-    """Serve ``app`` on host:port (0 picks a free port) until SIGTERM or SIGINT, then clean up."""
+                             log: logging.Logger, reuse_port: bool = False) -> None:
+    """Serve ``app`` on host:port (0 picks a free port) until SIGTERM or SIGINT, then clean up (``reuse_port``:
+    SO_REUSEPORT, for several processes on one port)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     await site.start()
     port = runner.addresses[0][1]  # the bound (host, port, ...): the port picked when 0 was asked for
     log.info("%s serving http://%s:%d", name, host, port)

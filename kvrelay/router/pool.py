@@ -20,7 +20,7 @@ import aiohttp
 
 from kvrelay.router.breaker import Breaker
 
-POLICIES = ("round_robin", "least_loaded")
+POLICIES = ("round_robin", "least_loaded", "cache_aware")  # cache_aware: policy.py; retries pick least loaded
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Worker:
     role: str
     breaker: Breaker
     in_flight: int = 0
+    load_tokens: int = 0  # prompt tokens of the requests routed to it and not finished (policy.py's load)
     health_path: str = "/healthz"  # "/health" once /healthz answered 404 (vLLM)
     checked_at: float = field(default_factory=time.monotonic)
 
@@ -77,6 +78,12 @@ class Pool:
         if self.policy == "round_robin":
             return candidates[next(self._rr) % len(candidates)]
         return min(candidates, key=lambda w: (w.in_flight, w.breaker.consecutive))
+
+    def pick_by(self, cost: Callable[[Worker], float]) -> Worker:
+        """The worker in service of least ``cost`` (ties: fewest in flight); NoWorkerError if none."""
+        if not self.healthy():
+            self.pick()  # raises NoWorkerError naming the workers
+        return min(self.healthy(), key=lambda w: (cost(w), w.in_flight, w.breaker.consecutive))
 
     def mark_failed(self, worker: Worker, reason: str, fatal: bool = False) -> bool:
         """A request to ``worker`` failed (``fatal``: its process is gone); True if its breaker opened now."""

@@ -27,18 +27,22 @@ import sys
 import urllib.parse
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvrelay import security
+from kvrelay.router.cacheview import CacheView, EventSource, parse_events
 from kvrelay.router.legs import RELAY_ID, Legs
 from kvrelay.router.metrics import RouterMetrics
-from kvrelay.router.pool import POLICIES, NoWorkerError, Pool
+from kvrelay.router.policy import POLICIES, STORE, Decision, Disagg, Policy
+from kvrelay.router.pool import NoWorkerError, Pool
 from kvrelay.router.relay import ClientGone, error_response
 from kvrelay.router.retry import RetryPolicy
 from kvrelay.router.store import StoreWatch
+from kvrelay.router.workers import run_workers
 from kvrelay.serving import check_loopback, serve_until_signal
 
 log = logging.getLogger("kvrelay.router")
@@ -48,7 +52,8 @@ class Router:
     def __init__(self, prefill: Pool, decode: Pool, health_interval: float = 2.0, timeout: float = 600.0, *,
                  retry: RetryPolicy | None = None, probe_interval: float = 0.2,
                  store: StoreWatch | None = None, prefill_connections: int = 1000, decode_connections: int = 1000,
-                 prefill_drain: float = 30.0) -> None:
+                 prefill_drain: float = 30.0, policy: Policy | None = None,
+                 cache: CacheView | None = None) -> None:
         if health_interval <= 0 or probe_interval <= 0:
             raise ValueError(f"--health-interval {health_interval} and --probe-interval {probe_interval} must be "
                              f"positive (seconds)")
@@ -67,7 +72,13 @@ class Router:
         self.sessions: dict[str, aiohttp.ClientSession] = {}
         self.prefill_drain = prefill_drain
         self._draining: set[asyncio.Task] = set()
-        self.metrics = RouterMetrics((prefill, decode), store)
+        self.policy = policy or Policy(prefill.policy, cache.index if cache is not None else None)
+        if cache is None and self.policy.needs_tokens:  # e.g. --decode-only-below alone: tokens, no events
+            cache = CacheView([])
+        self.cache = cache
+        if cache is not None:
+            self.policy.followed = {s.name for s in cache.sources}
+        self.metrics = RouterMetrics((prefill, decode), store, self.policy)
         self.legs = Legs(prefill, decode, retry or RetryPolicy(), self.metrics, self._session)
         self._wake = asyncio.Event()  # a breaker opened: start probing at the short interval
         prefill.on_open = decode.on_open = self._wake.set
@@ -101,6 +112,8 @@ class Router:
             await self.store.check()
             self.store.start()
         self._health_task = asyncio.create_task(self._health_loop())
+        if self.cache is not None:
+            self.cache.start()
 
     async def _stop(self, app: web.Application) -> None:
         self._health_task.cancel()
@@ -109,6 +122,8 @@ class Router:
         await asyncio.gather(*self._draining, return_exceptions=True)
         if self.store is not None:
             await self.store.stop()
+        if self.cache is not None:
+            await self.cache.stop()
         for session in self.sessions.values():
             await session.close()
         self.sessions = {}
@@ -146,7 +161,7 @@ class Router:
                              for w in p.workers] for p in (self.prefill, self.decode)}
         body = {"ready": ready, "prefill": [w.url for w in self.prefill.healthy()],
                 "decode": [w.url for w in self.decode.healthy()], "breakers": breakers,
-                "store": self.store.state() if self.store is not None else None}
+                "store": self.store.state() if self.store is not None else None, "pid": os.getpid()}
         return web.json_response(body, status=200 if ready else 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
@@ -181,16 +196,37 @@ class Router:
             log.warning("no prefill worker in service: the decode worker computes the whole request")
             self.metrics.routes.labels("decode_only_no_prefill").inc()
             return await self.legs.decode(request, body)
-        self.metrics.routes.labels("pd").inc()
+        tokens = self.cache.tokens(request.path, body) if self.cache is not None and self.policy.needs_tokens \
+            else None
+        try:
+            d = self.policy.decide(self.prefill, self.decode, tokens, store_up=self.store is None or self.store.up)
+        except NoWorkerError:  # no decode worker in service: the decode leg answers why
+            return await self.legs.decode(request, body)
+        self.metrics.routes.labels(d.reason).inc()
+        self.policy.routed(d, tokens)
+        d.decode.load_tokens += d.prompt_tokens
+        try:
+            return await self._legs(request, body, d)
+        finally:
+            d.decode.load_tokens -= d.prompt_tokens
+
+    async def _legs(self, request: web.Request, body: dict, d: Decision) -> web.StreamResponse:
+        if not d.pull:  # the decode worker computes the prompt itself
+            return await self.legs.decode(request, body, first=d.decode)
         rid = str(body.get("request_id") or f"kvrelay-{uuid.uuid4().hex}")
         body = {**body, "request_id": rid}
+        # kvrelay_request_id: vLLM names each leg's request itself; the shared id lets a prefill's abort
+        # in the store reach the decode's waiting pulls there too (the reference engines use request_id)
+        pull = {**body, "kv_transfer_params": {"do_remote_prefill": True, RELAY_ID: rid}}
+        if d.prefill is None:  # the store holds the whole prompt: the decode pulls it, no prefill leg
+            return await self.legs.decode(request, pull, first=d.decode)
         stop = asyncio.Event()
-        prefill = asyncio.create_task(self.legs.prefill(request.path, body, stop))
+        worker, load = d.prefill, d.prefill_tokens
+        worker.load_tokens += load
+        prefill = asyncio.create_task(self.legs.prefill(request.path, body, stop, first=worker))
+        prefill.add_done_callback(lambda _: setattr(worker, "load_tokens", worker.load_tokens - load))
         try:
-            # kvrelay_request_id: vLLM names each leg's request itself; the shared id lets a prefill's abort
-            # in the store reach the decode's waiting pulls there too (the reference engines use request_id)
-            return await self.legs.decode(request, {**body, "kv_transfer_params": {"do_remote_prefill": True,
-                                                                                   RELAY_ID: rid}})
+            return await self.legs.decode(request, pull, first=d.decode)
         finally:
             if not prefill.done():  # the decode is answered: the prefill leg has no one left to serve
                 stop.set()
@@ -241,6 +277,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-drain", type=float, default=30.0,
                    help="seconds a prefill leg may run on after its decode was answered, so that its connection is "
                         "kept; then it is cancelled (0: at once)")
+    p.add_argument("--events", action="append", default=[], metavar="NAME=PUB[,REPLAY]",
+                   help="follow the KV events of a worker (NAME: its --prefill/--decode URL) or of the store "
+                        "(NAME: store) at the ZMQ publisher PUB and its replay socket REPLAY (repeatable); "
+                        "cache_aware routing and the decode-only rules read them")
+    p.add_argument("--tokenizer", default="", metavar="DIR",
+                   help="the checkpoint whose tokenizer.json the engines use, to hash text prompts as they do "
+                        "(default: byte-level, the reference engine's without one; token-id prompts need none)")
+    p.add_argument("--overlap-weight", type=float, default=1.0,
+                   help="cache_aware: weight of the prompt tokens left to compute against queued tokens")
+    p.add_argument("--decode-only-below", type=int, default=0, metavar="TOKENS",
+                   help="prompts shorter than this go to a decode worker alone (0: off)")
+    p.add_argument("--decode-only-hit", type=float, default=0.8, metavar="FRACTION",
+                   help="a prompt whose prefix a decode worker holds for at least this fraction (tier-weighted) "
+                        "goes to it alone (above 1: off; needs --events of the decode workers)")
+    p.add_argument("--no-store-skip", action="store_true",
+                   help="send the prefill leg even when the store holds the whole prompt (default: skip it)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="router processes sharing the port (SO_REUSEPORT), for more than one core; each keeps its "
+                        "own pools, breakers, KV index and metrics")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a --workers child
     p.add_argument("--ready-file", default="")
     p.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
     security.add_argument(p)
@@ -254,11 +310,22 @@ def build_router(args: argparse.Namespace) -> Router:
         raise ValueError("at least one --decode URL is needed")
     store = (StoreWatch(args.store, interval=args.health_interval, probe_interval=args.probe_interval)
              if args.store else None)
+    names = {u.rstrip("/") for u in args.prefill + args.decode} | {STORE}
+    sources: list[EventSource] = [parse_events(spec, names) for spec in args.events]
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        raise ValueError(f"--tokenizer {args.tokenizer!r} is not a directory (give the engines' checkpoint)")
+    cache = CacheView(sources, args.tokenizer or None) if sources or args.tokenizer or args.policy == "cache_aware" \
+        else None
+    if args.policy == "cache_aware" and not sources:
+        log.warning("--policy cache_aware without --events: no cache is known, it routes by load alone")
+    disagg = Disagg(args.decode_only_below, args.decode_only_hit, not args.no_store_skip)
+    policy = Policy(args.policy, cache.index if cache is not None else None, disagg, args.overlap_weight)
     return Router(Pool("prefill", args.prefill, args.policy, args.breaker_failures),
                   Pool("decode", args.decode, args.policy, args.breaker_failures), args.health_interval,
                   retry=RetryPolicy(args.retries, args.retry_backoff, args.retry_backoff_max),
                   probe_interval=args.probe_interval, store=store, prefill_connections=args.prefill_connections,
-                  decode_connections=args.decode_connections, prefill_drain=args.prefill_drain)
+                  decode_connections=args.decode_connections, prefill_drain=args.prefill_drain, policy=policy,
+                  cache=cache)
 
 
 def _bad_address(address: str, schemes: tuple[str, ...]) -> str:
@@ -313,11 +380,22 @@ def check_args(args: argparse.Namespace) -> None:
     if args.retry_backoff_max < args.retry_backoff:
         raise ValueError(f"--retry-backoff {args.retry_backoff:g} is above --retry-backoff-max "
                          f"{args.retry_backoff_max:g}: the first wait's cap must be at most the longest wait")
+    if not 1 <= args.workers <= 64:
+        raise ValueError(f"--workers {args.workers}: give 1 to 64 router processes")
     if args.ready_file and not Path(args.ready_file).parent.is_dir():
         raise ValueError(f"--ready-file {args.ready_file!r}: the directory {str(Path(args.ready_file).parent)!r} "
                          f"does not exist")
     if not isinstance(logging.getLevelName(args.log_level.upper()), int):
         raise ValueError(f"--log-level {args.log_level!r}: choose DEBUG, INFO, WARNING or ERROR")
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed (about half the router's CPU per relayed request), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,17 +407,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kvrelay router: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        return run_workers(list(argv if argv is not None else sys.argv[1:]), args.host, args.port, args.workers,
+                           args.ready_file)
     name = f"kvrelay router ({len(args.prefill)} prefill, {len(args.decode)} decode)"
 
     async def serve() -> None:
         try:
-            await serve_until_signal(router.app, args.host, args.port, args.ready_file, name, log)
+            await serve_until_signal(router.app, args.host, args.port, args.ready_file, name, log,
+                                     reuse_port=args.reuse_port)
         except OSError:  # the app had started (its session, its probes) before the bind failed: close them
             await router.app.cleanup()
             raise
 
     try:
-        asyncio.run(serve())
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve())
     except OSError as exc:  # the port is taken, or the ready file cannot be written
         print(f"kvrelay router: cannot serve on --host {args.host} --port {args.port}: {exc}", file=sys.stderr)
         return 2
