@@ -260,6 +260,8 @@ def _run_cluster_file(args: argparse.Namespace) -> int:
     finally:
         upstate.unregister()
         unlink_pool(pool_name)
+        if not args.workdir:  # a temporary work dir: keep its logs, not the default SSD tier's segments
+            shutil.rmtree(workdir / "ssd", ignore_errors=True)
 
 
 def _wait_for_store(address: str, timeout: float = 300.0) -> None:

@@ -155,3 +155,15 @@ def test_store_binds_one_address_it_can_advertise(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="binds every address"):
             StoreConfig(host=wildcard, port=0)
     assert StoreConfig(host="198.18.7.1", port=0).host == "198.18.7.1"
+
+
+def test_readme_cluster_file_is_valid(tmp_path):
+    """The README's two-host cluster.yaml parses and plans as the README says."""
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = re.search(r"```yaml\n(# cluster.yaml\n.*?)```", readme, re.S)
+    assert block, "README.md lost its cluster.yaml example"
+    spec = C.parse(yaml.safe_load(block.group(1)), "README cluster.yaml")
+    assert spec.store_address == "tcp://198.18.0.1:5600" and len(spec.urls("decode")) == 2
+    assert spec.hosts["a"].router_port == 8000 and spec.keys == "/etc/kvrelay/keys"
