@@ -332,7 +332,8 @@ class SsdTier:
         kstr = key.encode().decode()
         with self._lock:
             live = self._live.get(loc.seg)
-            if live is not None and live.pop(kstr, None) is not None:
+            if live is not None and (got := live.pop(kstr, None)) is not None:
+                loc = got  # the record the segment holds for this key
                 self._sealed.get(loc.seg, {}).pop(loc.offset, None)
                 fd = self._fds.get(loc.seg)
                 if fd is not None:
