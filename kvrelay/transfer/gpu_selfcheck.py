@@ -42,6 +42,19 @@ def _no_cuda() -> dict | None:
     return None
 
 
+def _spin(device: str) -> None:
+    """Keep the current stream of ``device`` busy for a while (nothing to do on CPU, where copies are eager)."""
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda._sleep(SPIN_CYCLES)
+
+
+def _sync(device: str) -> None:
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _guarded(fn: Callable[[], dict]) -> dict:
     skip = _no_cuda()
     if skip is not None:
@@ -60,12 +73,12 @@ def _guarded(fn: Callable[[], dict]) -> dict:
 class _Peer:
     """A transport endpoint in another process holding one CUDA region; stops when its stdin closes."""
 
-    def __init__(self, kind: str, nbytes: int, timeout: float = 90.0) -> None:
+    def __init__(self, kind: str, nbytes: int, device: str = "cuda", timeout: float = 90.0) -> None:
         root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "kvrelay.transfer.gpu_selfcheck", "--peer", kind,
-                                      str(nbytes)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      str(nbytes), device], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._err, env=env)
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -91,14 +104,14 @@ class _Peer:
         self._err.close()
 
 
-def _peer_main(kind: str, nbytes: int) -> int:
+def _peer_main(kind: str, nbytes: int, device: str) -> int:
     import torch
 
     from kvrelay.transfer import create_transport
     ep = create_transport(kind, f"selfcheck-peer-{kind}", COMPAT)
-    t = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
+    t = torch.zeros(nbytes, dtype=torch.uint8, device=device)
     info = ep.register(t)
-    torch.cuda.synchronize()  # the zeros exist before anyone writes into them
+    _sync(device)  # the zeros exist before anyone writes into them
     print(json.dumps({"address": ep.address, "region": info.region_id}), flush=True)
     sys.stdin.read()  # until the checking process closes our stdin (or dies)
     ep.close()
@@ -106,30 +119,33 @@ def _peer_main(kind: str, nbytes: int) -> int:
 
 
 # -- the round trip both transports share --------------------------------------------------------------
-def _round_trip(kind: str, nbytes: int = 64 * MIB, bw_bytes: int = 256 * MIB, reps: int = 5) -> dict:
+def _round_trip(kind: str, nbytes: int = 64 * MIB, bw_bytes: int = 256 * MIB, reps: int = 5,
+                device: str = "cuda") -> dict:
+    """Write then read ``nbytes`` to a peer process's region, byte-exact, then time ``reps`` transfers of
+    ``bw_bytes`` each way.  (``device="cpu"`` with a host transport: a dry run of this code, for CPU tests.)"""
     import torch
 
     from kvrelay.transfer import create_transport
     from kvrelay.transfer.base import Desc
     from kvrelay.transfer.endpoint import Endpoint
 
-    peer = _Peer(kind, max(nbytes, bw_bytes))
+    peer = _Peer(kind, max(nbytes, bw_bytes), device)
     try:
         with create_transport(kind, f"selfcheck-{kind}", COMPAT) as ep:
             remote = ep.connect(peer.address, timeout=30)
-            src = torch.empty(max(nbytes, bw_bytes), dtype=torch.uint8, device="cuda")
+            src = torch.empty(max(nbytes, bw_bytes), dtype=torch.uint8, device=device)
             dst = torch.zeros_like(src)
             rs, rd = ep.register(src), ep.register(dst)
-            gen = torch.Generator(device="cuda").manual_seed(14)
-            want = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda", generator=gen)
+            gen = torch.Generator(device=device).manual_seed(14)
+            want = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device, generator=gen)
             # pack -> write: the pack waits behind a spinning kernel, the write is posted at once
-            torch.cuda._sleep(SPIN_CYCLES)
+            _spin(device)
             src[:nbytes].copy_(want)
             with ep.write(remote, [Desc(rs.region_id, 0, peer.region, 0, nbytes)], timeout=60) as h:
                 h.result()
             # read -> unpack into a buffer a kernel is still reading (its old contents must be what it reads)
             dst[:nbytes].fill_(7)
-            torch.cuda._sleep(SPIN_CYCLES)
+            _spin(device)
             before = dst[:nbytes].clone()  # queued behind the spin: still running when the read is posted
             with ep.read(remote, [Desc(rd.region_id, 0, peer.region, 0, nbytes)], timeout=60) as h:
                 h.result()
@@ -142,7 +158,7 @@ def _round_trip(kind: str, nbytes: int = 64 * MIB, bw_bytes: int = 256 * MIB, re
                 desc = [Desc(rs.region_id if op == "write" else rd.region_id, 0, peer.region, 0, bw_bytes)]
                 with fn(remote, desc, timeout=60) as h:  # warm-up
                     h.result()
-                torch.cuda.synchronize()
+                _sync(device)
                 t0 = time.perf_counter()
                 for _ in range(reps):
                     with fn(remote, desc, timeout=60) as h:
@@ -181,78 +197,82 @@ def check_nixl_vram() -> dict:
 def check_store_gpu(layers: int = 4, chunk_bytes: int = 8 * MIB) -> dict:
     """A `kvrelay store` daemon and clients whose buffers are on the GPU: publish ``layers`` chunks from CUDA
     tensors and pull them back into CUDA tensors, byte-exact, over shm (pinned pool) and tcp."""
-    def run() -> dict:
-        import torch
+    return _guarded(lambda: _store_check(layers, chunk_bytes, "cuda"))
 
-        from kvrelay.keys import ChunkKey
-        from kvrelay.readyfile import wait_ready_file
-        from kvrelay.store.client import StoreClient
-        from kvrelay.transfer.wire import ChunkHeader, checksum
 
-        tmp = tempfile.TemporaryDirectory(prefix="kvrelay-selfcheck-")
-        ready = Path(tmp.name) / "ready.json"
-        pool = f"kvrelay-selfcheck-{os.getpid()}"
-        root = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-        with open(Path(tmp.name) / "store.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "store", "--port", "0", "--metrics-port",
-                                     "-1", "--pool-size", "256MiB", "--pool-name", pool, "--transports", "shm,tcp",
-                                     "--ready-file", str(ready), "--log-level", "WARNING"],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+def _store_check(layers: int, chunk_bytes: int, device: str) -> dict:
+    """check_store_gpu's body (``device="cpu"``: a dry run of this code, for CPU tests)."""
+    import torch
+
+    from kvrelay.keys import ChunkKey
+    from kvrelay.readyfile import wait_ready_file
+    from kvrelay.store.client import StoreClient
+    from kvrelay.transfer.wire import ChunkHeader, checksum
+
+    tmp = tempfile.TemporaryDirectory(prefix="kvrelay-selfcheck-")
+    ready = Path(tmp.name) / "ready.json"
+    pool = f"kvrelay-selfcheck-{os.getpid()}"
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    with open(Path(tmp.name) / "store.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "store", "--port", "0", "--metrics-port",
+                                 "-1", "--pool-size", "256MiB", "--pool-name", pool, "--transports", "shm,tcp",
+                                 "--ready-file", str(ready), "--log-level", "WARNING"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
         try:
-            try:
-                info = wait_ready_file(ready, proc, 60)
-            except (ChildProcessError, TimeoutError) as exc:
-                return {"ok": False, "error": f"the store daemon did not start: {exc}: "
-                                              f"{(Path(tmp.name) / 'store.log').read_text()[-1500:]}"}
-            gen = torch.Generator(device="cuda").manual_seed(9)
-            out: dict[str, Any] = {"layers": layers, "chunk_bytes": chunk_bytes}
-            for transport in ("shm", "tcp"):
-                with StoreClient(info["address"], transport=transport, compat_hash=COMPAT,
-                                 name=f"gpu-{transport}") as c:
+            info = wait_ready_file(ready, proc, 60)
+        except (ChildProcessError, TimeoutError) as exc:
+            return {"ok": False, "error": f"the store daemon did not start: {exc}: "
+                                          f"{(Path(tmp.name) / 'store.log').read_text()[-1500:]}"}
+        gen = torch.Generator(device=device).manual_seed(9)
+        out: dict[str, Any] = {"layers": layers, "chunk_bytes": chunk_bytes}
+        for transport in ("shm", "tcp"):
+            with StoreClient(info["address"], transport=transport, compat_hash=COMPAT,
+                             name=f"gpu-{transport}") as c:
+                if device.startswith("cuda"):
                     c.use_gpu()
-                    datas = [torch.randint(0, 256, (chunk_bytes,), dtype=torch.uint8, device="cuda", generator=gen)
-                             for _ in range(layers)]
-                    base = 0x5E1FC4EC << (64 if transport == "shm" else 32)
-                    keys = [ChunkKey(f"{base + i:032x}", i, 0, 8) for i in range(layers)]
-                    t0 = time.perf_counter()
-                    for i, (k, d) in enumerate(zip(keys, datas, strict=True)):
-                        torch.cuda._sleep(SPIN_CYCLES)  # the layer's pack is still running when publish is called
-                        packed = d.clone()
-                        header = ChunkHeader(compat_hash=COMPAT, layer=i, token_start=0, token_end=16, head_start=0,
-                                             head_end=8, dtype="uint8", nbytes=chunk_bytes,
-                                             checksum=checksum(d.cpu()))
-                        c.publish(k, header, packed)
-                    pub_s = time.perf_counter() - t0
-                    outs = [torch.zeros(chunk_bytes, dtype=torch.uint8, device="cuda") for _ in range(layers)]
-                    t0 = time.perf_counter()
-                    c.pull_many(keys, outs, time.monotonic() + 30)
-                    pull_s = time.perf_counter() - t0
-                    exact = all(bool(torch.equal(o, d)) for o, d in zip(outs, datas, strict=True))
-                    out[transport] = {"exact": exact, "publish_GBps": round(layers * chunk_bytes / pub_s / 1e9, 2),
-                                      "pull_GBps": round(layers * chunk_bytes / pull_s / 1e9, 2)}
-                    if transport == "shm":
-                        pinner = c._path.pinner
-                        pinner.wait(60)
-                        out["shm"].update(pinned_bytes=pinner.pinned_bytes, pin_seconds=round(pinner.seconds, 2),
-                                          pin_error=pinner.error)
-            out["ok"] = all(out[t]["exact"] for t in ("shm", "tcp")) and out["shm"]["pin_error"] is None
-            return out
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            tmp.cleanup()
-    return _guarded(run)
+                datas = [torch.randint(0, 256, (chunk_bytes,), dtype=torch.uint8, device=device, generator=gen)
+                         for _ in range(layers)]
+                base = 0x5E1FC4EC << (64 if transport == "shm" else 32)
+                keys = [ChunkKey(f"{base + i:032x}", i, 0, 8) for i in range(layers)]
+                t0 = time.perf_counter()
+                for i, (k, d) in enumerate(zip(keys, datas, strict=True)):
+                    _spin(device)  # the layer's pack is still running when publish is called
+                    packed = d.clone()
+                    header = ChunkHeader(compat_hash=COMPAT, layer=i, token_start=0, token_end=16, head_start=0,
+                                         head_end=8, dtype="uint8", nbytes=chunk_bytes,
+                                         checksum=checksum(d.cpu()))
+                    c.publish(k, header, packed)
+                pub_s = time.perf_counter() - t0
+                outs = [torch.zeros(chunk_bytes, dtype=torch.uint8, device=device) for _ in range(layers)]
+                t0 = time.perf_counter()
+                c.pull_many(keys, outs, time.monotonic() + 30)
+                pull_s = time.perf_counter() - t0
+                exact = all(bool(torch.equal(o, d)) for o, d in zip(outs, datas, strict=True))
+                out[transport] = {"exact": exact, "publish_GBps": round(layers * chunk_bytes / pub_s / 1e9, 2),
+                                  "pull_GBps": round(layers * chunk_bytes / pull_s / 1e9, 2)}
+                if transport == "shm" and device.startswith("cuda"):
+                    pinner = c._path.pinner
+                    pinner.wait(60)
+                    out["shm"].update(pinned_bytes=pinner.pinned_bytes, pin_seconds=round(pinner.seconds, 2),
+                                      pin_error=pinner.error)
+        out["ok"] = all(out[t]["exact"] for t in ("shm", "tcp")) and out["shm"].get("pin_error") is None
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        tmp.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--peer"]:
-        return _peer_main(argv[1], int(argv[2]))
+        return _peer_main(argv[1], int(argv[2]), argv[3])
     results = {"nvlink": check_nvlink(), "nixl_vram": check_nixl_vram(), "store_gpu": check_store_gpu()}
     print(json.dumps(results, indent=2))
     return 0 if all(r["ok"] or "skipped" in r for r in results.values()) else 1

@@ -33,3 +33,12 @@ def test_a_failing_check_reports_instead_of_raising(monkeypatch):
         raise RuntimeError("CUDA error: out of memory")
     out = gpu_selfcheck._guarded(broken)
     assert out["ok"] is False and out["error"] == "RuntimeError: CUDA error: out of memory" and "seconds" in out
+
+
+def test_dry_run_of_the_checks_code_on_cpu():
+    """The code the GPU check runs, on CPU tensors over host transports (a GPU minute is not spent on a typo):
+    a peer process and a store daemon, byte-exact both ways, handles released, figures reported."""
+    out = gpu_selfcheck._round_trip("tcp", nbytes=1 << 20, bw_bytes=2 << 20, reps=1, device="cpu")
+    assert out["ok"] and out["write_read_exact"] and out["open_handles"] == 0 and out["read_GBps"] > 0
+    store = gpu_selfcheck._store_check(2, 1 << 20, "cpu")
+    assert store["ok"] and store["shm"]["exact"] and store["tcp"]["exact"], store
