@@ -42,7 +42,7 @@ from kvrelay.store.pool import unlink_pool
 SUITE = "router"
 LOADGEN_CORE = 0
 POLICIES = ("round_robin", "least_loaded", "cache_aware")
-ENGINE = ["--num-layers", "2", "--vocab-size", "4096", "--threads", "1", "--seed", "7", "--max-model-len", "4096"]
+ENGINE = ["--vocab-size", "4096", "--threads", "1", "--seed", "7", "--max-model-len", "4096"]
 
 
 class Procs:
@@ -112,14 +112,14 @@ def router_args(prefill: list[str], decode: list[str], *extra: str) -> list[str]
     return kvrelay(*args)
 
 
-def start_cluster(procs: Procs) -> Cluster:
+def start_cluster(procs: Procs, quick: bool) -> Cluster:
     pool = f"kvrelay-bench-router-{os.getpid()}"
     procs.after.append(lambda: unlink_pool(pool))
     fakes = [procs.spawn(f"fake_{role}", ["-m", "kvrelay.bench.fakeworker"]) for role in ("prefill", "decode")]
     store = procs.start("store", kvrelay("store", "--port", "0", "--metrics-port", "0", "--pool-size", "1GiB",
                                          "--pool-name", pool, "--transports", "shm,tcp"))["address"]
-    common = ["--port", "0", "--store", store, "--transport", "shm", *ENGINE]
-    # prefill engines hold about two system prompts of the full workload each (the cache has to be used well)
+    common = ["--port", "0", "--store", store, "--transport", "shm", *ENGINE, "--num-layers", "2" if quick else "4"]
+    # prefill engines hold about three system prompts of the full workload each (the cache has to be used well)
     engines = [procs.spawn(f"prefill{i}", kvrelay("engine", "--role", "prefill", *common, "--num-blocks", "320"))
                for i in range(2)]
     engines += [procs.spawn(f"decode{i}", kvrelay("engine", "--role", "decode", *common)) for i in range(2)]
@@ -158,11 +158,11 @@ def _ms(xs: list[float], p: float) -> float:
 
 
 def capacity(ctx: BenchContext, procs: Procs, cl: Cluster) -> None:
-    n, streams = (300, 64) if ctx.quick else (4000, 64)
+    n, streams = (150, 64) if ctx.quick else (4000, 64)
     bodies = [{"prompt": f"request {i}", "max_tokens": 16} for i in range(n)]
     expect = "".join(f"t{i} " for i in range(16))
     dec = cl.fake_decode
-    load([dec["url"]], bodies[:50], streams)  # warm-up
+    load([dec["url"]], bodies[:20], streams)  # warm-up
     cpu0 = cpu_seconds(dec["pid"])
     direct = load([dec["url"]], bodies, streams)
     dec_cpu = (cpu_seconds(dec["pid"]) - cpu0) / n
@@ -170,7 +170,7 @@ def capacity(ctx: BenchContext, procs: Procs, cl: Cluster) -> None:
         router = procs.start(f"router_capacity_{workers}", router_args([cl.fake_prefill], [dec["url"]], "--workers",
                                                                         str(workers)))
         pids = router.get("workers", [router["pid"]])
-        load([router["url"]], bodies[:50], streams)
+        load([router["url"]], bodies[:20], streams)
         cpu0 = sum(cpu_seconds(pid) for pid in pids)
         via = load([router["url"]], bodies, streams)
         r_cpu = (sum(cpu_seconds(pid) for pid in pids) - cpu0) / n
@@ -192,15 +192,16 @@ def overhead(ctx: BenchContext, procs: Procs, cl: Cluster) -> None:
                                                         str(10**9)))["url"]
     rng = random.Random(1)
     for streams in (1, 64, 256):
-        n = {1: 6, 64: 64, 256: 256}[streams] if ctx.quick else {1: 100, 64: 640, 256: 1024}[streams]
-        bodies = [{"prompt": [rng.randrange(256, 4096) for _ in range(32)], "max_tokens": 4, "temperature": 0.0,
-                   "ignore_eos": True} for _ in range(n)]
+        n = {1: 4, 64: 64, 256: 256}[streams] if ctx.quick else {1: 100, 64: 640, 256: 1024}[streams]
+        tokens, max_tokens = (16, 2) if ctx.quick else (32, 4)
+        bodies = [{"prompt": [rng.randrange(256, 4096) for _ in range(tokens)], "max_tokens": max_tokens,
+                   "temperature": 0.0, "ignore_eos": True} for _ in range(n)]
         direct = load(cl.decode, bodies, streams)  # split over the same two engines
         via = load([router], bodies, streams)
         check_same(via, direct, f"overhead at {streams} streams")
         base = [r["total"] for r in direct["results"]]
         got = [r["total"] for r in via["results"]]
-        params = {"streams": streams, "requests": n, "prompt_tokens": 32, "max_tokens": 4}
+        params = {"streams": streams, "requests": n, "prompt_tokens": tokens, "max_tokens": max_tokens}
         case = f"overhead/{streams}_streams"
         for p in (50, 99):
             ctx.add(Record(suite=SUITE, case=case, metric=f"added_p{p}_ms", value=_ms(got, p) - _ms(base, p),
@@ -211,7 +212,7 @@ def overhead(ctx: BenchContext, procs: Procs, cl: Cluster) -> None:
 
 def workload(seed: int, quick: bool) -> list[list[dict]]:
     """Waves of requests: turn t of every user, sent together; each turn extends the user's history."""
-    systems, users, turns, sys_len = (2, 6, 2, 256) if quick else (4, 16, 3, 1024)
+    systems, users, turns, sys_len = (2, 4, 2, 128) if quick else (4, 16, 3, 1536)
     rng = random.Random(seed)
     prefixes = [[rng.randrange(256, 4096) for _ in range(sys_len)] for _ in range(systems)]
     history = {u: list(prefixes[u % systems]) for u in range(users)}
@@ -238,8 +239,12 @@ def routing(ctx: BenchContext, procs: Procs, cl: Cluster) -> None:
             wall += res["wall"]
             n += len(wave)
         results[policy] = (ttft, wall, n)
-    for policy, wave, res in answers:  # after every policy ran: these direct runs warm no cache a policy used
-        check_same(res, load(cl.decode[:1], wave, len(wave)), f"routing with {policy}")
+    # after every policy ran (these direct runs warm no cache a policy used), all at once
+    bodies = [b for _, wave, _ in answers for b in wave]
+    direct = load(cl.decode, bodies, max(len(w) for _, w, _ in answers))["results"]
+    for policy, wave, res in answers:
+        check_same(res, {"results": direct[:len(wave)]}, f"routing with {policy}")
+        direct = direct[len(wave):]
     base_ttft, base_wall, base_n = results["round_robin"]
     for policy, (ttft, wall, n) in results.items():
         params = {"requests": n, "quick": ctx.quick}
@@ -254,7 +259,7 @@ def run(ctx: BenchContext) -> list[Record]:
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="kvrelay-bench-router-") as tmp:
         procs = Procs(stack, Path(tmp))
         t0 = time.monotonic()
-        cl = start_cluster(procs)
+        cl = start_cluster(procs, ctx.quick)
         print(f"router bench: cluster up in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         for name, case in ctx.steps([("capacity", capacity), ("overhead", overhead), ("routing", routing)],
                                     "cases"):
