@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
-import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -32,61 +26,9 @@ from kvrelay.engines.reference.config import ModelConfig  # noqa: E402
 from kvrelay.engines.reference.weights import write_random_checkpoint  # noqa: E402
 from kvrelay.readyfile import wait_ready_file  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-MAX_TOKENS = 12
+from dynamo_helpers import MAX_TOKENS, Cluster, chat, free_port, metric, wait_pd  # noqa: E402
 PROMPT_A = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog, then naps in the sun."}]
 PROMPT_B = [{"role": "user", "content": "The quick brown cat jumps over the lazy dog, then naps in the sun."}]
-
-
-def _free_port(below: int = 65536) -> int:
-    """A port free on 127.0.0.1 a moment ago; ``below`` 32768 for Dynamo's status server (an i16 there)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", 0 if below > 65535 else random.randrange(20000, below)))
-            except OSError:
-                continue
-            return int(s.getsockname()[1])
-    raise RuntimeError("no free port")
-
-
-def _metric(port: int, name: str) -> float:
-    """The sum over label sets of ``name`` on 127.0.0.1:port/metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    pat = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.M)
-    return sum(float(m.group(2)) for m in pat.finditer(text))
-
-
-class Cluster:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp, self.procs, self.logs = tmp, [], []
-        self.env = os.environ | {"PYTHONPATH": str(ROOT), "KVRELAY_LOG_LEVEL": "WARNING"}
-
-    def spawn(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "ab")
-        self.logs.append(log)
-        p = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", *args], cwd=ROOT, env=self.env, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((name, p))
-        return p
-
-    def tail(self) -> str:
-        return "\n".join(f"--- {n}.log\n{(self.tmp / f'{n}.log').read_text(errors='replace')[-1500:]}"
-                         for n, _ in self.procs)
-
-    def close(self) -> None:
-        for _, p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for _, p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
-        for log in self.logs:
-            log.close()
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +49,7 @@ def cluster(tmp_path_factory):
         colo = c.spawn("colocated", "engine", "--role", "colocated", "--checkpoint", str(ck), "--port", "0",
                        "--ready-file", str(tmp / "colo.json"), "--threads", "1")
         store_info = wait_ready_file(tmp / "store.json", store, 60)
-        ports = {"prefill": _free_port(32768), "decode": _free_port(32768), "http": _free_port()}
+        ports = {"prefill": free_port(32768), "decode": free_port(32768), "http": free_port()}
         common = ["--checkpoint", str(ck), "--served-model-name", "kvrelay-test", "--discovery-dir", str(disc),
                   "--event-broker", broker.url, "--store", store_info["address"], "--threads", "1"]
         for role in ("prefill", "decode"):
@@ -117,39 +59,11 @@ def cluster(tmp_path_factory):
         colo_info = wait_ready_file(tmp / "colo.json", colo, 120)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['http']}/v1", api_key="none", timeout=120,
                                max_retries=0)
-        _wait_pd(c, client, ports)
+        wait_pd(c, client, lambda: metric(ports["decode"], "kvrelay_engine_pulled_bytes_total"))
         yield {"client": client, "ports": ports, "colo": colo_info["url"], "cluster": c}
     finally:
         c.close()
         broker.close()
-
-
-def _wait_pd(c: Cluster, client, ports: dict) -> None:
-    """Until the frontend serves the model through the prefill worker (the decode pulled bytes)."""
-    deadline = time.monotonic() + 180
-    while True:
-        for name, p in c.procs:
-            if p.poll() is not None:
-                raise AssertionError(f"{name} exited with {p.returncode}\n{c.tail()}")
-        try:
-            if any(m.id == "kvrelay-test" for m in client.models.list().data):
-                chat(client, [{"role": "user", "content": "warm up"}], 1)
-                if _metric(ports["decode"], "kvrelay_engine_pulled_bytes_total") > 0:
-                    return
-        except (openai.APIError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no P/D through the frontend within 180 s\n{c.tail()}")
-        time.sleep(1)
-
-
-def chat(client, messages: list[dict], max_tokens: int = MAX_TOKENS) -> tuple[list[int], dict]:
-    r = client.chat.completions.create(model="kvrelay-test", messages=messages, max_tokens=max_tokens,
-                                       temperature=0.0,
-                                       extra_body={"nvext": {"extra_fields": ["completion_token_ids", "worker_id"]}})
-    nvext = (r.model_extra or {}).get("nvext") or {}
-    nvext["prompt_tokens"] = r.usage.prompt_tokens if r.usage else None
-    return list(nvext["completion_token_ids"]), nvext
 
 
 def colocated(url: str, messages: list[dict]) -> tuple[list[int], int]:
@@ -163,9 +77,9 @@ def colocated(url: str, messages: list[dict]) -> tuple[list[int], int]:
 
 def test_pd_behind_dynamo_frontend_matches_colocated_and_moves_kv(cluster):
     client, ports = cluster["client"], cluster["ports"]
-    pulled0 = _metric(ports["decode"], "kvrelay_engine_pulled_bytes_total")
-    computed0 = _metric(ports["decode"], "kvrelay_engine_prefill_computed_tokens_total")
-    published0 = _metric(ports["prefill"], "kvrelay_engine_published_bytes_total")
+    pulled0 = metric(ports["decode"], "kvrelay_engine_pulled_bytes_total")
+    computed0 = metric(ports["decode"], "kvrelay_engine_prefill_computed_tokens_total")
+    published0 = metric(ports["prefill"], "kvrelay_engine_published_bytes_total")
 
     got_a, nvext = chat(client, PROMPT_A)
     want_a, prompt_len = colocated(cluster["colo"], PROMPT_A)
@@ -178,9 +92,9 @@ def test_pd_behind_dynamo_frontend_matches_colocated_and_moves_kv(cluster):
     assert wid["prefill_worker_id"] != wid["decode_worker_id"], nvext
 
     # the KV moved through kvrelay: published by the prefill, pulled by the decode, which computed none of it
-    assert _metric(ports["prefill"], "kvrelay_engine_published_bytes_total") > published0
-    assert _metric(ports["decode"], "kvrelay_engine_pulled_bytes_total") > pulled0
-    assert _metric(ports["decode"], "kvrelay_engine_prefill_computed_tokens_total") == computed0
+    assert metric(ports["prefill"], "kvrelay_engine_published_bytes_total") > published0
+    assert metric(ports["decode"], "kvrelay_engine_pulled_bytes_total") > pulled0
+    assert metric(ports["decode"], "kvrelay_engine_prefill_computed_tokens_total") == computed0
 
     # negative control: one changed word gives another greedy output (the model does read its prompt)
     got_b, _ = chat(client, PROMPT_B)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--component", default=None, help="Dynamo component (default: kvrelay-ROLE)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve /metrics (kvrelay_engine_* and Dynamo's) and /health on 127.0.0.1:PORT")
+    p.add_argument("--engine-url", default="",
+                   help="forward to this kvrelay-backed OpenAI server (vLLM with KVRelayConnector, or a `kvrelay "
+                        "engine`), http://127.0.0.1:PORT, instead of running a reference engine in-process")
     p.add_argument("--kv-events", action="append", default=[], metavar="ZMQ_ENDPOINT",
                    help="a KV-event publisher (vLLM's wire format) for Dynamo's KV router, e.g. the store's")
     return p
@@ -40,9 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None) -> tuple[Any, Any]:
     """(engine, WorkerConfig) for Dynamo's `run`; ValueError naming a bad flag."""
-    from dynamo.common.backend import WorkerConfig
-
-    from kvrelay.engines.dynamo.engine import MODES, ReferenceDynamoEngine
+    from kvrelay.engines.dynamo.engine import ReferenceDynamoEngine
     from kvrelay.engines.reference.server import build_engine, check_args
     from kvrelay.engines.reference.server import build_parser as engine_parser
 
@@ -52,6 +54,9 @@ def parse(argv: list[str] | None) -> tuple[Any, Any]:
     for ep in args.kv_events:
         if not ep.startswith("tcp://127.0.0.1:") and not ep.startswith("ipc://"):
             raise ValueError(f"--kv-events {ep!r}: expected tcp://127.0.0.1:PORT or ipc://PATH (loopback only)")
+    name = args.served_model_name or args.checkpoint
+    if args.engine_url:
+        return _remote(args, rest, name)
     # the reference engine's own flags, exactly as `kvrelay engine` takes them
     try:
         eng = engine_parser().parse_args(["--role", args.role, "--checkpoint", args.checkpoint, "--port", "0", *rest])
@@ -64,14 +69,31 @@ def parse(argv: list[str] | None) -> tuple[Any, Any]:
     if eng.threads > 0:
         import torch
         torch.set_num_threads(eng.threads)
-    name = args.served_model_name or args.checkpoint
     engine = ReferenceDynamoEngine(eng, build_engine, model_dir.stop_token_ids(args.checkpoint), args.kv_events, name)
-    mode = MODES[args.role]
-    cfg = WorkerConfig(namespace=args.namespace, component=args.component or f"kvrelay-{args.role}",
-                       endpoint="generate", model_name=args.checkpoint, served_model_name=name,
-                       discovery_backend="file", request_plane="tcp", event_plane="zmq",
-                       disaggregation_mode=mode, enable_kv_routing=True)
-    return engine, cfg
+    return engine, worker_config(args, name)
+
+
+def worker_config(args: argparse.Namespace, name: str) -> Any:
+    from dynamo.common.backend import WorkerConfig
+
+    from kvrelay.engines.dynamo.engine import MODES
+    return WorkerConfig(namespace=args.namespace, component=args.component or f"kvrelay-{args.role}",
+                        endpoint="generate", model_name=args.checkpoint, served_model_name=name,
+                        discovery_backend="file", request_plane="tcp", event_plane="zmq",
+                        disaggregation_mode=MODES[args.role], enable_kv_routing=True)
+
+
+def _remote(args: argparse.Namespace, rest: list[str], name: str) -> tuple[Any, Any]:
+    from kvrelay.engines.dynamo.remote import RemoteDynamoEngine
+    if rest:
+        raise ValueError(f"--engine-url forwards to a running server: engine flags {' '.join(rest)!r} belong to "
+                         "that server's own command line")
+    if not re.fullmatch(r"http://127\.0\.0\.1:\d{1,5}/?", args.engine_url):
+        raise ValueError(f"--engine-url {args.engine_url!r} is not http://127.0.0.1:PORT (loopback only)")
+    env.apply(env.dynamo_env(args.discovery_dir, args.event_broker, args.metrics_port))
+    engine = RemoteDynamoEngine(args.engine_url, args.role, args.checkpoint, name,
+                                model_dir.stop_token_ids(args.checkpoint), args.kv_events, max_model_len=4096)
+    return engine, worker_config(args, name)
 
 
 def main(argv: list[str] | None = None) -> int:
