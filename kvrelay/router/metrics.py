@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvrelay.security.metrics import register as register_auth_metrics
 from kvrelay.router.breaker import BreakerState
 from kvrelay.router.policy import Policy
 from kvrelay.router.pool import Pool
@@ -21,6 +22,7 @@ from kvrelay.router.store import StoreWatch
 class RouterMetrics:
     def __init__(self, pools: Sequence[Pool], store: StoreWatch | None, policy: Policy | None = None) -> None:
         self.registry = r = CollectorRegistry()
+        register_auth_metrics(r)  # kvrelay_auth_refused_total (kvrelay.security)
         self.requests = Counter("kvrelay_router_requests", "Requests by outcome", ["outcome"], registry=r)
         self.routes = Counter("kvrelay_router_routes", "Requests by route: pd (both legs), decode_only_no_prefill "
                               "(no prefill worker in service), decode_only_store_down (the store's breaker open), "

@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from kvrelay import security
 from kvrelay.router.breaker import Breaker
 from kvrelay.store import protocol as P
 
@@ -55,6 +56,8 @@ class StoreWatch:
             self._sock = self._ctx.socket(zmq.DEALER)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
+            if (keys := security.current()) is not None:  # the store's CURVE (kvrelay.security)
+                keys.client_socket(self._sock)
             self._sock.connect(self.address)
         return self._sock
 

@@ -11,6 +11,7 @@ API::
     keys = kvrelay.security.load("DIR")          # -> Keys (KeysError, a ValueError, names what is wrong)
     kvrelay.security.configure("DIR" or None)    # this process's keys (and KVRELAY_KEYS for its children)
     kvrelay.security.current()                   # -> Keys | None: configured, else from $KVRELAY_KEYS
+    with kvrelay.security.using(keys): ...       # current() is keys (or None) in the block (tests)
     kvrelay.security.add_argument(parser)        # the --keys DIR flag every command takes
     kvrelay.security.check_loopback(host, what)  # ValueError: non-loopback without keys (also kvrelay.serving's)
     keys.server_socket(sock, "store")            # CURVE server + ZAP: unknown clients refused, logged, counted
@@ -26,7 +27,7 @@ the authenticated sockets carry.
 from __future__ import annotations
 
 from kvrelay.security.keyfiles import Keys, KeysError, load, write_keys
-from kvrelay.security.config import ENV, LOOPBACK, add_argument, check_loopback, configure, current
+from kvrelay.security.config import ENV, LOOPBACK, add_argument, check_loopback, configure, current, using
 
 __all__ = ["ENV", "LOOPBACK", "Keys", "KeysError", "add_argument", "check_loopback", "configure", "current", "load",
-           "write_keys"]
+           "using", "write_keys"]

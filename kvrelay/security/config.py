@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 from kvrelay.security.keyfiles import Keys, load
 
@@ -20,6 +22,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _lock = threading.Lock()
 _current: Keys | None = None
 _loaded_from: str | None = None  # the $KVRELAY_KEYS value _current was lazily loaded from
+_UNSET = object()
+_override: object = _UNSET  # set by `using` (tests, benchmarks): wins over everything else
 
 
 def add_argument(p: argparse.ArgumentParser) -> None:
@@ -46,6 +50,8 @@ def configure(directory: str | None) -> Keys | None:
 def current() -> Keys | None:
     """This process's keys: the configured ones, else those of $KVRELAY_KEYS (loaded once), else None."""
     global _current, _loaded_from
+    if _override is not _UNSET:
+        return _override  # type: ignore[return-value]
     env = os.environ.get(ENV) or None
     with _lock:
         if _current is not None and (env is None or env == _loaded_from):
@@ -54,6 +60,19 @@ def current() -> Keys | None:
             return None
         _current, _loaded_from = load(env), env
         return _current
+
+
+@contextmanager
+def using(keys: Keys | None) -> Iterator[None]:
+    """Within the block, `current()` is ``keys`` (None: no authentication), whatever was configured: for tests
+    and benchmarks that build servers and clients with different keys in one process.  Components read
+    `current()` when they are constructed and keep what they got."""
+    global _override
+    old, _override = _override, keys
+    try:
+        yield
+    finally:
+        _override = old
 
 
 def check_loopback(host: str, what: str, keys: Keys | None = None) -> None:

@@ -87,7 +87,18 @@ class _Watch:
         poller.register(self._r, zmq.POLLIN)
         planes: dict[zmq.Socket, str] = {}
         while True:
-            for item, _ in poller.poll():
+            try:
+                ready = poller.poll()
+            except zmq.ZMQError:  # a context is being terminated: close its monitors so that term() returns
+                for mon in list(planes):
+                    try:
+                        mon.poll(0)
+                    except zmq.ZMQError:
+                        poller.unregister(mon)
+                        planes.pop(mon, None)
+                        mon.close(linger=0)
+                continue
+            for item, _ in ready:
                 if item == self._r:
                     os.read(self._r, 4096)
                     with self._lock:

@@ -18,6 +18,7 @@ from typing import Any, overload
 
 import zmq
 
+from kvrelay import security
 from kvrelay.keys import ChunkKey
 from kvrelay.store import protocol as P
 from kvrelay.store.links import Link, LinkClosed, UnixLink, ZmqLink
@@ -66,6 +67,7 @@ class ControlChannel:
     info: dict[str, Any] = {}
 
     def _open_channel(self) -> None:
+        self.keys = security.current()  # CURVE on every ZMQ link when keys are on (kvrelay.security)
         self._ctx = zmq.Context()
         self._tls = threading.local()
         self._links: list[Link] = []  # every thread's link, closed with the client
@@ -96,7 +98,7 @@ class ControlChannel:
             except OSError:  # not reachable (e.g. a restarted daemon without it): ZMQ serves everyone
                 link = None
         if link is None:
-            link = ZmqLink(self._ctx, self.address)
+            link = ZmqLink(self._ctx, self.address, self.keys)
         link.gen = self._link_gen
         self._tls.link = link
         with self._lock:

@@ -14,9 +14,14 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from kvrelay.security import Keys
 from kvrelay.store.local import FRAME, MAX_FRAME, RECV_BYTES, to_sockaddr
 
 
+_REFUSED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_NEVER_ANSWERED = (" before answering anything: if the daemon runs with --keys, this client needs the same key "
+                   "directory (--keys DIR or KVRELAY_KEYS)")
 _PEEK_NOWAIT = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: flag enums cost microseconds per call
 
 
@@ -28,14 +33,17 @@ class ZmqLink:
     kind = "zmq"
     gen = 0  # the client's link generation it was opened in (control.py)
 
-    def __init__(self, ctx: zmq.Context, address: str) -> None:
+    def __init__(self, ctx: zmq.Context, address: str, keys: Keys | None = None) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        if keys is not None:  # CURVE client of a daemon started with the same --keys
+            keys.client_socket(self.sock)
+        self.mon = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | _REFUSED)
         self.sock.connect(address)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.mon, zmq.POLLIN)
+        self.answered = False  # a disconnect before any answer may be a refused authentication
 
     def usable(self) -> bool:
         while self.mon.poll(0):  # a disconnect from before this request (a restart since) is not this one's
@@ -49,15 +57,19 @@ class ZmqLink:
         """The next reply, or None if none came within ``timeout`` seconds."""
         events = dict(self.poller.poll(int(timeout * 1000) + 1)) if timeout > 0 else {}
         if self.sock in events:
+            self.answered = True
             return self.sock.recv()
         if self.mon in events:
             lost = ""
             while self.mon.poll(0):  # a disconnect, or a connection attempt refused: nobody will answer
                 event = recv_monitor_message(self.mon)["event"]
                 if event == zmq.EVENT_DISCONNECTED:
-                    lost = "the daemon closed the connection"
+                    lost = "the daemon closed the connection" + ("" if self.answered else _NEVER_ANSWERED)
                 elif event == zmq.EVENT_CONNECT_RETRIED:
                     lost = lost or "nothing accepts connections there"
+                elif event & _REFUSED:
+                    lost = ("the daemon refused the handshake: authentication (it runs with --keys and this "
+                            "client has none or another key directory's, or the other way round)")
             if lost:
                 raise LinkClosed(lost)
         return None

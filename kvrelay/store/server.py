@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import zmq
 
+from kvrelay import security
+from kvrelay.security.curve import release as release_zap
 from kvrelay.keys import kid_of
 from kvrelay.store import protocol as P
 from kvrelay.store.core import OpError, StoreCore
@@ -57,6 +59,9 @@ class StoreServer:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.keys = security.current()
+        if self.keys is not None:  # CURVE: only holders of the cluster's client key get in (kvrelay.security)
+            self.keys.server_socket(self.sock, "store")
         if port == 0:
             self.port = self.sock.bind_to_random_port(f"tcp://{host}")
         else:
@@ -122,6 +127,7 @@ class StoreServer:
                     del self.aborted[rid]
                 next_sweep = now + SWEEP_INTERVAL
         self.sock.close()
+        release_zap(self.ctx)
         self.ctx.term()
         if local is not None:
             local.close()

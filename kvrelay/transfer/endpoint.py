@@ -28,6 +28,8 @@ import msgspec
 import numpy as np
 import zmq
 
+from kvrelay import security
+from kvrelay.security.curve import release as release_zap
 from kvrelay.transfer.base import (DEFAULT_TIMEOUT_S, AgentInfo, Desc, HandshakeError, Notification, Peer,
                                    RegionInfo, Transport, XferHandle, XferState, check_compat, check_descs)
 from kvrelay.transfer.buffers import LocalRegion, byte_view
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
     import torch
 
 MAX_NOTIFICATION_BYTES = 1 << 20
+_AUTH_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 HOSTNAME = socket.gethostname()
 
 
@@ -62,6 +66,11 @@ class Endpoint(Transport):
         self._ctx = zmq.Context()
         self._ctrl = self._ctx.socket(zmq.ROUTER)
         self._ctrl.setsockopt(zmq.LINGER, 0)
+        # with keys on, the handshake (and so every peer's agent metadata, NIXL's included) and notifications
+        # travel over CURVE, and only holders of the cluster's client key are answered (kvrelay.security)
+        self.keys = security.current()
+        if self.keys is not None:
+            self.keys.server_socket(self._ctrl, "transfer")
         if port:
             self._ctrl.bind(f"tcp://{host}:{port}")
         else:
@@ -122,9 +131,7 @@ class Endpoint(Transport):
             with conn.lock:
                 try:
                     if conn.ctrl is None:
-                        conn.ctrl = self._ctx.socket(zmq.DEALER)
-                        conn.ctrl.setsockopt(zmq.LINGER, 0)
-                        conn.ctrl.connect(conn.peer.info.address)
+                        conn.ctrl = self._ctrl_socket(conn.peer.info.address, 0)
                     conn.ctrl.send(msg, zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass  # a peer that cannot be told is going away: it unmaps when it is lost
@@ -138,16 +145,25 @@ class Endpoint(Transport):
     # -- peers -----------------------------------------------------------------------------------
     def connect(self, address: str, timeout: float = DEFAULT_TIMEOUT_S) -> Peer:
         self._check_open()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = self._ctrl_socket(address, 0)
+        mon = sock.get_monitor_socket(_AUTH_FAILED)  # a refused CURVE handshake fails at once, not at the timeout
         try:
-            sock.connect(address)
             sock.send(_enc.encode(Hello(self.info())))
-            if not sock.poll(int(timeout * 1000)):
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(mon, zmq.POLLIN)
+            ready = dict(poller.poll(int(timeout * 1000)))
+            auth = " or does it run with other keys (--keys)?" if self.keys is not None else " or does it need --keys?"
+            if sock not in ready and mon in ready:
+                raise HandshakeError(f"the peer at {address} refused the connection's handshake: authentication "
+                                     f"(both sides need the same --keys DIR)")
+            if sock not in ready:
                 raise HandshakeError(f"no handshake answer from {address} within {timeout:.3g}s "
-                                     f"(is a {self.name} endpoint listening there?)")
+                                     f"(is a {self.name} endpoint listening there,{auth})")
             reply = _dec.decode(sock.recv())
         finally:
+            sock.disable_monitor()
+            mon.close(0)
             sock.close(0)
         if isinstance(reply, Refuse):
             raise HandshakeError(f"peer at {address} refused the handshake: {reply.reason}")
@@ -155,6 +171,19 @@ class Endpoint(Transport):
             raise HandshakeError(f"unexpected handshake answer from {address}: {type(reply).__name__}")
         check_compat(self.info(), reply.info)
         return self._add_peer(reply.info).peer
+
+    def _ctrl_socket(self, address: str, linger: int) -> zmq.Socket:
+        """A DEALER connected to a peer's control socket (a CURVE client with keys on)."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, linger)
+        try:
+            if self.keys is not None:
+                self.keys.client_socket(sock)
+            sock.connect(address)
+        except zmq.ZMQError:
+            sock.close(0)
+            raise
+        return sock
 
     def disconnect(self, peer: Peer) -> None:
         conn = self._peers.get(peer.name)
@@ -293,9 +322,7 @@ class Endpoint(Transport):
             raise HandshakeError(conn)
         with conn.lock:
             if conn.ctrl is None:
-                conn.ctrl = self._ctx.socket(zmq.DEALER)
-                conn.ctrl.setsockopt(zmq.LINGER, 0)
-                conn.ctrl.connect(conn.peer.info.address)
+                conn.ctrl = self._ctrl_socket(conn.peer.info.address, 0)
             conn.ctrl.send(_enc.encode(Notify(self.agent_name, self.epoch, bytes(payload))))
 
     def get_notifications(self, timeout: float = 0.0) -> list[Notification]:
@@ -430,14 +457,13 @@ class Endpoint(Transport):
                 conn.pidfd = None
         self._ctrl.close(0)
         os.close(self._wake_fd)
+        release_zap(self._ctx)
         self._ctx.term()
 
     def notify_bye(self, conn: PeerConn) -> None:
         with conn.lock:
             if conn.ctrl is None:
-                conn.ctrl = self._ctx.socket(zmq.DEALER)
-                conn.ctrl.setsockopt(zmq.LINGER, 100)
-                conn.ctrl.connect(conn.peer.info.address)
+                conn.ctrl = self._ctrl_socket(conn.peer.info.address, 100)
             conn.ctrl.send(_enc.encode(Bye(self.agent_name, self.epoch)), zmq.NOBLOCK)
 
     # -- hooks -----------------------------------------------------------------------------------

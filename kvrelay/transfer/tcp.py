@@ -19,11 +19,14 @@ import os
 import queue
 import threading
 import time
+import weakref
 from typing import Iterator
 
 import zmq
 
-from kvrelay.transfer.base import Desc, XferState
+from kvrelay import security
+from kvrelay.security.dataplane import PLANE, ClientSession, ServerSessions
+from kvrelay.transfer.base import Desc, HandshakeError, XferState
 from kvrelay.transfer.endpoint import Endpoint, PeerConn
 from kvrelay.transfer.frames import FRAME_BYTES, SMALL_BYTES, Piece, plan_frames
 from kvrelay.transfer.handle import Handle
@@ -31,6 +34,7 @@ from kvrelay.transfer.tcp_server import DataRep, DataReq, DataServer, _data_sock
 
 DIRECT_SOCKETS = 16  # per peer: transfers beyond this many in flight go through the pump thread
 SLICE_S = 0.02  # a waiting thread checks the deadline and the peer's liveness this often
+HANDSHAKE_S = 10.0  # with keys: the longest wait for each answer of a data socket's handshake
 
 
 class _Direct:
@@ -99,12 +103,23 @@ class TcpTransport(DataServer, Endpoint):
 
     def __init__(self, agent_name: str, compat_hash: str, host: str = "127.0.0.1", port: int = 0,
                  frame_bytes: int = FRAME_BYTES, small_bytes: int = SMALL_BYTES,
-                 direct_sockets: int = DIRECT_SOCKETS) -> None:
+                 direct_sockets: int = DIRECT_SOCKETS, encrypt: bool | None = None) -> None:
+        if encrypt is None:
+            encrypt = os.environ.get("KVRELAY_TCP_ENCRYPT", "") not in ("", "0")
+        if encrypt and security.current() is None:
+            raise ValueError("an encrypted tcp data plane needs keys: `kvrelay keys DIR`, then --keys DIR")
         super().__init__(agent_name, compat_hash, host, port)
         self.direct_sockets = direct_sockets
         self.frame_bytes = frame_bytes
         self.small_bytes = small_bytes
+        # with keys the data plane is authenticated (a handshake per connection, a MAC per request header:
+        # kvrelay/security/dataplane.py says what that covers), or encrypted with CURVE when asked to
+        self.data_security = "" if self.keys is None else "curve" if encrypt else "hmac"
+        self._sessions = ServerSessions(self.keys) if self.data_security == "hmac" and self.keys else None
+        self._client_sessions: weakref.WeakKeyDictionary[zmq.Socket, ClientSession] = weakref.WeakKeyDictionary()
         self._data = _data_socket(self._ctx, zmq.ROUTER)
+        if self.data_security == "curve" and self.keys is not None:
+            self.keys.server_socket(self._data, PLANE)
         self._data_port = self._data.bind_to_random_port(f"tcp://{host}")
         self._pump_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
@@ -116,12 +131,71 @@ class TcpTransport(DataServer, Endpoint):
         self._pump.start()
 
     def _agent_meta(self) -> bytes:
-        return f"tcp://{self.host}:{self._data_port}".encode()
+        mode = f"#{self.data_security}" if self.data_security else ""  # the client follows the server's mode
+        return f"tcp://{self.host}:{self._data_port}{mode}".encode()
+
+    def _open_data(self, conn: PeerConn) -> zmq.Socket:
+        """A DEALER to ``conn``'s data socket, authenticated (or encrypted) as the peer's meta says."""
+        address, _, mode = conn.peer.info.meta.decode().partition("#")
+        if mode and self.keys is None:
+            raise HandshakeError(f"peer {conn.peer.name!r} authenticates its tcp data plane ({mode}): start this "
+                                 f"process with the cluster's --keys DIR")
+        sock = _data_socket(self._ctx, zmq.DEALER)
+        try:
+            if mode == "curve" and self.keys is not None:
+                self.keys.client_socket(sock)
+            sock.connect(address)
+            if mode == "hmac" and self.keys is not None:
+                self._client_sessions[sock] = self._handshake(sock, conn)
+        except BaseException:
+            sock.close(0)
+            raise
+        return sock
+
+    def _handshake(self, sock: zmq.Socket, conn: PeerConn) -> ClientSession:
+        assert self.keys is not None
+        session = ClientSession(self.keys)
+        replies: list[DataRep] = []
+        error = ""
+        for req in (DataReq("hello", 0, [], nonce=session.nonce), None):
+            if req is None:  # the proof answers the challenge; sent even if the server failed its own
+                proof, error = session.answer(replies[0].nonce, replies[0].proof)
+                req = DataReq("proof", 0, [], nonce=proof)
+            sock.send(_enc.encode(req))
+            if not sock.poll(int(HANDSHAKE_S * 1000)):
+                raise HandshakeError(f"peer {conn.peer.name!r}: no answer to the tcp data plane's handshake within "
+                                     f"{HANDSHAKE_S:g}s (does it run with the same --keys?)")
+            rep = _rep_dec.decode(sock.recv())
+            if rep.error:
+                raise HandshakeError(f"peer {conn.peer.name!r} refused the tcp data plane's handshake: {rep.error}")
+            replies.append(rep)
+        if error:
+            raise HandshakeError(f"peer {conn.peer.name!r}: {error}")
+        return session
+
+    def _send_request(self, sock: zmq.Socket, req: DataReq, descs: list[Desc], plan: list[list[Piece]]) -> None:
+        """The request head (with keys: its sequence number and MAC), then a write's frames."""
+        session = self._client_sessions.get(sock)
+        if session is not None:
+            req.seq = session.next_seq()
+        head = _enc.encode(req)
+        more = zmq.SNDMORE if req.op == "write" else 0
+        if session is not None:
+            sock.send(head, zmq.SNDMORE)
+            sock.send(session.tag(head), more)
+        else:
+            sock.send(head, more)
+        if more:
+            self._send_frames(sock, plan, functools.partial(self._local_slices, descs))
 
     # -- client side -----------------------------------------------------------------------------
     def _start(self, conn: PeerConn, op: str, descs: list[Desc], handle: Handle) -> None:
         xid = next(self._xids)  # atomic under the GIL
-        pair = self._sync_socket(conn)
+        try:
+            pair = self._sync_socket(conn)
+        except (HandshakeError, zmq.ZMQError) as exc:
+            handle.fail(str(exc))
+            return
         if pair is None:
             self._cmds.put(("xfer", conn, op, descs, handle, xid))
             os.eventfd_write(self._pump_fd, 1)
@@ -142,9 +216,13 @@ class TcpTransport(DataServer, Endpoint):
             if conn.extra.get("sync_out", 0) >= self.direct_sockets:
                 return None
             conn.extra["sync_out"] = conn.extra.get("sync_out", 0) + 1
-        sock = _data_socket(self._ctx, zmq.DEALER)
+        try:
+            sock = self._open_data(conn)
+        except BaseException:
+            with conn.lock:
+                conn.extra["sync_out"] -= 1
+            raise
         sock.setsockopt(zmq.RCVTIMEO, int(SLICE_S * 1000))
-        sock.connect(conn.peer.info.meta.decode())
         return sock, bytearray(max(self.frame_bytes, self.small_bytes))
 
     def _return_sync(self, conn: PeerConn, pair: tuple[zmq.Socket, bytearray]) -> None:
@@ -163,12 +241,8 @@ class TcpTransport(DataServer, Endpoint):
         handle._progress = direct.progress
         handle._free = direct.free
         handle.set_transferring()
-        head = _enc.encode(DataReq(op, xid, [(d.remote_region, d.remote_offset, d.length) for d in descs]))
-        if op == "read":
-            sock.send(head)
-        else:
-            sock.send(head, zmq.SNDMORE)
-            self._send_frames(sock, plan, functools.partial(self._local_slices, descs))
+        self._send_request(sock, DataReq(op, xid, [(d.remote_region, d.remote_offset, d.length) for d in descs]),
+                           descs, plan)
 
     def _peer_lost(self, conn: PeerConn) -> None:
         with conn.lock:
@@ -223,20 +297,18 @@ class TcpTransport(DataServer, Endpoint):
                             continue
                         sock = conn.extra.get("sock")
                         if sock is None:
-                            sock = conn.extra["sock"] = _data_socket(self._ctx, zmq.DEALER)
-                            sock.connect(conn.peer.info.meta.decode())
+                            try:
+                                sock = conn.extra["sock"] = self._open_data(conn)
+                            except (HandshakeError, zmq.ZMQError) as exc:
+                                handle.fail(str(exc))
+                                continue
                             socks[sock] = conn
                             poller.register(sock, zmq.POLLIN)
                         plan = plan_frames([d.length for d in descs], self.frame_bytes, self.small_bytes)
                         ranges = [(d.remote_region, d.remote_offset, d.length) for d in descs]
                         handle.set_transferring()
                         pending[xid] = (conn, op, descs, handle, plan)
-                        head = _enc.encode(DataReq(op, xid, ranges))
-                        if op == "read":
-                            sock.send(head)
-                        else:
-                            sock.send(head, zmq.SNDMORE)
-                            self._send_frames(sock, plan, functools.partial(self._local_slices, descs))
+                        self._send_request(sock, DataReq(op, xid, ranges), descs, plan)
                 elif sock in socks:
                     self._receive_reply(sock, pending, scratch)
 

@@ -3,7 +3,8 @@
 Owns: the data-plane messages (`DataReq`, `DataRep`), `send_frames`/`recv_frames` (zero-copy sends of
 registered memory; ``recv_into`` straight into place, coalesced frames through a preallocated staging
 buffer) and `DataServer`, the mixin whose thread answers peers' reads and receives their writes on
-the data ROUTER.  Must not touch: the client side (tcp.py), the control plane (endpoint.py).
+the data ROUTER (with keys: each connection's handshake and each request's MAC, kvrelay/security/
+dataplane.py, or CURVE when encrypting).  Must not touch: the client side (tcp.py), the control plane (endpoint.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Iterator
 import msgspec
 import zmq
 
+from kvrelay.security.dataplane import ServerSessions
 from kvrelay.transfer.buffers import LocalRegion
 from kvrelay.transfer.frames import Piece, frame_bytes_of, plan_frames
 from kvrelay.transfer.handle import Handle
@@ -21,14 +23,18 @@ ZERO_COPY_MIN = 64 << 10  # below this pyzmq's copying send is cheaper than its 
 
 
 class DataReq(msgspec.Struct, array_like=True):
-    op: str                                # "read" | "write"
+    op: str                                # "read" | "write"; with keys also "hello" | "proof" (handshake)
     xid: int
     ranges: list[tuple[int, int, int]]     # (region, offset, length) on the serving side
+    seq: int = 0                           # with keys: this connection's request number (replays are refused)
+    nonce: bytes = b""                     # hello: the client nonce; proof: the client's proof
 
 
 class DataRep(msgspec.Struct, array_like=True):
     xid: int
     error: str = ""
+    nonce: bytes = b""                     # answer to a hello: the server nonce and the server's proof
+    proof: bytes = b""
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -53,6 +59,7 @@ class DataServer:
     small_bytes: int
     agent_name: str
     _stopping: bool
+    _sessions: ServerSessions | None  # with keys and no encryption: the handshake and request MACs
 
     def _send_frames(self, sock: zmq.Socket, plan: list[list[Piece]], slices) -> None:
         last = len(plan) - 1
@@ -108,6 +115,20 @@ class DataServer:
                 return f"range [{off}, {off + n}) is outside region {rid} of {region.view.nbytes} bytes"
         return ""
 
+    def _authenticate(self, sock: zmq.Socket, ident: bytes, head: bytes, req: DataReq) -> str | None:
+        """With keys: answer a handshake message (None), or check a request's MAC ('' or the refusal)."""
+        sessions = self._sessions
+        assert sessions is not None
+        if req.op == "hello":
+            nonce, proof = sessions.challenge(ident, req.nonce)
+            sock.send_multipart([ident, _enc.encode(DataRep(0, nonce=nonce, proof=proof))])
+            return None
+        if req.op == "proof":
+            sock.send_multipart([ident, _enc.encode(DataRep(0, sessions.prove(ident, req.nonce)))])
+            return None
+        tag = sock.recv() if sock.getsockopt(zmq.RCVMORE) else None
+        return sessions.check(ident, head, tag, req.seq)
+
     def _serve_data(self) -> None:
         sock = self._data
         sock.setsockopt(zmq.RCVTIMEO, 100)  # blocking receives (cheapest wake-up); check for close() this often
@@ -117,12 +138,22 @@ class DataServer:
                 ident = sock.recv()
             except zmq.Again:
                 continue
+            head = sock.recv()
             try:
-                req = _req_dec.decode(sock.recv())
+                req = _req_dec.decode(head)
             except msgspec.DecodeError:
                 while sock.getsockopt(zmq.RCVMORE):
                     sock.recv_into(scratch)
                 continue
+            if self._sessions is not None:
+                refusal = self._authenticate(sock, ident, head, req)
+                if refusal is None:  # a handshake message, answered
+                    continue
+                if refusal:
+                    while sock.getsockopt(zmq.RCVMORE):
+                        sock.recv_into(scratch)
+                    sock.send_multipart([ident, _enc.encode(DataRep(req.xid, refusal))])
+                    continue
             error = self._check_ranges(req.ranges) if req.op in ("read", "write") else f"unknown op {req.op!r}"
             if not error and req.op == "read" and len(req.ranges) == 1 and 0 < req.ranges[0][2] <= self.frame_bytes:
                 rid, off, n = req.ranges[0]  # one range, one frame: the common case, without a plan

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from kvrelay.security.metrics import register as register_auth_metrics
+
 from kvrelay.connector.metrics import LATENCY_BUCKETS as _LAT, TransferMetrics
 
 
 class EngineMetrics:
     def __init__(self, role: str) -> None:
         r = self.registry = CollectorRegistry()
+        register_auth_metrics(r)  # kvrelay_auth_refused_total (kvrelay.security)
         self.role = role
         self.requests = Counter("kvrelay_engine_requests", "Finished requests by outcome", ["outcome"], registry=r)
         self.prompt_tokens = Counter("kvrelay_engine_prompt_tokens", "Prompt tokens received", registry=r)
