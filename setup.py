@@ -56,6 +56,7 @@ setup(
         "safetensors",
         "tokenizers",
         "tqdm",
+        "cryptography>=48",  # the store's SSD tier at rest: AES-GCM (kvrelay/store/crypto.py; encrypt_into/decrypt_into)
     ],
     extras_require={
         "nixl": ["nixl"],
