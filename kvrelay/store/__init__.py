@@ -7,5 +7,7 @@ eviction, leases) -> spill.py and promote.py (the background threads to and from
 ssd.py (data structures and the on-disk format) -> daemon.py (wiring), config.py, metrics.py.
 datapath.py moves bytes for a client (mapped pool, or a kvrelay.transfer endpoint); directory.py is the
 shared table of ready chunks a same-host client pulls through with no round trip; process.py starts a
-daemon as a child process.  Must not touch: chunk layouts (kernels/) or transport internals (transfer/).
+daemon as a child process.  Tenants and the SSD tier at rest: tenants.py (who owns a chunk: quotas, TTLs,
+usage per tenant), purge.py and audit.py (purge by tenant, and its record), crypto.py (AES-GCM keys and
+sealing of SSD records), admin.py (`kvrelay store purge|keygen`).  Must not touch: chunk layouts (kernels/) or transport internals (transfer/).
 """
