@@ -73,7 +73,7 @@ def _guarded(fn: Callable[[], dict]) -> dict:
 class _Peer:
     """A transport endpoint in another process holding one CUDA region; stops when its stdin closes."""
 
-    def __init__(self, kind: str, nbytes: int, device: str = "cuda", timeout: float = 90.0) -> None:
+    def __init__(self, kind: str, nbytes: int, device: str = "cuda", timeout: float = 40.0) -> None:
         root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
         self._err = tempfile.TemporaryFile()
