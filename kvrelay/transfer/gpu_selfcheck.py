@@ -221,7 +221,7 @@ def _store_check(layers: int, chunk_bytes: int, device: str) -> dict:
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         try:
-            info = wait_ready_file(ready, proc, 60)
+            info = wait_ready_file(ready, proc, 40)
         except (ChildProcessError, TimeoutError) as exc:
             return {"ok": False, "error": f"the store daemon did not start: {exc}: "
                                           f"{(Path(tmp.name) / 'store.log').read_text()[-1500:]}"}
@@ -254,7 +254,7 @@ def _store_check(layers: int, chunk_bytes: int, device: str) -> dict:
                                   "pull_GBps": round(layers * chunk_bytes / pull_s / 1e9, 2)}
                 if transport == "shm" and device.startswith("cuda"):
                     pinner = c._path.pinner
-                    pinner.wait(60)
+                    pinner.wait(20)
                     out["shm"].update(pinned_bytes=pinner.pinned_bytes, pin_seconds=round(pinner.seconds, 2),
                                       pin_error=pinner.error)
         out["ok"] = all(out[t]["exact"] for t in ("shm", "tcp")) and out["shm"].get("pin_error") is None
