@@ -120,3 +120,29 @@ def test_worker_refuses_bad_flags_in_one_line(tmp_path, capsys, case, needle):
     lines = [ln for ln in err.splitlines() if ln.startswith("kvrelay dynamo-worker:")]
     assert len(lines) == 1 and needle in lines[0], err[-2000:]
     assert "Traceback" not in err
+
+
+def test_kvrelay_protocol_is_accepted_by_dynamo_vllm_after_register():
+    protocols = pytest.importorskip("dynamo.vllm.kv_connector_protocols", reason="NVIDIA Dynamo is not installed")
+    from types import SimpleNamespace
+
+    from kvrelay.engines.dynamo import vllm_protocol
+    cfg = SimpleNamespace(kv_transfer_config=SimpleNamespace(kv_connector="KVRelayConnector"))
+    protocols.KV_CONNECTOR_PROTOCOLS.pop("KVRelayConnector", None)
+    with pytest.raises(ValueError, match="Unsupported kv_connector"):  # Dynamo's allow-list, as installed
+        protocols.make_kv_connector_protocol(cfg)
+    vllm_protocol.register()
+    try:
+        proto = protocols.make_kv_connector_protocol(cfg)
+        assert isinstance(proto, vllm_protocol.KVRelayConnectorProtocol)
+        params = proto.prefill_request_kv_transfer_params()
+        assert params == {"do_remote_decode": True, "kvrelay_request_id": proto.relay_id}
+        answered = {"request_id": "x", "do_remote_prefill": True}
+        assert proto.decode_request_kv_transfer_params(SimpleNamespace(kv_transfer_params=answered)) is answered
+        # inside vLLM's MultiConnector / Dynamo's PdConnector too
+        multi = SimpleNamespace(kv_transfer_config=SimpleNamespace(
+            kv_connector="MultiConnector", kv_connector_extra_config={"connectors": [
+                {"kv_connector": "KVRelayConnector"}, {"kv_connector": "OffloadingConnector"}]}))
+        assert isinstance(protocols.make_kv_connector_protocol(multi), vllm_protocol.KVRelayConnectorProtocol)
+    finally:
+        protocols.KV_CONNECTOR_PROTOCOLS.pop("KVRelayConnector", None)

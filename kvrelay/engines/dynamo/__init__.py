@@ -7,8 +7,10 @@ Reading path (each file has one job):
   model_dir.py  what Dynamo's frontend reads from a model directory (tokenizer, chat template, EOS);
                 `kvrelay dynamo-checkpoint` writes a seeded checkpoint with them
   engine.py     the reference engine as a Dynamo `LLMEngine`; the P/D handoff (disaggregated_params)
-  worker.py     `kvrelay dynamo-worker`: flags and wiring
+  remote.py     a kvrelay-backed OpenAI server (vLLM + KVRelayConnector) as a Dynamo `LLMEngine`, over HTTP
+  worker.py     `kvrelay dynamo-worker`: flags and wiring (in-process reference engine, or --engine-url)
   frontend.py   `kvrelay dynamo-frontend`: Dynamo's own frontend, launched with that environment
+  vllm_protocol.py  KVRelayConnector's P/D protocol registered into Dynamo's own vLLM worker (dynamo.vllm)
 
 Importing this package does not import Dynamo; engine.py and worker.py's `parse` need ``ai-dynamo``
 (``pip install ai-dynamo-runtime==1.6.1 && pip install --no-deps ai-dynamo==1.6.1``).
