@@ -40,7 +40,7 @@ def _purge(argv: list[str]) -> int:
     from kvrelay.store.client import StoreClient, StoreError
     try:
         client = StoreClient(args.store, compat_hash="kvrelay-admin", name=f"kvrelay store purge ({by})",
-                             timeout=min(args.timeout, 10.0), staging_bytes=1 << 20, control="zmq")
+                             timeout=min(args.timeout, 10.0), staging_bytes=1 << 20)
     except (StoreError, ValueError, OSError) as exc:
         print(f"kvrelay store purge: cannot reach the store at {args.store}: {exc}", file=sys.stderr)
         return 1

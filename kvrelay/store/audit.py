@@ -4,7 +4,8 @@ Owns: the file's format and its appends (``O_APPEND``, mode 0600, flushed to dis
 answered).  Must not touch: what a purge does (purge.py).
 
 A line: ``{"time": ISO-8601 UTC, "event": "purge", "by": the name the operator gave (--by), "client": the
-control-plane peer's hello name, "peer": its authenticated identity when the control plane has one,
+control-plane peer's hello name, "peer": what the kernel says of it (purge.py `peer_identity`: uid, user
+and pid of a same-host client),
 "tenant", "prefix", "namespace", "chunks", "bytes", "skipped"}``.
 """
 

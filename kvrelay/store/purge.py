@@ -14,6 +14,9 @@ encrypted tier their payloads cannot be opened any more) or their segment remove
 
 from __future__ import annotations
 
+import pwd
+import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,6 +27,26 @@ from kvrelay.store.pool import align_up
 
 if TYPE_CHECKING:
     from kvrelay.store.core import StoreCore
+    from kvrelay.store.local import LocalListener
+
+
+def peer_identity(local: LocalListener | None, ident: bytes) -> str:
+    """Who is on the other end of a control connection, as the kernel vouches for it: the uid (and user) and
+    pid of a same-host client (SO_PEERCRED of its Unix socket); "zmq" for a client on the ZMQ socket (with
+    kvrelay.security on, a holder of the cluster's client key)."""
+    conn = local.by_ident.get(ident) if local is not None else None
+    if conn is None:
+        return "zmq"
+    try:
+        pid, uid, _gid = struct.unpack("3i", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                  struct.calcsize("3i")))
+    except OSError:
+        return "local"
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = "?"
+    return f"local uid={uid}({user}) pid={pid}"
 
 
 def purge(core: StoreCore, req: P.Purge, client: str = "", peer: str = "") -> P.Reply:

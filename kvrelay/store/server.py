@@ -26,6 +26,7 @@ from kvrelay.store import protocol as P
 from kvrelay.store.core import OpError, StoreCore
 from kvrelay.store.local import LocalListener, local_name
 from kvrelay.store.metrics import StoreMetrics
+from kvrelay.store.purge import peer_identity, purge
 
 log = logging.getLogger("kvrelay.store")
 from kvrelay.store.purge import purge
@@ -234,7 +235,7 @@ class StoreServer:
         if isinstance(req, P.Delete):
             return P.Reply(req_id=req.req_id, count=core.delete(req.keys))
         if isinstance(req, P.Purge):
-            return purge(core, req, client=self.sessions[ident].name)
+            return purge(core, req, client=self.sessions[ident].name, peer=peer_identity(self.local, ident))
         if isinstance(req, (P.Stats, P.Ping)):
             return self._dispatch_anonymous(req)
         raise OpError("bad_request", f"unhandled request {type(req).__name__}")

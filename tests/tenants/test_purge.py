@@ -5,6 +5,7 @@ the audit log says who purged what."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,7 @@ def test_purge_tenant_gone_from_memory_and_disk_survives_restart_and_is_audited(
         [line] = [json.loads(x) for x in audit.read_text().splitlines()]
         assert line["by"] == "ops-oncall" and line["tenant"] == "alice" and line["chunks"] == len(alice)
         assert line["bytes"] == len(alice) * 65536 and line["client"].startswith("kvrelay store purge")
+        assert line["peer"].startswith(f"local uid={os.getuid()}(") and "pid=" in line["peer"]
         d.kill()  # SIGKILL, then the same SSD directory again
         d = Daemon(tmp_path, pool_name=d.pool_name, **opts).start()
         assert d.info["recovered"] == len(bob) and d.info["recover_dropped"] == 0
