@@ -29,7 +29,6 @@ from kvrelay.store.metrics import StoreMetrics
 from kvrelay.store.purge import peer_identity, purge
 
 log = logging.getLogger("kvrelay.store")
-from kvrelay.store.purge import purge
 SWEEP_INTERVAL = 0.25  # housekeeping (expiry) period and the longest the loop sleeps
 MAX_TOUCHED = 4096  # directory pulls reported per request (a client sends them in batches of TOUCH_BATCH)
 ABORT_TTL = 120.0  # an aborted request id fails new pulls this long
