@@ -26,7 +26,9 @@ from collections.abc import Callable
 import aiohttp
 from aiohttp import web
 
+from kvrelay import security
 from kvrelay.router.metrics import RouterMetrics
+from kvrelay.security import params as signed_params
 from kvrelay.router.pool import NoWorkerError, Pool, Worker
 from kvrelay.router.relay import DEAD_PROCESS, LegFailure, describe, error_response, relay
 from kvrelay.router.retry import RetryPolicy
@@ -59,7 +61,10 @@ class Legs:
         """Run the prefill leg; True once a worker published the prompt's KV.  No attempt starts once
         ``stop`` is set (the decode was answered); ``first``: the first attempt's worker (the policy's pick)."""
         rid = body["request_id"]
-        leg = {**body, "stream": False, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True, RELAY_ID: rid}}
+        params = {"do_remote_decode": True, RELAY_ID: rid}
+        if (keys := security.current()) is not None:  # engines with keys serve only signed params
+            params = signed_params.sign(keys, params, rid)
+        leg = {**body, "stream": False, "max_tokens": 1, "kv_transfer_params": params}
         leg.pop("max_completion_tokens", None)
         tried: set[str] = set()
         for attempt in range(self.retry.retries + 1):

@@ -34,6 +34,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvrelay import security
+from kvrelay.security import params as signed_params
+from kvrelay.security.http import auth_headers, protect
 from kvrelay.router.cacheview import CacheView, EventSource, parse_events
 from kvrelay.router.legs import RELAY_ID, Legs
 from kvrelay.router.metrics import RouterMetrics
@@ -83,6 +85,8 @@ class Router:
         self._wake = asyncio.Event()  # a breaker opened: start probing at the short interval
         prefill.on_open = decode.on_open = self._wake.set
         self.app = web.Application()
+        self.keys = security.current()
+        protect(self.app, self.keys)  # with keys: Authorization: Bearer <token> on all but /healthz, /readyz
         self.app.router.add_post("/v1/completions", self.handle)
         self.app.router.add_post("/v1/chat/completions", self.handle)
         self.app.router.add_get("/v1/models", self.models)
@@ -106,7 +110,7 @@ class Router:
 
     async def _start(self, app: web.Application) -> None:
         self.sessions = {role: aiohttp.ClientSession(timeout=self.timeout, connector=aiohttp.TCPConnector(
-            limit=limit, limit_per_host=0)) for role, limit in self.limits.items()}
+            limit=limit, limit_per_host=0), headers=auth_headers(self.keys)) for role, limit in self.limits.items()}
         await self._check(only_down=False)
         if self.store is not None:
             await self.store.check()
@@ -182,6 +186,8 @@ class Router:
             return error_response(400, f"the request body is not valid JSON: {exc}")
         if not isinstance(body, dict):
             return error_response(400, "the request body must be a JSON object")
+        if self.keys is not None:  # only the router sets kv_transfer_params (signed: kvrelay/security/params.py)
+            body = signed_params.strip(body)
         try:
             return await self._route(request, body)
         except ClientGone as gone:
@@ -217,7 +223,8 @@ class Router:
         body = {**body, "request_id": rid}
         # kvrelay_request_id: vLLM names each leg's request itself; the shared id lets a prefill's abort
         # in the store reach the decode's waiting pulls there too (the reference engines use request_id)
-        pull = {**body, "kv_transfer_params": {"do_remote_prefill": True, RELAY_ID: rid}}
+        params = {"do_remote_prefill": True, RELAY_ID: rid}
+        pull = {**body, "kv_transfer_params": signed_params.sign(self.keys, params, rid) if self.keys else params}
         if d.prefill is None:  # the store holds the whole prompt: the decode pulls it, no prefill leg
             return await self.legs.decode(request, pull, first=d.decode)
         stop = asyncio.Event()

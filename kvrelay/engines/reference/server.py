@@ -21,6 +21,8 @@ import msgspec
 from aiohttp import web
 
 from kvrelay import security
+from kvrelay.security import params as signed_params
+from kvrelay.security.http import protect
 from kvrelay.connector import PublishPhase, transfer_params
 from kvrelay.engines.reference import api
 from kvrelay.engines.reference.config import FAILURE_POLICIES, ROLES, EngineConfig, ModelConfig
@@ -38,6 +40,8 @@ class EngineServer:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str) -> None:
         self.engine, self.tok, self.model_name = engine, tokenizer, model_name
         self.app = web.Application(client_max_size=64 << 20)
+        self.keys = security.current()
+        protect(self.app, self.keys)  # with keys: Authorization: Bearer <token> on all but /healthz, /readyz
         self.app.add_routes([
             web.post("/v1/completions", self.completions), web.post("/v1/chat/completions", self.chat),
             web.get("/v1/models", self.models), web.get("/metrics", self.metrics),
@@ -75,6 +79,12 @@ class EngineServer:
         model = body.get("model") if isinstance(body, dict) else None
         if model not in (None, self.model_name):
             return _error(404, f"model {model!r} is not served here; this server serves {self.model_name!r}")
+        if self.keys is not None and isinstance(body, dict) and "kv_transfer_params" in body:
+            try:  # only the router may set them, signed for this request (kvrelay/security/params.py)
+                body = {**body, "kv_transfer_params": signed_params.verify(
+                    self.keys, body["kv_transfer_params"], str(body.get("request_id") or ""), request.remote or "")}
+            except signed_params.ParamsRefused as exc:
+                return _error(403, str(exc))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         try:
