@@ -42,7 +42,7 @@ class PublishClient(Protocol):
     """The part of `kvrelay.store.client.StoreClient` a publisher uses."""
 
     def reserve(self, request_id: str, chunks: list[tuple[ChunkKey, int]], ttl: float = ...,
-                tenant: str = ...) -> None: ...
+                tenant: str = ..., tokens: Sequence[int] = ...) -> None: ...
     def publish_buffer(self, key: ChunkKey) -> torch.Tensor: ...
     def commit(self, key: ChunkKey, header: ChunkHeader, *, wait: bool = ...) -> None: ...
     def flush(self) -> None: ...
@@ -122,10 +122,10 @@ class LayerPublisher:
                 self.cache.metrics.publish_errors.labels(FailureCode.UNAVAILABLE.value).inc()
                 continue
             try:
-                if req.cache_salt:  # the store books the chunks to this tenant (quota, metrics, purge)
-                    self.client.reserve(req.request_id, sizes, ttl=self.reserve_ttl, tenant=req.cache_salt)
-                else:
-                    self.client.reserve(req.request_id, sizes, ttl=self.reserve_ttl)
+                # the store books the chunks to the tenant (quota, metrics, purge); the tokens describe them in
+                # the store's KV events
+                self.client.reserve(req.request_id, sizes, ttl=self.reserve_ttl, tenant=req.cache_salt,
+                                    tokens=req.prompt)
             except Exception as exc:  # noqa: BLE001 - the store is full or gone: answer without publishing
                 failure = TransferFailure.from_exception(exc, "the prefill could not reserve its chunks")
                 if self.breaker is not None and failure.code in (FailureCode.UNAVAILABLE, FailureCode.TIMEOUT):

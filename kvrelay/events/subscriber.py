@@ -72,6 +72,7 @@ class EventSubscriber:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ctx = zmq.Context()
         self._dealer: zmq.Socket | None = None
+        self._connected_once = False
         self._catch_up_at: float | None = None  # when to replay what a new subscription may have missed
         self.counters = {"batches": 0, "gaps": 0, "replayed": 0, "snapshots": 0, "resyncs": 0, "duplicates": 0,
                          "unrecoverable_gaps": 0, "decode_errors": 0, "callback_errors": 0, "reconnects": 0}
@@ -101,6 +102,8 @@ class EventSubscriber:
         return {**self.counters, "expected_seq": -1 if self.expected is None else self.expected}
 
     def close(self) -> None:
+        if self._wake < 0:
+            return  # closed already
         self._closing = True
         if self._wake >= 0:
             os.eventfd_write(self._wake, 1)
@@ -157,8 +160,8 @@ class EventSubscriber:
                 return resync
             if msg["event"] == zmq.EVENT_CONNECTED:
                 resync = True
-                if self.expected is not None:
-                    self.counters["reconnects"] += 1
+                self.counters["reconnects"] += self._connected_once
+                self._connected_once = True
             elif msg["event"] == zmq.EVENT_DISCONNECTED:
                 self._in_step.clear()
 

@@ -111,12 +111,12 @@ class StoreClient(ControlChannel):
         return self._call(P.Lookup(keys=list(keys), tenant=tenant)).count
 
     def reserve(self, request_id: str, chunks: list[tuple[ChunkKey, int]], ttl: float = 60.0,
-                tenant: str = "") -> None:
+                tenant: str = "", tokens: Sequence[int] = ()) -> None:
         """Reserve pool slots for chunks, booked to ``tenant`` (the request's cache_salt: its quota applies,
-        code "quota" when over it)."""
+        code "quota" when over it); ``tokens``, the prompt's token ids, describe the chunks in KV events."""
         keys = [k for k, _ in chunks]
         slots = self._call(P.Reserve(request_id=request_id, keys=keys, nbytes=[int(n) for _, n in chunks],
-                                     ttl=ttl, tenant=tenant)).slots
+                                     ttl=ttl, tenant=tenant, tokens=[int(t) for t in tokens])).slots
         with self._lock:
             for k, s in zip(keys, slots, strict=True):
                 self._slots[kid_of(k)] = s

@@ -75,6 +75,12 @@ class StoreConfig:
     at_rest_key: str = ""
     # append-only JSON lines: one per purge (time, who, tenant, chunks and bytes purged); empty: no audit log
     audit_log: str = ""
+    # KV events (kvrelay.events, vLLM's wire format): the PUB endpoint ("" disables; tcp://127.0.0.1:0 picks a
+    # port), its replay ROUTER (default: a free port on the same host), the consumer's block size, the topic
+    events: str = ""
+    events_replay: str = ""
+    events_block_size: int = 16
+    events_topic: str = ""
 
     def __post_init__(self) -> None:
         from kvrelay.serving import check_loopback  # another address only with authentication on
@@ -126,6 +132,11 @@ class StoreConfig:
         parse_per_tenant(self.tenant_ttls, "tenant_ttls", float)
         if not 1 <= self.max_tenant_labels <= 10000:
             raise ValueError(f"max_tenant_labels must be in 1..10000, got {self.max_tenant_labels}")
+        if self.events_block_size <= 0:
+            raise ValueError(f"events_block_size must be positive (the KV-event consumer's block size), got "
+                             f"{self.events_block_size}")
+        if self.events and not self.events_replay:
+            self.events_replay = self.events.rsplit(":", 1)[0] + ":0"
         if self.at_rest_key and not self.ssd_dir:
             raise ValueError("at_rest_key encrypts the SSD tier, and there is none: give ssd_dir too")
         if not self.pool_name:
@@ -240,6 +251,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--at-rest-key", help="encrypt the SSD tier with the keys of this file (mode 0600; "
                                          "`kvrelay store keygen --at-rest-key FILE` makes one)")
     p.add_argument("--audit-log", help="append one JSON line per purge to this file")
+    p.add_argument("--events", metavar="ENDPOINT",
+                   help="publish KV events (vLLM's format) on this ZMQ PUB endpoint, e.g. tcp://127.0.0.1:0")
+    p.add_argument("--events-replay", metavar="ENDPOINT", help="their replay socket (default: a free port)")
+    p.add_argument("--events-block-size", type=int,
+                   help="describe chunks in blocks of this many tokens: the consumer's block size (default 16)")
+    p.add_argument("--events-topic", help="ZMQ topic of the KV events (default '')")
 
 
 def from_args(args: argparse.Namespace) -> StoreConfig:

@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from typing import TYPE_CHECKING, Sequence
 
 from kvrelay.keys import ChunkKey, kid_of
 from kvrelay.store.audit import AuditLog
@@ -37,6 +38,9 @@ from kvrelay.store.ssd import Loc, SsdTier
 from kvrelay.store.tenants import TenantPolicy, parse_per_tenant
 from kvrelay.store.upkeep import Upkeep
 from kvrelay.transfer.wire import ChunkHeader, checksum
+
+if TYPE_CHECKING:
+    from kvrelay.events.publisher import EventPublisher
 
 
 COUNTERS = ("lookups", "lookup_hits", "lookup_chunks", "lookup_chunks_hit", "commits", "pulls", "admission_refusals",
@@ -83,6 +87,10 @@ class StoreCore(Upkeep):
         self.audit = AuditLog(cfg.audit_log) if cfg.audit_log else None
         if cfg.directory and platform.machine() in ("x86_64", "AMD64"):
             self.ix.directory = Directory(cfg.pool_name, slots_for(cfg.pool_size), self.pool.ident)
+        self.events_publisher: EventPublisher | None = None
+        if cfg.events:  # before SSD recovery: the chunks recovered whole are announced again (kvrelay.events)
+            from kvrelay.events.store import StoreEvents
+            self.ix.events = StoreEvents(cfg.events_block_size, cfg.ssd_dir)
         if cfg.ssd_dir:
             self.ssd = SsdTier(cfg.ssd_dir, cfg.ssd_size, cfg.ssd_segment_size, cfg.ssd_direct, cfg.ssd_fsync,
                                self.keyring)
@@ -97,6 +105,9 @@ class StoreCore(Upkeep):
                                              name="kvrelay-spill", daemon=True)
             self._spiller.start()
             self.promoter = Promoter(self, self.ssd)
+        if self.ix.events is not None:
+            from kvrelay.events.store import start_publisher
+            self.events_publisher = start_publisher(self.ix.events, cfg, self.lock)
 
     # --- queries -----------------------------------------------------------------------------------
     def lookup(self, keys: list[ChunkKey], record: bool = True, tenant: str = "") -> int:
@@ -119,7 +130,7 @@ class StoreCore(Upkeep):
 
     # --- admission and publish ---------------------------------------------------------------------
     def reserve(self, request_id: str, keys: list[ChunkKey], sizes: list[int], ttl: float,
-                namespace: str, tenant: str = "") -> list[Slot]:
+                namespace: str, tenant: str = "", tokens: Sequence[int] = ()) -> list[Slot]:
         if len(keys) != len(sizes):
             raise OpError("bad_request", f"reserve: {len(keys)} keys but {len(sizes)} sizes")
         if not 0 < ttl <= 86400:
@@ -171,6 +182,8 @@ class StoreCore(Upkeep):
                 self.ix.add_reserved(Entry(k, kid, sizes[i], State.RESERVED, offset=off, request_id=request_id,
                                            namespace=namespace, deadline=now + ttl, last_access=now, tenant=tenant))
                 slots[i] = Slot(off, sizes[i])
+            if self.ix.events is not None:  # the prompt's tokens describe its chunks in KV events
+                self.ix.events.reserved(keys, tokens, namespace, tenant)
             return slots  # type: ignore[return-value]  # no None left: each index is present, shared or reserved
 
     def _quota_room(self, tenant: str, need: int, request_id: str) -> None:
@@ -491,6 +504,11 @@ class StoreCore(Upkeep):
             return f"chunk {e.kid} failed its checksum on SSD and was dropped; recompute it"
 
     def close(self) -> None:
+        publisher = getattr(self, "events_publisher", None)  # (absent if the constructor failed early)
+        if publisher is not None:
+            publisher.close()
+        if self.ix.events is not None:
+            self.ix.events.close()
         if self.promoter is not None:
             self.promoter.close()
         self.closing = True  # the spiller stops waiting for quiet and drains its queue

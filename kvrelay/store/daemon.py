@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 "recovered": core.recovered, "recover_dropped": core.recover_dropped,
                 "startup_seconds": time.monotonic() - t0, "endpoints": endpoints,
                 "ssd_direct": bool(core.ssd and core.ssd.direct)}
+        if core.events_publisher is not None:  # KV events: where subscribers connect (kvrelay.events)
+            info["events"] = core.events_publisher.endpoint
+            info["events_replay"] = core.events_publisher.replay_endpoint
         log.info("store serving %s (metrics :%s, pool %d bytes, recovered %d chunks, dropped %d) in %.2fs",
                  server.address, mport, cfg.pool_size, core.recovered, core.recover_dropped, info["startup_seconds"])
         if cfg.ready_file:

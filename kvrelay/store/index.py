@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvrelay.keys import ChunkKey
 from kvrelay.store.directory import Directory
@@ -67,6 +68,7 @@ class Index:
     ssd_bytes: int = 0
     directory: "Directory | None" = None  # shared map of READY in-memory chunks (directory.py)
     book: TenantBook = field(default_factory=TenantBook)  # the same bytes per tenant, and each tenant's LRU
+    events: Any = None  # kvrelay.events.store.StoreEvents: told each READY chunk's tier changes (KV events)
 
     def get(self, kid: str) -> Entry | None:
         return self.entries.get(kid)
@@ -93,6 +95,8 @@ class Index:
         self.book.change(e, "memory", 1)
         if self.directory is not None and e.offset >= 0:
             self.directory.put(e.kid, e.offset, e.nbytes, header)
+        if self.events is not None:
+            self.events.memory(e, False, e.offset >= 0)
 
     def add_recovered(self, e: Entry) -> None:
         self.entries[e.kid] = e
@@ -100,6 +104,8 @@ class Index:
         self.set_ssd(e, loc)
 
     def set_ssd(self, e: Entry, loc: Loc | None) -> None:
+        if self.events is not None:
+            self.events.ssd(e, e.ssd is not None, loc is not None)
         if e.ssd is not None:
             self.ssd_chunks -= 1
             self.ssd_bytes -= e.nbytes
@@ -112,6 +118,8 @@ class Index:
 
     def set_memory(self, e: Entry, offset: int) -> None:
         """A READY entry gains (offset >= 0) or loses (offset = -1) its in-memory copy."""
+        if self.events is not None:
+            self.events.memory(e, e.offset >= 0, offset >= 0)
         if e.offset >= 0:
             self.mem_bytes -= e.nbytes
             self.lru.pop(e.kid, None)
@@ -128,6 +136,8 @@ class Index:
 
     def remove(self, e: Entry) -> None:
         """Forget an entry (the caller frees its pool slot and SSD record)."""
+        if self.events is not None and self.entries.get(e.kid) is e:
+            self.events.removed(e, e.state is State.READY)
         self.entries.pop(e.kid, None)
         self.lru.pop(e.kid, None)
         if self.directory is not None:

@@ -11,7 +11,7 @@ Versions:
   1  first version.  Additive since (old peers never send or read them): `PullMany`, `Reply.headers`,
      `CommitMany`, `Req.touched` and the Hello info's "directory" (an older daemon ignores ``touched``);
      tenants: ``Reserve.tenant``, ``Lookup.tenant``, ``Purge.tenant`` and ``Purge.by`` (an older daemon
-     ignores them: its chunks have no owner).
+     ignores them: its chunks have no owner); ``Reserve.tokens`` (KV events; an older daemon ignores it).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class Reserve(Req, tag="reserve"):
     nbytes: list[int]
     ttl: float = 60.0
     tenant: str = ""  # the request's cache_salt: the chunks are booked to it (quota, TTL, metrics, purge)
+    tokens: list[int] = []  # the prompt's token ids: the store's KV events describe its chunks with them
 
 
 class Commit(Req, tag="commit"):

@@ -216,7 +216,7 @@ class StoreServer:
             return P.Reply(req_id=req.req_id, count=core.lookup(req.keys, tenant=req.tenant))
         if isinstance(req, P.Reserve):
             return P.Reply(req_id=req.req_id, slots=core.reserve(req.request_id, req.keys, req.nbytes, req.ttl, ns,
-                                                                 req.tenant))
+                                                                 req.tenant, req.tokens))
         if isinstance(req, (P.Commit, P.CommitMany)):
             return self._commit(ident, req, ns)
         if isinstance(req, (P.Pull, P.PullMany, P.WaitReady)):
