@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the decode side's block size (default 32; the reference engine's differs from prefill's "
                         "to exercise conversion)")
     p.add_argument("--checkpoint", default=None, help="local safetensors checkpoint dir (default: seeded random)")
+    p.add_argument("--events-block-size", type=int, default=16,
+                   help="the store's KV events describe chunks in blocks of this many tokens (the consumer's)")
     p.add_argument("--num-prefill", type=int, default=1)
     p.add_argument("--num-decode", type=int, default=1)
     p.add_argument("--requests", type=int, default=6, help="--demo: number of requests")
@@ -135,6 +137,8 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.engine == "vllm" and not args.checkpoint:
         return ("--engine vllm needs --checkpoint DIR (config.json + *.safetensors); "
                 "kvrelay.engines.vllm.checkpoint.write_llama_checkpoint writes a seeded one")
+    if args.events_block_size <= 0:
+        return f"--events-block-size {args.events_block_size}: must be a positive number of tokens"
     if not 0 <= args.port <= 65535:
         return f"--port {args.port} is outside 0..65535 (0 picks a free port)"
     try:
@@ -179,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             ssd_dir = "" if args.ssd_dir == "none" else args.ssd_dir or str(workdir / "ssd")
             if ssd_dir:
                 store_args += ["--ssd-dir", ssd_dir]
+            store_args += ["--events", "tcp://127.0.0.1:0", "--events-block-size", str(args.events_block_size)]
             store = cluster.start("store", store_args, on_exit=lambda: unlink_pool(pool_name))
             print(f"  store    {store['address']}  metrics http://127.0.0.1:{store['metrics_port']}/metrics")
+            print(f"  events   {store['events']}  replay {store['events_replay']}  (KV events, vLLM's format)")
             start_engines = _start_vllm if args.engine == "vllm" else _start_reference
             prefills, decodes, colocated, demo_kw = start_engines(cluster, args, store["address"])
             for kind, urls in (("prefill", prefills), ("decode", decodes), ("colocated", colocated)):

@@ -103,7 +103,8 @@ class Child:
             health = f"{info['url']}/healthz" if "url" in info else ""
         return {"name": self.name, "pid": self.popen.pid if self.popen else None, "state": self.state,
                 "restarts": self.restarts, "started": self.started, "last_exit": self.last_exit,
-                "address": address, "health_url": health, "log": str(self.log_path), "supervised": True}
+                "address": address, "health_url": health, "log": str(self.log_path), "supervised": True,
+                **({k: info.get(k) for k in ("events", "events_replay")} if "events" in info else {})}
 
 
 def pin_ports(args: list[str], info: dict) -> list[str]:
@@ -113,6 +114,9 @@ def pin_ports(args: list[str], info: dict) -> list[str]:
         ports["--port"] = info["address"].rsplit(":", 1)[1]
         if info.get("metrics_port", -1) > 0:
             ports["--metrics-port"] = str(info["metrics_port"])
+        for flag, name in (("--events", "events"), ("--events-replay", "events_replay")):
+            if info.get(name):  # KV events: a restarted store publishes where its subscribers reconnect
+                ports[flag] = info[name]
     elif "port" in info:  # an HTTP process (engine, router)
         ports["--port"] = str(info["port"])
     out = list(args)
