@@ -7,11 +7,16 @@ and its timing.  Cases: ``pack`` and ``unpack``, metric ``GB/s`` (payload bytes 
 the kernels so background load hits both alike).  ``layers=1`` moves one layer per call; ``layers=32``
 moves all 32 layers (one call per layer, buffers far larger than the caches).  On CUDA the same
 workload runs the Triton kernels and is reported against the device's peak memory bandwidth
-(read + write traffic).  Must not touch: the kernels themselves.
+(read + write traffic).  Case ``triton_host_prep`` (us per call, lower is better): the host work of one
+small device pack before its launch (plan, layer view, uploaded ids, launch arguments), measured on CPU
+tensors, against baseline ``validate_each_call`` (the same with the layer validated and the ids converted
+on every call, as before issue 14, not counting the device readback that path also paid).
+Must not touch: the kernels themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import time
@@ -22,8 +27,10 @@ import numpy as np
 import torch
 
 from kvrelay.bench.harness import BenchContext, Record, median
-from kvrelay.kernels import KVLayout, get_num_threads, native, pack, unpack
+from kvrelay.kernels import KVLayout, cuda_path, get_num_threads, native, pack, unpack
 from kvrelay.kernels.device import device_peak_gbps
+from kvrelay.kernels.layout import LayerView
+from kvrelay.kernels.plan import CopyPlan, plan_pack
 
 
 def llama_layout(num_layers: int, num_blocks: int) -> KVLayout:
@@ -133,6 +140,67 @@ def cuda_records(w: Workload, secs: dict[str, float], layers: int) -> list[Recor
     return out
 
 
+class _HostRuntime(cuda_path.CudaRuntime):
+    """The device path's calls on the host: guards, stream and ids cache run as on a GPU; the launch
+    stops after its arguments are built (no kernel runs on CPU)."""
+
+    def device_guard(self, device: torch.device) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def current_stream(self, device: torch.device) -> None:
+        return None
+
+    def stream_guard(self, stream: object) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def upload(self, ids: np.ndarray, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(ids)
+
+    def event(self) -> "_NoEvent":
+        return _NoEvent()
+
+    def is_host(self, t: torch.Tensor) -> bool:
+        return False  # the buffer stands for one on the device
+
+    def launch(self, view: LayerView, plan: CopyPlan, chunk: torch.Tensor, ids: torch.Tensor, pack: bool) -> None:
+        from kvrelay.kernels import triton_kernels
+        triton_kernels.prepare(view, plan, chunk, ids, pack)
+
+
+class _NoEvent:
+    def record(self, stream: object) -> None:
+        pass
+
+
+def host_prep(tokens: int = 16, calls: int = 2000) -> dict[str, float]:
+    """Microseconds per call of the device path's host work up to the launch (plan, layer view, ids,
+    launch arguments), now and with the layer validated and the ids converted on every call."""
+    from kvrelay.kernels import triton_kernels  # imported here: triton's import is slow
+    w = make_workload(256, layers=1)
+    lay, layer, ids = w.layout, w.layers[0], w.ids.tolist()  # engines hand over lists
+    out = w.chunks[0]
+    rt = _HostRuntime()
+
+    def now() -> None:
+        plan = plan_pack(lay, ids, 32, 32 + tokens, None, None)
+        cuda_path.copy(cuda_path.layer_view(lay, layer), plan, out, True, None, None, rt)
+
+    def validate_each_call() -> None:
+        lay.validate_layer(layer, device=layer.device)
+        plan = plan_pack(lay, ids, 32, 32 + tokens, None, None)
+        view = lay.layer_view(layer)
+        triton_kernels.prepare(view, plan, out, torch.from_numpy(plan.ids).to(layer.device), True)
+
+    result = {}
+    for name, fn in (("now", now), ("validate_each_call", validate_each_call)) * 2:  # second round counts
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        result[name] = (time.perf_counter() - t0) / calls * 1e6
+    return result
+
+
 def run(ctx: BenchContext) -> list[Record]:
     cpu_cases = [(2048, 1), (8192, 1), (2048, 32)] if ctx.quick else \
         [(2048, 1), (8192, 1), (32768, 1), (2048, 32), (8192, 32)]
@@ -143,6 +211,10 @@ def run(ctx: BenchContext) -> list[Record]:
             ctx.add(r)
         del w
         gc.collect()
+    us = host_prep()
+    ctx.add(Record.compare("kernels", "triton_host_prep", "latency", us["now"], "us/call", "validate_each_call",
+                           us["validate_each_call"], dict(tokens=16, device="cpu (host work only)"),
+                           lower_is_better=True))
     if torch.cuda.is_available():
         cuda_cases = [(8192, 1), (8192, 32)] if ctx.quick else [(2048, 1), (32768, 1), (8192, 32), (32768, 32)]
         for tokens, layers in ctx.steps(cuda_cases, "cuda pack/unpack", total=len(cuda_cases)):

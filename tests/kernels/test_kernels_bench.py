@@ -18,3 +18,10 @@ def test_kernels_suite_records():
     for r in records:
         assert r.value > 0 and r.baseline_value > 0 and math.isfinite(r.ratio)
         assert r.params["bytes"] == 3 * 512 * 2 * 8 * 128 * 2
+
+
+@pytest.mark.timeout(120)
+def test_host_prep_measures_the_device_path_and_its_baseline():
+    from kvrelay.bench.kernels import host_prep
+    us = host_prep(calls=50)
+    assert set(us) == {"now", "validate_each_call"} and all(0 < v < 1e5 for v in us.values())
