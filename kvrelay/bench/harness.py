@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import msgspec
 
-SUITES = ("kernels", "transports", "store", "pd", "vllm", "faults", "router", "hosts", "atrest")
+SUITES = ("kernels", "transports", "store", "pd", "vllm", "faults", "router", "hosts", "atrest", "auth")
 
 
 class Record(msgspec.Struct, kw_only=True):
