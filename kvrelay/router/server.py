@@ -40,7 +40,7 @@ from kvrelay.router.cacheview import CacheView, EventSource, parse_events
 from kvrelay.router.legs import RELAY_ID, Legs
 from kvrelay.router.metrics import RouterMetrics
 from kvrelay.router.policy import POLICIES, STORE, Decision, Disagg, Policy
-from kvrelay.router.pool import NoWorkerError, Pool
+from kvrelay.router.pool import NoWorkerError, Pool, Worker
 from kvrelay.router.relay import ClientGone, error_response
 from kvrelay.router.retry import RetryPolicy
 from kvrelay.router.store import StoreWatch
@@ -228,16 +228,37 @@ class Router:
         if d.prefill is None:  # the store holds the whole prompt: the decode pulls it, no prefill leg
             return await self.legs.decode(request, pull, first=d.decode)
         stop = asyncio.Event()
-        worker, load = d.prefill, d.prefill_tokens
-        worker.load_tokens += load
-        prefill = asyncio.create_task(self.legs.prefill(request.path, body, stop, first=worker))
-        prefill.add_done_callback(lambda _: setattr(worker, "load_tokens", worker.load_tokens - load))
+        prefill = self._prefill_leg(request.path, body, stop, d.prefill, d.prefill_tokens)
         try:
             return await self.legs.decode(request, pull, first=d.decode)
         finally:
             if not prefill.done():  # the decode is answered: the prefill leg has no one left to serve
                 stop.set()
                 self._drain(prefill)
+
+    def _prefill_leg(self, path: str, body: dict, stop: asyncio.Event, worker: Worker, load: int) -> asyncio.Task:
+        """The prefill leg as a task.  Until the task starts, ``worker`` counts it as in flight (and its tokens
+        as queued): a burst of requests picked before any of their tasks ran must not all pick one worker."""
+        worker.load_tokens += load
+        worker.in_flight += 1
+        reserved = True
+
+        def release() -> None:
+            nonlocal reserved
+            if reserved:
+                reserved = False
+                worker.in_flight -= 1
+
+        async def leg() -> bool:
+            release()  # the leg counts itself from its first attempt on
+            return await self.legs.prefill(path, body, stop, first=worker)
+        task = asyncio.create_task(leg())
+
+        def done(_: asyncio.Task) -> None:
+            release()  # cancelled before it started
+            worker.load_tokens -= load
+        task.add_done_callback(done)
+        return task
 
     def _drain(self, task: asyncio.Task) -> None:
         """Let a prefill leg whose decode was answered finish its attempt in the background, so that its

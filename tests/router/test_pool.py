@@ -93,3 +93,32 @@ def test_connection_flags_are_checked(argv, message, capsys):
     assert router_main(["--decode", "http://127.0.0.1:1", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(120)
+def test_least_loaded_spreads_a_burst_over_the_prefill_workers():
+    """Requests that arrive together are picked before any of their prefill legs runs: each pick must still
+    see the legs picked before it."""
+    async def main():
+        pres = [Worker("prefill", params={"block_hashes": []}) for _ in range(2)]
+        for w in pres:
+            w.delay = 0.3
+        dec = Worker("decode")
+        urls = [await w.start() for w in pres + [dec]]
+        try:
+            async def fn(router, session, url):
+                async def one(i):
+                    async with session.post(url + "/v1/completions", json={"prompt": f"p{i}"}) as r:
+                        assert r.status == 200
+                await asyncio.gather(*(one(i) for i in range(8)))
+                for _ in range(100):
+                    if not router._draining:
+                        break
+                    await asyncio.sleep(0.05)
+            await with_router(urls[:2], urls[2:], fn)
+            return [len(w.bodies) for w in pres]
+        finally:
+            for w in pres + [dec]:
+                await w.stop()
+    counts = asyncio.run(main())
+    assert sorted(counts) == [4, 4], counts
