@@ -20,7 +20,7 @@ __all__ = ["LOOPBACK", "check_loopback", "serve_until_signal"]
 
 
 async def serve_until_signal(app: web.Application, host: str, port: int, ready_file: str, name: str,
-                             log: logging.Logger, reuse_port: bool = False) -> None:
+                             log: logging.Logger, reuse_port: bool = False, extra: dict | None = None) -> None:
     """Serve ``app`` on host:port (0 picks a free port) until SIGTERM or SIGINT, then clean up (``reuse_port``:
     SO_REUSEPORT, for several processes on one port)."""
     runner = web.AppRunner(app, access_log=None)
@@ -30,7 +30,7 @@ async def serve_until_signal(app: web.Application, host: str, port: int, ready_f
     port = runner.addresses[0][1]  # the bound (host, port, ...): the port picked when 0 was asked for
     log.info("%s serving http://%s:%d", name, host, port)
     if ready_file:
-        write_ready_file(ready_file, {"port": port, "pid": os.getpid(), "url": f"http://{host}:{port}"})
+        write_ready_file(ready_file, {"port": port, "pid": os.getpid(), "url": f"http://{host}:{port}", **(extra or {})})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
+from typing import Any, Sequence as Seq
 
 import numpy as np
 import xxhash
@@ -49,6 +49,7 @@ class BlockManager:
         self.free: deque[int] = deque(range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}
         self.hits = 0  # prompt blocks served from the prefix cache
+        self.events: Any = None  # kvrelay.events.engine.DeviceEvents: told each hash entering/leaving the map
         self.queries = 0
 
     @property
@@ -61,6 +62,8 @@ class BlockManager:
             raise RuntimeError(f"block {block_id} is still referenced ({b.ref_count})")
         if b.hash is not None and self.hash_to_block.get(b.hash) == block_id:
             del self.hash_to_block[b.hash]
+            if self.events is not None:
+                self.events.removed(b.hash)
         b.hash, b.token_ids, b.ref_count = None, [], 1
         self.free.remove(block_id)
         return b
@@ -110,6 +113,8 @@ class BlockManager:
                     # registered now; its KV is valid once this step computes (or pulls) it
                     b.hash, b.token_ids = h, list(ids)
                     self.hash_to_block[h] = b.block_id
+                    if self.events is not None:
+                        self.events.stored(h, parent, tokens, i, seq.cache_salt)
             seq.block_table.append(b.block_id)
             parent = h
         seq.num_cached_tokens = cached
@@ -126,7 +131,8 @@ class BlockManager:
             h = chain_hash(ids, parent)
             if b.hash is None:
                 b.hash, b.token_ids = h, list(ids)
-                self.hash_to_block.setdefault(h, b.block_id)
+                if self.hash_to_block.setdefault(h, b.block_id) == b.block_id and self.events is not None:
+                    self.events.stored(h, parent, tokens, i, seq.cache_salt)
             parent = h
 
     def free_seq(self, seq: Sequence) -> None:
@@ -144,6 +150,8 @@ class BlockManager:
             b = self.blocks[block_id]
             if b.ref_count == 1 and b.hash is not None and self.hash_to_block.get(b.hash) == block_id:
                 del self.hash_to_block[b.hash]
+                if self.events is not None:
+                    self.events.removed(b.hash)
                 b.hash, b.token_ids = None, []
         self.free_seq(seq)
 
@@ -166,4 +174,5 @@ class BlockManager:
                 if parent is not None or len(seq.block_table) == 1:
                     h = chain_hash(ids, parent)
                     last.hash, last.token_ids = h, ids
-                    self.hash_to_block.setdefault(h, last.block_id)
+                    if self.hash_to_block.setdefault(h, last.block_id) == last.block_id and self.events is not None:
+                        self.events.stored(h, parent, seq.tokens, n // bs - 1, seq.cache_salt)

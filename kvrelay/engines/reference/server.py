@@ -199,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pull-timeout", type=float, default=30.0, help="decode: deadline (s) for a request's pull")
     p.add_argument("--no-layerwise", action="store_true", help="prefill: publish after the whole forward pass")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--events", default="", metavar="ENDPOINT",
+                   help="publish KV events of the paged cache (vLLM's format, medium GPU) on this ZMQ PUB "
+                        "endpoint, e.g. tcp://127.0.0.1:0; the addresses go to the ready file")
+    p.add_argument("--events-replay", default="", metavar="ENDPOINT", help="their replay socket (default: a free port)")
+    p.add_argument("--events-block-size", type=int, default=0,
+                   help="event block size: the consumer's, dividing --block-size (default: --block-size)")
     p.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
     security.add_argument(p)
     return p
@@ -235,13 +241,22 @@ async def _serve(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     check_loopback(args.host, "engine")
     engine, tok = build_engine(args)
+    events = None
+    if args.events:  # before the engine thread starts: it is the only caller of the block manager's hooks
+        from kvrelay.events.engine import DeviceEvents
+        events = engine.blocks.events = DeviceEvents(
+            engine.cfg.block_size, engine.compat_hash, block_size=args.events_block_size or None,
+            endpoint=args.events, replay_endpoint=args.events_replay or args.events.rsplit(":", 1)[0] + ":0")
     engine.start()
     server = EngineServer(engine, tok, engine.model_cfg.model_id)
     try:
         await serve_until_signal(server.app, args.host, args.port, args.ready_file,
-                                 f"kvrelay engine ({args.role}, {engine.model_cfg.model_id})", log)
+                                 f"kvrelay engine ({args.role}, {engine.model_cfg.model_id})", log,
+                                 extra=events.addresses() if events is not None else None)
     finally:
         engine.stop()
+        if events is not None:
+            events.close()
 
 
 def main(argv: list[str] | None = None) -> int:
