@@ -140,7 +140,7 @@ class IdsCache:
                     self._entries.popitem(last=False)
             return t
         t, ev, home = hit
-        if stream is not home:  # uploaded on another stream: order after the upload, keep it alive for us
+        if stream != home:  # uploaded on another stream: order after the upload, keep it alive for us
             rt.wait_event(stream, ev)
             rt.record_stream(t, stream)
         return t
@@ -170,7 +170,7 @@ def copy(view: LayerView, plan: CopyPlan, buf: torch.Tensor, pack: bool, stream:
         s = current if stream is None else stream
         with rt.stream_guard(s):
             ids = IDS.get(plan.ids, device, s, rt)
-            if s is not current:
+            if s != current:  # torch hands out a new Stream object per call: compare, not identity
                 for t in {id(t): t for t in view.tensors}.values():
                     rt.record_stream(t, s)
                 if not host:
