@@ -95,11 +95,12 @@ def test_no_test_module_sets_triton_interpret_at_import():
 
 
 def _ptxas_available() -> bool:
-    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return all(os.path.exists(os.path.join(bin_dir, tool)) for tool in ("ptxas", "cuobjdump"))
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(not _ptxas_available(), reason="this triton wheel ships no ptxas for an offline sm_90 build")
+@pytest.mark.skipif(not _ptxas_available(), reason="this triton wheel ships no ptxas/cuobjdump for an offline sm_90 build")
 @pytest.mark.parametrize("pack", [True, False], ids=["pack", "unpack"])
 def test_sm90_build_uses_16_byte_vectors_and_few_registers(pack):
     from kvrelay.kernels.compile_check import compile_for
