@@ -40,6 +40,7 @@ from kvrelay.events.wire import (
     make_batch,
 )
 from kvrelay.security.config import check_loopback, current
+from kvrelay.security.curve import release as release_zap
 from kvrelay.security.keyfiles import Keys
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class EventPublisher:
         for s in (self._pub, self._replay):
             if s is not None:
                 s.close(linger=0)
+        release_zap(self._ctx)  # with keys a ZAP thread holds sockets in this context (kvrelay.security.curve)
         self._ctx.term()
         if self._wake >= 0:
             os.close(self._wake)
