@@ -250,3 +250,10 @@ def start_publisher(events: StoreEvents, cfg: Any, lock: Any) -> EventPublisher:
     log.info("KV events on %s (replay %s, block size %d, topic %r)", pub.endpoint, pub.replay_endpoint,
              events.block_size, cfg.events_topic)
     return pub
+
+
+def events_stats(publisher: EventPublisher | None, events: StoreEvents | None) -> dict[str, int]:
+    """The store's "events" stats: the publisher's counters and the group bookkeeping ({} without --events)."""
+    if publisher is None or events is None:
+        return {}
+    return {**publisher.stats(), **events.counters, "event_groups": len(events.groups)}

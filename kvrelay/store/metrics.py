@@ -133,6 +133,14 @@ class StoreMetrics:
         rec.add_metric(["recovered"], s.get("recovered", 0))
         rec.add_metric(["dropped"], s.get("recover_dropped", 0))
         yield rec
+        ev = s.get("events") or {}
+        if ev:  # KV events (kvrelay.events): a full queue drops batches rather than slow the store
+            fam = CounterMetricFamily("kvrelay_store_events_batches", "KV-event batches published, sent, and "
+                                      "dropped with their queue full (subscribers recover by snapshot)",
+                                      labels=["outcome"])
+            for outcome in ("published", "sent", "dropped"):
+                fam.add_metric([outcome], ev.get(f"batches_{outcome}", 0))
+            yield fam
 
     def serve(self, port: int) -> int:
         metrics = self

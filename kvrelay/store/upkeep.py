@@ -13,6 +13,7 @@ from typing import Any
 
 from kvrelay.keys import ChunkKey, kid_of
 from kvrelay.store.config import StoreConfig
+from kvrelay.events.store import events_stats
 from kvrelay.store.index import Entry, Index, OpError, State
 from kvrelay.store.pool import Arena
 from kvrelay.store.ssd import SsdTier
@@ -119,6 +120,7 @@ class Upkeep:
                     self.ix.book.count(e.tenant, "ttl_expiries")
 
     def stats(self) -> dict[str, Any]:
+        """Everything /metrics and `kvrelay status` show; "events": the KV-event publisher's counters."""
         with self.lock:
             ix = self.ix
             return {"pool_bytes": self.arena.capacity, "pool_used_bytes": self.arena.used,
@@ -134,5 +136,6 @@ class Upkeep:
                     "directory_chunks": len(ix.directory.where) if ix.directory else 0,
                     "directory_misses": ix.directory.full if ix.directory else 0,
                     "tenants": ix.book.snapshot(self.policy),
+                    "events": events_stats(getattr(self, "events_publisher", None), ix.events),
                     "ssd_records_by_key": {str(k): n for k, n in self.ssd.records_by_key().items()} if self.ssd else {},
                     **dict(self.counters)}

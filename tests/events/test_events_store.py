@@ -88,6 +88,9 @@ def test_store_events_commit_spill_restart(tmp_path):
                        if isinstance(e, VllmStored)]
         assert {h for e in stored if e.medium == MEDIUM_CPU_TIER1 for h in e.block_hashes} == set(want1 + want2)
         assert all(e.block_size == BS and len(e.token_ids) == BS * len(e.block_hashes) for e in stored)
+        with StoreClient(d.address, compat_hash=COMPAT) as c:
+            ev = c.stats()["events"]
+        assert ev["batches_sent"] >= 5 and ev["batches_dropped"] == 0 and ev["groups_untracked"] == 0, ev
 
         subs[1].close()  # subscriber b is killed; a stays connected through the restart
         d.kill()
