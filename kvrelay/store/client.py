@@ -36,6 +36,11 @@ TOUCH_BATCH = 256  # directory pulls reported per message when no other request 
 TOUCH_MAX_AGE = 0.25  # ... or once the oldest unreported one is this old (seconds)
 
 
+def _token_list(tokens: Sequence[int]) -> list[int]:
+    """A prompt's token ids as a list of ints for the wire (a list already is one: no copy)."""
+    return tokens if isinstance(tokens, list) else np.asarray(tokens, np.int64).tolist()
+
+
 class StoreClient(ControlChannel):
     def __init__(self, address: str, *, transport: str = "shm", compat_hash: str, name: str = "client",
                  timeout: float = 10.0, staging_bytes: int = 256 << 20, control: str = "auto",
@@ -116,7 +121,7 @@ class StoreClient(ControlChannel):
         code "quota" when over it); ``tokens``, the prompt's token ids, describe the chunks in KV events."""
         keys = [k for k, _ in chunks]
         slots = self._call(P.Reserve(request_id=request_id, keys=keys, nbytes=[int(n) for _, n in chunks],
-                                     ttl=ttl, tenant=tenant, tokens=[int(t) for t in tokens])).slots
+                                     ttl=ttl, tenant=tenant, tokens=_token_list(tokens))).slots
         with self._lock:
             for k, s in zip(keys, slots, strict=True):
                 self._slots[kid_of(k)] = s
