@@ -25,7 +25,7 @@ from typing import Iterator
 import zmq
 
 from kvrelay import security
-from kvrelay.security.dataplane import PLANE, ClientSession, ServerSessions
+from kvrelay.security.dataplane import PLANE, TAGGED, ClientSession, ServerSessions
 from kvrelay.transfer.base import Desc, HandshakeError, XferState
 from kvrelay.transfer.endpoint import Endpoint, PeerConn
 from kvrelay.transfer.frames import FRAME_BYTES, SMALL_BYTES, Piece, plan_frames
@@ -180,9 +180,8 @@ class TcpTransport(DataServer, Endpoint):
             req.seq = session.next_seq()
         head = _enc.encode(req)
         more = zmq.SNDMORE if req.op == "write" else 0
-        if session is not None:
-            sock.send(head, zmq.SNDMORE)
-            sock.send(session.tag(head), more)
+        if session is not None:  # one frame: a zero byte (never the start of a msgpack array), the MAC, the head
+            sock.send(TAGGED + session.tag(head) + head, more)
         else:
             sock.send(head, more)
         if more:

@@ -14,7 +14,7 @@ from typing import Iterator
 import msgspec
 import zmq
 
-from kvrelay.security.dataplane import ServerSessions
+from kvrelay.security.dataplane import TAG_BYTES, TAGGED, ServerSessions
 from kvrelay.transfer.buffers import LocalRegion
 from kvrelay.transfer.frames import Piece, frame_bytes_of, plan_frames
 from kvrelay.transfer.handle import Handle
@@ -115,7 +115,8 @@ class DataServer:
                 return f"range [{off}, {off + n}) is outside region {rid} of {region.view.nbytes} bytes"
         return ""
 
-    def _authenticate(self, sock: zmq.Socket, ident: bytes, head: bytes, req: DataReq) -> str | None:
+    def _authenticate(self, sock: zmq.Socket, ident: bytes, head: bytes, tag: bytes | None,
+                      req: DataReq) -> str | None:
         """With keys: answer a handshake message (None), or check a request's MAC ('' or the refusal)."""
         sessions = self._sessions
         assert sessions is not None
@@ -126,7 +127,6 @@ class DataServer:
         if req.op == "proof":
             sock.send_multipart([ident, _enc.encode(DataRep(0, sessions.prove(ident, req.nonce)))])
             return None
-        tag = sock.recv() if sock.getsockopt(zmq.RCVMORE) else None
         return sessions.check(ident, head, tag, req.seq)
 
     def _serve_data(self) -> None:
@@ -138,7 +138,9 @@ class DataServer:
                 ident = sock.recv()
             except zmq.Again:
                 continue
-            head = sock.recv()
+            head, tag = sock.recv(), None
+            if head[:1] == TAGGED:  # with keys: TAGGED + MAC + head, in one frame
+                tag, head = head[1:1 + TAG_BYTES], head[1 + TAG_BYTES:]
             try:
                 req = _req_dec.decode(head)
             except msgspec.DecodeError:
@@ -146,7 +148,7 @@ class DataServer:
                     sock.recv_into(scratch)
                 continue
             if self._sessions is not None:
-                refusal = self._authenticate(sock, ident, head, req)
+                refusal = self._authenticate(sock, ident, head, tag, req)
                 if refusal is None:  # a handshake message, answered
                     continue
                 if refusal:

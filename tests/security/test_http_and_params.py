@@ -13,7 +13,6 @@ from pathlib import Path
 import openai
 import pytest
 
-from kvrelay import security
 from kvrelay.readyfile import wait_ready_file
 from kvrelay.security import params as signed_params
 from store_helpers import Daemon

@@ -13,6 +13,7 @@ import zmq
 
 from kvrelay import security
 from kvrelay.security import metrics
+from kvrelay.security.dataplane import TAGGED
 from kvrelay.transfer import create_transport
 from kvrelay.transfer.base import Desc, XferState
 from kvrelay.transfer.tcp_server import DataRep, DataReq
@@ -96,7 +97,7 @@ def test_requests_without_a_session_or_with_a_bad_mac_are_refused(pair, keys):
         assert dec.decode(sock.recv()).proof
         sock.send(enc.encode(DataReq("proof", 0, [], nonce=b"p" * 32)))
         assert "wrong handshake proof" in dec.decode(sock.recv()).error
-        sock.send_multipart([enc.encode(DataReq("read", 2, [(remote, 0, 4096)], seq=1)), b"t" * 32])  # forged MAC
+        sock.send(TAGGED + b"t" * 32 + enc.encode(DataReq("read", 2, [(remote, 0, 4096)], seq=1)))  # forged MAC
         frames = sock.recv_multipart()
         assert len(frames) == 1 and "authentication required" in dec.decode(frames[0]).error
         assert metrics.total("tcp-data") >= before + 3
@@ -109,7 +110,7 @@ def test_requests_without_a_session_or_with_a_bad_mac_are_refused(pair, keys):
     sock_, session = next(iter(cli._client_sessions.items()))
     head = enc.encode(DataReq("read", 99, [(remote, 0, 4096)], seq=session.seq))  # a sequence number already used
     before = metrics.total("tcp-data")
-    sock_.send_multipart([head, session.tag(head)])
+    sock_.send(TAGGED + session.tag(head) + head)
     assert sock_.poll(10_000)
     frames = sock_.recv_multipart()
     assert "replayed" in dec.decode(frames[0]).error
