@@ -205,11 +205,12 @@ class Router:
         tokens = self.cache.tokens(request.path, body) if self.cache is not None and self.policy.needs_tokens \
             else None
         try:
-            d = self.policy.decide(self.prefill, self.decode, tokens, store_up=self.store is None or self.store.up)
+            d = self.policy.decide(self.prefill, self.decode, tokens, store_up=self.store is None or self.store.up,
+                                   salted=bool(body.get("cache_salt")))
         except NoWorkerError:  # no decode worker in service: the decode leg answers why
             return await self.legs.decode(request, body)
         self.metrics.routes.labels(d.reason).inc()
-        self.policy.routed(d, tokens)
+        self.policy.routed(d, tokens, salted=bool(body.get("cache_salt")))
         d.decode.load_tokens += d.prompt_tokens
         try:
             return await self._legs(request, body, d)
@@ -319,8 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-only-hit", type=float, default=0.8, metavar="FRACTION",
                    help="a prompt whose prefix a decode worker holds for at least this fraction (tier-weighted) "
                         "goes to it alone (above 1: off; needs --events of the decode workers)")
-    p.add_argument("--no-store-skip", action="store_true",
-                   help="send the prefill leg even when the store holds the whole prompt (default: skip it)")
+    p.add_argument("--store-skip", action="store_true",
+                   help="no prefill leg when the store's events show it holds the whole prompt (the decode pulls "
+                        "it); off by default: the index cannot tell tenants (cache_salt) apart, so an unsalted "
+                        "prompt another tenant stored would be pulled in vain until the decode's deadline")
     p.add_argument("--workers", type=int, default=1,
                    help="router processes sharing the port (SO_REUSEPORT), for more than one core; each keeps its "
                         "own pools, breakers, KV index and metrics")
@@ -346,7 +349,7 @@ def build_router(args: argparse.Namespace) -> Router:
         else None
     if args.policy == "cache_aware" and not sources:
         log.warning("--policy cache_aware without --events: no cache is known, it routes by load alone")
-    disagg = Disagg(args.decode_only_below, args.decode_only_hit, not args.no_store_skip)
+    disagg = Disagg(args.decode_only_below, args.decode_only_hit, args.store_skip)
     policy = Policy(args.policy, cache.index if cache is not None else None, disagg, args.overlap_weight)
     return Router(Pool("prefill", args.prefill, args.policy, args.breaker_failures),
                   Pool("decode", args.decode, args.policy, args.breaker_failures), args.health_interval,

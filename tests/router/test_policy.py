@@ -149,3 +149,16 @@ def test_without_events_cache_aware_follows_its_own_routing():
     d = rr.decide(pre, dec, systems[0])
     rr.routed(d, systems[0])
     assert rr.index.stats() == {"orphans": 0, "malformed": 0, "events": 0}
+
+
+def test_a_salted_request_ignores_the_index():
+    """Blocks are named by token ids alone: a tenant's request must neither use nor probe them."""
+    idx = KVIndex()
+    sys = prompt(1, 256)
+    publish(idx, D[1], sys)
+    publish(idx, STORE, sys, "CPU_TIER1", base=5000, block_size=128)
+    pre, dec = pools()
+    pol = Policy("cache_aware", idx, Disagg(decode_hit=0.8))
+    assert pol.decide(pre, dec, sys).reason == "decode_holds_prefix"
+    d = pol.decide(pre, dec, sys, salted=True)
+    assert d.reason == "pd" and d.prefill_tokens == 256
