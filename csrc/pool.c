@@ -24,6 +24,7 @@ static pthread_t *workers = NULL;
 static const job_t *cur_job = NULL;   /* the posted job, NULL when none (guarded by mu) */
 static int active = 0;                /* workers inside cur_job (changed under mu; read unlocked as a hint) */
 static int64_t next_piece = 0;        /* claimed with __atomic_fetch_add */
+static int last_caller_cpu = -1;      /* the core of the last job's caller (guarded by mu) */
 static uint64_t generation = 0, pool_start_gen = 0; /* workers start from pool_start_gen */
 static int64_t parallel_threshold = 1 << 20;
 /* Back-off: a worker preempted in the middle of a piece makes the caller wait for a whole scheduler
@@ -65,7 +66,9 @@ static void keep_off_caller(affinity_t *a, int caller_cpu) {
     if (a->excluded >= 0 && a->excluded != caller_cpu) { /* the caller moved: take the whole set back */
         if (sched_setaffinity(0, sizeof(a->all), &a->all) == 0) a->excluded = -1;
     }
-    if (a->excluded < 0 && sched_getcpu() == caller_cpu && CPU_ISSET(caller_cpu, &a->all)) {
+    /* not only when nothing is excluded yet: a worker put back on the caller's core from outside (a
+     * cgroup or taskset change) still finds itself there, and must move again */
+    if (sched_getcpu() == caller_cpu && CPU_ISSET(caller_cpu, &a->all)) {
         cpu_set_t rest = a->all;
         CPU_CLR(caller_cpu, &rest);
         if (sched_setaffinity(0, sizeof(rest), &rest) == 0) a->excluded = caller_cpu;
@@ -91,7 +94,14 @@ static void *worker_main(void *arg) {
         if (shutting_down) break;
         seen = generation;
         const job_t *j = cur_job;
-        if (!j) continue; /* woke after the job was withdrawn: its caller did the work */
+        if (!j) { /* woke after the job was withdrawn: its caller did the work, maybe because this worker
+                   * shared its core and never got a turn, so keep off that core for the next job */
+            int c = last_caller_cpu;
+            pthread_mutex_unlock(&mu);
+            keep_off_caller(&aff, c);
+            pthread_mutex_lock(&mu);
+            continue;
+        }
         __atomic_add_fetch(&active, 1, __ATOMIC_RELAXED);
         int caller_cpu = j->caller_cpu;
         pthread_mutex_unlock(&mu);
@@ -175,6 +185,7 @@ void pool_run(pool_fn fn, void *ctx, int64_t num_pieces, int64_t bytes) {
     pthread_mutex_lock(&mu);
     __atomic_store_n(&next_piece, 0, __ATOMIC_RELAXED);
     cur_job = &j;
+    last_caller_cpu = j.caller_cpu;
     generation++;
     pthread_cond_broadcast(&cv_work);
     pthread_mutex_unlock(&mu);
