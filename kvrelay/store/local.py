@@ -17,8 +17,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import os
 import socket
 import struct
+
+from kvrelay.security.metrics import refused
 
 log = logging.getLogger("kvrelay.store")
 FRAME = struct.Struct("<I")
@@ -51,9 +54,17 @@ class _Conn:
         self.out = bytearray()
 
 
+def _peer_uid(s: socket.socket) -> int:
+    _, uid, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid
+
+
 class LocalListener:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, same_user: bool = False) -> None:
         self.name = name
+        # with keys on: an abstract socket has no file permissions, so only this user (or root) gets in; a
+        # client of another user could not map the 0600 pool anyway, but could send control requests
+        self.same_user = same_user
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.bind(to_sockaddr(name))
@@ -79,6 +90,10 @@ class LocalListener:
             except OSError as exc:  # e.g. out of file descriptors: keep serving the others
                 log.warning("cannot accept a local control connection: %s", exc)
                 return fds
+            if self.same_user and _peer_uid(s) not in (os.getuid(), 0):
+                refused("store", "a same-host client of another user on the local socket")
+                s.close()
+                continue
             s.setblocking(False)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
             c = _Conn(s, b"L" + next(self._serial).to_bytes(8, "little"))

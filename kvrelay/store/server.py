@@ -79,7 +79,7 @@ class StoreServer:
         self.local: LocalListener | None = None  # same-host clients' Unix socket (local.py)
         if local:
             try:
-                self.local = LocalListener(local_name(self.port, core.pool.name))
+                self.local = LocalListener(local_name(self.port, core.pool.name), same_user=self.keys is not None)
             except OSError as exc:  # another process holds the name: ZMQ still serves everyone
                 log.warning("no same-host control socket (%s): clients use the ZMQ socket only", exc)
         self._poller = zmq.Poller()

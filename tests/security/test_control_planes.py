@@ -5,8 +5,12 @@ a client with no key, another cluster's keys, or only the server's public key is
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +94,20 @@ def test_keyed_client_of_a_daemon_without_keys_fails_clearly(tmp_path, keys):
         assert "--keys" in msg, msg
     finally:
         plain.cleanup()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
+def test_local_socket_refuses_another_user(keyed_daemon, keys):
+    with security.using(keys), StoreClient(keyed_daemon.address, compat_hash=COMPAT) as c:
+        name = c.info["local"]
+        c.ping()  # negative control: this user's requests over the same-host socket are served
+    assert name
+    code = (f"import os, socket; from kvrelay.store.local import to_sockaddr; os.setuid(65534); "
+            f"s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(to_sockaddr({name!r})); "
+            f"print(repr(s.recv(1)))")
+    before = refused(keyed_daemon, "store")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).parents[2])
+    assert out.stdout.strip() == "b''", out.stdout + out.stderr  # closed at once
+    wait_for(lambda: refused(keyed_daemon, "store") > before, 10, "the other user's connection counted")
