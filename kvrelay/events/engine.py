@@ -32,8 +32,8 @@ class DeviceEvents:
         self.engine_block_size, self.block_size = engine_block_size, bs
         self.compat_hash, self.medium = compat_hash, medium
         self.lock = threading.RLock()
-        # engine block hash -> (event hashes, parent event hash, token ids)
-        self._held: dict[bytes, tuple[list[int], int | None, list[int]]] = {}
+        # engine block hash -> (event hashes, parent event hash, token ids, cache_salt)
+        self._held: dict[bytes, tuple[list[int], int | None, list[int], str]] = {}
         self.publisher = EventPublisher(endpoint, replay_endpoint, topic, snapshot=self.snapshot,
                                         state_lock=self.lock).start()
 
@@ -52,8 +52,8 @@ class DeviceEvents:
             else:  # the parent block left the cache meanwhile: hash the prefix again
                 parent_ev = chain(tokens[:index * sb], self.block_size, self.compat_hash, salt)[-1]
             hashes = chain(ids, self.block_size, self.compat_hash, salt, parent=parent_ev, start=index * sb)
-            self._held[h] = (hashes, parent_ev, ids)
-            self.publisher.publish([stored(hashes, parent_ev, ids, self.block_size, self.medium)])
+            self._held[h] = (hashes, parent_ev, ids, salt)
+            self.publisher.publish([stored(hashes, parent_ev, ids, self.block_size, self.medium, salt)])
 
     def removed(self, h: bytes) -> None:
         with self.lock:
@@ -63,7 +63,7 @@ class DeviceEvents:
 
     def snapshot(self) -> list[Event]:
         with self.lock:
-            return [stored(hs, p, ids, self.block_size, self.medium) for hs, p, ids in self._held.values()]
+            return [stored(hs, p, ids, self.block_size, self.medium, salt) for hs, p, ids, salt in self._held.values()]
 
     def addresses(self) -> dict[str, str | None]:
         return {"events": self.publisher.endpoint, "events_replay": self.publisher.replay_endpoint}

@@ -47,6 +47,7 @@ class Described(msgspec.Struct, array_like=True):
     hashes: list[int]
     parent: int | None
     token_ids: list[int]
+    tenant: str = ""  # the prompt's cache_salt (absent from logs written before it was recorded)
 
 
 @dataclass(slots=True)
@@ -196,7 +197,7 @@ class StoreEvents:
             d = g.desc
             assert d is not None
             if now:
-                events.append(stored(d.hashes, d.parent, d.token_ids, d.block_size, medium))
+                events.append(stored(d.hashes, d.parent, d.token_ids, d.block_size, medium, d.tenant))
                 self.counters["events_stored"] += 1
             else:
                 events.append(BlockRemoved(block_hashes=list(d.hashes), medium=medium))
@@ -217,7 +218,7 @@ class StoreEvents:
         start, end = g.span
         first, last = -(-start // bs), min(end, len(p.tokens)) // bs  # whole blocks inside [start, end)
         g.desc = Described(gk[0], gk[1], gk[2], g.layers, bs, p.hashes[first:last],
-                           p.hashes[first - 1] if first > 0 else None, p.tokens[first * bs:last * bs])
+                           p.hashes[first - 1] if first > 0 else None, p.tokens[first * bs:last * bs], p.tenant)
         g.prompt = None
         self._append(g.desc)
         return True
@@ -231,7 +232,7 @@ class StoreEvents:
                 continue
             for flag, medium in ((g.in_mem, MEDIUM_CPU_TIER1), (g.in_ssd, MEDIUM_DISK)):
                 if flag:
-                    out.append(stored(d.hashes, d.parent, d.token_ids, d.block_size, medium))
+                    out.append(stored(d.hashes, d.parent, d.token_ids, d.block_size, medium, d.tenant))
         return out
 
 

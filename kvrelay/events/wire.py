@@ -97,10 +97,26 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(KVEventBatch)
 
 
-def stored(hashes: list[int], parent: int | None, token_ids: list[int], block_size: int, medium: str) -> BlockStored:
-    """A `BlockStored` without LoRA (the only kind kvrelay publishes)."""
+def stored(hashes: list[int], parent: int | None, token_ids: list[int], block_size: int, medium: str,
+           salt: str = "") -> BlockStored:
+    """A `BlockStored` without LoRA (the only kind kvrelay publishes).  A tenant's ``salt`` (cache_salt) goes
+    where vLLM puts it: in the extra keys of the prompt's first block (``parent`` None), since every later
+    block's hash chains from it; a consumer that names blocks by their token ids (a router, Dynamo) must seed
+    its chain with it, or one tenant's prompt would look held for another."""
+    extra: list[tuple[Any, ...] | None] | None = None
+    if salt and parent is None and hashes:
+        extra = [(salt,)] + [None] * (len(hashes) - 1)
     return BlockStored(block_hashes=list(hashes), parent_block_hash=parent, token_ids=list(token_ids),
-                       block_size=block_size, lora_id=None, medium=medium, lora_name=None)
+                       block_size=block_size, lora_id=None, medium=medium, lora_name=None, extra_keys=extra)
+
+
+def salt_of(ev: BlockStored) -> str:
+    """The cache_salt in a first block's extra keys ('' when none): its string entries other than the
+    LoRA name (vLLM's order: LoRA name, multimodal (id, offset) pairs, the salt, embedding digests)."""
+    if not ev.extra_keys or not ev.extra_keys[0]:
+        return ""
+    names = [k for k in ev.extra_keys[0] if isinstance(k, str) and k != ev.lora_name]
+    return names[-1] if names else ""
 
 
 def make_batch(events: list[Event], dp_rank: int | None = None, ts: float | None = None) -> KVEventBatch:

@@ -33,11 +33,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
-from kvrelay.events.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvrelay.events.wire import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, salt_of
 
 TIERS = ("device", "host", "disk")
 MEDIUM_TIER = {None: "device", "GPU": "device", "CPU": "host", "CPU_TIER1": "host", "DISK": "disk"}
-ROOT = 0  # the chain's seed: the parent of a prompt's first block
+ROOT = 0  # the chain's seed: the parent of a prompt's first block (no tenant)
+
+
+def root(salt: str = "") -> int:
+    """The chain's seed for a tenant: a prompt's blocks under one cache_salt never share a name with the same
+    tokens under another (or none), as in the publishers' own hashes and vLLM's (the salt is in the first
+    block's extra keys, `kvrelay.events.wire.salt_of`)."""
+    return ROOT if not salt else xxhash.xxh3_64_intdigest(b"kvrelay-salt|" + salt.encode())
 
 
 def chain(tokens: Sequence[int], block_size: int, parent: int = ROOT) -> list[int]:
@@ -53,9 +60,10 @@ def chain(tokens: Sequence[int], block_size: int, parent: int = ROOT) -> list[in
     return out
 
 
-def prompt_hashes(tokens: Sequence[int], block_sizes: Sequence[int]) -> dict[int, list[int]]:
-    """The prompt's chain at each block size."""
-    return {bs: chain(tokens, bs) for bs in block_sizes}
+def prompt_hashes(tokens: Sequence[int], block_sizes: Sequence[int], salt: str = "") -> dict[int, list[int]]:
+    """The prompt's chain at each block size, seeded by the request's cache_salt."""
+    seed = root(salt)
+    return {bs: chain(tokens, bs, seed) for bs in block_sizes}
 
 
 @dataclass(slots=True)
@@ -135,7 +143,7 @@ class KVIndex:
             return
         src.block_size = ev.block_size
         if ev.parent_block_hash is None:
-            parent = ROOT
+            parent = root(salt_of(ev))
         elif (found := src.parents.get(ev.parent_block_hash)) is not None:
             parent = found
         else:

@@ -80,24 +80,24 @@ class Policy:
         """Whether a decision reads the prompt's tokens (else the router need not tokenize)."""
         return self.name == "cache_aware" or self.disagg.min_prefill_tokens > 0 or self.index is not None
 
-    def routed(self, d: Decision, tokens: list[int] | None, salted: bool = False) -> None:
+    def routed(self, d: Decision, tokens: list[int] | None, salt: str = "") -> None:
         """Note where a prompt went, for workers whose events are not followed (kvindex.record)."""
-        if self.index is None or not tokens or salted or self.name != "cache_aware":
+        if self.index is None or not tokens or self.name != "cache_aware":
             return
-        hashes = prompt_hashes(tokens, [self.index.approx_block_size])
+        hashes = prompt_hashes(tokens, [self.index.approx_block_size], salt)
         for w in (d.prefill, d.decode):
             if w is not None and w.url not in self.followed:
                 self.index.record(w.url, hashes)
 
     def decide(self, prefill: Pool, decode: Pool, tokens: list[int] | None, store_up: bool = True,
-               salted: bool = False) -> Decision:
+               salt: str = "") -> Decision:
         """The route of one request over the workers in service (NoWorkerError: no decode worker in service;
-        the caller handles "no prefill worker" and "store down" before).  ``salted``: the request has a
-        tenant (cache_salt); the index, which names blocks by token ids alone, cannot tell tenants apart, so
-        it is not consulted (no credit, no shortcut: another tenant's cache must neither be used nor probed)."""
+        the caller handles "no prefill worker" and "store down" before).  ``salt``: the request's tenant
+        (cache_salt), which seeds its block names as the publishers' events do, so one tenant is never
+        credited with, nor routed past its prefill by, another tenant's cache."""
         n = len(tokens) if tokens is not None else 0
-        hashes = prompt_hashes(tokens, self.index.block_sizes()) if self.index is not None and tokens and \
-            not salted else {}
+        hashes = prompt_hashes(tokens, self.index.block_sizes(), salt) if self.index is not None and tokens \
+            else {}
         decoders = decode.healthy()
         if tokens is not None and n < self.disagg.min_prefill_tokens:
             return Decision("short_prompt", self._decode_alone(decode, decoders, hashes, n), None, False, n)

@@ -204,13 +204,15 @@ class Router:
             return await self.legs.decode(request, body)
         tokens = self.cache.tokens(request.path, body) if self.cache is not None and self.policy.needs_tokens \
             else None
+        salt = body.get("cache_salt")
+        salt = salt if isinstance(salt, str) else ""  # another type: the engines refuse the request, naming it
         try:
             d = self.policy.decide(self.prefill, self.decode, tokens, store_up=self.store is None or self.store.up,
-                                   salted=bool(body.get("cache_salt")))
+                                   salt=salt)
         except NoWorkerError:  # no decode worker in service: the decode leg answers why
             return await self.legs.decode(request, body)
         self.metrics.routes.labels(d.reason).inc()
-        self.policy.routed(d, tokens, salted=bool(body.get("cache_salt")))
+        self.policy.routed(d, tokens, salt)
         d.decode.load_tokens += d.prompt_tokens
         try:
             return await self._legs(request, body, d)
@@ -321,9 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prompt whose prefix a decode worker holds for at least this fraction (tier-weighted) "
                         "goes to it alone (above 1: off; needs --events of the decode workers)")
     p.add_argument("--store-skip", action="store_true",
-                   help="no prefill leg when the store's events show it holds the whole prompt (the decode pulls "
-                        "it); off by default: the index cannot tell tenants (cache_salt) apart, so an unsalted "
-                        "prompt another tenant stored would be pulled in vain until the decode's deadline")
+                   help="no prefill leg when the store's events show it holds the whole prompt, under the request's "
+                        "own cache_salt (the decode pulls it); off by default: the store may evict the prompt "
+                        "between its event and the pull, and the decode then waits out its pull deadline")
     p.add_argument("--workers", type=int, default=1,
                    help="router processes sharing the port (SO_REUSEPORT), for more than one core; each keeps its "
                         "own pools, breakers, KV index and metrics")

@@ -21,12 +21,12 @@ def prompt(seed: int, n: int) -> list[int]:
 
 
 def publish(index: KVIndex, source: str, tokens: list[int], medium: str = "GPU", base: int = 1000,
-            block_size: int = BS) -> list[int]:
+            block_size: int = BS, salt: str = "") -> list[int]:
     """Store ``tokens``' blocks on ``source`` as one BlockStored per block (publisher hashes base+i)."""
     ext, parent = [], None
     for i in range(0, len(tokens), block_size):
         h = base + i // block_size
-        index.apply(source, make_batch([stored([h], parent, tokens[i:i + block_size], block_size, medium)]))
+        index.apply(source, make_batch([stored([h], parent, tokens[i:i + block_size], block_size, medium, salt)]))
         ext.append(h)
         parent = h
     return ext
@@ -151,14 +151,21 @@ def test_without_events_cache_aware_follows_its_own_routing():
     assert rr.index.stats() == {"orphans": 0, "malformed": 0, "events": 0}
 
 
-def test_a_salted_request_ignores_the_index():
-    """Blocks are named by token ids alone: a tenant's request must neither use nor probe them."""
+def test_tenants_are_told_apart_by_their_cache_salt():
+    """A tenant's blocks (its salt in the first block's extra keys, as vLLM publishes it) credit that tenant
+    only: the same tokens under another salt, or none, are neither credited nor routed past the prefill."""
     idx = KVIndex()
     sys = prompt(1, 256)
-    publish(idx, D[1], sys)
-    publish(idx, STORE, sys, "CPU_TIER1", base=5000, block_size=128)
+    publish(idx, D[1], sys, salt="alice")
+    publish(idx, STORE, sys, "CPU_TIER1", base=5000, block_size=128, salt="alice")
     pre, dec = pools()
-    pol = Policy("cache_aware", idx, Disagg(decode_hit=0.8))
-    assert pol.decide(pre, dec, sys).reason == "decode_holds_prefix"
-    d = pol.decide(pre, dec, sys, salted=True)
-    assert d.reason == "pd" and d.prefill_tokens == 256
+    pol = Policy("cache_aware", idx, Disagg(decode_hit=0.8, store_whole=True))
+    assert pol.decide(pre, dec, sys, salt="alice").reason == "decode_holds_prefix"  # the owner hits
+    for other in ("", "bob"):
+        d = pol.decide(pre, dec, sys, salt=other)
+        assert d.reason == "pd" and d.prefill_tokens == 256, other
+    idx2 = KVIndex()  # the store alone holds alice's prompt: her request skips the prefill, bob's does not
+    publish(idx2, STORE, sys, "CPU_TIER1", base=5000, block_size=128, salt="alice")
+    pol2 = Policy("cache_aware", idx2, Disagg(decode_hit=0.8, store_whole=True))
+    assert pol2.decide(pre, dec, sys, salt="alice").reason == "store_holds_prompt"
+    assert pol2.decide(pre, dec, sys, salt="bob").reason == "pd"
