@@ -9,6 +9,7 @@ Must not touch: anything but the tensors, streams and processes it creates.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import subprocess
 import sys
@@ -325,8 +326,8 @@ def bandwidth(device: str = "cuda", quick: bool = False, min_fraction: float = 0
 
 
 def _selfcheck(name: str) -> dict:
-    try:
-        from kvrelay.transfer import gpu_selfcheck
+    try:  # by module name (not `from kvrelay.transfer import ...`, which an attribute of the package satisfies)
+        gpu_selfcheck = importlib.import_module("kvrelay.transfer.gpu_selfcheck")
     except ImportError as exc:
         return {"ok": False, "error": f"kvrelay.transfer.gpu_selfcheck is missing: {exc}"}
     fn = getattr(gpu_selfcheck, f"check_{name}", None)
