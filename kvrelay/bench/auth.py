@@ -25,7 +25,7 @@ from contextlib import ExitStack
 import numpy as np
 
 from kvrelay.bench.harness import BenchContext, Record, median
-from kvrelay.bench.transports import KIB, MIB, Op, _measure_interleaved
+from kvrelay.bench.transports import KIB, MIB, Op, _endpoint_ops, _measure_interleaved
 
 SIZES_FULL = (64 * KIB, 1 * MIB, 4 * MIB, 16 * MIB)
 SIZES_QUICK = (64 * KIB, 1 * MIB, 4 * MIB)
@@ -61,21 +61,9 @@ def _spawn(mode: str, nbytes: int, keys_dir: str, stack: ExitStack) -> dict:
 def _ops(mode: str, meta: dict, nbytes: int, keys_dir: str, stack: ExitStack) -> dict[str, Op]:
     from kvrelay import security
     from kvrelay.transfer import create_transport
-    from kvrelay.transfer.base import Desc
     with security.using(security.load(keys_dir) if mode != "plain" else None):
         ep = create_transport("tcp", f"bench-auth-client-{mode}", "bench")
-    stack.callback(ep.close)
-    info, _ = ep.alloc(nbytes)
-    peer = ep.connect(meta["address"], timeout=30)
-
-    def make(op: str) -> Op:
-        fn = ep.read if op == "read" else ep.write
-
-        def run(n: int) -> None:
-            with fn(peer, [Desc(info.region_id, 0, meta["region"], 0, n)], timeout=60) as h:
-                h.result()
-        return run
-    return {"read": make("read"), "write": make("write")}
+    return _endpoint_ops(ep, meta, nbytes, stack)
 
 
 def _aes_gcm(n: int, quick: bool) -> tuple[float, float] | None:

@@ -83,8 +83,12 @@ def _spawn(kind: str, nbytes: int, stack: ExitStack) -> dict:
 
 def _transport_ops(kind: str, meta: dict, nbytes: int, stack: ExitStack) -> dict[str, Op]:
     from kvrelay.transfer import create_transport
+    return _endpoint_ops(create_transport(kind, f"bench-{kind}-client", "bench"), meta, nbytes, stack)
+
+
+def _endpoint_ops(ep, meta: dict, nbytes: int, stack: ExitStack) -> dict[str, Op]:
+    """Read and write ops of ``ep`` (a client endpoint, closed with ``stack``) on the peer of ``meta``."""
     from kvrelay.transfer.base import Desc
-    ep = create_transport(kind, f"bench-{kind}-client", "bench")
     stack.callback(ep.close)
     info, _ = ep.alloc(nbytes)
     peer = ep.connect(meta["address"], timeout=30)
