@@ -52,6 +52,7 @@ setup(
         "prometheus-client",
         "xxhash>=3",
         "aiohttp>=3.9",
+        "httptools>=0.6",  # the router legs' HTTP/1.1 parser (kvrelay/router/upstream.py)
         "pyyaml",
         "safetensors",
         "tokenizers",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvrelay.bench.harness import run_suite
+from kvrelay.bench.suites import run_suite
+
+pytestmark = pytest.mark.slow  # starts several processes: not in the fast tier (-m 'not slow')
 
 
 @pytest.mark.timeout(900)

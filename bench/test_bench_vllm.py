@@ -11,7 +11,8 @@ import os
 import pytest
 
 from kvrelay.bench import vllm as suite
-from kvrelay.bench.harness import BenchContext, run_suite
+from kvrelay.bench.harness import BenchContext
+from kvrelay.bench.suites import run_suite
 
 
 def _s(ttft: float, itl: float = 0.016, end: float | None = None) -> dict[str, float]:
@@ -42,6 +43,7 @@ def test_records_and_chart_from_samples(tmp_path):
     assert (tmp_path / "vllm.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # 8 vLLM servers
 @pytest.mark.timeout(2400)
 @pytest.mark.skipif(not os.environ.get("KVRELAY_BENCH_VLLM"), reason="starts 8 vLLM servers (10-15 min): set "
                     "KVRELAY_BENCH_VLLM=1 to run it")

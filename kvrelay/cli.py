@@ -14,7 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "engine": ("kvrelay.engines.reference.server", "run the reference engine (colocated, prefill or decode)"),
     "router": ("kvrelay.router.server", "run the OpenAI-compatible P/D router over prefill and decode pools"),
     "up": ("kvrelay.launcher", "bring up a local P/D cluster (store, engines) and optionally run a demo"),
-    "status": ("kvrelay.status", "show the processes of a running `kvrelay up`: health, restarts, uptime"),
+    "status": ("kvrelay.status", "show the processes of a running `kvrelay up`: health, restarts, uptime (--etcd "
+               "URL: a cluster's members in etcd)"),
     "keys": ("kvrelay.security.keygen", "write a key directory (CURVE keys, shared secret, HTTP token) for --keys"),
     "dynamo-worker": ("kvrelay.engines.dynamo.worker", "run a reference engine as an NVIDIA Dynamo worker (prefill, "
                       "decode or colocated)"),
@@ -22,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                         "kvrelay's Dynamo workers"),
     "dynamo-broker": ("kvrelay.engines.dynamo.broker", "run the loopback event broker a Dynamo deployment needs"),
     "dynamo-checkpoint": ("kvrelay.engines.dynamo.model_dir", "write a seeded checkpoint ready for Dynamo's frontend"),
-    "bench": ("kvrelay.bench.harness", "run a benchmark suite (kernels, transports, store, pd, vllm)"),
+    "bench": ("kvrelay.bench.suites", "run a benchmark suite (kernels, transports, store, pd, vllm)"),
 }
 
 

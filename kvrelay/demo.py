@@ -19,9 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import urllib.error
-import urllib.request
-
+from kvrelay.httpjson import http_json
+from kvrelay.promtext import scrape, sum_samples
 from kvrelay.security.http import auth_headers
 
 DEMO_LENGTHS = (1, 17, 130, 333, 700, 1100, 64, 257, 900, 45)
@@ -30,13 +29,7 @@ FIRST_ID = 3  # ids 0-2 are the usual pad/bos/eos
 
 
 def post(url: str, body: dict, timeout: float = 300.0) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json", **auth_headers()})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"{url} answered HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}") from None
+    return dict(http_json(url, body, timeout, headers=auth_headers()))
 
 
 @dataclass(frozen=True)
@@ -86,13 +79,8 @@ class ExternalTokensCounter:
         self.last = self._read()
 
     def _read(self) -> float:
-        from kvrelay.engines.vllm.process import parse_metrics, sum_samples
-        total = 0.0
-        for url in self.urls:
-            with urllib.request.urlopen(f"{url}/metrics", timeout=10.0) as r:
-                text = r.read().decode()
-            total += sum_samples(parse_metrics(text), self.METRIC, source="external_kv_transfer")
-        return total
+        return sum(sum_samples(scrape(f"{url}/metrics", timeout=10.0), self.METRIC, source="external_kv_transfer")
+                   for url in self.urls)
 
     def __call__(self, answer: dict) -> bool | None:
         now = self._read()

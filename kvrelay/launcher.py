@@ -1,13 +1,14 @@
 """`kvrelay up`: bring up a local P/D cluster (store daemon, prefill and decode engines, router).
 
-Owns: which processes run with which flags, checking the flags before anything starts, and the
-`--demo` run.  `--engine reference` (the default) runs kvrelay's reference engines; `--engine vllm` runs
-vLLM OpenAI servers with the kvrelay KV connector (`vllm_kv_transfer_config`).  Starting, restarting
-and stopping the kvrelay processes is supervisor.py's (it restarts them while serving; `--demo` runs
-once, unsupervised; vLLM servers are started here and not restarted);
-the store keeps its SSD tier in the work dir, so a restarted store has what it had spilled.
-`kvrelay up -f cluster.yaml [--host NAME]` runs one host's part of a cluster of several hosts instead
-(kvrelay/cluster.py reads the file and plans the host; `_run_cluster_file` starts and supervises it).
+Owns: the command line (checking the flags before anything starts), running a host's plan (start its
+processes in order, show them, supervise them until Ctrl-C) and the `--demo` run.  `kvrelay up` alone
+runs a one-host plan generated from its flags (localplan.py): `--engine reference` (the default) runs
+kvrelay's reference engines, `--engine vllm` vLLM OpenAI servers with the kvrelay KV connector (their
+config: kvrelay/engines/vllm/config.py).  `kvrelay up -f cluster.yaml [--host NAME]` runs one host's part
+of a cluster of several hosts (cluster.py reads the file, clusterplan.py plans the host); both go through `run_plan`.
+Starting, restarting and stopping the kvrelay processes is supervisor.py's (it restarts them while
+serving, vLLM servers included, each with its whole process group; `--demo` runs once, unsupervised); the store
+keeps its SSD tier in the work dir, so a restarted store has what it had spilled.
 Must not touch: what the processes do (see kvrelay/store, kvrelay/engines, kvrelay/router).
 """
 
@@ -19,65 +20,54 @@ import os
 import shutil
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from kvrelay import security, upstate
+from kvrelay.engines.vllm.config import VLLM_CONNECTOR, vllm_kv_transfer_config
+from kvrelay.hostplan import HostPlan, Launch, VllmSpec, is_engine, resolve
+from kvrelay.localplan import local_plan
+from kvrelay.proc import StartError
 from kvrelay.store.pool import unlink_pool
-from kvrelay.supervisor import Backoff, StartError, Supervisor
+from kvrelay.supervisor import Backoff, Child, Supervisor
 from kvrelay.transfer import available_transports, check_store_transport
 
 if TYPE_CHECKING:
     from kvrelay.engines.vllm.process import VllmServer
 
 ENGINES = ("reference", "vllm")
-VLLM_CONNECTOR = "KVRelayConnector"
+Ready = dict[str, dict[str, Any]]  # each started process's ready file (a vLLM server's: its url), by name
 
 
-def vllm_kv_transfer_config(store_address: str, transport: str,
-                            connector: str | None = VLLM_CONNECTOR) -> dict[str, Any] | None:
-    """``--kv-transfer-config`` of the vLLM prefill and decode servers (both kv_both: the router's
-    kv_transfer_params say which leg a request is).  ``connector=None``: none at all (vLLM refuses a
-    config without a connector), for trying the cluster with plain servers."""
-    if connector is None:
-        return None
-    return {"kv_connector": connector, "kv_connector_module_path": "kvrelay.engines.vllm", "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"store": store_address, "transport": transport,
-                                          **({"keys": str(keys.directory)} if (keys := security.current()) else {})}}
-
-
-class Cluster(Supervisor):
-    """The supervised kvrelay processes plus the vLLM servers, all stopped when the cluster is closed."""
+class HostProcesses(Supervisor):
+    """The supervised kvrelay processes and vLLM servers of this host, all stopped when closed."""
 
     def __init__(self, workdir: Path, verbose: bool = False, backoff: Backoff | None = None) -> None:
         super().__init__(workdir, verbose, backoff)
         self.vllm: list[VllmServer] = []
 
-    def spawn_vllm(self, label: str, checkpoint: str, **kw: Any) -> "VllmServer":
-        """Spawn a vLLM server logging to ``{label}.log`` (wait for it with ``wait_healthy``); closed with
-        the cluster, shown by `kvrelay status`, not restarted."""
+    def spawn_vllm(self, label: str, checkpoint: str, timeout: float = 600.0, **kw: Any) -> Child:
+        """Spawn a vLLM server logging to ``{label}.log`` (wait for it with ``wait_ready``): restarted when it
+        dies, shown by `kvrelay status`, its process group stopped with the others."""
         from kvrelay.engines.vllm.process import VllmServer
         server = VllmServer(checkpoint, log_path=self.workdir / f"{label}.log", **kw)
         self.vllm.append(server)
-        server.spawn()
-        assert server.popen is not None
-        self.external.append({"name": label, "pid": server.popen.pid, "state": "running", "started": self.started,
-                              "last_exit": None, "address": server.url, "health_url": f"{server.url}/health",
-                              "log": str(server.log_path), "supervised": False})
-        return server
+        return self.spawn_server(label, server, timeout=timeout)
 
     def close(self, grace: float = 5.0) -> None:
-        for server in reversed(self.vllm):  # they may hold store leases: stop them before the store
+        for c in self.children:
+            if c.server is not None and c.popen is not None and c.popen.poll() is None:
+                c.state = "stopped"  # stopping: not a crash
+        for server in reversed(self.vllm):  # they may hold store leases: stop them (each its whole group) first
             server.stop()
         self.vllm.clear()
-        self.external.clear()
         super().close(grace)
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> "HostProcesses":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -137,6 +127,11 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.engine == "vllm" and not args.checkpoint:
         return ("--engine vllm needs --checkpoint DIR (config.json + *.safetensors); "
                 "kvrelay.engines.vllm.checkpoint.write_llama_checkpoint writes a seeded one")
+    if args.engine == "vllm":
+        from kvrelay.engines.vllm.process import setup_problem
+        problem = setup_problem(args.checkpoint)
+        if problem is not None:
+            return f"--engine vllm --checkpoint {args.checkpoint}: {problem}"
     if args.events_block_size <= 0:
         return f"--events-block-size {args.events_block_size}: must be a positive number of tokens"
     if not 0 <= args.port <= 65535:
@@ -165,99 +160,70 @@ def check_args(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kvrelay up: %(message)s", datefmt="%H:%M:%S")
-    if args.file or args.host:
-        return _run_cluster_file(args)
-    error = check_args(args)
-    if error:
+    error = None if args.file or args.host else check_args(args)
+    if error is not None:
         print(f"kvrelay up: {error}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrelay-up-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     pool_name = f"kvrelay-up-{os.getpid()}"
+    plan = _file_plan(args, pool_name, workdir) if args.file or args.host else \
+        local_plan(args, pool_name, workdir, _keys_args())
+    if isinstance(plan, str):
+        if not args.workdir:
+            workdir.rmdir()  # the temporary work dir, still empty
+        print(f"kvrelay up: {plan}", file=sys.stderr)
+        return 2
+    workdir.mkdir(parents=True, exist_ok=True)
     try:
-        with Cluster(workdir, verbose=args.verbose, backoff=Backoff(max_restarts=args.max_restarts)) as cluster:
-            upstate.register(workdir, cluster.started)
-            print(f"kvrelay up: logs in {workdir}", file=sys.stderr)
-            store_args = ["store", *_keys_args(), "--port", "0", "--metrics-port", "0", "--pool-size", args.pool_size,
-                          "--pool-name", pool_name, "--transports", ",".join(sorted({"shm", args.transport}))]
-            ssd_dir = "" if args.ssd_dir == "none" else args.ssd_dir or str(workdir / "ssd")
-            if ssd_dir:
-                store_args += ["--ssd-dir", ssd_dir]
-            store_args += ["--events", "tcp://127.0.0.1:0", "--events-block-size", str(args.events_block_size)]
-            store = cluster.start("store", store_args, on_exit=lambda: unlink_pool(pool_name))
-            print(f"  store    {store['address']}  metrics http://127.0.0.1:{store['metrics_port']}/metrics")
-            print(f"  events   {store['events']}  replay {store['events_replay']}  (KV events, vLLM's format)")
-            start_engines = _start_vllm if args.engine == "vllm" else _start_reference
-            prefills, decodes, colocated, demo_kw = start_engines(cluster, args, store["address"])
-            for kind, urls in (("prefill", prefills), ("decode", decodes), ("colocated", colocated)):
-                for url in urls:
-                    print(f"  {kind:<8} {url}")
-            router_args = ["router", *_keys_args(), "--port", str(0 if args.demo else args.port), "--store",
-                           store["address"]]
-            for url in prefills:
-                router_args += ["--prefill", url]
-            for url in decodes:
-                router_args += ["--decode", url]
-            router = cluster.start("router", router_args)
-            print(f"  router   {router['url']}  (OpenAI-compatible: /v1/completions, /v1/chat/completions)")
-            if args.demo:
-                from kvrelay.demo import model_limits, run_demo
-                return run_demo(router["url"], colocated[0], args.requests, limits=model_limits(args.checkpoint),
-                                **demo_kw)
-            print("kvrelay up: serving; a process that dies is restarted; `kvrelay status` shows them; Ctrl-C "
-                  "stops everything", file=sys.stderr)
-            cluster.supervise()
-            return 0
-    except StartError as exc:
-        if exc.code == 2 and exc.line:  # the process refused its configuration, in one line: pass it on
-            print(f"kvrelay up: {exc.line}", file=sys.stderr)
-            return 2
-        print(f"kvrelay up: {exc}", file=sys.stderr)
-        return 1
-    except (RuntimeError, TimeoutError, ValueError) as exc:
-        print(f"kvrelay up: {exc}", file=sys.stderr)
-        return 1
+        return run_plan(plan, workdir, pool_name, Backoff(max_restarts=args.max_restarts), args.verbose,
+                        _demo(args) if args.demo and not args.file else None)
     finally:
-        upstate.unregister()
-        unlink_pool(pool_name)  # whatever happened to the store
-        if not args.workdir and not args.ssd_dir:  # a temporary work dir: keep its logs, not its SSD segments
+        # a temporary work dir: keep its logs, not the SSD segments of a store that used the default SSD tier
+        if not args.workdir and (args.file or not args.ssd_dir):
             shutil.rmtree(workdir / "ssd", ignore_errors=True)
 
 
-def _run_cluster_file(args: argparse.Namespace) -> int:
-    """`kvrelay up -f cluster.yaml [--host NAME]`: this host's store, engines and router, supervised."""
+def _file_plan(args: argparse.Namespace, pool_name: str, workdir: Path) -> HostPlan | str:
+    """`kvrelay up -f cluster.yaml [--host NAME]`: this host's plan, or what is wrong with the file."""
     from kvrelay import cluster as C
+    from kvrelay import clusterplan as CP
     if not args.file:
-        print("kvrelay up: --host NAME selects a host of a cluster file: give the file with -f", file=sys.stderr)
-        return 2
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvrelay-up-"))
-    pool_name = f"kvrelay-up-{os.getpid()}"
+        return "--host NAME selects a host of a cluster file: give the file with -f"
     try:
         spec = C.load(args.file, getattr(args, "keys", None) or "")
-        host = C.find_host(spec, args.host or None)
-        host_plan = C.plan(spec, host, pool_name, workdir)
+        return CP.plan(spec, CP.find_host(spec, args.host or None), pool_name, workdir)
     except C.ClusterError as exc:
-        print(f"kvrelay up: {exc}", file=sys.stderr)
-        return 2
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.environ.update(host_plan.env)  # the children inherit it (keys, UCX devices, the file's env)
+        return str(exc)
+
+
+def run_plan(plan: HostPlan, workdir: Path, pool_name: str, backoff: Backoff, verbose: bool = False,
+             demo: Callable[[Ready], int] | None = None) -> int:
+    """Start ``plan``'s processes in order (its engines all at once, then wait for them), show each, then run
+    ``demo`` on them or supervise them until SIGINT/SIGTERM; the exit code."""
+    os.environ.update(plan.env)  # the children inherit it (keys, UCX devices, the file's env)
     try:
-        with Cluster(workdir, verbose=args.verbose, backoff=Backoff(max_restarts=args.max_restarts)) as cluster:
-            upstate.register(workdir, cluster.started)
-            print(f"kvrelay up: host {host.name} ({host.address}) of {spec.source}; logs in {workdir}",
+        with HostProcesses(workdir, verbose=verbose, backoff=backoff) as procs:
+            upstate.register(workdir, procs.started)
+            print(f"kvrelay up: {plan.heading}logs in {workdir}", file=sys.stderr)
+            ready: Ready = {}
+            engines = [(name, launch) for name, launch in plan.processes if is_engine(launch)]
+            for name, launch in plan.processes:
+                if is_engine(launch):  # the first engine starts them all
+                    if name not in ready:
+                        _start_engines(procs, plan, engines, ready)
+                    continue
+                assert isinstance(launch, list)
+                on_exit = (lambda: unlink_pool(pool_name)) if launch[0] == "store" else None
+                ready[name] = procs.start(name, resolve(launch, ready), on_exit=on_exit)
+                _show(plan, name, ready[name])
+            if demo is not None:
+                return demo(ready)
+            print("kvrelay up: serving; a process that dies is restarted; "
+                  f"{'`kvrelay status` shows them; ' if plan.detailed else ''}Ctrl-C stops everything",
                   file=sys.stderr)
-            waited = not host_plan.remote_store
-            for name, argv in host_plan.processes:
-                if argv[0] == "engine" and not waited:
-                    _wait_for_store(host_plan.store_address)
-                    waited = True
-                on_exit = (lambda: unlink_pool(pool_name)) if name == "store" else None
-                info = cluster.start(name, argv, on_exit=on_exit)
-                print(f"  {name:<8} {info.get('address') or info.get('url')}")
-            print("kvrelay up: serving; a process that dies is restarted; Ctrl-C stops everything", file=sys.stderr)
-            cluster.supervise()
+            procs.supervise()
             return 0
-    except StartError as exc:
+    except StartError as exc:  # exit 2 with one line: the process refused its configuration: pass it on
         print(f"kvrelay up: {exc.line if exc.code == 2 and exc.line else exc}", file=sys.stderr)
         return 2 if exc.code == 2 else 1
     except (RuntimeError, TimeoutError, ValueError) as exc:
@@ -265,9 +231,62 @@ def _run_cluster_file(args: argparse.Namespace) -> int:
         return 1
     finally:
         upstate.unregister()
-        unlink_pool(pool_name)
-        if not args.workdir:  # a temporary work dir: keep its logs, not the default SSD tier's segments
-            shutil.rmtree(workdir / "ssd", ignore_errors=True)
+        unlink_pool(pool_name)  # whatever happened to the store
+
+
+def _start_engines(procs: HostProcesses, plan: HostPlan, engines: list[tuple[str, Launch]], ready: Ready) -> None:
+    """Spawn every engine at once (each loads its model for seconds; a vLLM server for about a minute), then
+    wait for each in order.  Engines on a host without the store first wait until it answers."""
+    store = resolve([plan.store_address], ready)[0]
+    if plan.remote_store:
+        _wait_for_store(store)
+    started: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    keys = security.current()  # with keys, vLLM answers only the bearer token the router sends
+    for name, launch in engines:
+        if isinstance(launch, VllmSpec):
+            child = procs.spawn_vllm(name, launch.checkpoint, launch.start_timeout, name=launch.name,
+                                     block_size=launch.block_size, kv_cache_gib=launch.kv_cache_gib,
+                                     cpu_core=launch.cpu_core, host=launch.host, port=launch.port,
+                                     kv_events=launch.kv_events, api_key=keys.token if keys else None,
+                                     kv_transfer_config=vllm_kv_transfer_config(
+                                         store, launch.transport, launch.connector, launch.peer_stores,
+                                         launch.remote_transport))
+            started.append((name, partial(procs.wait_ready, child)))
+        else:
+            started.append((name, partial(procs.wait_ready, procs.spawn(name, resolve(launch, ready)))))
+    for name, wait in started:
+        ready[name] = wait()
+        _show(plan, name, ready[name])
+
+
+def _show(plan: HostPlan, name: str, info: dict[str, Any]) -> None:
+    """A process's line (with ``plan.detailed``: the store's metrics and KV events, the router's endpoints)."""
+    label = plan.labels.get(name, name)
+    address = info.get("address") or info.get("url")
+    if not plan.detailed:
+        print(f"  {label:<8} {address}")
+    elif name == "store":
+        print(f"  store    {address}  metrics http://127.0.0.1:{info['metrics_port']}/metrics")
+        print(f"  events   {info['events']}  replay {info['events_replay']}  (KV events, vLLM's format)")
+    elif name == "router":
+        print(f"  router   {address}  (OpenAI-compatible: /v1/completions, /v1/chat/completions)")
+    else:
+        events = f"  KV events {info['events']}" if info.get("events") else ""
+        print(f"  {label:<8} {address}{events}")
+
+
+def _demo(args: argparse.Namespace) -> Callable[[Ready], int]:
+    """`--demo`: the requests through the router, compared with the colocated engine."""
+    def demo(ready: Ready) -> int:
+        from kvrelay.demo import ExternalTokensCounter, model_limits, run_demo
+        kw: dict[str, Any] = {}
+        if args.engine == "vllm":  # vLLM moves whole blocks: a prompt of one block or less is recomputed
+            decodes = [ready[f"decode{i}"]["url"] for i in range(args.num_decode)]
+            kw = {"expect_kv": args.vllm_connector.lower() != "none",
+                  "min_kv_tokens": (args.decode_block_size or 32) + 1, "recomputed": ExternalTokensCounter(decodes)}
+        return run_demo(ready["router"]["url"], ready["colocated"]["url"], args.requests,
+                        limits=model_limits(args.checkpoint), **kw)
+    return demo
 
 
 def _wait_for_store(address: str, timeout: float = 300.0) -> None:
@@ -296,56 +315,7 @@ def _wait_for_store(address: str, timeout: float = 300.0) -> None:
     asyncio.run(wait())
 
 
-Started = tuple[list[str], list[str], list[str], dict[str, Any]]  # prefill, decode, colocated URLs; demo options
-
-
-def _start_reference(cluster: Cluster, args: argparse.Namespace, store: str) -> Started:
-    model = ["--checkpoint", args.checkpoint] if args.checkpoint else []
-    common = [*model, *_keys_args(), "--port", "0", "--store", store, "--transport", args.transport]
-    prefill_bs, decode_bs = args.prefill_block_size or 16, args.decode_block_size or 32
-    specs = [(f"prefill{i}", ["engine", "--role", "prefill", *common, "--block-size", str(prefill_bs)])
-             for i in range(args.num_prefill)]
-    specs += [(f"decode{i}", ["engine", "--role", "decode", *common, "--block-size", str(decode_bs)])
-              for i in range(args.num_decode)]
-    specs += [("colocated", ["engine", "--role", "colocated", *model, *_keys_args(), "--port", "0"])] if args.demo \
-        else []
-    children = [cluster.spawn(name, argv) for name, argv in specs]  # all at once: each loads its model for seconds
-    urls = [cluster.wait_ready(child)["url"] for child in children]
-    n, m = args.num_prefill, args.num_decode
-    return urls[:n], urls[n:n + m], urls[n + m:], {}
-
-
-def _start_vllm(cluster: Cluster, args: argparse.Namespace, store: str) -> Started:
-    """Spawn every vLLM server at once (each takes about a minute to start), then wait for them all.
-    Each gets its own core (round robin over this process's CPUs) for its OpenMP threads."""
-    from kvrelay.demo import ExternalTokensCounter
-    connector = None if args.vllm_connector.lower() == "none" else args.vllm_connector
-    kv = vllm_kv_transfer_config(store, args.transport, connector)
-    cores = sorted(os.sched_getaffinity(0))
-    roles = [(f"prefill{i}", args.prefill_block_size) for i in range(args.num_prefill)]
-    roles += [(f"decode{i}", args.decode_block_size) for i in range(args.num_decode)]
-    roles += [("colocated", args.decode_block_size)] if args.demo else []
-    servers = [cluster.spawn_vllm(name, args.checkpoint, name=_served_name(args.checkpoint), block_size=bs or 32,
-                                  kv_cache_gib=args.vllm_kv_cache_gib, cpu_core=cores[i % len(cores)],
-                                  kv_transfer_config=None if name == "colocated" else kv)
-               for i, (name, bs) in enumerate(roles)]
-    for server in servers:
-        server.wait_healthy(args.vllm_start_timeout)
-    urls = [s.url for s in servers]
-    prefills, decodes = urls[:args.num_prefill], urls[args.num_prefill:args.num_prefill + args.num_decode]
-    decode_bs = args.decode_block_size or 32
-    demo_kw: dict[str, Any] = {"expect_kv": connector is not None, "min_kv_tokens": decode_bs + 1}
-    if args.demo:
-        demo_kw["recomputed"] = ExternalTokensCounter(decodes)
-    return prefills, decodes, urls[len(prefills) + len(decodes):], demo_kw
-
-
 def _keys_args() -> list[str]:
     """``--keys DIR`` for a child when this `kvrelay up` has keys (``--keys`` or $KVRELAY_KEYS)."""
     keys = security.current()
     return ["--keys", str(keys.directory)] if keys is not None else []
-
-
-def _served_name(checkpoint: str) -> str:
-    """One model name for every server of the cluster (the router forwards the client's ``model``)."""
-    return Path(checkpoint).resolve().name

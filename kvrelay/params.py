@@ -2,7 +2,9 @@
 
 One msgspec struct shared by the reference engine, the router, the vLLM connector and the Dynamo
 integration.  It travels inside HTTP bodies (JSON) and ZMQ messages (msgpack); keep it flat and
-versioned.  Must not touch: transports or the store (it only names them).
+versioned.  Beside it, the names of the P/D protocol's keys inside a request's ``kv_transfer_params``
+(`DO_REMOTE_DECODE`, `DO_REMOTE_PREFILL`, `RELAY_ID`, `STORE_ADDRESS`, `PREFIX_STORE`, `PREFIX_TOKENS`): every module that writes or reads them uses
+these.  Must not touch: transports or the store (it only names them).
 
 Versions:
   1  first version.
@@ -13,6 +15,21 @@ from __future__ import annotations
 import msgspec
 
 PARAMS_VERSION = 1
+
+# Keys inside a request's ``kv_transfer_params`` (vLLM's proxy conventions, as its own connectors use them):
+DO_REMOTE_DECODE = "do_remote_decode"  # a prefill leg: publish the prompt's KV for a decode elsewhere
+DO_REMOTE_PREFILL = "do_remote_prefill"  # a decode leg: pull the prompt's KV that a prefill elsewhere publishes
+# kvrelay's own: both legs' shared request id (vLLM names each leg's request itself), so that the router can
+# send the two legs at once and a prefill's abort in the store reaches the decode's waiting pulls
+RELAY_ID = "kvrelay_request_id"
+# kvrelay's own, in a decode leg's light form: the store its prefill publishes into (a store on every host: the
+# decode pulls from it), the same name as the full params' field; absent: the decode's own store
+STORE_ADDRESS = "store_address"
+# kvrelay's own, a hint in a request its decode worker computes itself (no do_remote_prefill): the store
+# PREFIX_STORE (another host's, or "" for the engine's own) holds the prompt's first PREFIX_TOKENS tokens; the
+# engine loads the whole chunks among them from there and computes the rest (prefix reuse across hosts)
+PREFIX_STORE = "kvrelay_prefix_store"
+PREFIX_TOKENS = "kvrelay_prefix_tokens"
 
 
 class KVTransferParams(msgspec.Struct, kw_only=True):

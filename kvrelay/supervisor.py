@@ -1,31 +1,30 @@
 """Supervision of `kvrelay up`'s kvrelay processes (store, engines, router): start them, wait until they
 are ready, and restart one that dies, with backoff.
 
-Owns: spawning (the ready-file convention; each child in its own session, sent SIGTERM if `kvrelay up`
-dies), the restart policy (`Backoff`), the loop that notices exits (woken by SIGCHLD, SIGINT, SIGTERM),
+Owns: spawning (through kvrelay.proc: the ready-file convention; each child in its own session, sent
+SIGTERM if `kvrelay up` dies), the restart policy (`Backoff`), the loop that notices exits (woken by SIGCHLD, SIGINT, SIGTERM),
 stopping everything, and the state file `kvrelay status` reads (written through upstate.py on every
 change).  A restarted process gets the ports its first run picked, so its peers reconnect by themselves.
-A process that exits because `kvrelay up` is stopping is not restarted.  Must not touch: what the
-processes do, or which processes run with which flags (launcher.py).
+A process that exits because `kvrelay up` is stopping is not restarted.  A server that is not a `kvrelay`
+subcommand (a vLLM server) is supervised the same way through the `Server` protocol (`spawn_server`): it
+respawns itself and says when it is ready (no ready file); whatever is left of a dead child's process group
+(vLLM's EngineCore) is killed before it is restarted.  Must not touch: what the processes do, or which
+processes run with which flags (launcher.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
-from kvrelay import upstate
-from kvrelay.readyfile import wait_ready_file
-from kvrelay.store.process import die_with_parent
+from kvrelay import proc, upstate
 
 log = logging.getLogger("kvrelay.up")
 STARTING_POLL_S = 0.05  # a starting child announces itself by a file: nothing to wait on but the file
@@ -59,13 +58,21 @@ class Backoff:
         return min(self.maximum, self.initial * self.factor ** (self.streak - 1))
 
 
-class StartError(RuntimeError):
-    """A child did not become ready; ``code`` is its exit code (None: still running), ``line`` the last line
-    of its log (a kvrelay process that exits with code 2 printed its configuration error there)."""
+class Server(Protocol):
+    """A supervised process that is not a `kvrelay` subcommand (kvrelay.engines.vllm.process.VllmServer)."""
 
-    def __init__(self, message: str, code: int | None, line: str) -> None:
-        super().__init__(message)
-        self.code, self.line = code, line
+    def respawn(self, *, log_mode: str, log_header: str, die_with_parent: bool) -> proc.ChildProcess:
+        """Start a run (in its own session, logging to the child's log): its process."""
+        ...
+
+    def ready_info(self) -> dict[str, Any] | None:
+        """What it offers once ready (``url``, ``port``, ``health_url``; ``events``...), else None; a short wait."""
+        ...
+
+
+__all__ = ["Backoff", "Child", "Server", "Supervisor", "pin_ports"]  # `Supervisor.wait_ready` raises kvrelay.proc.StartError
+# (``code``: the exit code, None: still running; ``line``: the log's last line, where a kvrelay process that exits
+# with code 2 printed its configuration error)
 
 
 @dataclass(eq=False)
@@ -76,7 +83,7 @@ class Child:
     backoff: Backoff
     on_exit: Callable[[], None] | None = None  # after each exit (e.g. remove what a killed store left behind)
     timeout: float = 120.0  # to become ready, at each start
-    popen: subprocess.Popen | None = None
+    process: proc.ChildProcess | None = None  # the current run
     info: dict = field(default_factory=dict)  # its ready file
     state: str = "starting"  # starting, running, waiting (to be restarted), failed (given up), stopped
     restarts: int = 0
@@ -85,6 +92,11 @@ class Child:
     ready_at: float = 0.0  # monotonic, when it last became ready
     last_exit: int | None = None
     restart_at: float = 0.0
+    server: Server | None = None  # not a `kvrelay` subcommand: it spawns itself and reports its readiness
+
+    @property
+    def popen(self) -> subprocess.Popen[bytes] | None:
+        return self.process.popen if self.process is not None else None
 
     @property
     def ready_file(self) -> Path:
@@ -97,7 +109,9 @@ class Child:
     def snapshot(self) -> dict[str, Any]:
         info = self.info
         address = info.get("address") or info.get("url", "")
-        if "address" in info:
+        if "health_url" in info:
+            health = info["health_url"]
+        elif "address" in info:
             health = f"http://127.0.0.1:{info['metrics_port']}/healthz" if info.get("metrics_port", -1) > 0 else ""
         else:
             health = f"{info['url']}/healthz" if "url" in info else ""
@@ -128,13 +142,6 @@ def pin_ports(args: list[str], info: dict) -> list[str]:
     return out
 
 
-def _tail(path: Path, n: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
 class Supervisor:
     def __init__(self, workdir: Path, verbose: bool = False, backoff: Backoff | None = None) -> None:
         self.workdir = workdir
@@ -155,15 +162,23 @@ class Supervisor:
         self._spawn(child)
         return child
 
+    def spawn_server(self, name: str, server: Server, *, timeout: float = 600.0) -> Child:
+        """Start ``server`` (its log: ``WORKDIR/{name}.log``) without waiting for it (then `wait_ready`); it is
+        restarted like the `kvrelay` processes."""
+        b = self.backoff
+        child = Child(name, [], self.workdir, Backoff(b.initial, b.factor, b.maximum, b.healthy_after,
+                                                      b.max_restarts), None, timeout, server=server)
+        self.children.append(child)
+        self._spawn(child)
+        return child
+
     def wait_ready(self, child: Child) -> dict:
         """Wait for a child `spawn` started; StartError (with its exit code and log tail) if it fails."""
-        assert child.popen is not None
-        try:
-            info = wait_ready_file(child.ready_file, child.popen, child.timeout)
-        except (ChildProcessError, TimeoutError) as exc:
-            lines = [ln for ln in _tail(child.log_path, 50).splitlines() if ln.strip()]
-            raise StartError(f"{child.name} {exc}; its log: {child.log_path}\n{_tail(child.log_path)}",
-                             child.popen.poll(), lines[-1] if lines else "") from None
+        assert child.process is not None
+        if child.server is not None:  # nothing to wait on but its health endpoint
+            info = child.process.wait_until(child.server.ready_info, child.timeout, interval=0.5, what="healthy")
+        else:  # StartError: exited or not ready in time, with its log
+            info = child.process.wait_ready(child.timeout)
         self._ready(child, info)
         return info
 
@@ -172,27 +187,25 @@ class Supervisor:
         return self.wait_ready(self.spawn(name, args, on_exit=on_exit, timeout=timeout))
 
     def _spawn(self, child: Child) -> None:
-        child.ready_file.unlink(missing_ok=True)  # an earlier run's ready file must not pass for this one's
-        argv = [sys.executable, "-m", "kvrelay.cli", *child.args, "--ready-file", str(child.ready_file)]
-        out = None
-        if not self.verbose:
-            out = open(child.log_path, "ab" if child.restarts else "wb")  # a restart keeps the crash's log
-            if child.restarts:
-                out.write(f"\n--- kvrelay up: restart {child.restarts} of {child.name} at "
-                          f"{time.strftime('%H:%M:%S')} ---\n".encode())
-                out.flush()
-        try:
-            child.popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           start_new_session=True, preexec_fn=die_with_parent)
-        finally:
-            if out is not None:
-                out.close()
+        header = (f"\n--- kvrelay up: restart {child.restarts} of {child.name} at {time.strftime('%H:%M:%S')} ---\n"
+                  if child.restarts else "")
+        # the ready file is removed first: an earlier run's must not pass for this one's; a restart keeps the
+        # crash's log
+        if child.server is not None:
+            child.process = child.server.respawn(log_mode="ab" if child.restarts else "wb", log_header=header,
+                                                 die_with_parent=True)
+        else:
+            child.process = proc.spawn_kvrelay(child.args, name=child.name, ready_file=child.ready_file,
+                                               log=proc.TO_STDOUT if self.verbose else child.log_path,
+                                               log_mode="ab" if child.restarts else "wb", log_header=header,
+                                               session=True, die_with_parent=True)
         child.state, child.started, child.spawned = "starting", time.time(), time.monotonic()
         self.write_state()
 
     def _ready(self, child: Child, info: dict) -> None:
         child.info, child.state, child.ready_at = info, "running", time.monotonic()
-        child.args = pin_ports(child.args, info)
+        if child.server is None:
+            child.args = pin_ports(child.args, info)
         if child.restarts:
             log.info("%s is back (restart %d, pid %d, %.1fs after its spawn)", child.name, child.restarts,
                      info.get("pid", 0), child.ready_at - child.spawned)
@@ -207,8 +220,10 @@ class Supervisor:
             now = time.monotonic()
             assert c.popen is not None
             if c.state == "starting":
-                if c.ready_file.exists():
-                    self._ready(c, json.loads(c.ready_file.read_text()))
+                assert c.process is not None
+                info = c.server.ready_info() if c.server is not None else c.process.ready()
+                if info is not None:
+                    self._ready(c, info)
                 elif c.popen.poll() is not None:
                     self._exited(c, now)
                 elif now - c.spawned > c.timeout:
@@ -228,6 +243,9 @@ class Supervisor:
     def _exited(self, c: Child, now: float) -> None:
         assert c.popen is not None
         code = c.popen.returncode
+        assert c.process is not None
+        if c.process.session:  # what is left of its group (a vLLM server's EngineCore and Worker) goes with it
+            c.process.kill()
         uptime = now - c.ready_at if c.state == "running" else 0.0
         c.last_exit = code
         if c.on_exit is not None:
@@ -273,27 +291,15 @@ class Supervisor:
 
     # ---- stopping --------------------------------------------------------------------------------
     def _kill(self, c: Child) -> None:
-        assert c.popen is not None
-        try:
-            os.killpg(c.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        c.popen.wait()
+        assert c.process is not None
+        c.process.kill()  # the whole process group
 
     def close(self, grace: float = 5.0) -> None:
         """SIGTERM to every child (last started first), SIGKILL to those still up after ``grace`` seconds."""
-        live = [c for c in reversed(self.children) if c.popen is not None and c.popen.poll() is None]
-        for c in live:
-            c.state = "stopped"  # stopping: whatever exit follows is not a crash
-            assert c.popen is not None
-            c.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for c in live:
-            assert c.popen is not None
-            try:
-                c.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self._kill(c)
+        for c in self.children:
+            if c.popen is not None and c.popen.poll() is None:
+                c.state = "stopped"  # stopping: whatever exit follows is not a crash
+        proc.stop_all([c.process for c in reversed(self.children) if c.process is not None], grace)
         for c in self.children:
             c.state = "stopped"
             if c.on_exit is not None:

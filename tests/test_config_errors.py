@@ -77,6 +77,7 @@ def test_bad_configuration_is_one_line_and_exit_2(results, case):
     assert all(e in lines[0] for e in expected), lines
 
 
+@pytest.mark.slow  # `kvrelay up` starts a store and engines
 @pytest.mark.timeout(300)
 def test_up_passes_on_an_engines_configuration_error(files, tmp_path):
     """A child that refuses its configuration (exit 2, one line) makes `kvrelay up` exit 2 with that line."""

@@ -17,6 +17,7 @@ def run_up(*args):
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # a whole `kvrelay up` cluster
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("transport", ["shm"])
 def test_up_demo(tmp_path, transport):
@@ -26,6 +27,7 @@ def test_up_demo(tmp_path, transport):
     assert out.count("pulled") == 3, out
 
 
+@pytest.mark.slow  # a whole `kvrelay up` cluster
 @pytest.mark.timeout(600)
 def test_up_demo_small_vocab_checkpoint(tmp_path):
     """A checkpoint with a 1,024-token vocabulary and no tokenizer (the one vLLM tests use): the demo's

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from kvrelay import status, upstate
+from kvrelay import proc
+from upcluster import healthy
+from waiting import wait_until
+
+pytestmark = pytest.mark.slow  # starts several processes: not in the fast tier (-m 'not slow')
 
 PROMPT = list(range(100, 400))  # 300 tokens: more than one 256-token chunk, so KV is published and pulled
 
@@ -39,26 +43,8 @@ def answered(url: str) -> list[int] | None:
 
 
 def wait_for(what: str, check, timeout: float = 120.0):
-    """Poll ``check`` until it returns something true; fail naming ``what`` past the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    pytest.fail(f"{what}: not within {timeout:.0f}s")
-
-
-def processes(workdir: Path) -> dict[str, dict]:
-    state = upstate.read_state(workdir)
-    return {p["name"]: p for p in status.collect(state, 2.0)} if state else {}
-
-
-def healthy(workdir: Path, **restarts: int) -> dict[str, dict] | None:
-    procs = processes(workdir)
-    ok = procs and all(p["state"] == "running" and p["health"] == "ok" for p in procs.values()) and \
-        all(procs[name]["restarts"] == n for name, n in restarts.items())
-    return procs if ok else None
+    """Poll ``check`` until it returns something true; TimeoutError naming ``what`` past the deadline."""
+    return wait_until(check, timeout, what, interval=0.1)
 
 
 def shm(prefix: str) -> list[str]:
@@ -73,13 +59,14 @@ def kvrelay_status(workdir: Path, env: dict) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(400)
 def test_up_restarts_a_killed_store_engine_and_router(tmp_path):
     workdir, env = tmp_path / "up", {**os.environ, "KVRELAY_RUNTIME_DIR": str(tmp_path / "run")}
-    up = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "up", "--port", "0", "--pool-size", "64MiB",
-                           "--workdir", str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    up_log = tmp_path / "up.log"
+    up = proc.spawn_kvrelay(["up", "--port", "0", "--pool-size", "64MiB", "--workdir", str(workdir)],
+                            name="kvrelay up", log=up_log, env=env)
     pool = f"kvrelay-up-{up.pid}"
     try:
         def serving():
             if up.poll() is not None:
-                pytest.fail(f"kvrelay up exited with code {up.returncode}: {up.stdout.read().decode()}")
+                pytest.fail(f"kvrelay up exited with code {up.returncode}: {up_log.read_text(errors='replace')}")
             return (workdir / "router.ready.json").exists() and healthy(workdir)
         procs = wait_for("the cluster serving", serving, 300)
         assert set(procs) == {"store", "prefill0", "decode0", "router"}
@@ -122,9 +109,8 @@ def test_up_restarts_a_killed_store_engine_and_router(tmp_path):
         wait_for("the router restarted", lambda: healthy(workdir, store=1, decode0=1, router=1), 60)
         assert wait_for("the restarted router serving", lambda: answered(router), 60) == answer
     finally:
-        if up.poll() is None:
-            up.send_signal(signal.SIGTERM)
-        out = up.communicate(timeout=60)[0].decode(errors="replace")
+        up.stop(60)  # SIGTERM, up to 60 s for it to exit (then SIGKILL: the returncode assertion below fails)
+        out = up_log.read_text(errors="replace")
     assert up.returncode == 0, out
     assert "store (pid" in out and "restarting it in 0.5s" in out, out
     assert out.count("restarting it in") == 3, out  # the exits of `kvrelay up`'s own stop are not crashes

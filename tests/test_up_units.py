@@ -9,8 +9,9 @@ import uuid
 
 import pytest
 
+from kvrelay.proc import start_time
 from kvrelay.status import duration, exit_text
-from kvrelay.store.pool import OWNER_SUFFIX, _start_time, read_owner, sweep_stale_pools, unlink_pool, write_owner
+from kvrelay.store.pool import OWNER_SUFFIX, read_owner, sweep_stale_pools, unlink_pool, write_owner
 from kvrelay.supervisor import Backoff, Supervisor, pin_ports
 
 
@@ -74,7 +75,7 @@ def test_sweep_removes_pools_of_dead_owners_only():
     me = os.getpid()
     dead = _fake_pool(f"{_dead_pid()} 1\n")
     reused = _fake_pool(f"{me} 1\n")  # this pid, but another start time: the owner died and its pid was reused
-    alive = _fake_pool(f"{me} {_start_time(me)}\n")
+    alive = _fake_pool(f"{me} {start_time(me)}\n")
     unknown = _fake_pool(None)  # no owner file: nobody can tell, so it stays
     names = [dead, reused, alive, unknown]
     try:
@@ -94,7 +95,7 @@ def test_owner_file_names_this_process():
     name = f"kvrelay-test-{uuid.uuid4().hex[:12]}"
     try:
         write_owner(name)
-        assert read_owner(name) == (os.getpid(), _start_time(os.getpid()))
+        assert read_owner(name) == (os.getpid(), start_time(os.getpid()))
         assert name not in sweep_stale_pools()
     finally:
         unlink_pool(name)

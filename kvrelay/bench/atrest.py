@@ -20,8 +20,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -30,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kvrelay import proc
 from kvrelay.bench.harness import BenchContext, Record
 from kvrelay.keys import ChunkKey
-from kvrelay.readyfile import wait_ready_file
 from kvrelay.store.crypto import KeyRing
 from kvrelay.store.process import DaemonProcess
 from kvrelay.store.ssd import SsdTier
@@ -85,13 +83,12 @@ def _spill(ctx: BenchContext) -> None:
                            {"chunk_bytes": chunk, "chunks": n, "rounds": rounds, "o_direct": direct, "target": 0.8}))
 
 
-def _start(tmp: Path, args: list[str], procs: list[subprocess.Popen]) -> str:
-    ready = tmp / f"ready-{uuid.uuid4().hex[:6]}.json"
-    log = open(tmp / f"{args[0]}-{len(procs)}.log", "ab")
-    p = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", *args, "--port", "0", "--ready-file", str(ready),
-                          "--log-level", "WARNING"], stdout=log, stderr=subprocess.STDOUT)
-    procs.append(p)
-    return str(wait_ready_file(ready, p, 180)["url"])
+def _start(tmp: Path, args: list[str], procs: list[proc.ChildProcess]) -> str:
+    child = proc.spawn_kvrelay([*args, "--port", "0", "--log-level", "WARNING"], name=args[0],
+                               ready_file=tmp / f"ready-{uuid.uuid4().hex[:6]}.json",
+                               log=tmp / f"{args[0]}-{len(procs)}.log", log_mode="ab")
+    procs.append(child)
+    return str(child.wait_ready(180)["url"])
 
 
 def _ttft(url: str, prompt: list[int], salt: str) -> float:
@@ -115,7 +112,7 @@ def _side_channel(ctx: BenchContext) -> None:
     prompts = [[rng.randrange(300, 30000) for _ in range(tokens)] for _ in range(2 * n + 1)]
     stored, cold, warm = prompts[:n], prompts[n:2 * n], prompts[-1]
     tmp = Path(tempfile.mkdtemp(prefix="kvrelay-bench-atrest-"))
-    procs: list[subprocess.Popen] = []
+    procs: list[proc.ChildProcess] = []
     store = DaemonProcess(pool_size="512MiB").start()
     try:
         eng = ["--store", store.address, "--num-layers", "4", "--block-size", "16", "--chunk-tokens", "128",
@@ -140,13 +137,7 @@ def _side_channel(ctx: BenchContext) -> None:
             else:
                 hit.append(_ttft(router, stored[i], "alice"))
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        proc.stop_all(procs, 20.0)
         store.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     params = {"requests_each": n, "prompt_tokens": tokens, "layers": 4}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,8 +23,9 @@ from contextlib import ExitStack
 
 import numpy as np
 
+from kvrelay import proc
 from kvrelay.bench.harness import BenchContext, Record, median
-from kvrelay.bench.transports import KIB, MIB, Op, _endpoint_ops, _measure_interleaved
+from kvrelay.bench.peers import KIB, MIB, Op, endpoint_ops, measure_interleaved
 
 SIZES_FULL = (64 * KIB, 1 * MIB, 4 * MIB, 16 * MIB)
 SIZES_QUICK = (64 * KIB, 1 * MIB, 4 * MIB)
@@ -47,15 +47,11 @@ def serve(mode: str, nbytes: int, keys_dir: str) -> None:
 
 
 def _spawn(mode: str, nbytes: int, keys_dir: str, stack: ExitStack) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", "kvrelay.bench.auth", "--serve", mode, str(nbytes), keys_dir],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    stack.callback(proc.wait, 30)
-    assert proc.stdin is not None and proc.stdout is not None
-    stack.callback(proc.stdin.close)
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the {mode} peer exited before serving (code {proc.wait(30)})")
-    return json.loads(line)
+    child = proc.spawn([sys.executable, "-m", "kvrelay.bench.auth", "--serve", mode, str(nbytes), keys_dir],
+                       name=f"the {mode} peer", pipes=True)
+    stack.callback(child.close_pipes)
+    stack.callback(child.stop, 30.0, sig=None)  # its stdin closed: it closes its endpoint and exits
+    return child.read_json_line(300.0)
 
 
 def _ops(mode: str, meta: dict, nbytes: int, keys_dir: str, stack: ExitStack) -> dict[str, Op]:
@@ -63,7 +59,7 @@ def _ops(mode: str, meta: dict, nbytes: int, keys_dir: str, stack: ExitStack) ->
     from kvrelay.transfer import create_transport
     with security.using(security.load(keys_dir) if mode != "plain" else None):
         ep = create_transport("tcp", f"bench-auth-client-{mode}", "bench")
-    return _endpoint_ops(ep, meta, nbytes, stack)
+    return endpoint_ops(ep, meta, nbytes, stack)
 
 
 def _aes_gcm(n: int, quick: bool) -> tuple[float, float] | None:
@@ -100,7 +96,7 @@ def run(ctx: BenchContext) -> None:
             ops[mode] = _ops(mode, meta, nbytes, keys_dir, stack)
         for op in ("read", "write"):
             for n in ctx.steps(sizes, f"{op} sizes"):
-                res = _measure_interleaved({m: o[op] for m, o in ops.items()}, n, ctx.quick)
+                res = measure_interleaved({m: o[op] for m, o in ops.items()}, n, ctx.quick)
                 base = res["plain"][0]
                 for mode in ("auth", "encrypt"):
                     ctx.add(Record.compare("auth", f"tcp-{mode}/{op}/{n // KIB}KiB", "throughput", res[mode][0],

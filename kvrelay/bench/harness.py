@@ -1,16 +1,14 @@
-"""The benchmark harness: `kvrelay bench <suite> [--quick] [--json FILE]`.
+"""The benchmark harness: what every suite of `kvrelay bench` (suites.py) builds on.
 
-Owns: the record format, the run context (progress display, quick mode, timing helpers) and the
-command line.  Each suite is a module `kvrelay.bench.<suite>` exposing ``run(ctx: BenchContext) ->
-list[Record]``; every figure is set beside a baseline measured in the same run (``ratio`` = value /
-baseline_value, so higher is better for throughputs; suites say in ``unit`` what they measure).
-Must not touch: what the suites measure.
+Owns: the record format, the run context (progress display, quick mode, timing helpers) and the table.
+Each suite is a module `kvrelay.bench.<suite>` exposing ``run(ctx: BenchContext) -> list[Record]``; every
+figure is set beside a baseline measured in the same run (``ratio`` = value / baseline_value, so higher
+is better for throughputs; suites say in ``unit`` what they measure).  Must not touch: what the suites
+measure, the command line (suites.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import statistics
 import sys
 import time
@@ -19,9 +17,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import msgspec
-
-SUITES = ("kernels", "transports", "store", "pd", "vllm", "faults", "router", "hosts", "atrest", "auth")
-
 
 class Record(msgspec.Struct, kw_only=True):
     suite: str
@@ -33,6 +28,11 @@ class Record(msgspec.Struct, kw_only=True):
     baseline_value: float
     ratio: float
     params: dict = {}
+    # over repeats (Record.compare_repeats): value and baseline_value are medians, ratio the median of the
+    # per-repeat ratios, ratio_min/ratio_max their spread; a single measurement leaves them None and 1
+    ratio_min: float | None = None
+    ratio_max: float | None = None
+    repeats: int = 1
 
     @classmethod
     def compare(cls, suite: str, case: str, metric: str, value: float, unit: str, baseline: str,
@@ -44,6 +44,21 @@ class Record(msgspec.Struct, kw_only=True):
             ratio = value / baseline_value if baseline_value else float("inf")
         return cls(suite=suite, case=case, metric=metric, value=value, unit=unit, baseline=baseline,
                    baseline_value=baseline_value, ratio=ratio, params=params or {})
+
+    @classmethod
+    def compare_repeats(cls, suite: str, case: str, metric: str, values: list[float], unit: str, baseline: str,
+                        baseline_values: list[float], params: dict | None = None,
+                        lower_is_better: bool = False) -> "Record":
+        """A figure beside its baseline over paired repeats (repeat i of each measured together): the medians,
+        the median of the per-repeat ratios, and their min and max."""
+        if not values or len(values) != len(baseline_values):
+            raise ValueError(f"{suite}/{case}: {len(values)} repeats of the figure against {len(baseline_values)} "
+                             f"of its baseline; need the same number, at least one")
+        ratios = [cls.compare(suite, case, metric, v, unit, baseline, b, None, lower_is_better).ratio
+                  for v, b in zip(values, baseline_values, strict=True)]
+        return cls(suite=suite, case=case, metric=metric, value=median(values), unit=unit, baseline=baseline,
+                   baseline_value=median(baseline_values), ratio=median(ratios), params=params or {},
+                   ratio_min=min(ratios), ratio_max=max(ratios), repeats=len(ratios))
 
 
 @dataclass
@@ -92,38 +107,11 @@ def percentile(xs: list[float], p: float) -> float:
 
 
 def format_table(records: list[Record]) -> str:
-    rows = [("suite", "case", "metric", "value", "unit", "baseline", "baseline_value", "ratio")]
+    rows = [("suite", "case", "metric", "value", "unit", "baseline", "baseline_value", "ratio", "ratio min-max (n)")]
     for r in records:
+        spread = "" if r.ratio_min is None or r.ratio_max is None else \
+            f"{r.ratio_min:.3f}-{r.ratio_max:.3f} ({r.repeats})"
         rows.append((r.suite, r.case, r.metric, f"{r.value:.4g}", r.unit, r.baseline, f"{r.baseline_value:.4g}",
-                     f"{r.ratio:.3f}"))
+                     f"{r.ratio:.3f}", spread))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
-
-
-def run_suite(name: str, quick: bool = False, progress: bool = True, out_dir: Path | None = None) -> list[Record]:
-    if name not in SUITES:
-        raise ValueError(f"unknown benchmark suite {name!r}; choose one of {', '.join(SUITES)}")
-    module = importlib.import_module(f"kvrelay.bench.{name}")
-    ctx = BenchContext(suite=name, quick=quick, progress=progress, out_dir=out_dir or Path("bench/results"))
-    module.run(ctx)
-    return ctx.records
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvrelay bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("suite", choices=SUITES + ("all",))
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI, smoke runs)")
-    parser.add_argument("--json", metavar="FILE", help="write the records as a JSON list to FILE")
-    parser.add_argument("--out-dir", default="bench/results", help="where plots and other outputs go")
-    parser.add_argument("--no-progress", action="store_true", help="no progress display")
-    args = parser.parse_args(argv)
-    names = SUITES if args.suite == "all" else (args.suite,)
-    records: list[Record] = []
-    for name in names:
-        records += run_suite(name, quick=args.quick, progress=not args.no_progress, out_dir=Path(args.out_dir))
-    print(format_table(records))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_bytes(msgspec.json.format(msgspec.json.encode(records)))
-        print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
-    return 0

@@ -1,6 +1,6 @@
 """A streaming load generator for the router benchmark, run as its own process pinned to its own core.
 
-    python -m kvrelay.bench.loadgen < spec.json > results.json
+    python -m kvrelay.bench.loadgen < spec.json > results.json     (or `load(...)`, which runs that)
 
 The spec: ``{"urls": [...], "path": "/v1/completions", "concurrency": N, "bodies": [...], "core": C | null,
 "timeout": seconds}`` (body i goes to ``urls[i % len(urls)]``).  Each body is sent once (``stream: true``)
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -68,6 +69,21 @@ async def run(urls: list[str], bodies: list[dict], concurrency: int, timeout: fl
         t0 = time.perf_counter()
         await asyncio.gather(*(loop() for _ in range(max(1, concurrency))))
         return results, time.perf_counter() - t0
+
+
+def load(urls: list[str], bodies: list[dict], concurrency: int, core: int | None = 0, timeout: float = 600.0) -> dict:
+    """Run a load generator process (pinned to ``core``) and return its report; RuntimeError if it failed or if
+    any request did not complete."""
+    spec = {"urls": urls, "bodies": bodies, "concurrency": concurrency, "core": core, "timeout": timeout}
+    out = subprocess.run([sys.executable, "-m", "kvrelay.bench.loadgen"], input=json.dumps(spec).encode(),
+                         capture_output=True, timeout=timeout + 300)
+    if out.returncode:
+        raise RuntimeError(f"the load generator failed: {out.stderr.decode()[-2000:]}")
+    res = json.loads(out.stdout)
+    failed = [r for r in res["results"] if not r.get("ok")]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(bodies)} requests to {urls} failed, e.g. {failed[0]}")
+    return res
 
 
 def main() -> int:

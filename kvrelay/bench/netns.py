@@ -6,7 +6,7 @@ in the root namespace), running commands in them, and removing all of it afterwa
 
     with Hosts(["store", "prefill", "decode", "router"]) as hosts:   # each on a veth to a bridge in a hub
         hosts.address("store")     # 198.18.N.1; the root namespace has 198.18.N.254 on the same bridge
-        hosts.popen("store", [sys.executable, "-m", "kvrelay.cli", ...])
+        hosts.spawn("store", proc.kvrelay_argv(["store", ...]), log=path)   # a kvrelay.proc.ChildProcess
 
 Needs root (CAP_NET_ADMIN) and `ip`; `unavailable()` says why not, for a skip.
 """
@@ -19,6 +19,9 @@ import random
 import shutil
 import subprocess
 from collections.abc import Sequence
+from typing import Any
+
+from kvrelay import proc
 
 PREFIX = "kvrelay"  # namespace names: kvrelay-<pid>-<tag>-<host>
 
@@ -49,7 +52,7 @@ def sweep_stale() -> None:
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         parts = name.split("-")
-        if len(parts) >= 3 and parts[0] == PREFIX and parts[1].isdigit() and not os.path.exists(f"/proc/{parts[1]}"):
+        if len(parts) >= 3 and parts[0] == PREFIX and parts[1].isdigit() and not proc.pid_alive(int(parts[1])):
             _ip("netns", "del", name, check=False)
 
 
@@ -135,8 +138,9 @@ class Hosts:
         """``argv`` run inside host ``name``'s namespace."""
         return ["ip", "netns", "exec", self.ns[name], *argv]
 
-    def popen(self, name: str, argv: Sequence[str], **kw) -> subprocess.Popen:
-        return subprocess.Popen(self.command(name, argv), **kw)
+    def spawn(self, name: str, argv: Sequence[str], **kw: Any) -> proc.ChildProcess:
+        """``argv`` started inside host ``name``'s namespace through `kvrelay.proc.spawn` (``kw`` as there)."""
+        return proc.spawn(self.command(name, argv), name=kw.pop("name", name), **kw)
 
     def close(self) -> None:
         """Remove every namespace made (their veths go with them) and the root namespace's veth."""

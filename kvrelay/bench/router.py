@@ -6,13 +6,14 @@ every figure is set beside a baseline measured in the same run.  One cluster ser
   capacity  the fake workers (kvrelay.bench.fakeworker: a fixed 16-event answer) through the router (both
             legs; 1 and 2 router processes) against the same fake decode worker served directly:
             requests/s, and the router's own CPU time per request (from /proc), whose inverse is what one
-            router core carries.
+            router core carries (router_capacity.py; `kvrelay bench router_capacity` runs it alone).
   overhead  client -> router -> the decode engines against client -> the same engines, at 1, 64 and 256
             streams (the router sends each request to a decode engine alone, so the engines do the same
             work both ways): added p50/p99 latency in ms.
-  routing   a shared-prefix workload (a few long system prompts, many users, several turns each) through
-            the router over the whole cluster, once per policy (each with its own, equally shaped, prompts:
-            no policy inherits another's warm caches): TTFT p50/p99 and requests/s against round robin.
+  routing   three workloads (shared prefix, unique prompts, one hot prefix) through the router over the
+            whole cluster, R times per policy (router_routing.py): TTFT p50/p99 and requests/s against round
+            robin (and least_loaded), medians with their spreads.  The engines publish KV events, which
+            cache_aware follows.
 Every answer is checked: through the router it must equal the engine's own answer to the same prompt
 (greedy), and every request must complete.  ``--quick`` (CI): few requests, short prompts; a test checks the
 records' structure and the answers, not the timings.  On a shared 2-core machine timings are noisy: compare
@@ -23,10 +24,8 @@ Owns: the router suite.  Must not touch: the router or the engines (it starts th
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,8 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from kvrelay import proc
+from kvrelay.bench import router_capacity, router_routing
 from kvrelay.bench.harness import BenchContext, Record, percentile
-from kvrelay.readyfile import wait_ready_file
+from kvrelay.bench.loadgen import load  # pinned to LOADGEN_CORE (0) by default
 from kvrelay.store.pool import unlink_pool
 
 SUITE = "router"
@@ -46,45 +47,30 @@ ENGINE = ["--vocab-size", "4096", "--threads", "1", "--seed", "7", "--max-model-
 
 
 class Procs:
-    """The suite's processes: started with a ready file, stopped (SIGTERM, then SIGKILL) at the end."""
+    """The suite's processes: started with a ready file (kvrelay.proc), stopped (SIGTERM, then SIGKILL) at the end."""
 
     def __init__(self, stack: ExitStack, workdir: Path) -> None:
         self.workdir = workdir
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[proc.ChildProcess] = []
         self.after: list[Callable[[], None]] = []  # called once every process stopped
         stack.callback(self.stop)
 
-    def spawn(self, name: str, argv: list[str]) -> tuple[str, subprocess.Popen]:
+    def spawn(self, name: str, argv: list[str]) -> proc.ChildProcess:
         ready = self.workdir / f"{name}.json"
-        ready.unlink(missing_ok=True)
-        with open(self.workdir / f"{name}.log", "wb") as log:
-            p = subprocess.Popen([sys.executable, *argv, "--ready-file", str(ready)], stdout=log,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs.append(p)
-        return name, p
+        child = proc.spawn([sys.executable, *argv, "--ready-file", str(ready)], name=name, ready_file=ready,
+                           log=self.workdir / f"{name}.log", session=True)
+        self.procs.append(child)
+        return child
 
-    def wait(self, started: tuple[str, subprocess.Popen], timeout: float = 300.0) -> dict:
-        name, p = started
-        try:
-            info = wait_ready_file(self.workdir / f"{name}.json", p, timeout)
-        except (ChildProcessError, TimeoutError) as exc:
-            tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-1500:]
-            raise RuntimeError(f"{name} did not start: {exc}\n{tail}") from None
-        return {**info, "pid": p.pid}
+    def wait(self, child: proc.ChildProcess, timeout: float = 300.0) -> dict:
+        """Its ready file, with its pid; a StartError (naming its log, quoting its tail) if it does not come."""
+        return {**child.wait_ready(timeout), "pid": child.pid}
 
     def start(self, name: str, argv: list[str]) -> dict:
         return self.wait(self.spawn(name, argv))
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        proc.stop_all(self.procs, 10.0)
         self.procs = []
         for fn in self.after:
             fn()
@@ -97,6 +83,7 @@ class Cluster:
     decode: list[str]
     fake_prefill: str
     fake_decode: dict
+    events: list[str]  # each engine's KV events for the router: URL=PUB,REPLAY
 
 
 def kvrelay(*args: str) -> list[str]:
@@ -118,32 +105,16 @@ def start_cluster(procs: Procs, quick: bool) -> Cluster:
     fakes = [procs.spawn(f"fake_{role}", ["-m", "kvrelay.bench.fakeworker"]) for role in ("prefill", "decode")]
     store = procs.start("store", kvrelay("store", "--port", "0", "--metrics-port", "0", "--pool-size", "1GiB",
                                          "--pool-name", pool, "--transports", "shm,tcp"))["address"]
-    common = ["--port", "0", "--store", store, "--transport", "shm", *ENGINE, "--num-layers", "2" if quick else "4"]
+    common = ["--port", "0", "--store", store, "--transport", "shm", *ENGINE, "--num-layers", "2" if quick else "4",
+              "--events", "tcp://127.0.0.1:0"]
     # prefill engines hold about three system prompts of the full workload each (the cache has to be used well)
     engines = [procs.spawn(f"prefill{i}", kvrelay("engine", "--role", "prefill", *common, "--num-blocks", "320"))
                for i in range(2)]
     engines += [procs.spawn(f"decode{i}", kvrelay("engine", "--role", "decode", *common)) for i in range(2)]
-    urls = [procs.wait(e)["url"] for e in engines]
-    return Cluster(store, urls[:2], urls[2:], procs.wait(fakes[0])["url"], procs.wait(fakes[1]))
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def load(urls: list[str], bodies: list[dict], concurrency: int) -> dict:
-    """Run the load generator (its own process, pinned to LOADGEN_CORE); every request must complete."""
-    spec = {"urls": urls, "bodies": bodies, "concurrency": concurrency, "core": LOADGEN_CORE, "timeout": 600.0}
-    out = subprocess.run([sys.executable, "-m", "kvrelay.bench.loadgen"], input=json.dumps(spec).encode(),
-                         capture_output=True, timeout=900)
-    if out.returncode:
-        raise RuntimeError(f"the load generator failed: {out.stderr.decode()[-2000:]}")
-    res = json.loads(out.stdout)
-    failed = [r for r in res["results"] if not r.get("ok")]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(bodies)} requests to {urls} failed, e.g. {failed[0]}")
-    return res
+    ready = [procs.wait(e) for e in engines]
+    urls = [r["url"] for r in ready]
+    events = [f"{r['url']}={r['events']},{r['events_replay']}" for r in ready]
+    return Cluster(store, urls[:2], urls[2:], procs.wait(fakes[0])["url"], procs.wait(fakes[1]), events)
 
 
 def check_same(got: dict, want: dict, what: str) -> None:
@@ -158,32 +129,7 @@ def _ms(xs: list[float], p: float) -> float:
 
 
 def capacity(ctx: BenchContext, procs: Procs, cl: Cluster) -> None:
-    n, streams = (150, 64) if ctx.quick else (4000, 64)
-    bodies = [{"prompt": f"request {i}", "max_tokens": 16} for i in range(n)]
-    expect = "".join(f"t{i} " for i in range(16))
-    dec = cl.fake_decode
-    load([dec["url"]], bodies[:20], streams)  # warm-up
-    cpu0 = cpu_seconds(dec["pid"])
-    direct = load([dec["url"]], bodies, streams)
-    dec_cpu = (cpu_seconds(dec["pid"]) - cpu0) / n
-    for workers in (1, 2):
-        router = procs.start(f"router_capacity_{workers}", router_args([cl.fake_prefill], [dec["url"]], "--workers",
-                                                                        str(workers)))
-        pids = router.get("workers", [router["pid"]])
-        load([router["url"]], bodies[:20], streams)
-        cpu0 = sum(cpu_seconds(pid) for pid in pids)
-        via = load([router["url"]], bodies, streams)
-        r_cpu = (sum(cpu_seconds(pid) for pid in pids) - cpu0) / n
-        if any(r["text"] != expect for r in via["results"] + direct["results"]):
-            raise RuntimeError("a streamed answer was not the fake worker's 16 events")
-        case = f"capacity/{workers}_router_process{'es' if workers > 1 else ''}"
-        params = {"streams": streams, "requests": n, "chunks": 16, "cores": os.cpu_count()}
-        ctx.add(Record.compare(SUITE, case, "requests_per_s", n / via["wall"], "req/s",
-                               "direct to the fake decode worker", n / direct["wall"], params))
-        ctx.add(Record.compare(SUITE, case, "router_cpu_ms_per_request", r_cpu * 1000, "ms",
-                               "the fake worker's cpu ms per request", dec_cpu * 1000, params, lower_is_better=True))
-        ctx.add(Record.compare(SUITE, case, "requests_per_s_per_router_core", 1 / r_cpu, "req/s", "target",
-                               3000.0, params))
+    router_capacity.capacity(ctx, procs, cl.fake_prefill, cl.fake_decode)  # the case lives there
 
 
 def overhead(ctx: BenchContext, procs: Procs, cl: Cluster) -> None:
@@ -211,49 +157,9 @@ def overhead(ctx: BenchContext, procs: Procs, cl: Cluster) -> None:
         ctx.add(Record.compare(SUITE, case, "completed", float(len(got)), "requests", "sent", float(n), params))
 
 
-def workload(seed: int, quick: bool) -> list[list[dict]]:
-    """Waves of requests: turn t of every user, sent together; each turn extends the user's history."""
-    systems, users, turns, sys_len = (2, 4, 2, 128) if quick else (4, 16, 3, 1536)
-    rng = random.Random(seed)
-    prefixes = [[rng.randrange(256, 4096) for _ in range(sys_len)] for _ in range(systems)]
-    history = {u: list(prefixes[u % systems]) for u in range(users)}
-    waves = []
-    for _ in range(turns):
-        for u in range(users):
-            history[u] = history[u] + [rng.randrange(256, 4096) for _ in range(64)]
-        waves.append([{"prompt": list(history[u]), "max_tokens": 4, "temperature": 0.0, "ignore_eos": True}
-                      for u in range(users)])
-    return waves
-
-
 def routing(ctx: BenchContext, procs: Procs, cl: Cluster) -> None:
-    results: dict[str, tuple[list[float], float, int]] = {}
-    answers: list[tuple[str, list[dict], dict]] = []
-    for k, policy in enumerate(POLICIES):
-        router = procs.start(f"router_{policy}", router_args(cl.prefill, cl.decode, "--policy", policy, "--store",
-                                                              cl.store))
-        ttft, wall, n = [], 0.0, 0
-        for wave in workload(100 + k, ctx.quick):
-            res = load([router["url"]], wave, len(wave))
-            answers.append((policy, wave, res))
-            ttft += [r["ttft"] for r in res["results"]]
-            wall += res["wall"]
-            n += len(wave)
-        results[policy] = (ttft, wall, n)
-    # after every policy ran (these direct runs warm no cache a policy used), all at once
-    bodies = [b for _, wave, _ in answers for b in wave]
-    direct = load(cl.decode, bodies, max(len(w) for _, w, _ in answers))["results"]
-    for policy, wave, res in answers:
-        check_same(res, {"results": direct[:len(wave)]}, f"routing with {policy}")
-        direct = direct[len(wave):]
-    base_ttft, base_wall, base_n = results["round_robin"]
-    for policy, (ttft, wall, n) in results.items():
-        params = {"requests": n, "quick": ctx.quick}
-        for p in (50, 99):
-            ctx.add(Record.compare(SUITE, f"routing/{policy}", f"ttft_p{p}_ms", _ms(ttft, p), "ms",
-                                   f"round_robin p{p}", _ms(base_ttft, p), params, lower_is_better=True))
-        ctx.add(Record.compare(SUITE, f"routing/{policy}", "requests_per_s", n / wall, "req/s", "round_robin",
-                               base_n / base_wall, params))
+    router_routing.routing(ctx, lambda name, extra: procs.start(name, router_args(
+        cl.prefill, cl.decode, "--store", cl.store, *extra))["url"], cl.decode, cl.events)  # the case lives there
 
 
 def run(ctx: BenchContext) -> list[Record]:

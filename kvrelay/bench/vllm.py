@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kvrelay.bench.harness import BenchContext, Record, median
+from kvrelay.params import DO_REMOTE_DECODE, DO_REMOTE_PREFILL, RELAY_ID
 
 SUITE = "vllm"
 MAX_TOKENS = 16
@@ -50,7 +51,7 @@ PREFIX, HIT_LEN = 1792, 2000
 NEED_GIB = 12.0
 TRANSPORTS = ("shm", "tcp", "nixl")
 NIXL_CONNECTOR = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
-NIXL_PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+NIXL_PREFILL_PARAMS = {DO_REMOTE_DECODE: True, DO_REMOTE_PREFILL: False, "remote_engine_id": None,
                        "remote_block_ids": None, "remote_host": None, "remote_port": None}
 SITECUSTOMIZE = '''"""kvrelay bench vllm: stop NixlConnector re-pinning the model thread (recipe vllm-nixl-cpu.md)."""
 try:
@@ -149,7 +150,7 @@ def _kvrelay_pd(pre: Any, dec: Any, ids: list[int]) -> Sample:
 
     def prefill() -> None:
         try:
-            pre.complete(ids, 1, kv_transfer_params={"do_remote_decode": True, "kvrelay_request_id": rid})
+            pre.complete(ids, 1, kv_transfer_params={DO_REMOTE_DECODE: True, RELAY_ID: rid})
             done.append(time.perf_counter())
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             err.append(exc)
@@ -157,7 +158,7 @@ def _kvrelay_pd(pre: Any, dec: Any, ids: list[int]) -> Sample:
     t0 = time.perf_counter()
     th = threading.Thread(target=prefill, daemon=True)
     th.start()
-    times = _stream(dec.url, dec.name, ids, {"do_remote_prefill": True, "kvrelay_request_id": rid})
+    times = _stream(dec.url, dec.name, ids, {DO_REMOTE_PREFILL: True, RELAY_ID: rid})
     th.join(300)
     if err or not done:
         raise RuntimeError(f"kvrelay prefill leg of {len(ids)} tokens failed: {err[0] if err else 'no answer'}")
@@ -198,14 +199,15 @@ def _start(servers: list[Any]) -> None:
 
 
 def _counter(srv: Any, name: str, **labels: str) -> float:
-    from kvrelay.engines.vllm.process import sum_samples
+    from kvrelay.promtext import sum_samples
     return sum_samples(srv.metrics(), name, **labels)
 
 
 def run(ctx: BenchContext) -> None:
     from kvrelay.engines.vllm.checkpoint import write_llama_checkpoint
-    from kvrelay.engines.vllm.process import VllmServer, free_port
-    from kvrelay.launcher import vllm_kv_transfer_config
+    from kvrelay.engines.vllm.process import VllmServer
+    from kvrelay.httpjson import free_port
+    from kvrelay.engines.vllm.config import vllm_kv_transfer_config
     from kvrelay.store.process import DaemonProcess
 
     lengths = [1000] if ctx.quick else [1000, 2000]
@@ -271,7 +273,7 @@ def run(ctx: BenchContext) -> None:
 
 def _phase(case: str, col: Any, pre: Any, dec: Any, once: Callable[[Any, Any, list[int]], Sample],
            lengths: list[int], reps: int, prompts: _Prompts, results: dict, base: dict, info: dict) -> None:
-    from kvrelay.engines.vllm.process import sum_samples
+    from kvrelay.promtext import sum_samples
     once(pre, dec, prompts.make(512))  # warm the data path up
     _colocated(col, prompts.make(512))
     m0 = dec.metrics()

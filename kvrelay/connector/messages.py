@@ -31,6 +31,14 @@ class FinishBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class AbortPublish:
+    """``state``'s request was aborted (``state.abort_reason``): stop publishing it and give its reservation
+    back to the store."""
+
+    state: PublishState
+
+
+@dataclass(frozen=True, slots=True)
 class Drain:
     """Every job before this one is done: set ``done``."""
 
@@ -42,4 +50,4 @@ class StopPublisher:
     pass
 
 
-PublisherJob = PublishLayer | FinishBatch | Drain | StopPublisher
+PublisherJob = PublishLayer | FinishBatch | AbortPublish | Drain | StopPublisher

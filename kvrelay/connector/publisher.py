@@ -9,6 +9,13 @@ each request settles (COMMITTED or FAILED) and is handed to ``done``: from then 
 none of its blocks.  With ``layerwise=False`` (the baseline other KV layers use) every layer is published
 only after the whole forward pass.
 
+A request aborted while it is published (`abort`, from any thread: its client left during the prefill,
+issue 26) publishes no further layer: the publisher thread fails it (ABORTED), tells the store (pulls
+waiting for it fail now) and releases its reserved chunks at once, instead of letting them drain layer
+by layer with the forward pass or wait for the reservation's TTL.  Chunks already committed stay (they
+are a prefix anyone may reuse).  The release runs on the publisher thread, the only writer of the
+reserved slots, so no slot is freed while it is being packed.
+
 Engine-independent: it works from an `EngineCache` (layout, cache tensors, model identity), block ids
 and a callback.  Must not touch: the engine's scheduling or the cache contents.
 """
@@ -27,7 +34,8 @@ import torch
 from kvrelay.connector.addressing import (
     FIRST_TOKEN_BYTES, chunk_jobs, first_token_header, first_token_key, first_token_payload, transfer_params)
 from kvrelay.connector.binding import EngineCache
-from kvrelay.connector.messages import Drain, FinishBatch, PublisherJob, PublishLayer, StopPublisher
+from kvrelay.connector.messages import (
+    AbortPublish, Drain, FinishBatch, PublisherJob, PublishLayer, StopPublisher)
 from kvrelay.connector.breaker import CircuitBreaker
 from kvrelay.connector.threads import quiet_torch_thread
 from kvrelay.connector.state import FailureCode, PublishPhase, PublishState, TransferFailure
@@ -77,6 +85,8 @@ class LayerPublisher:
         self._batch: list[PublishState] = []
         self._sent: set[int] = set()  # layers of the current batch handed to the thread
         self._jobs: queue.SimpleQueue[PublisherJob] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._open: dict[str, list[PublishState]] = {}  # request id -> its states still PUBLISHING (abort)
         self._thread = threading.Thread(target=self._run, name="kv-publisher", daemon=True)
         self._thread.start()
         self.busy_s = 0.0  # time the publisher thread spent packing + committing (bench)
@@ -139,6 +149,9 @@ class LayerPublisher:
             if self.breaker is not None:
                 self.breaker.success()
         self._batch = [s for s in states if s.phase is PublishPhase.PUBLISHING]
+        with self._lock:
+            for s in self._batch:
+                self._open.setdefault(s.request_id, []).append(s)
         self._sent = set()
         return states
 
@@ -163,6 +176,19 @@ class LayerPublisher:
             state.params.first_token = firsts[id(state)]
         self._jobs.put(FinishBatch(time.monotonic(), batch, [firsts[id(s)] for s in batch], done))
 
+    def abort(self, request_id: str, reason: str) -> bool:
+        """Any thread: ``request_id`` was aborted.  If it is being published, no further layer of it is and
+        its reservation goes back to the store (on the publisher thread, ahead of the layers still queued);
+        it still settles (FAILED, code ABORTED) through ``done``.  Returns whether it was being published."""
+        with self._lock:
+            states = [s for s in self._open.get(request_id, ()) if s.phase is PublishPhase.PUBLISHING]
+            for state in states:
+                if state.abort_reason is None:
+                    state.abort_reason = reason or "aborted"
+        for state in states:
+            self._jobs.put(AbortPublish(state))
+        return bool(states)
+
     def drain(self, timeout: float) -> bool:
         """Wait until every job handed over so far is done (an engine about to reuse blocks of a preempted
         request).  False if ``timeout`` passed first."""
@@ -181,21 +207,40 @@ class LayerPublisher:
     def _run(self) -> None:
         quiet_torch_thread()
         while True:
-            match self._jobs.get():
-                case StopPublisher():
-                    return
-                case PublishLayer(layer, batch):
-                    t0 = time.perf_counter()
-                    for state in batch:
-                        if state.phase is PublishPhase.PUBLISHING:
-                            self._publish_layer(state, layer)
-                    self.busy_s += time.perf_counter() - t0
-                case Drain(event):
-                    event.set()
-                case FinishBatch(forward_end, batch, first_tokens, done):
-                    for state, token in zip(batch, first_tokens, strict=True):
+            job = self._jobs.get()
+            if isinstance(job, StopPublisher):
+                return
+            try:
+                self._do(job)
+            except Exception:  # noqa: BLE001 - a bug must not kill the thread: every later publish would hang
+                log.exception("the publisher thread failed on %s; it goes on with the next job", type(job).__name__)
+
+    def _do(self, job: PublisherJob) -> None:
+        """One job of the publisher thread (a failure of a request's own publish is handled per request)."""
+        match job:
+            case PublishLayer(layer, batch):
+                t0 = time.perf_counter()
+                for state in batch:
+                    if state.phase is not PublishPhase.PUBLISHING:
+                        continue
+                    if state.abort_reason is not None:
+                        self._abandon(state)
+                    else:
+                        self._publish_layer(state, layer)
+                self.busy_s += time.perf_counter() - t0
+            case AbortPublish(state):
+                if state.phase is PublishPhase.PUBLISHING:
+                    self._abandon(state)
+            case Drain(event):
+                event.set()
+            case FinishBatch(forward_end, batch, first_tokens, done):
+                for state, token in zip(batch, first_tokens, strict=True):
+                    try:
                         self._finish(state, token, forward_end)
-                        done(state)
+                    except Exception as exc:  # noqa: BLE001 - settle it (its blocks are freed), then go on
+                        log.exception("settling the publish of %s failed", state.request_id)
+                        state.fail(TransferFailure(FailureCode.INTERNAL, f"the publisher failed: {exc!r}"))
+                    done(state)
 
     def _publish_layer(self, state: PublishState, layer: int) -> None:
         cache = self.cache
@@ -219,6 +264,14 @@ class LayerPublisher:
             self._failed(state, TransferFailure.from_exception(exc, f"the prefill could not publish layer {layer}"))
 
     def _finish(self, state: PublishState, token: int | None, forward_end: float) -> None:
+        with self._lock:
+            mine = self._open.get(state.request_id)
+            if mine is not None and state in mine:
+                mine.remove(state)
+                if not mine:
+                    del self._open[state.request_id]
+        if state.phase is PublishPhase.PUBLISHING and state.abort_reason is not None:
+            self._abandon(state)
         if state.phase is PublishPhase.PUBLISHING and token is not None:
             try:
                 buf = self.client.publish_buffer(state.meta_key)
@@ -237,6 +290,20 @@ class LayerPublisher:
             self.client.release(state.request_id)
         except Exception:  # noqa: BLE001 - best effort; reservations expire anyway
             pass
+
+    def _abandon(self, state: PublishState) -> None:
+        """Publisher thread: ``state``'s request was aborted while PUBLISHING.  It fails (ABORTED) and reads no
+        more blocks; the store ends the waits of its pulls and drops its reserved (uncommitted) chunks now."""
+        reason = state.abort_reason or "aborted"
+        log.info("publishing %s stops: %s", state.request_id, reason)
+        state.fail(TransferFailure(FailureCode.ABORTED, f"the request was aborted while it was published: {reason}"))
+        if self.breaker is not None and not self.breaker.allow():
+            return  # the store is skipped: its reservations expire there (reserve_ttl)
+        try:
+            self.client.abort(state.request_id, reason)
+            self.client.release(state.request_id)
+        except Exception as exc:  # noqa: BLE001 - the store is gone: its reservations expire there (reserve_ttl)
+            log.warning("could not release the reservation of aborted request %s: %s", state.request_id, exc)
 
     def _failed(self, state: PublishState, failure: TransferFailure) -> None:
         """Record the failure, count it, and tell the store: a decode leg may already wait for this

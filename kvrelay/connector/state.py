@@ -4,7 +4,8 @@ failed.
 Owns: `FailureCode` (the closed set of reasons a transfer fails; the same strings label the metrics),
 `TransferFailure`, `PublishState` / `PullState` and their phase enums.  The publisher thread and the
 puller threads write these; an engine reads them (phases are plain attribute writes, safe under the GIL,
-and every transition is followed by the owner's callback).  Must not touch: engines, stores, transports.
+and every transition is followed by the owner's callback).  Must not touch: engines, stores, transports
+(from the store it reads only its error codes, `kvrelay.store.errors.StoreCode`, to map them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 from kvrelay.keys import ChunkKey
 from kvrelay.params import KVTransferParams
+from kvrelay.store.errors import StoreCode
 
 
 class FailureCode(str, enum.Enum):
@@ -24,10 +26,11 @@ class FailureCode(str, enum.Enum):
     TIMEOUT = "timeout"  # a deadline passed (pull deadline, store round trip)
     ABORTED = "aborted"  # the request was aborted here, or its prefill gave up (the store said so)
     STORE_FULL = "full"  # the store refused a reservation even after eviction
+    QUOTA = "quota"  # the store refused a reservation: the tenant is over its quota even after its own evictions
     UNAVAILABLE = "unavailable"  # the store or a peer could not be reached, or the client is closed
     CORRUPT = "corrupt"  # a chunk failed its checksum
     MISMATCH = "mismatch"  # params or a chunk header disagree with this engine (model, layers, tokens)
-    REFUSED = "refused"  # the store refused the request for another reason (bad request, version, ...)
+    REFUSED = "refused"  # the store refused the request for another reason (bad request, not found)
     INTERNAL = "internal"  # anything else: a bug, logged with its traceback
 
     @classmethod
@@ -37,9 +40,9 @@ class FailureCode(str, enum.Enum):
             return exc.code
         if isinstance(exc, TimeoutError):
             return cls.TIMEOUT
-        code = getattr(exc, "code", None)  # kvrelay.store.control.StoreError (not imported: no daemon code)
+        code = getattr(exc, "code", None)  # a kvrelay.store.errors.StoreError's `StoreCode`
         if isinstance(code, str):
-            return _STORE_CODES.get(code, cls.REFUSED)
+            return _STORE_CODES.get(code, cls.REFUSED)  # a code this side does not know: a newer store's refusal
         if isinstance(exc, (ConnectionError, OSError)):
             return cls.UNAVAILABLE
         from kvrelay.transfer.base import HandshakeError, TransferError as TransportError
@@ -50,11 +53,14 @@ class FailureCode(str, enum.Enum):
         return cls.INTERNAL
 
 
-_STORE_CODES = {
-    "timeout": FailureCode.TIMEOUT, "aborted": FailureCode.ABORTED, "full": FailureCode.STORE_FULL,
-    "corrupt": FailureCode.CORRUPT, "closed": FailureCode.UNAVAILABLE, "unreachable": FailureCode.UNAVAILABLE,
-    "session": FailureCode.UNAVAILABLE, "not_found": FailureCode.REFUSED, "bad_request": FailureCode.REFUSED,
-    "version": FailureCode.MISMATCH, "internal": FailureCode.INTERNAL,
+# Every store code's failure (a test checks that none is missing: a code left out was counted as REFUSED).
+_STORE_CODES: dict[str, FailureCode] = {
+    StoreCode.TIMEOUT: FailureCode.TIMEOUT, StoreCode.ABORTED: FailureCode.ABORTED,
+    StoreCode.FULL: FailureCode.STORE_FULL, StoreCode.QUOTA: FailureCode.QUOTA, StoreCode.CORRUPT: FailureCode.CORRUPT,
+    StoreCode.CLOSED: FailureCode.UNAVAILABLE, StoreCode.UNREACHABLE: FailureCode.UNAVAILABLE,
+    StoreCode.SESSION: FailureCode.UNAVAILABLE, StoreCode.NOT_FOUND: FailureCode.REFUSED,
+    StoreCode.BAD_REQUEST: FailureCode.REFUSED, StoreCode.VERSION: FailureCode.MISMATCH,
+    StoreCode.INTERNAL: FailureCode.INTERNAL, StoreCode.MISMATCH: FailureCode.MISMATCH,
 }
 
 
@@ -110,6 +116,7 @@ class PublishState:
     phase: PublishPhase = PublishPhase.PUBLISHING
     failure: TransferFailure | None = None
     committed_bytes: int = 0
+    abort_reason: str | None = None  # set by `LayerPublisher.abort` (any thread): publish no further layer
 
     @property
     def holds_blocks(self) -> bool:
@@ -145,6 +152,11 @@ class PullState:
     pulled_bytes: int = 0
     first_token: int | None = None  # params.first_token, or pulled from the store when the params lack it
     fetch_first_token: bool = True  # False: an engine that recomputes the last prompt token needs none
+    # a prefix load (a router's hint) gives the pulled tokens' ids: its chunks are looked up first (never waited
+    # for), and with keep_copies a pull of them from another host's store is kept in the own one (localcopy.py)
+    tokens: tuple[int, ...] = ()
+    tenant: str = ""  # the request's cache_salt (the kept copy is booked to it)
+    source: str = ""  # the store it was pulled from (set by the puller: its own, when that holds it all)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)

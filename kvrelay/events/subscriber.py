@@ -78,7 +78,7 @@ class EventSubscriber:
                          "unrecoverable_gaps": 0, "decode_errors": 0, "callback_errors": 0, "reconnects": 0}
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.linger = 0
-        if self._keys is not None:
+        if self._keys is not None and not endpoint.startswith("ipc://"):  # a unix socket: vLLM's has no CURVE
             self._keys.client_socket(self._sub)
         self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
@@ -313,7 +313,7 @@ class EventSubscriber:
         if self._dealer is None:
             self._dealer = self._ctx.socket(zmq.DEALER)
             self._dealer.linger = 0
-            if self._keys is not None:
+            if self._keys is not None and not self.replay_endpoint.startswith("ipc://"):
                 self._keys.client_socket(self._dealer)
             self._dealer.connect(self.replay_endpoint)
         deadline = time.monotonic() + self._timeout

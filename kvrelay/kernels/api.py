@@ -21,7 +21,10 @@ from typing import Any, Literal
 
 import torch
 
-from kvrelay.kernels import cuda_path, native, reference
+# each submodule by its full name, never through the package: kvrelay/kernels/__init__.py imports this module
+import kvrelay.kernels.cuda_path as cuda_path
+import kvrelay.kernels.native as native
+import kvrelay.kernels.reference as reference
 from kvrelay.kernels.layout import KVLayout, LayerTensors
 from kvrelay.kernels.plan import BlockIds, CopyPlan, check_buffer, plan_pack, plan_unpack
 
@@ -78,7 +81,7 @@ def _run(impl: str, layout: KVLayout, layer: LayerTensors, plan: CopyPlan, buf: 
         return reference.pack(layout, layer, plan, buf) if pack_ else reference.unpack(layout, layer, plan, buf)
     if impl == "native":
         return native.copy(layout, layer, plan, buf, pack_)
-    from kvrelay.kernels import triton_kernels  # imported lazily: triton's import is slow
+    import kvrelay.kernels.triton_kernels as triton_kernels  # imported lazily: triton's import is slow
     ids = torch.from_numpy(plan.ids)  # a CPU cache: the kernel runs through Triton's interpreter
     return triton_kernels.copy(cuda_path.layer_view(layout, layer), plan, buf, ids, pack_)
 

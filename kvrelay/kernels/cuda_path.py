@@ -79,7 +79,7 @@ class CudaRuntime:
         dst.copy_(src, non_blocking=True)
 
     def launch(self, view: LayerView, plan: CopyPlan, chunk: torch.Tensor, ids: torch.Tensor, pack: bool) -> None:
-        from kvrelay.kernels import triton_kernels  # imported lazily: triton's import is slow
+        import kvrelay.kernels.triton_kernels as triton_kernels  # lazily: triton's import is slow
         triton_kernels.copy(view, plan, chunk, ids, pack)
 
 

@@ -1,7 +1,8 @@
-"""The parts of the GPU check (gpu_check.py runs each in a process of its own, under its own budget).
+"""The kernel parts of the GPU check (kvrelay/diagnostics/gpu_check.py runs each in a process of its own,
+under its own budget).
 
 Owns: one function per part, each returning ``{"ok": bool, ...figures}`` and raising nothing a caller
-must catch (gpu_check.py reports an exception as the part's error).  Outputs carry guard bytes that must
+must catch (the check reports an exception as the part's error).  Outputs carry guard bytes that must
 come back untouched; caches are compared whole (padding included) against the torch reference.
 Must not touch: anything but the tensors, streams and processes it creates.
 """
@@ -9,10 +10,6 @@ Must not touch: anything but the tensors, streams and processes it creates.
 from __future__ import annotations
 
 import functools
-import importlib
-import os
-import subprocess
-import sys
 import time
 from typing import Any, Callable
 
@@ -325,51 +322,6 @@ def bandwidth(device: str = "cuda", quick: bool = False, min_fraction: float = 0
             "rows": rows, "host_us_per_small_pack": round(host_us, 1)}
 
 
-def _selfcheck(name: str) -> dict:
-    try:  # by module name (not `from kvrelay.transfer import ...`, which an attribute of the package satisfies)
-        gpu_selfcheck = importlib.import_module("kvrelay.transfer.gpu_selfcheck")
-    except ImportError as exc:
-        return {"ok": False, "error": f"kvrelay.transfer.gpu_selfcheck is missing: {exc}"}
-    fn = getattr(gpu_selfcheck, f"check_{name}", None)
-    if fn is None:
-        return {"ok": False, "error": f"kvrelay.transfer.gpu_selfcheck has no check_{name}()"}
-    result = fn()
-    if not isinstance(result, dict) or "ok" not in result:
-        return {"ok": False, "error": f"check_{name}() returned {result!r:.200}, not a dict with 'ok'"}
-    return result
-
-
-def gpu_test_files(root: str) -> list[str]:
-    """The GPU-only pytest files: tests/**/test_*_gpu.py and tests/gpu/test_*.py."""
-    found = []
-    for dirpath, _, files in os.walk(os.path.join(root, "tests")):
-        for f in sorted(files):
-            if f.startswith("test_") and (f.endswith("_gpu.py") or os.path.basename(dirpath) == "gpu"):
-                found.append(os.path.relpath(os.path.join(dirpath, f), root))
-    return sorted(found)
-
-
-def gpu_pytest(timeout: float = 170.0) -> dict:
-    """The GPU-only pytest files in a subprocess, with TRITON_INTERPRET unset (real kernels)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    files = gpu_test_files(root)
-    if not files:
-        return {"ok": False, "error": f"no GPU-only test files under {root}/tests"}
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *files],
-                           cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        tail = ((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or "")
-        return {"ok": False, "files": files, "error": f"pytest ran past {timeout:.0f} s",
-                "tail": tail.strip().splitlines()[-15:]}
-    lines = (r.stdout + r.stderr).strip().splitlines()
-    return {"ok": r.returncode == 0, "files": files, "returncode": r.returncode, "summary": lines[-1:],
-            "tail": lines[-15:] if r.returncode else []}
-
-
-PARTS: dict[str, Callable[..., dict]] = {  # in the order gpu_check.py runs them (its BUDGETS)
+PARTS: dict[str, Callable[..., dict]] = {  # the kernel parts, in the order kvrelay/diagnostics/gpu_check.py runs them
     "exact": exact, "large": large, "streams": streams, "staging": staging, "bandwidth": bandwidth,
-    "nvlink": functools.partial(_selfcheck, "nvlink"), "nixl_vram": functools.partial(_selfcheck, "nixl_vram"),
-    "store_gpu": functools.partial(_selfcheck, "store_gpu"), "pytest_gpu": gpu_pytest,
 }

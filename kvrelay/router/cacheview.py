@@ -1,28 +1,32 @@
 """What the router needs to route by cache: the KV events it follows, and the prompt's token ids.
 
 ``--events NAME=PUB[,REPLAY]`` (repeatable): follow the KV-event publisher at PUB (replay socket REPLAY)
-as NAME, a ``--prefill``/``--decode`` URL or ``store``; one `kvrelay.events.EventSubscriber` each (its
+as NAME, a ``--prefill``/``--decode`` URL, ``store`` (one store), or with a store on every host a store's
+control address (``tcp://HOST:PORT``: the name the engines and the hints use, policy.py); one `kvrelay.events.EventSubscriber` each (its
 own thread: gaps are replayed, a restarted publisher resyncs), feeding one `KVIndex`.
 
 Token ids: the router hashes the prompt the way the index names blocks (kvindex.py), so it needs the
-prompt's token ids as the engine computes them.  A token-id prompt (vLLM's and the reference engine's
-``prompt: [ids]``) is used as is; a text prompt or chat messages are tokenized as the reference engine
-does (kvrelay.engines.reference.tokenizer: the checkpoint's tokenizer.json given by ``--tokenizer``, else
-byte-level; chat through its template).  A prompt the router cannot read gets no tokens (routed without
-cache credit; the engine reports the error).
+prompt's token ids as the engine computes them: tokenize.py asks the workers that tokenize for others
+(vLLM's /tokenize, with its checkpoint's chat template), else tokenizes as the reference engine does
+(kvrelay.tokenizer: the checkpoint's tokenizer.json given by ``--tokenizer``, else byte-level).
 
-Owns: `CacheView` (subscribers' lifetime, tokenizing).  Must not touch: the index's rules, routing.
+Owns: `CacheView` (subscribers' lifetime, the prompt tokens' source).  Must not touch: the index's rules,
+routing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvrelay.engines.reference.tokenizer import Tokenizer, apply_chat_template, load_tokenizer
+import aiohttp
+
 from kvrelay.events.subscriber import EventSubscriber
 from kvrelay.router.kvindex import KVIndex
+from kvrelay.router.tokenize import PromptTokens
+from kvrelay.tokenizer import Tokenizer, load_tokenizer
 
 BIG_VOCAB = 1 << 31  # the router checks no vocabulary: the engines do
 
@@ -35,33 +39,49 @@ class EventSource:
 
 
 def parse_events(spec: str, names: set[str]) -> EventSource:
-    """``NAME=tcp://HOST:PORT[,tcp://HOST:PORT]``; ValueError naming the problem."""
+    """``NAME=tcp://HOST:PORT[,tcp://HOST:PORT]`` (or ``ipc://PATH``: a vLLM server's publisher binds only ipc://
+    or tcp://*); ValueError naming the problem."""
     name, sep, rest = spec.rpartition("=")
     example = "e.g. --events http://127.0.0.1:8100=tcp://127.0.0.1:5557,tcp://127.0.0.1:5558"
     if not sep or not name:
         raise ValueError(f"--events {spec!r}: give NAME=PUB[,REPLAY] ({example})")
     name = name.rstrip("/")
-    if name not in names:
-        raise ValueError(f"--events {spec!r}: {name!r} is neither a --prefill or --decode URL nor 'store'")
+    if name not in names and not _store_address(name):
+        raise ValueError(f"--events {spec!r}: {name!r} is neither a --prefill or --decode URL nor 'store' (nor, "
+                         f"with a store on every host, a store's control address tcp://HOST:PORT)")
     parts = rest.split(",")
     if len(parts) > 2:
         raise ValueError(f"--events {spec!r}: at most two endpoints, the publisher and its replay socket")
     for ep in parts:
+        if ep.startswith("ipc://") and len(ep) > 6:
+            continue
         try:
             u = urllib.parse.urlsplit(ep)
             port = u.port
         except ValueError as exc:
             raise ValueError(f"--events {spec!r}: {ep!r}: {exc}") from None
         if u.scheme != "tcp" or not u.hostname or not port:
-            raise ValueError(f"--events {spec!r}: {ep!r} is not tcp://HOST:PORT ({example})")
+            raise ValueError(f"--events {spec!r}: {ep!r} is not tcp://HOST:PORT or ipc://PATH ({example})")
     return EventSource(name, parts[0], parts[1] if len(parts) == 2 else None)
 
 
+def _store_address(name: str) -> bool:
+    try:
+        u = urllib.parse.urlsplit(name)
+        return u.scheme == "tcp" and bool(u.hostname) and bool(u.port) and u.path == ""
+    except ValueError:
+        return False
+
+
 class CacheView:
-    def __init__(self, sources: list[EventSource], tokenizer_dir: str | None = None) -> None:
+    def __init__(self, sources: list[EventSource], tokenizer_dir: str | None = None,
+                 tokenize_deadline_s: float = 0.1) -> None:
+        """``tokenize_deadline_s``: how long a request waits for a worker's /tokenize before the router
+        tokenizes it itself (tokenize.py)."""
         self.index = KVIndex()
         self.sources = sources
         self.tokenizer: Tokenizer = load_tokenizer(tokenizer_dir, BIG_VOCAB)
+        self.prompts = PromptTokens(self.tokenizer, deadline_s=tokenize_deadline_s)
         self._subs: list[EventSubscriber] = []
 
     def start(self) -> None:
@@ -74,23 +94,10 @@ class CacheView:
 
     async def stop(self) -> None:
         subs, self._subs = self._subs, []
-        await asyncio.gather(*(asyncio.to_thread(s.close) for s in subs))
+        await asyncio.gather(self.prompts.close(), *(asyncio.to_thread(s.close) for s in subs))
 
-    def tokens(self, path: str, body: dict) -> list[int] | None:
-        """The prompt's token ids as the engine will see them; None if the router cannot tell."""
-        try:
-            if path.endswith("/chat/completions"):
-                msgs = body.get("messages")
-                if not isinstance(msgs, list) or not msgs:
-                    return None
-                return self.tokenizer.encode(apply_chat_template(msgs))
-            p = body.get("prompt")
-            if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-                p = p[0]  # a batch of one
-            if isinstance(p, str):
-                return self.tokenizer.encode(p)
-            if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                return p
-        except (ValueError, TypeError, AttributeError):
-            return None
-        return None
+    async def tokens(self, path: str, body: dict, workers: Sequence[str] = (),
+                     session: aiohttp.ClientSession | None = None) -> list[int] | None:
+        """The prompt's token ids as the engine will see them (``workers``: URLs that may tokenize it, asked
+        through ``session``); None if the router cannot tell (routed without cache credit)."""
+        return await self.prompts.tokens(path, body, workers, session)

@@ -1,4 +1,5 @@
-"""The router's index of who holds which KV blocks: per source (a worker's URL, or ``store``), block -> tiers.
+"""The router's index of who holds which KV blocks: per source (a worker's URL, ``store``, or with a store on every
+host each store's control address), block -> tiers.
 
 It is fed by KV events (vLLM's wire format, `kvrelay.events`): ``BlockStored`` carries the token ids
 of its blocks, so the index names each block by its own hash chain over those tokens (xxh3-64 of the

@@ -20,7 +20,9 @@ from kvrelay.router.store import StoreWatch
 
 
 class RouterMetrics:
-    def __init__(self, pools: Sequence[Pool], store: StoreWatch | None, policy: Policy | None = None) -> None:
+    def __init__(self, pools: Sequence[Pool], store: StoreWatch | None, policy: Policy | None = None,
+                 stores: Sequence[StoreWatch] = ()) -> None:
+        """``stores``: with a store on every host, each store's watch (its breaker is shown as a store's)."""
         self.registry = r = CollectorRegistry()
         register_auth_metrics(r)  # kvrelay_auth_refused_total (kvrelay.security)
         self.requests = Counter("kvrelay_router_requests", "Requests by outcome", ["outcome"], registry=r)
@@ -35,7 +37,7 @@ class RouterMetrics:
         self.prefill_drained = Counter("kvrelay_router_prefill_drained", "Prefill legs still running when their "
                                        "decode was answered, by how they ended: finished (their connection kept) or "
                                        "cancelled (after --prefill-drain seconds)", ["outcome"], registry=r)
-        r.register(_BreakerCollector(pools, store))
+        r.register(_BreakerCollector(pools, store, stores))
         if policy is not None:
             r.register(_PolicyCollector(policy))
 
@@ -65,8 +67,8 @@ class _PolicyCollector(Collector):
 
 
 class _BreakerCollector(Collector):
-    def __init__(self, pools: Sequence[Pool], store: StoreWatch | None) -> None:
-        self.pools, self.store = pools, store
+    def __init__(self, pools: Sequence[Pool], store: StoreWatch | None, stores: Sequence[StoreWatch] = ()) -> None:
+        self.pools, self.store, self.stores = pools, store, stores  # stores: a store on every host's
 
     def collect(self) -> Iterator[Metric]:
         state = GaugeMetricFamily("kvrelay_router_breaker_open", "1 while the breaker of a worker (or of the store) "
@@ -77,9 +79,9 @@ class _BreakerCollector(Collector):
             for w in pool.workers:
                 state.add_metric([pool.role, w.url], float(w.breaker.state is BreakerState.OPEN))
                 opened.add_metric([pool.role, w.url], w.breaker.opened)
-        if self.store is not None:
-            state.add_metric(["store", self.store.address], float(not self.store.up))
-            opened.add_metric(["store", self.store.address], self.store.breaker.opened)
+        for watch in ([self.store] if self.store is not None else []) + list(self.stores):
+            state.add_metric(["store", watch.address], float(not watch.up))
+            opened.add_metric(["store", watch.address], watch.breaker.opened)
         yield state
         yield opened
         if self.store is not None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 
-import aiohttp
 from aiohttp import web
 
-UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+from kvrelay.router.upstream import ConnectFailed, ConnectionClosed, Response, UpstreamError
+
+UPSTREAM_ERRORS = (UpstreamError, asyncio.TimeoutError)
 # a refused connect, a connection closed or reset, a body cut short: the worker's process is gone
-DEAD_PROCESS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
-                aiohttp.ClientOSError)
+DEAD_PROCESS = (ConnectFailed, ConnectionClosed)
 
 
 class LegFailure(Exception):
@@ -56,10 +56,10 @@ def error_event(message: str, status: int = 502) -> bytes:
     return f"data: {json.dumps(err)}\n\n".encode() + b"data: [DONE]\n\n"
 
 
-async def relay(request: web.Request, r: aiohttp.ClientResponse, worker: str) -> tuple[web.StreamResponse, str]:
+async def relay(request: web.Request, r: Response, worker: str) -> tuple[web.StreamResponse, str]:
     """Relay the worker's (non-5xx) answer ``r``: (the client's response, "" or why the stream was cut).
     Raises LegFailure if the worker failed before anything was sent, ClientGone if the client left."""
-    ctype = r.headers.get("Content-Type", "application/json")
+    ctype = r.content_type or "application/json"
     if not ctype.startswith("text/event-stream"):
         try:
             data = await r.read()
@@ -70,7 +70,7 @@ async def relay(request: web.Request, r: aiohttp.ClientResponse, worker: str) ->
     pending = b""
     while True:
         try:
-            chunk = await r.content.readany()
+            chunk = await r.readany()
         except UPSTREAM_ERRORS as exc:
             if resp is None:  # nothing sent: retry
                 raise LegFailure(describe(exc), isinstance(exc, DEAD_PROCESS)) from exc

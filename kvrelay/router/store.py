@@ -1,4 +1,5 @@
-"""The router's view of the store: is it up?  While it is down, requests skip the prefill leg.
+"""The router's view of the stores: is each up?  While the store is down, requests skip the prefill leg;
+with a store on every host (`PrefillStores`), a prefill whose store is down is passed over.
 
 The router keeps one ZMQ DEALER on the store's control address (the one engines are given,
 tcp://127.0.0.1:PORT) and pings it with the store protocol's anonymous `Ping`: every ``interval`` seconds
@@ -7,7 +8,12 @@ within ``timeout``, or at once when the store drops the connection (its process 
 reports it); the first answered ping closes it.  The DEALER reconnects by itself (every RECONNECT_MS), so
 a restarted store answers the next probe.
 
-Owns: `StoreWatch`.  Must not touch: the store's state (it only pings) or engine code.
+With a store on every host (``--prefill-store URL=ADDR``: the store each prefill publishes into),
+`PrefillStores` keeps one `StoreWatch` per store (a breaker each) and answers which store a prefill's
+decode leg names (its params' ``store_address``: the decode pulls from it) and which prefills to pass over
+while their store is down; a store that dies costs only the requests whose chunks it held.
+
+Owns: `StoreWatch`, `PrefillStores`.  Must not touch: the store's state (it only pings) or engine code.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Iterable, Sequence
 
 import zmq
 import zmq.asyncio
@@ -129,3 +136,79 @@ class StoreWatch:
         b = self.breaker
         return {"address": self.address, "up": self.up, "state": b.state.value, "opened": b.opened,
                 "last_error": b.last_error}
+
+
+def parse_prefill_stores(specs: Sequence[str], prefill: Iterable[str]) -> dict[str, str]:
+    """``--prefill-store URL=ADDR`` flags as {prefill URL: store control address}; ValueError naming a bad one.
+    Given at all, every ``--prefill`` needs one (its decode legs would otherwise name no store)."""
+    urls = {u.rstrip("/") for u in prefill}
+    out: dict[str, str] = {}
+    for spec in specs:
+        url, sep, address = spec.partition("=")
+        url = url.rstrip("/")
+        if not sep or not url or not address:
+            raise ValueError(f"--prefill-store {spec!r}: give URL=ADDR, a --prefill URL and the control address of "
+                             f"the store it publishes into, e.g. http://198.18.0.1:8100=tcp://198.18.0.1:5600")
+        if url not in urls:
+            raise ValueError(f"--prefill-store {spec!r}: {url} is not a --prefill URL")
+        if not address.startswith("tcp://") or address.count(":") < 2:
+            raise ValueError(f"--prefill-store {spec!r}: {address!r} is not a store's control address "
+                             f"(tcp://HOST:PORT)")
+        if url in out:
+            raise ValueError(f"--prefill-store {spec!r}: {url} has a store already ({out[url]})")
+        out[url] = address
+    missing = sorted(urls - out.keys())
+    if out and missing:
+        raise ValueError(f"--prefill-store: no store for --prefill {', '.join(missing)}: give every prefill worker "
+                         f"the store it publishes into")
+    return out
+
+
+class PrefillStores:
+    """The store of each prefill worker (a store on every host), each watched by its own `StoreWatch`."""
+
+    def __init__(self, stores: dict[str, str], **watch: float) -> None:
+        """``stores``: {prefill URL: store address}; ``watch``: each StoreWatch's timeout and intervals."""
+        self.of_url = {u.rstrip("/"): a for u, a in stores.items()}
+        self.watches = {a: StoreWatch(a, **watch) for a in sorted(set(self.of_url.values()))}
+
+    @classmethod
+    def of(cls, specs: Sequence[str], prefill: Iterable[str], interval: float, probe_interval: float
+           ) -> "PrefillStores | None":
+        """The stores of ``--prefill-store`` flags (None: none given, one store or none for the cluster)."""
+        stores = parse_prefill_stores(specs, prefill)
+        return cls(stores, interval=interval, probe_interval=probe_interval) if stores else None
+
+    def address_of(self, url: str) -> str | None:
+        """The store prefill ``url`` publishes into (None: one not configured, e.g. joined at run time)."""
+        return self.of_url.get(url.rstrip("/"))
+
+    def up(self, url: str) -> bool:
+        """Whether prefill ``url``'s store answers (a prefill with no known store: True)."""
+        address = self.address_of(url)
+        return address is None or self.watches[address].up
+
+    def passed_over(self, urls: Iterable[str]) -> set[str]:
+        """Those of ``urls`` whose store is down: no request is sent to them until it answers again."""
+        return {u for u in urls if not self.up(u)}
+
+    def others(self, url: str, urls: Iterable[str]) -> set[str]:
+        """Those of ``urls`` that publish into another store than prefill ``url`` (a retry of its leg must not
+        go there: the decode pulls from ``url``'s store)."""
+        address = self.address_of(url)
+        return {u for u in urls if self.address_of(u) != address}
+
+    async def check(self) -> None:
+        await asyncio.gather(*(w.check() for w in self.watches.values()))
+
+    def start(self) -> None:
+        for w in self.watches.values():
+            w.start()
+
+    async def stop(self) -> None:
+        for w in self.watches.values():
+            await w.stop()
+
+    def state(self) -> list[dict]:
+        return [{**w.state(), "prefill": sorted(u for u, a in self.of_url.items() if a == address)}
+                for address, w in self.watches.items()]

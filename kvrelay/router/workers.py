@@ -7,7 +7,7 @@ for each child's ready file, then writes its own and waits (sigwait: SIGTERM/SIG
 child that exits, SIGCHLD, stops the others and the parent exits 1).  Each child keeps its own pools, breakers, retries, KV
 index and metrics (a scrape of /metrics reaches one of them; their load counts are per process).
 
-Owns: the parent process.  Must not touch: routing (server.py).
+Owns: the parent process.  Must not touch: routing (app.py).
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from kvrelay.readyfile import wait_ready_file, write_ready_file
-from kvrelay.store.process import die_with_parent
+from kvrelay import proc
+from kvrelay.readyfile import write_ready_file
 
 log = logging.getLogger("kvrelay.router")
 
@@ -37,20 +36,18 @@ def run_workers(argv: list[str], host: str, port: int, workers: int, ready_file:
         return 2
     port = holder.getsockname()[1]
     stopped = False
-    procs: list[subprocess.Popen] = []
+    procs: list[proc.ChildProcess] = []
     with tempfile.TemporaryDirectory(prefix="kvrelay-router-") as tmp:
         try:
             for i in range(workers):
-                ready = Path(tmp) / f"worker{i}.json"
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "kvrelay.cli", "router", *argv, "--port", str(port), "--workers", "1",
-                     "--reuse-port", "--ready-file", str(ready)], stdin=subprocess.DEVNULL,
-                    preexec_fn=die_with_parent))
-            for i, p in enumerate(procs):
-                wait_ready_file(Path(tmp) / f"worker{i}.json", p, 120.0)
-        except (ChildProcessError, TimeoutError) as exc:
+                procs.append(proc.spawn_kvrelay(
+                    ["router", *argv, "--port", str(port), "--workers", "1", "--reuse-port"],
+                    name=f"worker {i}", ready_file=Path(tmp) / f"worker{i}.json", die_with_parent=True))
+            for p in procs:
+                p.wait_ready(120.0)
+        except proc.StartError as exc:
             print(f"kvrelay router: a worker process did not start: {exc}", file=sys.stderr)
-            _stop(procs)
+            proc.stop_all(procs)
             return 1
         holder.close()
         log.info("kvrelay router: %d worker processes serving http://%s:%d", workers, host, port)
@@ -64,7 +61,7 @@ def run_workers(argv: list[str], host: str, port: int, workers: int, ready_file:
                 stopped = True
                 break
         failed = [p for p in procs if p.poll() is not None]
-        _stop(procs)
+        proc.stop_all(procs)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, waited)
     if failed and not stopped:
         print(f"kvrelay router: worker process {failed[0].pid} exited with {failed[0].returncode}; stopped the "
@@ -72,14 +69,3 @@ def run_workers(argv: list[str], host: str, port: int, workers: int, ready_file:
         return 1
     return 0
 
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()

@@ -4,7 +4,7 @@
 keypair for servers and one for clients (control planes: store, events, transport handshakes), a
 shared secret (HMAC: the tcp data plane's challenge-response, signed ``kv_transfer_params``) and an
 HTTP bearer token (router and engines).  Every command takes ``--keys DIR``, or ``KVRELAY_KEYS=DIR``
-from the environment; with keys, a process may bind a non-loopback address (`kvrelay.serving.check_loopback`).
+from the environment; with keys, a process may bind a non-loopback address (`check_loopback`).
 
 API::
 

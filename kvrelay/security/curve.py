@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -24,10 +24,19 @@ from zmq.utils.monitor import recv_monitor_message
 
 from kvrelay.security.metrics import refused
 
-if TYPE_CHECKING:
-    from kvrelay.security.keyfiles import Keys
-
 log = logging.getLogger("kvrelay.security")
+
+
+class ServerKeys(Protocol):
+    """What a CURVE server needs of a key directory (keyfiles.Keys has it): its own keypair and the one
+    client public key it admits (z85 bytes)."""
+
+    @property
+    def server_public(self) -> bytes: ...
+    @property
+    def server_secret(self) -> bytes: ...
+    @property
+    def client_public(self) -> bytes: ...
 
 
 class _Zap(ThreadAuthenticator):
@@ -128,7 +137,7 @@ _zaps: dict[int, tuple[zmq.Context, _Zap]] = {}
 _zaps_lock = threading.Lock()
 
 
-def make_server(keys: "Keys", sock: zmq.Socket, plane: str) -> None:
+def make_server(keys: ServerKeys, sock: zmq.Socket, plane: str) -> None:
     """CURVE server options on ``sock`` (call before bind), ZAP for its context, and a handshake monitor."""
     ctx = sock.context
     with _zaps_lock:

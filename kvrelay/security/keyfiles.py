@@ -7,7 +7,7 @@ Layout (every file mode 0600, the directory 0700)::
     DIR/secret                              64 hex digits: the shared HMAC secret
     DIR/token                               the HTTP bearer token
 
-Owns: the files and the `Keys` value.  Must not touch: sockets (curve.py does; `Keys` only forwards).
+Owns: the files and the `Keys` value.  Must not touch: sockets (curve.py does; `Keys` only forwards to it).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+
+from kvrelay.security.curve import make_server
 
 FILES = ("server.key", "server.key_secret", "client.key", "client.key_secret", "secret", "token")
 
@@ -43,7 +45,6 @@ class Keys:
     def server_socket(self, sock: zmq.Socket, plane: str) -> None:
         """Make ``sock`` (before bind) a CURVE server that accepts only this directory's client key; a ZAP
         handler in its context logs and counts every refused peer under ``plane``."""
-        from kvrelay.security.curve import make_server
         make_server(self, sock, plane)
 
     def client_socket(self, sock: zmq.Socket) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ import zmq
 
 from kvrelay.keys import ChunkKey, kid_of
 from kvrelay.store import protocol as P
-from kvrelay.store.control import ControlChannel, StoreError, StoreFullError
+from kvrelay.store.control import ControlChannel
+from kvrelay.store.errors import StoreCode, StoreError, StoreFullError
 from kvrelay.store.datapath import SharedPath, TransportPath
 from kvrelay.transfer.wire import ChunkHeader, copy_into, verify
 
@@ -118,7 +119,7 @@ class StoreClient(ControlChannel):
     def reserve(self, request_id: str, chunks: list[tuple[ChunkKey, int]], ttl: float = 60.0,
                 tenant: str = "", tokens: Sequence[int] = ()) -> None:
         """Reserve pool slots for chunks, booked to ``tenant`` (the request's cache_salt: its quota applies,
-        code "quota" when over it); ``tokens``, the prompt's token ids, describe the chunks in KV events."""
+        code `StoreCode.QUOTA` when over it); ``tokens``, the prompt's token ids, describe the chunks in KV events."""
         keys = [k for k, _ in chunks]
         slots = self._call(P.Reserve(request_id=request_id, keys=keys, nbytes=[int(n) for _, n in chunks],
                                      ttl=ttl, tenant=tenant, tokens=_token_list(tokens))).slots
@@ -133,13 +134,24 @@ class StoreClient(ControlChannel):
         client pins the mapped pool then, in the background (never before: a CPU client makes no CUDA call)."""
         self._path.use_gpu()
 
+    def gpu_pinning(self, timeout: float = 0.0) -> dict[str, Any] | None:
+        """After `use_gpu`, how the pinning of the mapped pool went: waits up to ``timeout`` s for it to finish,
+        then ``{"pinned_bytes", "seconds", "error"}`` (error None: all pinned); None for a client that maps no
+        pool (a remote one)."""
+        pinner = getattr(self._path, "pinner", None)  # only the same-host path maps (and pins) the pool
+        if pinner is None:
+            return None
+        pinner.wait(timeout)
+        return {"pinned_bytes": pinner.pinned_bytes, "seconds": pinner.seconds, "error": pinner.error}
+
     def publish_buffer(self, key: ChunkKey) -> torch.Tensor:
         kid = kid_of(key)
         with self._lock:
             slot = self._slots.get(kid)
             view = self._views.get(kid)
         if slot is None:
-            raise StoreError(f"publish_buffer({kid}): not reserved by this client; call reserve() first", "not_found")
+            raise StoreError(f"publish_buffer({kid}): not reserved by this client; call reserve() first",
+                             StoreCode.NOT_FOUND)
         if view is None:
             view = torch.empty(slot.nbytes, dtype=torch.uint8) if slot.present else self._path.publish_view(slot)
             with self._lock:
@@ -197,7 +209,7 @@ class StoreClient(ControlChannel):
         if out.dtype != torch.uint8 or out.device.type not in ("cpu", "cuda") or not out.is_contiguous():
             raise ValueError(f"pull needs a contiguous uint8 CPU or CUDA tensor, got {out.dtype} on {out.device}")
         if self._closed:
-            raise StoreError("the StoreClient is closed", "closed")
+            raise StoreError("the StoreClient is closed", StoreCode.CLOSED)
         path = self._path
         if isinstance(path, SharedPath) and path.directory is not None:
             kid = kid_of(key)
@@ -207,11 +219,11 @@ class StoreClient(ControlChannel):
                 return header
         left = deadline - time.monotonic()
         rep = self._call(P.Pull(key=key, timeout=max(0.0, left), request_id=request_id),
-                         wait=max(0.0, left) + self._grace, late="timeout")
+                         wait=max(0.0, left) + self._grace, late=StoreCode.TIMEOUT)
         slot, header = rep.slots[0], rep.header
         try:
             if header is None:
-                raise StoreError(f"pull({kid_of(key)}): the store's answer has no chunk header", "internal")
+                raise StoreError(f"pull({kid_of(key)}): the store's answer has no chunk header", StoreCode.INTERNAL)
             if out.numel() < header.nbytes:
                 raise ValueError(f"pull({kid_of(key)}): out has {out.numel()} bytes, the chunk has {header.nbytes}")
             dst = out[:header.nbytes]
@@ -243,7 +255,7 @@ class StoreClient(ControlChannel):
         if not keys:
             return []
         if self._closed:
-            raise StoreError("the StoreClient is closed", "closed")
+            raise StoreError("the StoreClient is closed", StoreCode.CLOSED)
         path = self._path
         if isinstance(path, SharedPath) and path.directory is not None:  # ready ones without a round trip
             return self._pull_many_local(path, keys, outs, deadline, verify_checksum, request_id)
@@ -253,11 +265,12 @@ class StoreClient(ControlChannel):
                           verify_checksum: bool, request_id: str) -> list[ChunkHeader]:
         left = deadline - time.monotonic()
         rep = self._call(P.PullMany(keys=keys, timeout=max(0.0, left), request_id=request_id),
-                         wait=max(0.0, left) + self._grace, late="timeout")
+                         wait=max(0.0, left) + self._grace, late=StoreCode.TIMEOUT)
         slots, headers = rep.slots, rep.headers
         try:
             if len(slots) != len(keys) or len(headers) != len(keys):
-                raise StoreError(f"pull_many: the store answered {len(slots)} slots for {len(keys)} keys", "internal")
+                raise StoreError(f"pull_many: the store answered {len(slots)} slots for {len(keys)} keys",
+                                 StoreCode.INTERNAL)
             dsts = []
             for k, out, h in zip(keys, outs, headers, strict=True):
                 if out.numel() < h.nbytes:
@@ -327,11 +340,12 @@ class StoreClient(ControlChannel):
 
     def wait_ready(self, keys: Sequence[ChunkKey], deadline: float, request_id: str = "") -> None:
         left = max(0.0, deadline - time.monotonic())
-        self._call(P.WaitReady(keys=list(keys), timeout=left, request_id=request_id), wait=left + self._grace, late="timeout")
+        self._call(P.WaitReady(keys=list(keys), timeout=left, request_id=request_id), wait=left + self._grace,
+                   late=StoreCode.TIMEOUT)
 
     def abort(self, request_id: str, reason: str) -> int:
         """Tell the store this client will not publish ``request_id``: pulls waiting for it (passed the same
-        ``request_id``) fail at once with StoreError code "aborted", and so do later ones that would have to
+        ``request_id``) fail at once with StoreError code `StoreCode.ABORTED`, and so do later ones that would have to
         wait (chunks already committed are still served); returns how many were waiting."""
         return self._call(P.Abort(request_id=request_id, reason=reason)).count
 
@@ -416,7 +430,7 @@ def _corrupt(op: str, key: ChunkKey, header: ChunkHeader, dst: torch.Tensor, ext
         msg = "checksum mismatch"
     except ValueError as exc:
         msg = str(exc)
-    return StoreError(f"{op}({kid_of(key)}): {msg}{extra}", "corrupt")
+    return StoreError(f"{op}({kid_of(key)}): {msg}{extra}", StoreCode.CORRUPT)
 
 
 def _as_uint8(payload) -> torch.Tensor:

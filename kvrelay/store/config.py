@@ -83,7 +83,7 @@ class StoreConfig:
     events_topic: str = ""
 
     def __post_init__(self) -> None:
-        from kvrelay.serving import check_loopback  # another address only with authentication on
+        from kvrelay.security import check_loopback  # another address only with authentication on
         check_loopback(self.host, "store")
         if self.host in ("0.0.0.0", "::", ""):
             raise ValueError(f"host {self.host!r} binds every address, but the store tells its clients where to reach "

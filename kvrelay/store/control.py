@@ -21,6 +21,7 @@ import zmq
 from kvrelay import security
 from kvrelay.keys import ChunkKey
 from kvrelay.store import protocol as P
+from kvrelay.store.errors import StoreCode, StoreError, StoreFullError
 from kvrelay.store.links import Link, LinkClosed, UnixLink, ZmqLink
 from kvrelay.transfer.wire import ChunkHeader
 
@@ -38,16 +39,14 @@ class CommitQueue:
     headers: list[ChunkHeader] = field(default_factory=list)
 
 
-class StoreError(RuntimeError):
-    """The store refused a request or could not be reached; ``code`` says why (see protocol.Reply)."""
-
-    def __init__(self, message: str, code: str = "error") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class StoreFullError(StoreError):
-    """Admission refused: the pool cannot hold the request's chunks even after eviction."""
+def reply_error(rep: P.Reply) -> Exception:
+    """The exception the client raises for a refusal: `StoreFullError` for FULL, `TimeoutError` for TIMEOUT,
+    else `StoreError` with the reply's code (a code this client does not know is kept as its string)."""
+    if rep.code == StoreCode.FULL:
+        return StoreFullError(rep.error, StoreCode.FULL)
+    if rep.code == StoreCode.TIMEOUT:
+        return TimeoutError(rep.error)
+    return StoreError(rep.error, rep.code)
 
 
 class ControlChannel:
@@ -87,7 +86,7 @@ class ControlChannel:
         if link is not None and link.usable() and getattr(link, "gen", 0) == self._link_gen:
             return link
         if self._closed:
-            raise StoreError("the StoreClient is closed", "closed")
+            raise StoreError("the StoreClient is closed", StoreCode.CLOSED)
         if link is not None:  # the daemon closed it (exited or restarted): a fresh one says hello again
             self._drop_link(link)
         link = None
@@ -121,7 +120,7 @@ class ControlChannel:
                 self._links.remove(link)
         link.close()
 
-    def _call(self, req: P.Req, wait: float | None = None, late: str = "unreachable") -> P.Reply:
+    def _call(self, req: P.Req, wait: float | None = None, late: StoreCode = StoreCode.UNREACHABLE) -> P.Reply:
         """``late``: the error code when no answer came within ``wait`` ("timeout" for a wait the caller bounded
         by its own deadline: a slow daemon is not a dead one)."""
         sock = self._sock()
@@ -184,7 +183,7 @@ class ControlChannel:
                 self._touched[:0] = req.touched
                 self._unpin[:0] = req.unpin
             raise StoreError(f"lost the connection to the store at {self.address} while sending "
-                             f"{type(req).__name__} (the daemon exited?)", "unreachable") from None
+                             f"{type(req).__name__} (the daemon exited?)", StoreCode.UNREACHABLE) from None
 
     def _pipeline(self, sock: Link, req: P.Req, name: str) -> None:
         """Send ``req`` and do not wait: its answer is read with a later one's, and an error is raised then
@@ -192,11 +191,11 @@ class ControlChannel:
         self._post(sock, req)
         self._pending()[req.req_id] = name
 
-    def _roundtrip(self, sock: Link, req: P.Req, wait: float, late: str = "unreachable") -> P.Reply:
+    def _roundtrip(self, sock: Link, req: P.Req, wait: float, late: StoreCode = StoreCode.UNREACHABLE) -> P.Reply:
         """Send ``req`` and wait up to ``wait`` seconds for its answer (raised if it is an error)."""
         self._post(sock, req)
         rep = self._recv_until(sock, req.req_id, wait, type(req).__name__, late)
-        if not rep.ok and rep.code == "session" and not isinstance(req, P.Hello) and self._ready:
+        if not rep.ok and rep.code == StoreCode.SESSION and not isinstance(req, P.Hello) and self._ready:
             self._hello(sock)  # the daemon does not know this socket (it restarted): introduce it, retry once
             req.unpin = []  # pins of the daemon that forgot this socket mean nothing to it (touched ids may)
             req.req_id = next(self._ids)
@@ -213,12 +212,12 @@ class ControlChannel:
         return p
 
     @overload
-    def _recv_until(self, sock: Link, req_id: int, wait: float, what: str, late: str = ...) -> P.Reply: ...
+    def _recv_until(self, sock: Link, req_id: int, wait: float, what: str, late: StoreCode = ...) -> P.Reply: ...
     @overload
-    def _recv_until(self, sock: Link, req_id: None, wait: float, what: str, late: str = ...) -> None: ...
+    def _recv_until(self, sock: Link, req_id: None, wait: float, what: str, late: StoreCode = ...) -> None: ...
 
     def _recv_until(self, sock: Link, req_id: int | None, wait: float, what: str,
-                    late: str = "unreachable") -> P.Reply | None:
+                    late: StoreCode = StoreCode.UNREACHABLE) -> P.Reply | None:
         """Receive replies until the one for ``req_id`` (None: until no pipelined request is pending)."""
         pending = self._pending()
         deadline = time.monotonic() + wait
@@ -230,14 +229,14 @@ class ControlChannel:
                 self._drop_link(sock)
                 why = f": {exc}" if str(exc) else ""
                 raise StoreError(f"lost the connection to the store at {self.address} while waiting for {what}"
-                                 f"{why} (the daemon exited?)", "unreachable") from None
+                                 f"{why} (the daemon exited?)", StoreCode.UNREACHABLE) from None
             if data is None:
                 if time.monotonic() >= deadline:
-                    if late == "timeout":
+                    if late == StoreCode.TIMEOUT:
                         raise StoreError(f"store at {self.address} did not answer {what} by its deadline "
-                                         f"(+{wait:.1f}s wait): it is slow or stuck", "timeout")
+                                         f"(+{wait:.1f}s wait): it is slow or stuck", StoreCode.TIMEOUT)
                     raise StoreError(f"store at {self.address} did not answer {what} within {wait:.1f}s: is the "
-                                     f"daemon running?", "unreachable")
+                                     f"daemon running?", StoreCode.UNREACHABLE)
                 continue
             rep = P.decode_reply(data)
             if rep.req_id in pending:  # the answer to a pipelined commit(wait=False)
@@ -246,6 +245,9 @@ class ControlChannel:
                     self._tls.deferred.append((name, rep))
             elif rep.req_id == req_id or rep.req_id == -1:
                 return rep
+            elif rep.slots:  # a late answer to an earlier pull that timed out: the daemon pinned its chunks
+                with self._lock:  # for a copy no one makes; they go back with the next request (issue 26)
+                    self._unpin.extend(s.pin for s in rep.slots if s.pin > 0)
             # else: a late answer to an earlier call that timed out
         return None
 
@@ -261,11 +263,7 @@ class ControlChannel:
     @staticmethod
     def _check(rep: P.Reply) -> P.Reply:
         if not rep.ok:
-            if rep.code == "full":
-                raise StoreFullError(rep.error, rep.code)
-            if rep.code == "timeout":
-                raise TimeoutError(rep.error)
-            raise StoreError(rep.error, rep.code)
+            raise reply_error(rep)
         return rep
 
     def flush(self, timeout: float | None = None) -> None:

@@ -17,6 +17,7 @@ import zmq
 
 from kvrelay import security
 from kvrelay.readyfile import write_ready_file
+from kvrelay.store import register
 from kvrelay.store.config import from_args, add_arguments, StoreConfig
 from kvrelay.store.core import StoreCore
 from kvrelay.store.pool import sweep_stale_pools
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "kvrelay store keygen --at-rest-key FILE (each has --help).")
     add_arguments(parser)
     parser.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
+    register.add_arguments(parser)
     security.add_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     del args.keys
     try:
         security.configure(keys_dir)  # before the config: a non-loopback --host needs keys
+        membership = register.take(args)
         cfg = from_args(args)
     except ValueError as exc:
         print(f"kvrelay store: {exc}", file=sys.stderr)
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     transports: list = []
     server = None
+    registration = None
     try:
         try:
             endpoints, transports = open_endpoints(cfg, core)
@@ -110,10 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             info["events_replay"] = core.events_publisher.replay_endpoint
         log.info("store serving %s (metrics :%s, pool %d bytes, recovered %d chunks, dropped %d) in %.2fs",
                  server.address, mport, cfg.pool_size, core.recovered, core.recover_dropped, info["startup_seconds"])
+        registration = membership.start(server.address, {"metrics_port": str(mport), **{
+            f"{name}_address": str(e["address"]) for name, e in endpoints.items()}})
         if cfg.ready_file:
             write_ready_file(cfg.ready_file, info)
         server.serve_forever()
     finally:
+        if registration is not None:
+            registration.stop()
         if server is not None and not server.sock.closed:
             server.sock.close()
         metrics.close()

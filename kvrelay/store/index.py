@@ -1,51 +1,25 @@
-"""The store's index: every chunk's state, tier, location, pins and LRU position.
+"""The store's index: every chunk's entry, the LRU of in-memory chunks, pins, and the bytes per tier.
 
-Owns: `Entry` and `Index` (plain data structures with O(1) lookups; the caller holds the lock).  Must not
-touch: pool bytes, SSD files or sockets.
+Owns: `Index` (plain data structures with O(1) lookups; the caller holds the lock) and its accounting: it
+moves an entry between tiers (through the entry's checked transitions, lifecycle.py) and keeps the byte
+counts, the tenant book, the shared directory and the KV-event hooks in step.  Must not touch: pool bytes,
+SSD files or sockets.
 
-An entry is RESERVED (slot allocated, waiting for its commit) or READY.  A READY entry lives in memory
-(``offset >= 0``), on SSD (``ssd`` set), or both (a clean in-memory copy, evictable for free).  Only
-READY in-memory entries are in the LRU.  ``pins`` counts leases and in-flight pulls/spills: a pinned entry
-is never evicted, purged or freed.
+Only READY in-memory entries (MEMORY, BOTH) are in the LRU.  ``pins`` counts leases and in-flight pulls:
+a pinned entry is never evicted, purged or freed.
 """
 
 from __future__ import annotations
 
-import enum
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvrelay.keys import ChunkKey
 from kvrelay.store.directory import Directory
-from kvrelay.store.ssd import Loc
+from kvrelay.store.lifecycle import Entry, Tier
+from kvrelay.store.ssd_format import Loc
 from kvrelay.store.tenants import TenantBook
 from kvrelay.transfer.wire import ChunkHeader
-
-
-class State(enum.Enum):
-    RESERVED = 1
-    READY = 2
-
-
-@dataclass(slots=True)
-class Entry:
-    key: ChunkKey
-    kid: str  # ChunkKey.encode() as str: the index key
-    nbytes: int
-    state: State
-    offset: int = -1  # pool offset, -1 when not in memory
-    header: ChunkHeader | None = None
-    request_id: str = ""
-    namespace: str = ""  # compat hash of the publisher
-    deadline: float = 0.0  # RESERVED: reservation expiry (monotonic)
-    last_access: float = 0.0
-    pins: int = 0
-    ssd: Loc | None = None
-    spilling: bool = False
-    promoting: int = -1  # pool offset being filled from SSD (promote.py), -1 when not
-    verified: bool = True  # False: a same-host commit not re-hashed (the spiller checks it before the SSD)
-    tenant: str = ""  # the publisher's cache_salt (tenants.py): whose quota, TTL, metrics and purge it falls under
 
 
 @dataclass(slots=True)
@@ -73,86 +47,112 @@ class Index:
     def get(self, kid: str) -> Entry | None:
         return self.entries.get(kid)
 
+    def live(self, kid: str, serial: int) -> Entry | None:
+        """The entry of ``kid`` if it is still the one numbered ``serial`` (not dropped and replaced)."""
+        e = self.entries.get(kid)
+        return e if e is not None and e.serial == serial else None
+
     def touch(self, e: Entry, now: float) -> None:
         e.last_access = now
         if e.kid in self.lru:
             self.lru.move_to_end(e.kid)
-            self.book.touch(e)
+            self.book.touch(e.tenant, e.kid)
 
     def add_reserved(self, e: Entry) -> None:
+        """A new entry (Entry.reserved: tier RESERVED)."""
         self.entries[e.kid] = e
         self.reserved_bytes += e.nbytes
         self.requests.setdefault(e.request_id, set()).add(e.kid)
-        self.book.change(e, "reserved", 1)
+        self.book.change(e.tenant, e.kid, e.nbytes, "reserved", 1)
 
-    def mark_ready(self, e: Entry, header: ChunkHeader, now: float) -> None:
+    def mark_ready(self, e: Entry, header: ChunkHeader, now: float, verified: bool) -> None:
+        """RESERVED -> MEMORY."""
+        e.mark_ready(header, now, verified)
         self.reserved_bytes -= e.nbytes
         self._forget_request(e)
-        e.state, e.header, e.last_access = State.READY, header, now
-        self.mem_bytes += e.nbytes
-        self.lru[e.kid] = None
-        self.book.change(e, "reserved", -1)
-        self.book.change(e, "memory", 1)
-        if self.directory is not None and e.offset >= 0:
-            self.directory.put(e.kid, e.offset, e.nbytes, header)
+        self.book.change(e.tenant, e.kid, e.nbytes, "reserved", -1)
+        self._memory_in(e)
         if self.events is not None:
-            self.events.memory(e, False, e.offset >= 0)
+            self.events.memory(e, False, True)
 
     def add_recovered(self, e: Entry) -> None:
+        """An entry found on SSD at start-up (tier SSD)."""
+        if e.tier is not Tier.SSD:
+            raise ValueError(f"add_recovered of {e!r}")
         self.entries[e.kid] = e
-        loc, e.ssd = e.ssd, None  # counted once (set_ssd first uncounts an entry's previous location)
-        self.set_ssd(e, loc)
-
-    def set_ssd(self, e: Entry, loc: Loc | None) -> None:
+        self._ssd_in(e)
         if self.events is not None:
-            self.events.ssd(e, e.ssd is not None, loc is not None)
-        if e.ssd is not None:
-            self.ssd_chunks -= 1
-            self.ssd_bytes -= e.nbytes
-            self.book.change(e, "ssd", -1)
-        e.ssd = loc
-        if loc is not None:
-            self.ssd_chunks += 1
-            self.ssd_bytes += e.nbytes
-            self.book.change(e, "ssd", 1)
+            self.events.ssd(e, False, True)
 
-    def set_memory(self, e: Entry, offset: int) -> None:
-        """A READY entry gains (offset >= 0) or loses (offset = -1) its in-memory copy."""
+    def ssd_gained(self, e: Entry, loc: Loc) -> None:
+        """MEMORY -> BOTH: the spiller wrote it at ``loc``."""
+        e.gain_ssd(loc)
+        self._ssd_in(e)
         if self.events is not None:
-            self.events.memory(e, e.offset >= 0, offset >= 0)
-        if e.offset >= 0:
-            self.mem_bytes -= e.nbytes
-            self.lru.pop(e.kid, None)
-            self.book.change(e, "memory", -1)
-            if self.directory is not None:
-                self.directory.drop(e.kid)
-        e.offset = offset
-        if offset >= 0:
-            self.mem_bytes += e.nbytes
-            self.lru[e.kid] = None
-            self.book.change(e, "memory", 1)
-            if self.directory is not None:
-                self.directory.put(e.kid, offset, e.nbytes, e.header)
+            self.events.ssd(e, False, True)
+
+    def ssd_lost(self, e: Entry) -> None:
+        """BOTH -> MEMORY: the SSD reclaimed its record."""
+        if self.events is not None:
+            self.events.ssd(e, True, False)
+        e.lose_ssd()
+        self._ssd_out(e)
+
+    def memory_gained(self, e: Entry, offset: int) -> None:
+        """SSD -> BOTH: read back into the pool slot at ``offset``."""
+        if self.events is not None:
+            self.events.memory(e, False, True)
+        e.gain_memory(offset)
+        self._memory_in(e)
+
+    def memory_lost(self, e: Entry) -> None:
+        """BOTH -> SSD: its clean pool copy was evicted (the caller frees the slot)."""
+        if self.events is not None:
+            self.events.memory(e, True, False)
+        self._memory_out(e)
+        e.lose_memory()
 
     def remove(self, e: Entry) -> None:
-        """Forget an entry (the caller frees its pool slot and SSD record)."""
+        """Forget an entry, whatever its tier (the caller frees its pool slot and SSD record)."""
         if self.events is not None and self.entries.get(e.kid) is e:
-            self.events.removed(e, e.state is State.READY)
+            self.events.removed(e, e.ready)
         self.entries.pop(e.kid, None)
         self.lru.pop(e.kid, None)
         if self.directory is not None:
             self.directory.drop(e.kid)
-        if e.state is State.RESERVED:
+        if e.tier is Tier.RESERVED:
             self.reserved_bytes -= e.nbytes
             self._forget_request(e)
-            self.book.change(e, "reserved", -1)
-        elif e.offset >= 0:
+            self.book.change(e.tenant, e.kid, e.nbytes, "reserved", -1)
+        elif e.in_memory:
             self.mem_bytes -= e.nbytes
-            self.book.change(e, "memory", -1)
-        if e.ssd is not None:
-            self.ssd_chunks -= 1
-            self.ssd_bytes -= e.nbytes
-            self.book.change(e, "ssd", -1)
+            self.book.change(e.tenant, e.kid, e.nbytes, "memory", -1)
+        if e.on_ssd:
+            self._ssd_out(e)
+
+    def _memory_in(self, e: Entry) -> None:
+        self.mem_bytes += e.nbytes
+        self.lru[e.kid] = None
+        self.book.change(e.tenant, e.kid, e.nbytes, "memory", 1)
+        if self.directory is not None:
+            self.directory.put(e.kid, e.offset, e.nbytes, e.header)
+
+    def _memory_out(self, e: Entry) -> None:
+        self.mem_bytes -= e.nbytes
+        self.lru.pop(e.kid, None)
+        self.book.change(e.tenant, e.kid, e.nbytes, "memory", -1)
+        if self.directory is not None:
+            self.directory.drop(e.kid)
+
+    def _ssd_in(self, e: Entry) -> None:
+        self.ssd_chunks += 1
+        self.ssd_bytes += e.nbytes
+        self.book.change(e.tenant, e.kid, e.nbytes, "ssd", 1)
+
+    def _ssd_out(self, e: Entry) -> None:
+        self.ssd_chunks -= 1
+        self.ssd_bytes -= e.nbytes
+        self.book.change(e.tenant, e.kid, e.nbytes, "ssd", -1)
 
     def _forget_request(self, e: Entry) -> None:
         kids = self.requests.get(e.request_id)
@@ -175,11 +175,3 @@ class Index:
             if e is not None:
                 e.pins -= 1
         return p
-
-
-class OpError(Exception):
-    """A request the store refuses; ``code`` goes into the reply (bad_request, full, not_found, corrupt)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code

@@ -35,6 +35,8 @@ _COUNTERS = {
     "bad_requests": ("kvrelay_store_error_replies_total", "requests answered with an error (incl. timeouts)", {}),
     "ssd_promotions": ("kvrelay_store_ssd_promotions_total", "chunks read back from SSD into the pool", {}),
     "aborts": ("kvrelay_store_aborts_total", "requests aborted by their publisher (their pulls fail at once)", {}),
+    "mismatches": ("kvrelay_store_mismatched_pulls_total",
+                   "pulls failed at once: their request's publisher reserved none of their chunks (another prompt)", {}),
     "local_pulls": ("kvrelay_store_directory_pulls_total",
                     "chunks same-host clients pulled through the shared directory (no round trip; in pulls too)",
                     {}),

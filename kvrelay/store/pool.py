@@ -16,6 +16,8 @@ import mmap
 import os
 import re
 
+from kvrelay.proc import pid_alive, start_time
+
 ALIGN = 4096
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
@@ -46,21 +48,9 @@ def unlink_pool(name: str) -> None:
             pass
 
 
-def _start_time(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22); None if it is gone
-    or a zombie (it has exited: its memory is no one's)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
 def owner_alive(pid: int, start: str | None = None) -> bool:
     """Whether process ``pid`` runs (and, given ``start``, is the one that started then, not a reused pid)."""
-    now = _start_time(pid)
-    return now is not None and (start is None or now == start)
+    return pid_alive(pid, start)
 
 
 def write_owner(name: str) -> None:
@@ -69,7 +59,7 @@ def write_owner(name: str) -> None:
     path = shm_path(name) + OWNER_SUFFIX
     tmp = f"{path}.{pid}.tmp"
     with open(tmp, "w") as f:
-        f.write(f"{pid} {_start_time(pid)}\n")
+        f.write(f"{pid} {start_time(pid)}\n")
     os.replace(tmp, path)
 
 

@@ -21,6 +21,7 @@ from typing import Union
 import msgspec
 
 from kvrelay.keys import ChunkKey
+from kvrelay.store.errors import StoreCode
 from kvrelay.transfer.wire import ChunkHeader
 
 PROTOCOL_VERSION = 1
@@ -73,7 +74,7 @@ class CommitMany(Req, tag="commit_many"):
 class Pull(Req, tag="pull"):
     key: ChunkKey
     timeout: float  # seconds from now the client is willing to wait
-    request_id: str = ""  # answered at once with code "aborted" once this request is aborted (Abort)
+    request_id: str = ""  # answered at once with code ABORTED once this request is aborted (Abort)
 
 
 class PullMany(Req, tag="pull_many"):
@@ -93,7 +94,7 @@ class WaitReady(Req, tag="wait"):
 class Abort(Req, tag="abort"):
     """The publisher of ``request_id`` gave up (e.g. the store refused its reservation): every pull parked
     for that request, and every one that arrives in the next ABORT_TTL seconds and would have to wait, fails at
-    once with code "aborted" and ``reason``, so a decode recomputes now instead of waiting for its deadline.
+    once with code ABORTED and ``reason``, so a decode recomputes now instead of waiting for its deadline.
     Chunks already committed are still served (their bytes are complete and content-addressed; a same-host
     client pulls them through the directory without asking)."""
     request_id: str
@@ -150,8 +151,8 @@ class Slot(msgspec.Struct, array_like=True):
 class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
     req_id: int
     ok: bool = True
-    code: str = ""  # on error: "bad_request", "full", "timeout", "not_found", "corrupt", "version", "internal",
-    # "aborted", "session" (say hello first: a new client socket, or the store restarted)
+    code: str = ""  # on error: a `StoreCode` value (errors.py says what each means; the client-only ones are
+    # never sent).  A plain string on the wire, so a client keeps decoding replies with a code it does not know.
     error: str = ""
     count: int = 0
     slots: list[Slot] = []
@@ -169,15 +170,24 @@ def encode(msg: Req | Reply) -> bytes:
     return _enc.encode(msg)
 
 
+class BadRequest(ValueError):
+    """A request the daemon cannot decode; ``code`` is what its reply says (BAD_REQUEST, or VERSION)."""
+
+    def __init__(self, message: str, code: StoreCode = StoreCode.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def decode_request(data: bytes) -> Request:
-    """Decode a request; raises ValueError naming the problem (malformed, unknown op, other version)."""
+    """Decode a request; raises BadRequest (a ValueError) naming the problem (malformed, unknown op, other
+    version: code VERSION)."""
     try:
         req = _req_dec.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ValueError(f"malformed store request: {exc}") from None
+        raise BadRequest(f"malformed store request: {exc}") from None
     if req.version != PROTOCOL_VERSION:
-        raise ValueError(f"store protocol version {req.version} is not supported (daemon speaks "
-                         f"{PROTOCOL_VERSION}); upgrade the older side")
+        raise BadRequest(f"store protocol version {req.version} is not supported (daemon speaks "
+                         f"{PROTOCOL_VERSION}); upgrade the older side", StoreCode.VERSION)
     return req
 
 

@@ -4,7 +4,7 @@ Owns: what a Purge request does (protocol.Purge) beyond selecting the chunks: ov
 in the pool (the freed slots and every other free range, where earlier evictions may have left copies) and
 on SSD (its records, head and payload), the journal's record of the purge (ssd.py `purged`: segments synced,
 the journal compacted so no frame of a purged chunk survives, then a "purge" frame), and the audit log line.
-Must not touch: the chunk life-cycle rules (upkeep.py `_drop`), sockets.
+Must not touch: the chunk life-cycle rules (lifecycle.py, allocation.py `drop`), sockets.
 
 A tenant's chunks that are pinned (being pulled, leased), being written to or read from SSD, or still
 reserved are skipped and counted in ``skipped``: purge again once they are released.  Chunks of the tenant
@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvrelay.store import protocol as P
-from kvrelay.store.index import State
 from kvrelay.store.pool import align_up
 
 if TYPE_CHECKING:
@@ -70,12 +69,10 @@ def purge_tenant(core: StoreCore, tenant: str, prefix: str | None = None, namesp
         mine = [e for e in core.ix.entries.values() if e.tenant == tenant
                 and (prefix is None or e.key.block_hash.startswith(prefix))
                 and (namespace is None or e.namespace == namespace)]
-        victims = [e for e in mine if e.pins == 0 and not e.spilling and e.state is State.READY]
+        victims = [e for e in mine if e.pins == 0 and not e.is_busy and e.ready]
         nbytes = sum(e.nbytes for e in victims)
         for e in victims:
-            if e.ssd is not None and core.ssd is not None:
-                core.ssd.drop(e.key, e.ssd, scrub=True)
-            core._drop(e)
+            core.drop(e, scrub=True)
         core.counters["purged"] += len(victims)
         core.ix.book.count(tenant, "purged_chunks", len(victims))
         if victims:

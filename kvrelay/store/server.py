@@ -23,10 +23,12 @@ from kvrelay import security
 from kvrelay.security.curve import release as release_zap
 from kvrelay.keys import kid_of
 from kvrelay.store import protocol as P
-from kvrelay.store.core import OpError, StoreCore
+from kvrelay.store.core import StoreCore
+from kvrelay.store.errors import OpError, StoreCode
 from kvrelay.store.local import LocalListener, local_name
 from kvrelay.store.metrics import StoreMetrics
 from kvrelay.store.purge import peer_identity, purge
+from kvrelay.store.requestchunks import RequestChunks
 
 log = logging.getLogger("kvrelay.store")
 SWEEP_INTERVAL = 0.25  # housekeeping (expiry) period and the longest the loop sleeps
@@ -43,6 +45,10 @@ class Waiter:
     start: float
     done: bool = False
     kid: str = ""  # the key it is parked on
+
+
+def _keys_of(req: P.Pull | P.PullMany | P.WaitReady) -> list:
+    return [req.key] if isinstance(req, P.Pull) else list(req.keys)
 
 
 class StoreServer:
@@ -74,6 +80,8 @@ class StoreServer:
         self.deadlines: list[tuple[float, int, Waiter]] = []
         self._seq = itertools.count()
         self.aborted: dict[str, tuple[str, float]] = {}  # request id -> (reason, expiry)
+        self.request_chunks = RequestChunks()  # request id -> what its publisher reserved (a pull fails at once
+        self.rid_waiters: dict[str, list[Waiter]] = {}  # when none of its chunks is among them: MISMATCH)
         self.epoch = uuid.uuid4().hex[:16]  # a restarted daemon is a new store: clients re-handshake
         self.running = True
         self.local: LocalListener | None = None  # same-host clients' Unix socket (local.py)
@@ -125,6 +133,9 @@ class StoreServer:
                 self.core.sweep()
                 for rid in [r for r, (_, exp) in self.aborted.items() if exp <= now]:
                     del self.aborted[rid]
+                self.request_chunks.sweep(now)
+                for rid in [r for r, ws in self.rid_waiters.items() if all(w.done for w in ws)]:
+                    del self.rid_waiters[rid]
                 next_sweep = now + SWEEP_INTERVAL
         self.sock.close()
         release_zap(self.ctx)
@@ -161,18 +172,17 @@ class StoreServer:
     def _on_message(self, frames: list[bytes]) -> None:
         ident = frames[0]
         if len(frames) != 2:
-            self._send(ident, P.Reply(req_id=-1, ok=False, code="bad_request",
+            self._send(ident, P.Reply(req_id=-1, ok=False, code=StoreCode.BAD_REQUEST,
                                       error=f"expected one message frame, got {len(frames) - 1}"))
             return
         self._on_frame(ident, frames[1])
 
     def _on_frame(self, ident: bytes, frame: bytes) -> None:
-        self.core.last_activity = time.monotonic()  # the spiller writes when this has been quiet a while
+        self.core.last_activity = self.core.clock.monotonic()  # the spiller writes when this has been quiet a while
         try:
             req = P.decode_request(frame)
-        except ValueError as exc:
-            code = "version" if "version" in str(exc) and "not supported" in str(exc) else "bad_request"
-            self._send(ident, P.Reply(req_id=-1, ok=False, code=code, error=str(exc)))
+        except P.BadRequest as exc:
+            self._send(ident, P.Reply(req_id=-1, ok=False, code=exc.code, error=str(exc)))
             return
         try:
             if req.unpin and ident in self.sessions:  # pins of a previous daemon's epoch mean nothing here
@@ -186,7 +196,8 @@ class StoreServer:
             reply = P.Reply(req_id=req.req_id, ok=False, code=exc.code, error=str(exc))
         except Exception as exc:  # a bug: answer, log, keep serving
             log.error("internal error on %s: %s", type(req).__name__, traceback.format_exc())
-            reply = P.Reply(req_id=req.req_id, ok=False, code="internal", error=f"{type(exc).__name__}: {exc}")
+            reply = P.Reply(req_id=req.req_id, ok=False, code=StoreCode.INTERNAL,
+                            error=f"{type(exc).__name__}: {exc}")
         if reply is not None:
             self._send(ident, reply)
 
@@ -195,8 +206,8 @@ class StoreServer:
         core = self.core
         if isinstance(req, P.Hello):
             if req.transport != "shm" and req.transport not in self.endpoints:
-                raise OpError("bad_request", f"transport {req.transport!r} is not served by this store; it serves "
-                                             f"{['shm', *self.endpoints]}: start it with --transports")
+                raise OpError(StoreCode.BAD_REQUEST, f"transport {req.transport!r} is not served by this store; it "
+                                                     f"serves {['shm', *self.endpoints]}: start it with --transports")
             self.sessions.pop(ident, None)
             self.sessions[ident] = req
             if len(self.sessions) > MAX_SESSIONS:  # forget the longest-idle client socket's hello
@@ -209,14 +220,17 @@ class StoreServer:
         if ident not in self.sessions:
             if isinstance(req, (P.Ping, P.Stats)):
                 return self._dispatch_anonymous(req)
-            raise OpError("session", "this client has not said hello to this store (did the store restart?); send "
-                                     "hello first: StoreClient does so and retries by itself")
+            raise OpError(StoreCode.SESSION, "this client has not said hello to this store (did the store restart?); "
+                                             "send hello first: StoreClient does so and retries by itself")
         ns = self.sessions[ident].compat_hash
         if isinstance(req, P.Lookup):
             return P.Reply(req_id=req.req_id, count=core.lookup(req.keys, tenant=req.tenant))
         if isinstance(req, P.Reserve):
-            return P.Reply(req_id=req.req_id, slots=core.reserve(req.request_id, req.keys, req.nbytes, req.ttl, ns,
-                                                                 req.tenant, req.tokens))
+            slots = core.reserve(req.request_id, req.keys, req.nbytes, req.ttl, ns, req.tenant, req.tokens)
+            self.request_chunks.reserved(req.request_id, req.keys, time.monotonic())
+            if req.request_id in self.rid_waiters:
+                self._fail_mismatched(req.request_id)
+            return P.Reply(req_id=req.req_id, slots=slots)
         if isinstance(req, (P.Commit, P.CommitMany)):
             return self._commit(ident, req, ns)
         if isinstance(req, (P.Pull, P.PullMany, P.WaitReady)):
@@ -237,7 +251,7 @@ class StoreServer:
             return purge(core, req, client=self.sessions[ident].name, peer=peer_identity(self.local, ident))
         if isinstance(req, (P.Stats, P.Ping)):
             return self._dispatch_anonymous(req)
-        raise OpError("bad_request", f"unhandled request {type(req).__name__}")
+        raise OpError(StoreCode.BAD_REQUEST, f"unhandled request {type(req).__name__}")
 
     def _commit(self, ident: bytes, req: P.Commit | P.CommitMany, ns: str) -> P.Reply:
         """Commit and CommitMany alike (a Commit is a batch of one whose refusal is the reply's error)."""
@@ -249,7 +263,7 @@ class StoreServer:
         else:
             keys, headers = req.keys, req.headers
         if len(keys) != len(headers):
-            raise OpError("bad_request", f"commit_many: {len(keys)} keys but {len(headers)} headers")
+            raise OpError(StoreCode.BAD_REQUEST, f"commit_many: {len(keys)} keys but {len(headers)} headers")
         fresh, refused = self.core.commit_many(keys, headers, ns, verify)  # one refusal undoes no other
         if self.waiters:
             for kid in fresh:
@@ -299,17 +313,48 @@ class StoreServer:
         reply, missing = self._ready_reply(w)
         if reply is not None:
             return reply
-        if time.monotonic() >= w.deadline:
+        now = time.monotonic()
+        if now >= w.deadline:
             return self._timeout_reply(w, missing)
+        rid = w.req.request_id
+        if park and rid:
+            why = self.request_chunks.mismatch(rid, _keys_of(w.req), now)
+            if why is not None:
+                return self._mismatch_reply(w, why)
+            self.rid_waiters.setdefault(rid, []).append(w)
         w.kid = missing
         self.waiters.setdefault(missing, []).append(w)
         if park:
             heapq.heappush(self.deadlines, (w.deadline, next(self._seq), w))
         return None
 
+    def _fail_mismatched(self, rid: str) -> None:
+        """``rid``'s publisher just reserved: its parked pulls that wait for none of its chunks fail now."""
+        now, keep = time.monotonic(), []
+        for w in self.rid_waiters.pop(rid, []):
+            if w.done:
+                continue
+            why = self.request_chunks.mismatch(rid, _keys_of(w.req), now)
+            if why is None:
+                keep.append(w)
+                continue
+            self._send(w.ident, self._mismatch_reply(w, why))
+            parked = self.waiters.get(w.kid)
+            if parked is not None and w in parked:
+                parked.remove(w)
+                if not parked:
+                    del self.waiters[w.kid]
+        if keep:
+            self.rid_waiters[rid] = keep
+
+    def _mismatch_reply(self, w: Waiter, why: str) -> P.Reply:
+        w.done = True
+        self.core.counters["mismatches"] += 1
+        return P.Reply(req_id=w.req.req_id, ok=False, code=StoreCode.MISMATCH, error=why)
+
     def _abort(self, rid: str, reason: str) -> int:
         if not rid:
-            raise OpError("bad_request", "abort needs a request_id")
+            raise OpError(StoreCode.BAD_REQUEST, "abort needs a request_id")
         self.aborted[rid] = (reason or "no reason given", time.monotonic() + ABORT_TTL)
         self.core.counters["aborts"] += 1
         n = 0
@@ -329,14 +374,24 @@ class StoreServer:
         return n
 
     def _aborted_reply(self, req: P.Pull | P.PullMany | P.WaitReady) -> P.Reply:
-        return P.Reply(req_id=req.req_id, ok=False, code="aborted",
+        return P.Reply(req_id=req.req_id, ok=False, code=StoreCode.ABORTED,
                        error=f"request {req.request_id} was aborted by its publisher: {self.aborted[req.request_id][0]}")
 
     def _timeout_reply(self, w: Waiter, kid: str) -> P.Reply:
         w.done = True
-        return P.Reply(req_id=w.req.req_id, ok=False, code="timeout",
-                       error=f"chunk {kid} was not ready within {w.req.timeout:.3f}s (never committed, or the "
-                             f"publisher is slow or gone)")
+        return P.Reply(req_id=w.req.req_id, ok=False, code=StoreCode.TIMEOUT,
+                       error=f"chunk {kid} was not ready within {w.req.timeout:.3f}s ({self._why_missing(kid)})")
+
+    def _why_missing(self, kid: str) -> str:
+        """What the store knows of a chunk a pull waited for in vain: reserved and not committed (the publisher
+        is slow, stuck or gone), or never reserved (no publisher came; it may publish under other keys)."""
+        e = self.core.ix.get(kid)
+        if e is None:
+            return "no publisher reserved it: the prefill never began publishing it, or publishes other keys"
+        if e.ready:
+            return "it is ready now: it was committed as the wait ended"
+        return (f"reserved by request {e.request_id!r}, never committed: the publisher is slow, stuck or gone "
+                f"(its reservation expires in {max(0.0, e.deadline - self.core.clock.monotonic()):.0f}s)")
 
     def _wake(self, kid: str) -> None:
         for w in self.waiters.pop(kid, []):
@@ -357,7 +412,7 @@ class StoreServer:
         for w in self.waiters.pop(kid, []):
             if not w.done:
                 w.done = True
-                self._send(w.ident, P.Reply(req_id=w.req.req_id, ok=False, code="corrupt", error=err))
+                self._send(w.ident, P.Reply(req_id=w.req.req_id, ok=False, code=StoreCode.CORRUPT, error=err))
 
     def _expire_waiters(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:

@@ -7,18 +7,15 @@ publisher names the tenant in its reservation; the store remembers it with the c
 Owns: `TenantPolicy` (quotas and TTLs, parsed from ``T=VALUE,...`` options), `TenantBook` (bytes per tenant
 and tier, each tenant's LRU of in-memory chunks, counters per metric label) and label bounding (at most
 ``max_labels`` tenants get a label of their own; the rest share ``OTHER``).  Must not touch: the index's
-rules (index.py calls `TenantBook.change` where an entry's tier changes, under the store's lock), pool
-bytes or SSD files.
+rules (index.py calls `TenantBook.change` with plain values where an entry's tier changes, under the
+store's lock), pool bytes or SSD files.
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
-
-if TYPE_CHECKING:
-    from kvrelay.store.index import Entry
+from typing import Callable
 
 NO_TENANT = "_none"  # metric label of the unsalted address space
 OTHER = "_other"  # metric label shared by the tenants past max_labels
@@ -116,22 +113,23 @@ class TenantBook:
         if n:
             self.counters[(self.label(tenant), name)] += n
 
-    def change(self, e: Entry, tier: str, sign: int) -> None:
-        """``e`` entered (sign 1) or left (sign -1) a tier; "memory" also moves it in its tenant's LRU."""
-        u = self.of(e.tenant)
-        setattr(u, tier, getattr(u, tier) + sign * e.nbytes)
+    def change(self, tenant: str, kid: str, nbytes: int, tier: str, sign: int) -> None:
+        """Chunk ``kid`` of ``nbytes`` entered (sign 1) or left (sign -1) a tier; "memory" also moves it in its
+        tenant's LRU."""
+        u = self.of(tenant)
+        setattr(u, tier, getattr(u, tier) + sign * nbytes)
         if tier == "memory":
             if sign > 0:
-                u.lru[e.kid] = None
+                u.lru[kid] = None
             else:
-                u.lru.pop(e.kid, None)
+                u.lru.pop(kid, None)
         if sign < 0 and not (u.reserved or u.memory or u.ssd or u.lru):
-            del self.usage[e.tenant]
+            del self.usage[tenant]
 
-    def touch(self, e: Entry) -> None:
-        u = self.usage.get(e.tenant)
-        if u is not None and e.kid in u.lru:
-            u.lru.move_to_end(e.kid)
+    def touch(self, tenant: str, kid: str) -> None:
+        u = self.usage.get(tenant)
+        if u is not None and kid in u.lru:
+            u.lru.move_to_end(kid)
 
     def snapshot(self, policy: TenantPolicy) -> dict[str, dict[str, float]]:
         """Per label: bytes per tier, quota and counters (what /metrics and stats show)."""

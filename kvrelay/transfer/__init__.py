@@ -16,18 +16,12 @@ pinned pool by DMA (store/datapath.py).  `check_store_transport` names the choic
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # importing base pulls in torch (through the layout's wire version): keep it lazy
     from kvrelay.transfer.base import Transport
 
-_IMPLS = {
-    "shm": ("kvrelay.transfer.shm", "ShmTransport"),
-    "tcp": ("kvrelay.transfer.tcp", "TcpTransport"),
-    "nixl": ("kvrelay.transfer.nixl_transport", "NixlTransport"),
-    "nvlink": ("kvrelay.transfer.nvlink", "NvlinkTransport"),
-}
+_IMPLS = ("shm", "tcp", "nixl", "nvlink")
 
 ENGINE_TRANSPORTS = tuple(_IMPLS)
 STORE_TRANSPORTS = ("shm", "tcp", "nixl")
@@ -75,8 +69,25 @@ def create_transport(name: str, agent_name: str, compat_hash: str, host: str = "
     reason = _unavailable(name)
     if reason is not None:
         raise RuntimeError(f"transport {name!r} is not available here: {reason}")
-    module, cls = _IMPLS[name]
-    return getattr(importlib.import_module(module), cls)(agent_name, compat_hash, host=host, port=port, **options)
+    return _transport_class(name)(agent_name, compat_hash, host=host, port=port, **options)
+
+
+def _transport_class(name: str) -> type[Transport]:
+    """The class of transport ``name``, imported when first asked for (nixl's and CUDA's imports are slow,
+    or absent here)."""
+    if name == "shm":
+        from kvrelay.transfer.shm import ShmTransport
+        return ShmTransport
+    if name == "tcp":
+        from kvrelay.transfer.tcp import TcpTransport
+        return TcpTransport
+    if name == "nixl":
+        from kvrelay.transfer.nixl_transport import NixlTransport
+        return NixlTransport
+    if name == "nvlink":
+        from kvrelay.transfer.nvlink import NvlinkTransport
+        return NvlinkTransport
+    raise ValueError(f"unknown transport {name!r}; choose one of {', '.join(_IMPLS)}")
 
 
 __all__ = ["create_transport", "available_transports", "check_store_transport", "ENGINE_TRANSPORTS",

@@ -1,9 +1,11 @@
 """The far side of `kvrelay bench transports`: a process that serves one transport or raw primitive.
 
-    python -m kvrelay.transfer.bench_peer KIND NBYTES [HOST]
+    python -m kvrelay.transfer.bench_peer KIND NBYTES [HOST [KEYS_DIR]]
 
 HOST is the address it binds and advertises (default 127.0.0.1; `kvrelay bench hosts` gives a veth's address
-in a network namespace).  KIND is a kvrelay transport (shm, tcp, nixl) or a raw baseline: ``socket`` (loopback TCP socket),
+in a network namespace).  KIND is a kvrelay transport (shm, tcp, nixl), the tcp transport with the keys in
+KEYS_DIR (``tcp-auth``: authenticated, a MAC per request; ``tcp-encrypt``: encrypted data sockets), or a raw
+baseline: ``socket`` (loopback TCP socket),
 ``zmq`` (pyzmq ROUTER, zero-copy replies, 1 MiB frames), ``nixl-raw`` (a bare NIXL agent) or
 ``mooncake`` (Mooncake's transfer engine over TCP).  Prints one JSON line describing how to reach it,
 then serves until stdin closes (a kvrelay transport is then closed).  Owns: the serving side of every baseline.  Must not touch: the
@@ -21,6 +23,7 @@ import threading
 import numpy as np
 
 RAW_FRAME = 1 << 20
+TRANSPORT_KINDS = ("shm", "tcp", "nixl", "tcp-auth", "tcp-encrypt")  # served by a kvrelay endpoint
 _REQ = struct.Struct("<cQ")  # op (b"r" | b"w"), nbytes
 
 
@@ -96,20 +99,26 @@ def _serve_nixl_raw(buf: np.ndarray) -> dict:
     return {"meta": agent.get_agent_metadata().hex(), "address": buf.ctypes.data}
 
 
-def _serve_mooncake(buf: np.ndarray) -> dict:
+def _serve_mooncake(buf: np.ndarray, host: str = "127.0.0.1") -> dict:
     from mooncake.engine import TransferEngine
     te = TransferEngine()
-    if te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+    if te.initialize(host, "P2PHANDSHAKE", "tcp", "") != 0:
         raise RuntimeError("mooncake TransferEngine.initialize failed")
     if te.register_memory(buf.ctypes.data, buf.nbytes) != 0:
         raise RuntimeError("mooncake register_memory failed")
     _serve_mooncake.keep = te  # type: ignore[attr-defined]
-    return {"target": f"127.0.0.1:{te.get_rpc_port()}", "address": buf.ctypes.data}
+    return {"target": f"{host}:{te.get_rpc_port()}", "address": buf.ctypes.data}
 
 
-def _serve_transport(kind: str, nbytes: int, host: str = "127.0.0.1") -> dict:
+def _serve_transport(kind: str, nbytes: int, host: str = "127.0.0.1", keys_dir: str = "") -> dict:
+    from kvrelay import security
     from kvrelay.transfer import create_transport
-    ep = create_transport(kind, f"bench-{kind}-target", "bench", host)
+    name, _, mode = kind.partition("-")
+    if mode and not keys_dir:
+        raise SystemExit(f"bench peer kind {kind!r} needs a KEYS_DIR argument (`kvrelay keys DIR` writes one)")
+    options = {"encrypt": True} if mode == "encrypt" else {}
+    with security.using(security.load(keys_dir) if mode else None):
+        ep = create_transport(name, f"bench-{kind}-target", "bench", host, **options)
     info, view = ep.alloc(nbytes)
     if not isinstance(view, memoryview):
         raise ValueError(f"the bench peer serves host memory; transport {kind!r} allocated a {type(view).__name__}")
@@ -121,17 +130,20 @@ def _serve_transport(kind: str, nbytes: int, host: str = "127.0.0.1") -> dict:
 def main() -> None:
     kind, nbytes = sys.argv[1], int(sys.argv[2])
     host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
-    if kind in ("shm", "tcp", "nixl"):
-        meta = _serve_transport(kind, nbytes, host)
-    elif kind == "socket":
-        meta = _serve_socket(np.full(nbytes, 7, dtype=np.uint8), host)
+    if kind in TRANSPORT_KINDS:
+        meta = _serve_transport(kind, nbytes, host, sys.argv[4] if len(sys.argv) > 4 else "")
     else:
-        buf = np.full(nbytes, 7, dtype=np.uint8)
-        serve = {"socket": _serve_socket, "zmq": _serve_zmq, "nixl-raw": _serve_nixl_raw,
-                 "mooncake": _serve_mooncake}.get(kind)
-        if serve is None:
+        buf = np.full(nbytes, 7, dtype=np.uint8)  # lives until the peer exits: NIXL and Mooncake keep its address
+        if kind == "socket":
+            meta = _serve_socket(buf, host)
+        elif kind == "mooncake":
+            meta = _serve_mooncake(buf, host)
+        elif kind == "zmq":
+            meta = _serve_zmq(buf)
+        elif kind == "nixl-raw":
+            meta = _serve_nixl_raw(buf)
+        else:
             raise SystemExit(f"unknown bench peer kind {kind!r}")
-        meta = serve(buf)
     print(json.dumps({"kind": kind, **meta}), flush=True)
     sys.stdin.read()
     ep = getattr(_serve_transport, "keep", None)

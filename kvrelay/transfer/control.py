@@ -2,7 +2,7 @@
 
 Owns: `Hello`/`Welcome`/`Refuse`/`Notify`/`Bye` (msgpack, tagged) and `PeerConn` (with its liveness
 check).  Must not touch:
-sockets or threads (endpoint.py serves them).
+sockets or threads (control_plane.py serves them).
 """
 
 from __future__ import annotations

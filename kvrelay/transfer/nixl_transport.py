@@ -1,14 +1,16 @@
 """`nixl`: transport over a NIXL 1.5.1 agent with the UCX backend (DRAM on CPU, VRAM on GPU).
 
-Owns: the NIXL agent of this endpoint, memory registration with it, and the mapping of our
-descriptors onto NIXL transfer requests.  Agent metadata travels through our handshake (endpoint.py);
-NIXL's own listener and ETCD are not used.  Must not touch: the control plane, chunk contents.
+Owns: the NIXL agent of this endpoint (held by `NixlMover`, the transport's data mover: mover.py), memory
+registration with it, and the mapping of our descriptors onto NIXL transfer requests.  Agent metadata
+travels through our handshake (control_plane.py); NIXL's own listener and ETCD are not used.
+Must not touch: the control plane, chunk contents.
 
 Progress: NIXL's Python wrapper runs its progress thread with a 0 us delay, which spins a core even
 when idle (on a 2-core host that halves throughput).  We create the agent with the progress thread
 and a non-zero delay (``progress_delay_us``, default 1000: an idle agent wakes 1000 times a second
 and uses a few percent of a core).  A transfer's completion is read with `check_xfer_state`, which
-the waiting thread polls (see handle.py).
+the waiting thread calls (its handle's ``progress`` driver: checks without sleeping for the first SPIN_S of
+a transfer, then with a growing sleep).
 Dead peers: the UCX backend runs in ``ucx_error_handling_mode=peer`` so a transfer to a dead peer
 errors out instead of hanging, and the endpoint's pidfd watch fails in-flight handles at once.
 Exit crash: the UCX bundled with NIXL 1.5.1 loads its InfiniBand modules, whose libnl-route crashes
@@ -28,15 +30,23 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import msgspec
 
-from kvrelay.transfer.base import Desc, XferState
+from kvrelay.transfer.base import XferState
 from kvrelay.transfer.buffers import LocalRegion, buffer_address, byte_view
-from kvrelay.transfer.endpoint import Endpoint, PeerConn
+from kvrelay.transfer.control import PeerConn
+from kvrelay.transfer.endpoint import Endpoint
 from kvrelay.transfer.handle import Handle
+from kvrelay.transfer.mover import DataMover, Transfer
 
 _construct_lock = threading.Lock()
+# A waiter checks a young transfer without sleeping for this long: a 4 KiB read over UCX's tcp across a veth
+# takes about 100 us, and the handle's generic 50 us spin then 20, 40, 80 us sleeps doubled its round trip
+# (`kvrelay bench hosts`: 203 -> 115 us p50 against a bare NIXL pair's 90-100 us); larger transfers then sleep.
+SPIN_S = 400e-6
+MAX_SLEEP_S = 1e-3
 
 
 def _avoid_ib_exit_crash() -> None:
@@ -100,14 +110,18 @@ class NixlTransport(Endpoint):
                              f"got {progress_delay_us}")
         import uuid
         self._nixl_name = f"{agent_name}-{uuid.uuid4().hex[:8]}"
-        self._agent = make_agent(self._nixl_name, progress_delay_us)
+        agent = make_agent(self._nixl_name, progress_delay_us)
         opts = {"ucx_error_handling_mode": error_handling_mode, **(backend_options or {})}
-        self._agent.create_backend("UCX", opts)
-        self._reg: dict[int, object] = {}
+        agent.create_backend("UCX", opts)
+        self._nixl = NixlMover(agent)
         super().__init__(agent_name, compat_hash, host, port)
 
+    def _data_mover(self) -> DataMover:
+        self._nixl.regions = self._regions
+        return self._nixl
+
     def _agent_meta(self) -> bytes:
-        return self._agent.get_agent_metadata()
+        return self._nixl.agent.get_agent_metadata()
 
     # -- regions ---------------------------------------------------------------------------------
     def _make_region(self, region_id: int, buf) -> LocalRegion:
@@ -122,36 +136,54 @@ class NixlTransport(Endpoint):
             address, nbytes, dev, mem, device = buffer_address(view), view.nbytes, 0, "DRAM", "cpu"
         if nbytes == 0:
             raise ValueError("cannot register an empty buffer")
-        self._reg[region_id] = self._agent.register_memory([(address, nbytes, dev, "")], mem)
+        self._nixl.register(region_id, address, nbytes, dev, mem)
         meta = _enc.encode(_RegionMeta(address, dev, mem))
         return LocalRegion(region_id, view, nbytes, device=device, meta=meta, keep=[buf], address=address,
                            device_obj=device_obj)
 
     def _drop_region(self, region: LocalRegion) -> None:
-        reg = self._reg.pop(region.region_id, None)
+        self._nixl.deregister(region.region_id)
+
+
+class NixlMover(DataMover):
+    """The NIXL agent: memory registrations with it, peers' agents, and transfers posted to it (a handle's
+    driver polls ``check_xfer_state``)."""
+
+    def __init__(self, agent) -> None:
+        self.agent = agent
+        self.regions: dict[int, LocalRegion] = {}  # the endpoint's local regions (read only)
+        self._reg: dict[int, object] = {}
+        self._closed = False
+
+    def register(self, region_id: int, address: int, nbytes: int, dev: int, mem: str) -> None:
+        self._reg[region_id] = self.agent.register_memory([(address, nbytes, dev, "")], mem)
+
+    def deregister(self, region_id: int) -> None:
+        reg = self._reg.pop(region_id, None)
         if reg is not None:
-            self._agent.deregister_memory(reg)
+            self.agent.deregister_memory(reg)
 
     # -- peers -----------------------------------------------------------------------------------
-    def _peer_added(self, conn: PeerConn) -> None:
-        name = self._agent.add_remote_agent(conn.peer.info.meta)
+    def peer_added(self, conn: PeerConn) -> None:
+        name = self.agent.add_remote_agent(conn.peer.info.meta)
         conn.extra["nixl_name"] = name.decode() if isinstance(name, bytes) else name
 
-    def _peer_lost(self, conn: PeerConn) -> None:
+    def peer_lost(self, conn: PeerConn) -> None:
         name = conn.extra.pop("nixl_name", None)
         if name is not None and not self._closed:
             try:
-                self._agent.remove_remote_agent(name)
+                self.agent.remove_remote_agent(name)
             except Exception:  # noqa: BLE001 - already gone on NIXL's side
                 pass
 
     # -- transfers -------------------------------------------------------------------------------
-    def _start(self, conn: PeerConn, op: str, descs: list[Desc], handle: Handle) -> None:
+    def start(self, xfer: Transfer) -> Handle:
+        conn, op = xfer.conn, xfer.op
         local, remote = [], []
         l_mem = r_mem = "DRAM"
         gpus: set[str] = set()
-        for d in descs:
-            lr = self.local_region(d.local_region)
+        for d in xfer.descs:
+            lr = self.regions[d.local_region]
             rm = _meta_dec.decode(conn.peer.region(d.remote_region).meta)
             l_mem = "VRAM" if lr.device != "cpu" else "DRAM"
             if l_mem == "VRAM":
@@ -159,12 +191,14 @@ class NixlTransport(Endpoint):
             r_mem = rm.mem_type
             local.append((lr.address + d.local_offset, d.length, int(lr.device.split(":")[1]) if ":" in lr.device else 0))
             remote.append((rm.address + d.remote_offset, d.length, rm.device_id))
+        agent = self.agent
         try:
-            xfer = self._agent.initialize_xfer(op.upper(), self._agent.get_xfer_descs(local, l_mem),
-                                               self._agent.get_xfer_descs(remote, r_mem), conn.extra["nixl_name"])
+            req = agent.initialize_xfer(op.upper(), agent.get_xfer_descs(local, l_mem),
+                                        agent.get_xfer_descs(remote, r_mem), conn.extra["nixl_name"])
         except Exception as exc:  # noqa: BLE001 - NIXL raises its own error types
+            handle = xfer.open()
             handle.fail(f"NIXL could not create the {op} to peer {conn.peer.name!r}: {exc}")
-            return
+            return handle
         lock = threading.RLock()  # poll() may fail the handle, whose abort frees under the same lock
         released: list[bool] = []
 
@@ -174,7 +208,7 @@ class NixlTransport(Endpoint):
                     return
                 released.append(True)
             try:
-                xfer.release()
+                req.release()
             except Exception:  # noqa: BLE001 - an aborted request NIXL already dropped
                 pass
 
@@ -183,7 +217,7 @@ class NixlTransport(Endpoint):
                 if handle.done or released:
                     return
                 try:
-                    state = self._agent.check_xfer_state(xfer)
+                    state = agent.check_xfer_state(req)
                 except Exception as exc:  # noqa: BLE001 - e.g. nixlRemoteDisconnectError
                     handle.fail(f"NIXL {op} with peer {conn.peer.name!r} failed: {type(exc).__name__}: {exc}")
                     return
@@ -193,30 +227,45 @@ class NixlTransport(Endpoint):
                 handle.fail(f"NIXL reported an error for the {op} with peer {conn.peer.name!r} (peer dead or "
                             f"unreachable)")
 
-        handle._poll = poll
-        handle._free = free
-        handle._abort = lambda state: free()
+        backoff = [0.0]
+
+        def progress(t: float) -> None:
+            """The waiting thread's driver (Handle.wait; `state` passes 0): check the transfer, and while it is
+            younger than SPIN_S check again at once, then sleep between checks, doubling up to MAX_SLEEP_S."""
+            poll()
+            if handle.done or t <= 0:
+                return
+            spin_until = handle.started_at + SPIN_S
+            while time.monotonic() < spin_until and not handle.done:
+                poll()
+            if not handle.done:
+                backoff[0] = min(MAX_SLEEP_S, max(20e-6, backoff[0] * 2), t)
+                time.sleep(backoff[0])
+
+        handle = xfer.open(progress=progress, free=free, abort=lambda state: free())
         handle.set_transferring()
         try:
             if gpus:
                 _sync_producers(gpus)
-            status = self._agent.transfer(xfer)
+            status = agent.transfer(req)
         except Exception as exc:  # noqa: BLE001 - e.g. nixlRemoteDisconnectError
             handle.fail(f"NIXL could not post the {op} to peer {conn.peer.name!r}: {type(exc).__name__}: {exc}")
-            return
+            return handle
         if status == "DONE":
             handle.finish(XferState.DONE)
         elif status == "ERR":
             handle.fail(f"NIXL refused to post the {op} to peer {conn.peer.name!r}")
+        return handle
 
-    def _shutdown(self) -> None:
+    def close(self) -> None:
+        self._closed = True
         for reg in self._reg.values():
             try:
-                self._agent.deregister_memory(reg)
+                self.agent.deregister_memory(reg)
             except Exception:  # noqa: BLE001
                 pass
         self._reg.clear()
-        self._agent = None
+        self.agent = None
 
 
 def _sync_producers(devices: set[str]) -> None:

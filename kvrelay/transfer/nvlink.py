@@ -2,7 +2,8 @@
 
 Owns: exporting registered CUDA tensors as CUDA IPC handles (through torch's storage sharing), opening
 peers' handles, and the device copies (one ``copy_`` per descriptor on a private stream; a CUDA event
-marks completion).  Must not touch: the control plane (endpoint.py), chunk contents.
+marks completion: `NvlinkMover`, the transport's data mover, mover.py).  Must not touch: the control plane
+(control_plane.py), chunk contents.
 
 Ordering (cuda_ipc.CopyStream): the copies start after everything already queued on the caller's current
 stream (a pack before a write is never sent stale), and a completed handle makes the caller's current
@@ -27,11 +28,13 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from kvrelay.transfer.base import Desc, Peer, RegionInfo, XferState
+from kvrelay.transfer.base import Peer, RegionInfo, XferState
 from kvrelay.transfer.buffers import LocalRegion
 from kvrelay.transfer.cuda_ipc import CopyStream, IpcMaps, device_index_for_uuid, local_uuids
-from kvrelay.transfer.endpoint import Endpoint, PeerConn
+from kvrelay.transfer.control import PeerConn
+from kvrelay.transfer.endpoint import Endpoint
 from kvrelay.transfer.handle import Handle
+from kvrelay.transfer.mover import DataMover, Transfer
 
 if TYPE_CHECKING:
     import torch
@@ -110,6 +113,9 @@ class NvlinkTransport(Endpoint):
         self._shares: dict[int, tuple[bytes, int]] = {}  # region id -> torch's IPC counter (handle, offset)
         super().__init__(agent_name, compat_hash, host, port)
 
+    def _data_mover(self) -> DataMover:
+        return NvlinkMover(self._maps, self._copies, self._regions)
+
     def alloc(self, nbytes: int) -> tuple[RegionInfo, torch.Tensor]:
         self._check_open()
         if nbytes <= 0:
@@ -157,47 +163,61 @@ class NvlinkTransport(Endpoint):
         whole = torch.empty(0, dtype=torch.uint8, device=f"cuda:{index}").set_(storage)
         return whole[h.tensor_offset:h.tensor_offset + h.nbytes]
 
-    @staticmethod
-    def _key(conn: PeerConn, region_id: int) -> tuple[str, str, int]:
-        return (conn.peer.name, conn.peer.info.epoch, region_id)
-
     def map_remote(self, peer: Peer, region_id: int) -> torch.Tensor:
         """The peer's CUDA region as a uint8 tensor in this process (zero copies).  Valid while held; its
         contents are undefined once the owner deregisters the region."""
         conn = self._conn(peer)
         if not isinstance(conn, PeerConn):
             raise ValueError(conn)
-        key = self._key(conn, region_id)
+        key = _key(conn, region_id)
         t = self._maps.acquire(key, conn.peer.region(region_id).meta)
         self._maps.release(key)  # the map's own reference keeps it open
         return t
-
-    def _device_tensor(self, region_id: int) -> torch.Tensor:
-        t = self.local_region(region_id).device_obj
-        if t is None:  # cannot happen: every region _make_region registers holds its tensor
-            raise ValueError(f"local region {region_id} holds no CUDA tensor")
-        return t
-
-    def _peer_lost(self, conn: PeerConn) -> None:
-        name, epoch = conn.peer.name, conn.peer.info.epoch
-        self._maps.retire_where(lambda k: k[0] == name and k[1] == epoch)  # closed once no copy uses them
-        self._copies.reap()
-
-    def _peer_region_gone(self, conn: PeerConn, region_id: int) -> None:
-        self._maps.retire(self._key(conn, region_id))
-        self._copies.reap()
 
     def open_maps(self) -> int:
         """Peer regions mapped in this process (a leak counter for tests)."""
         return len(self._maps)
 
-    def _start(self, conn: PeerConn, op: str, descs: list[Desc], handle: Handle) -> None:
+
+def _key(conn: PeerConn, region_id: int) -> tuple[str, str, int]:
+    return (conn.peer.name, conn.peer.info.epoch, region_id)
+
+
+class NvlinkMover(DataMover):
+    """The device copies: peers' regions opened through ``maps``, copies posted on ``copies``' private
+    stream, a handle's driver polling the copies' event."""
+
+    def __init__(self, maps: IpcMaps, copies: CopyStream, regions: dict[int, LocalRegion]) -> None:
+        self._maps = maps
+        self._copies = copies
+        self._regions = regions  # the endpoint's local regions (read only)
+
+    def _device_tensor(self, region_id: int) -> torch.Tensor:
+        region = self._regions.get(region_id)
+        if region is None:
+            raise ValueError(f"local region {region_id} is not registered")
+        t = region.device_obj
+        if t is None:  # cannot happen: every region _make_region registers holds its tensor
+            raise ValueError(f"local region {region_id} holds no CUDA tensor")
+        return t
+
+    def peer_lost(self, conn: PeerConn) -> None:
+        name, epoch = conn.peer.name, conn.peer.info.epoch
+        self._maps.retire_where(lambda k: k[0] == name and k[1] == epoch)  # closed once no copy uses them
+        self._copies.reap()
+
+    def peer_region_gone(self, conn: PeerConn, region_id: int) -> None:
+        self._maps.retire(_key(conn, region_id))
+        self._copies.reap()
+
+    def start(self, xfer: Transfer) -> Handle:
+        conn, op = xfer.conn, xfer.op
         self._copies.reap()
         views: dict[tuple[str, str, int], torch.Tensor] = {}  # one reference per region for this batch
         pairs = []
         try:
-            for d in descs:
-                key = self._key(conn, d.remote_region)
+            for d in xfer.descs:
+                key = _key(conn, d.remote_region)
                 if key not in views:
                     views[key] = self._maps.acquire(key, conn.peer.region(d.remote_region).meta)
                 local = self._device_tensor(d.local_region)[d.local_offset:d.local_offset + d.length]
@@ -206,8 +226,9 @@ class NvlinkTransport(Endpoint):
         except (RuntimeError, ValueError) as exc:
             for key in views:
                 self._maps.release(key)
+            handle = xfer.open()
             handle.fail(f"CUDA IPC {op} with peer {conn.peer.name!r} failed: {exc}")
-            return
+            return handle
 
         def copies() -> None:
             for dst, src in pairs:
@@ -215,11 +236,13 @@ class NvlinkTransport(Endpoint):
         try:
             done = self._copies.post(copies, list(views))  # the maps are the batch's until its event passes
         except RuntimeError as exc:
+            handle = xfer.open()
             handle.fail(f"CUDA IPC {op} with peer {conn.peer.name!r} failed: CUDA error: {exc}")
-            return
+            return handle
+        handle = xfer.open(poll=lambda: self._poll(conn, op, done, handle))
         handle.set_transferring()
-        handle._poll = lambda: self._poll(conn, op, done, handle)
-        handle._poll()
+        self._poll(conn, op, done, handle)
+        return handle
 
     def _poll(self, conn: PeerConn, op: str, done, handle: Handle) -> None:
         if handle.done:
@@ -231,10 +254,10 @@ class NvlinkTransport(Endpoint):
         if error is not None:
             handle.fail(f"nvlink {op} with peer {conn.peer.name!r} failed: {error} (a sticky CUDA error leaves "
                         f"this process's CUDA context unusable: restart it)")
-        elif self.peer_exited(conn):
+        elif conn.exited():
             handle.fail(f"peer {conn.peer.name!r} exited before the {op} finished")
         else:
             handle.finish(XferState.DONE)
 
-    def _shutdown(self) -> None:
+    def close(self) -> None:
         self._copies.drain()  # the copies in flight end before their maps close

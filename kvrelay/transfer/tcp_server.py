@@ -1,10 +1,13 @@
-"""The serving half of the `tcp` transport, and the framing both halves share.
+"""The ZeroMQ half of the `tcp` transport's data plane: the data-connection handshake, and the framing of
+requests on the ZeroMQ data socket.
 
 Owns: the data-plane messages (`DataReq`, `DataRep`), `send_frames`/`recv_frames` (zero-copy sends of
 registered memory; ``recv_into`` straight into place, coalesced frames through a preallocated staging
-buffer) and `DataServer`, the mixin whose thread answers peers' reads and receives their writes on
-the data ROUTER (with keys: each connection's handshake and each request's MAC, kvrelay/security/
-dataplane.py, or CURVE when encrypting).  Must not touch: the client side (tcp.py), the control plane (endpoint.py).
+buffer) and `DataServer`, the mixin whose thread serves the data ROUTER: each data connection's handshake
+(with keys: the shared-secret proof and request MACs of kvrelay/security/dataplane.py, over CURVE when
+encrypting), whose answer names the plain TCP data port (tcp_serve.py) the bulk bytes then move on, and
+reads and writes asked on the ZeroMQ socket itself.  Must not touch: the client side (tcp_mover.py,
+tcp_conn.py), the control plane (control_plane.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class DataRep(msgspec.Struct, array_like=True):
     error: str = ""
     nonce: bytes = b""                     # answer to a hello: the server nonce and the server's proof
     proof: bytes = b""
+    port: int = 0                          # answer to a proof (to a hello without keys): the data socket's port
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -51,7 +55,7 @@ def _data_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
 
 
 class DataServer:
-    """Mixin for TcpTransport, which provides the attributes declared here."""
+    """Mixin for TcpMover (tcp.py), which provides the attributes declared here."""
 
     _regions: dict[int, LocalRegion]
     _data: zmq.Socket
@@ -59,7 +63,8 @@ class DataServer:
     small_bytes: int
     agent_name: str
     _stopping: bool
-    _sessions: ServerSessions | None  # with keys and no encryption: the handshake and request MACs
+    _sessions: ServerSessions | None  # with keys: the handshake and request MACs
+    _sock_port: int  # the plain TCP data socket's port (tcp_serve.py), given to a client that completed the handshake
 
     def _send_frames(self, sock: zmq.Socket, plan: list[list[Piece]], slices) -> None:
         last = len(plan) - 1
@@ -125,7 +130,8 @@ class DataServer:
             sock.send_multipart([ident, _enc.encode(DataRep(0, nonce=nonce, proof=proof))])
             return None
         if req.op == "proof":
-            sock.send_multipart([ident, _enc.encode(DataRep(0, sessions.prove(ident, req.nonce)))])
+            error = sessions.prove(ident, req.nonce)
+            sock.send_multipart([ident, _enc.encode(DataRep(0, error, port=0 if error else self._sock_port))])
             return None
         return sessions.check(ident, head, tag, req.seq)
 
@@ -146,6 +152,9 @@ class DataServer:
             except msgspec.DecodeError:
                 while sock.getsockopt(zmq.RCVMORE):
                     sock.recv_into(scratch)
+                continue
+            if self._sessions is None and req.op == "hello":  # without keys: where the data socket listens
+                sock.send_multipart([ident, _enc.encode(DataRep(0, port=self._sock_port))])
                 continue
             if self._sessions is not None:
                 refusal = self._authenticate(sock, ident, head, tag, req)

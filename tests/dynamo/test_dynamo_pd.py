@@ -21,12 +21,10 @@ pytest.importorskip("dynamo.common.backend", reason="NVIDIA Dynamo is not instal
 openai = pytest.importorskip("openai", reason="the openai client is not installed")
 
 from kvrelay.engines.dynamo.broker import EventBroker  # noqa: E402
-from kvrelay.engines.dynamo.model_dir import add_byte_tokenizer  # noqa: E402
-from kvrelay.engines.reference.config import ModelConfig  # noqa: E402
-from kvrelay.engines.reference.weights import write_random_checkpoint  # noqa: E402
-from kvrelay.readyfile import wait_ready_file  # noqa: E402
 
-from dynamo_helpers import MAX_TOKENS, Cluster, chat, free_port, metric, wait_pd  # noqa: E402
+from dynamo_helpers import MAX_TOKENS, Cluster, chat, free_port, metric, pd_checkpoint, spawn_pd, wait_pd  # noqa: E402
+
+pytestmark = pytest.mark.slow  # starts several processes: not in the fast tier (-m 'not slow')
 PROMPT_A = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog, then naps in the sun."}]
 PROMPT_B = [{"role": "user", "content": "The quick brown cat jumps over the lazy dog, then naps in the sun."}]
 
@@ -34,10 +32,7 @@ PROMPT_B = [{"role": "user", "content": "The quick brown cat jumps over the lazy
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dynamo")
-    ck = tmp / "ck"
-    cfg = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4,
-                      num_kv_heads=2, head_dim=64, init_std=0.2, seed=7, model_id="kvrelay-dynamo-test")
-    add_byte_tokenizer(write_random_checkpoint(ck, cfg))
+    ck = pd_checkpoint(tmp / "ck", "kvrelay-dynamo-test")
     disc = tmp / "discovery"
     disc.mkdir()
     broker = EventBroker().start()
@@ -45,20 +40,13 @@ def cluster(tmp_path_factory):
     try:
         store = c.spawn("store", "store", "--port", "0", "--metrics-port", "0", "--pool-size", "256MiB",
                         "--pool-name", f"kvrelay-dyntest-{os.getpid()}", "--ssd-dir", "",
-                        "--ready-file", str(tmp / "store.json"))
+                        ready_file=tmp / "store.json")
         colo = c.spawn("colocated", "engine", "--role", "colocated", "--checkpoint", str(ck), "--port", "0",
-                       "--ready-file", str(tmp / "colo.json"), "--threads", "1")
-        store_info = wait_ready_file(tmp / "store.json", store, 60)
+                       "--threads", "1", ready_file=tmp / "colo.json")
+        store_info = store.wait_ready(60)
         ports = {"prefill": free_port(32768), "decode": free_port(32768), "http": free_port()}
-        common = ["--checkpoint", str(ck), "--served-model-name", "kvrelay-test", "--discovery-dir", str(disc),
-                  "--event-broker", broker.url, "--store", store_info["address"], "--threads", "1"]
-        for role in ("prefill", "decode"):
-            c.spawn(role, "dynamo-worker", "--role", role, "--metrics-port", str(ports[role]), *common)
-        c.spawn("frontend", "dynamo-frontend", "--discovery-dir", str(disc), "--event-broker", broker.url,
-                "--http-port", str(ports["http"]))
-        colo_info = wait_ready_file(tmp / "colo.json", colo, 120)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['http']}/v1", api_key="none", timeout=120,
-                               max_retries=0)
+        client = spawn_pd(c, ck, disc, broker.url, store_info["address"], ports)
+        colo_info = colo.wait_ready(120)
         wait_pd(c, client, lambda: metric(ports["decode"], "kvrelay_engine_pulled_bytes_total"))
         yield {"client": client, "ports": ports, "colo": colo_info["url"], "cluster": c}
     finally:
@@ -103,9 +91,33 @@ def test_pd_behind_dynamo_frontend_matches_colocated_and_moves_kv(cluster):
 
 
 def test_dynamo_event_plane_listens_on_loopback_only(cluster):
-    """Nothing a worker or the frontend opened listens beyond 127.0.0.1 (the broker keeps ZMQ there)."""
-    pids = {p.pid for _, p in cluster["cluster"].procs if p.poll() is None}
+    """Nothing a worker or the frontend (or a child of theirs) opened listens beyond 127.0.0.1 (the broker
+    keeps ZMQ there).  The ports the test knows they listen on must be among the listeners `ss` attributes
+    to them first: where `ss` shows no process (permissions, a grandchild) the check would see nothing."""
+    pids = descendants({p.pid for _, p in cluster["cluster"].procs if p.poll() is None})
     out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
-    bad = [line for line in out.splitlines()
-           if any(f"pid={pid}," in line for pid in pids) and not re.search(r"\s127\.0\.0\.1:\d+\s", line)]
+    ours = [line for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids)]
+    seen = {int(m.group(1)) for line in ours if (m := re.search(r":(\d+)\s", line))}
+    known = {cluster["ports"][k] for k in ("http", "prefill", "decode")}  # the frontend's HTTP, the metrics
+    assert known <= seen, (f"`ss -ltnp` shows none of the listeners {sorted(known - seen)} as the cluster's "
+                           f"processes' (pids {sorted(pids)}): nothing would be checked\n{out}")
+    bad = [line for line in ours if not re.search(r"\s127\.0\.0\.1:\d+\s", line)]
     assert not bad, "listeners beyond loopback:\n" + "\n".join(bad)
+
+
+def descendants(pids: set[int]) -> set[int]:
+    """``pids`` and every process below them (from /proc: Dynamo's workers may start children)."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, grew = set(pids), True
+    while grew:
+        more = {pid for pid, pp in parent.items() if pp in out} - out
+        out |= more
+        grew = bool(more)
+    return out

@@ -12,7 +12,7 @@ from kvrelay.engines.dynamo import env
 from kvrelay.engines.dynamo.broker import EventBroker
 from kvrelay.engines.dynamo.model_dir import CHAT_TEMPLATE, add_byte_tokenizer, check_model_dir
 from kvrelay.engines.reference.config import ModelConfig
-from kvrelay.engines.reference.tokenizer import ByteTokenizer, HFTokenizer, apply_chat_template
+from kvrelay.tokenizer import ByteTokenizer, HFTokenizer, apply_chat_template
 from kvrelay.engines.reference.weights import write_random_checkpoint
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -78,7 +78,8 @@ def test_translation_of_requests_and_handoff():
     pytest.importorskip("dynamo.common.backend", reason="NVIDIA Dynamo is not installed")
     from dynamo.llm.exceptions import InvalidArgument
 
-    from kvrelay.engines.dynamo.engine import decode_params, sampling_params
+    from kvrelay.engines.dynamo.common import sampling_params
+    from kvrelay.engines.dynamo.engine import decode_params
     p = sampling_params({"token_ids": [1, 2], "sampling_options": {"temperature": 0.0, "seed": 3},
                          "stop_conditions": {"max_tokens": 5, "stop_token_ids_hidden": [7], "stop_token_ids": [9]}},
                         eos=(0, 7), max_model_len=100)

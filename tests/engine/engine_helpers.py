@@ -1,16 +1,14 @@
-"""Helpers for the reference engine tests (a unique module name: test dirs share sys.path)."""
+"""Helpers for the reference engine tests (a unique module name: test dirs share sys.path): random prompts and
+a real store daemon."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import torch
 
+from kvrelay import proc
 from kvrelay.store.pool import unlink_pool
 
 TRANSPORTS = ("shm", "tcp", "nixl")
@@ -23,29 +21,24 @@ def rand_prompt(n: int, seed: int, vocab: int = 32000) -> list[int]:
 
 
 class StoreProc:
-    """A `kvrelay store` daemon on free ports (127.0.0.1), with its own /dev/shm pool."""
+    """A `kvrelay store` daemon on free ports (127.0.0.1), with its own /dev/shm pool (kvrelay.proc)."""
 
-    def __init__(self, tmp: Path, pool_size: str = "1GiB", transports: str = "shm,tcp,nixl") -> None:
+    def __init__(self, tmp: Path, pool_size: str = "1GiB", transports: str = "shm,tcp,nixl",
+                 extra: tuple[str, ...] = ()) -> None:
+        """``extra``: more `kvrelay store` flags (e.g. ``--events tcp://127.0.0.1:0``)."""
         self.tmp = tmp
         self.pool_name = f"kvrelay-enginetest-{uuid.uuid4().hex[:10]}"
-        ready = tmp / f"store-{uuid.uuid4().hex[:6]}.json"
-        self.log = open(tmp / "store.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvrelay.cli", "store", "--port", "0", "--metrics-port", "-1",
-             "--pool-name", self.pool_name, "--pool-size", pool_size, "--transports", transports,
-             "--ready-file", str(ready), "--log-level", "WARNING"], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"store did not start: {(tmp / 'store.log').read_text()[-2000:]}")
-            time.sleep(0.05)
-        self.info = json.loads(ready.read_text())
+        self.child = proc.spawn_kvrelay(
+            ["store", "--port", "0", "--metrics-port", "-1", "--pool-name", self.pool_name, "--pool-size", pool_size,
+             "--transports", transports, "--log-level", "WARNING", *extra],
+            name="store", log=tmp / "store.log", log_mode="ab", ready_file=tmp / f"store-{uuid.uuid4().hex[:6]}.json")
+        try:
+            self.info = self.child.wait_ready(60)
+        except proc.StartError:
+            self.close()
+            raise
         self.address = self.info["address"]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
-        self.log.close()
+        self.child.kill()
         unlink_pool(self.pool_name)

@@ -4,7 +4,6 @@ one request at a time, preemption, sampling, validation, no leaked blocks."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -14,6 +13,7 @@ from kvrelay.engines.reference.engine import Engine
 from kvrelay.engines.reference.sequence import SamplingParams, Sequence
 
 from engine_helpers import rand_prompt
+from waiting import wait_until
 
 
 def test_block_manager_prefix_hits_and_release():
@@ -135,9 +135,6 @@ def test_abort_frees_blocks(model_cfg, weights):
         eng.abort(seq.request_id)
         assert done.wait(60)
         assert seq.error == "aborted" and len(seq.output) < 500
-        deadline = time.monotonic() + 10
-        while eng.blocks.num_free != 64 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert eng.blocks.num_free == 64
+        wait_until(lambda: eng.blocks.num_free == 64, 10, "the aborted sequence's blocks freed")
     finally:
         eng.stop()

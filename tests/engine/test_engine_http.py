@@ -4,9 +4,6 @@ OpenAI routes, SSE streaming, errors, metrics and health, and P/D through HTTP =
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -14,37 +11,32 @@ import uuid
 import pytest
 
 from engine_helpers import StoreProc, rand_prompt
+from kvrelay import proc
+
+pytestmark = pytest.mark.slow  # starts several processes: not in the fast tier (-m 'not slow')
 
 
 class EngineProc:
+    """A `kvrelay engine` process (kvrelay.proc), its log beside its ready file in ``tmp``."""
+
     def __init__(self, tmp, *args: str) -> None:
         ready = tmp / f"engine-{uuid.uuid4().hex[:6]}.json"
         self.log_path = tmp / f"{ready.stem}.log"
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "engine", "--port", "0", "--threads", "1",
-                                      "--num-blocks", "512", "--max-model-len", "2048", "--ready-file", str(ready),
-                                      "--log-level", "WARNING", *args], stdout=self.log, stderr=subprocess.STDOUT)
-        self.ready = ready
+        self.child = proc.spawn_kvrelay(["engine", "--port", "0", "--threads", "1", "--num-blocks", "512",
+                                         "--max-model-len", "2048", "--log-level", "WARNING", *args],
+                                        name="engine", log=self.log_path, log_mode="ab", ready_file=ready,
+                                        tail_lines=60)
 
     def wait(self, timeout: float = 90.0) -> "EngineProc":
-        deadline = time.monotonic() + timeout
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"engine did not start: {self.log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
-        self.url = json.loads(self.ready.read_text())["url"]
+        try:
+            self.url = self.child.wait_ready(timeout)["url"]
+        except proc.StartError:
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.log.close()
+        self.child.stop(15)
 
 
 def post(url: str, body: dict, timeout: float = 120.0) -> tuple[int, dict]:

@@ -18,6 +18,7 @@ from kvrelay.connector import transfer_params
 from kvrelay.engines.reference.sequence import SamplingParams, Sequence, Status
 
 from engine_helpers import TRANSPORTS, rand_prompt
+from waiting import wait_until
 
 SP = SamplingParams(max_tokens=3)
 LENGTHS = [1, 2, 3, 5, 7, 8, 15, 16, 17, 24, 31, 33, 47, 63, 64, 65, 90, 100, 127, 129, 150, 200, 255, 256, 257,
@@ -83,6 +84,7 @@ def _value(counter, *labels) -> float:
     return (counter.labels(*labels) if labels else counter)._value.get()
 
 
+@pytest.mark.slow  # 50 prompts up to 2,049 tokens through colocated, prefill and decode engines: about a minute
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_pd_is_token_identical_to_colocated(model_cfg, weights, store, prompts, colocated, published, transport):
@@ -106,6 +108,7 @@ def test_pd_is_token_identical_to_colocated(model_cfg, weights, store, prompts, 
         eng.stop()
 
 
+@pytest.mark.slow  # needs the 50 colocated prompts of the test above
 @pytest.mark.timeout(300)
 def test_negative_control_another_prompts_kv_changes_the_logits(model_cfg, weights, store, prompts, colocated):
     base = prompts[0]
@@ -146,8 +149,7 @@ def _park_decode(model_cfg, store, dec, prompt, rid):
     done = threading.Event()
     seq = Sequence(prompt, SP, kv_params=kp, on_token=lambda s, t, fin: fin and done.set())
     dec.add(seq)
-    time.sleep(1.0)
-    assert seq.status is Status.PULLING  # parked on the store
+    wait_until(lambda: seq.status is Status.PULLING, 30, "the decode leg parked on the store")
     return seq, done
 
 
@@ -236,7 +238,7 @@ def test_a_dead_store_costs_at_most_one_request_and_its_return_is_found(model_cf
     once.  The store restarted on its port: the breaker's background ping finds it within about a second,
     and P/D is exact again."""
     import signal
-    from kvrelay.engines.vllm.process import free_port
+    from kvrelay.httpjson import free_port
     from kvrelay.connector import BreakerState
     from kvrelay.store.process import DaemonProcess
     port = free_port()
@@ -271,10 +273,7 @@ def test_a_dead_store_costs_at_most_one_request_and_its_return_is_found(model_cf
         # the store comes back on the same port: both breakers close by themselves
         d2 = DaemonProcess(pool_size="256MiB", port=port, transports="shm,tcp").start()
         breakers = (breaker, dec.puller.breaker)
-        deadline = time.monotonic() + 10
-        while any(b.state is not BreakerState.CLOSED for b in breakers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert all(b.state is BreakerState.CLOSED for b in breakers)
+        wait_until(lambda: all(b.state is BreakerState.CLOSED for b in breakers), 10, "both breakers closed")
         assert tm.breaker_open.collect()[0].samples[0].value == 0.0
         (s,) = pre.run([Sequence(prompts[5], SP, publish=True, request_id="after-restart-1")])
         assert s.publish_state.failure is None, s.publish_state.failure

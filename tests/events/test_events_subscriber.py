@@ -3,8 +3,6 @@ batch (full queue) recovered by a snapshot, a publisher restarted on the same po
 own publisher followed (replay from its buffer)."""
 
 import socket
-import threading
-import time
 
 import pytest
 
@@ -12,32 +10,10 @@ from kvrelay.events import wire as w
 from kvrelay.events.publisher import EventPublisher
 from kvrelay.events.subscriber import EventSubscriber
 from kvrelay.events.view import EventView
+from events_helpers import Owner
+from waiting import wait_until
 
 WAIT = 20.0  # generous: the test machine is shared and loaded
-
-
-class Owner:
-    """What a publisher's owner holds: hashes in one medium, under one lock, with a snapshot."""
-
-    def __init__(self) -> None:
-        self.lock = threading.RLock()
-        self.held: dict[int, list[int]] = {}
-        self.pub: EventPublisher | None = None
-
-    def store(self, h: int, tokens: list[int]) -> int | None:
-        with self.lock:
-            self.held[h] = tokens
-            assert self.pub is not None
-            return self.pub.publish([w.stored([h], None, tokens, len(tokens), w.MEDIUM_CPU_TIER1)])
-
-    def remove(self, h: int) -> None:
-        with self.lock:
-            del self.held[h]
-            assert self.pub is not None
-            self.pub.publish([w.BlockRemoved(block_hashes=[h], medium=w.MEDIUM_CPU_TIER1)])
-
-    def snapshot(self) -> list[w.Event]:
-        return [w.stored([h], None, t, len(t), w.MEDIUM_CPU_TIER1) for h, t in self.held.items()]
 
 
 class LossyPublisher(EventPublisher):
@@ -73,10 +49,7 @@ def test_in_order_and_lost_message_replayed():
         assert sub.wait_in_step(WAIT)
         # let the subscriber's catch-up replay after its first sync pass first: seq 3 must then be refilled
         # by gap detection (on a loaded machine the catch-up could otherwise refill it before any gap shows)
-        deadline = time.monotonic() + WAIT
-        while sub._catch_up_at is not None:
-            assert time.monotonic() < deadline, "the catch-up replay never ran"
-            time.sleep(0.02)
+        wait_until(lambda: sub._catch_up_at is None, WAIT, "the subscriber's catch-up replay")
         for h in range(2, 8):
             owner.store(h, [h])
         owner.remove(2)
@@ -100,10 +73,8 @@ def test_dropped_batch_recovered_by_snapshot():
         for h in range(1, 40):  # faster than the sender empties its one queue slot
             owner.store(h, [h])
         assert owner.pub.stats()["batches_dropped"] > 0
-        deadline = time.monotonic() + WAIT
-        while owner.store(100, [100]) is None:  # a live seq after the hole makes the subscriber notice it
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # a live seq after the hole makes the subscriber notice it (store() is None while the queue is full)
+        wait_until(lambda: owner.store(100, [100]) is not None, WAIT, "a live batch sent after the dropped ones")
         assert view.wait_for(lambda v: v.hashes("store", w.MEDIUM_CPU_TIER1) == _held(owner), WAIT), sub.stats()
         assert sub.stats()["snapshots"] >= 2  # the first sync and the recovery
     finally:

@@ -1,5 +1,5 @@
 """The Triton kernels on a real GPU: the stream contract (a side stream with ``done=``, host staging) and no
-recompiles across token ranges.  Skipped without CUDA; the GPU check (python -m kvrelay.kernels.gpu_check)
+recompiles across token ranges.  Skipped without CUDA; the GPU check (python -m kvrelay.diagnostics.gpu_check)
 runs this file.  NOTE: written without access to a GPU; the same logic is tested on CPU with a fake
 runtime in tests/kernels/test_kernels_streams.py."""
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from kvrelay.kernels import gpu_check, gpu_parts
+from kvrelay.diagnostics import gpu_check, gpu_pytest
+from kvrelay.kernels import gpu_parts
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script runs the real checks")
 
@@ -40,7 +42,8 @@ def test_exact_part_fails_when_a_kernel_writes_wrong_bytes(monkeypatch):
 
 
 def test_every_part_has_a_budget_and_a_function_and_fits_ten_minutes():
-    assert tuple(gpu_parts.PARTS) == gpu_check.PART_NAMES
+    assert tuple(gpu_check.PARTS) == gpu_check.PART_NAMES
+    assert tuple(gpu_parts.PARTS) == gpu_check.PART_NAMES[:len(gpu_parts.PARTS)]  # the kernel parts come first
     assert sum(gpu_check.BUDGETS.values()) <= gpu_check.DEADLINE_S <= 600
 
 
@@ -70,25 +73,34 @@ def test_runner_stops_starting_parts_at_the_deadline():
     assert "deadline" in results["large"]["error"]
 
 
-def test_selfcheck_parts_report_a_missing_transport_module(monkeypatch):
-    monkeypatch.setitem(sys.modules, "kvrelay.transfer.gpu_selfcheck", None)  # the import raises ImportError
-    for name in ("nvlink", "nixl_vram", "store_gpu"):
-        result = gpu_parts.PARTS[name]()
-        assert result["ok"] is False and "gpu_selfcheck is missing" in result["error"]
+def test_a_part_that_returns_no_result_dict_is_reported(monkeypatch):
+    monkeypatch.setitem(gpu_check.PARTS, "nvlink", lambda: None)
+    result = gpu_check.run_part_here("nvlink", quick=True)
+    assert result["ok"] is False and "not a dict with 'ok'" in result["error"]
 
 
-def test_gpu_test_files_are_found():
-    import os
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    files = gpu_parts.gpu_test_files(root)
+def test_gpu_test_files_are_found_under_the_tests_directory_given():
+    tests = Path(__file__).resolve().parents[1]
+    files = gpu_pytest.gpu_test_files(tests)
     assert "tests/gpu/test_kernels_gpu.py" in files
     assert all(f.endswith("_gpu.py") or f.startswith("tests/gpu/") for f in files)
+
+
+def test_the_pytest_part_needs_a_tests_directory(tmp_path):
+    assert "skipped" in gpu_pytest.gpu_pytest(None)  # not run from a checkout, no --tests: listed, not failed
+    assert "not a directory" in gpu_pytest.gpu_pytest(tmp_path / "nowhere")["error"]
+    assert "no GPU-only test files" in gpu_pytest.gpu_pytest(tmp_path)["error"]
+
+
+def test_the_parts_get_the_tests_directory_on_their_command_line(tmp_path):
+    cmd = gpu_check.part_command("pytest_gpu", quick=True, tests_dir=str(tmp_path))
+    assert cmd[-2:] == ["--tests", str(tmp_path.resolve())] and "kvrelay.diagnostics.gpu_check" in cmd
 
 
 @pytest.mark.timeout(120)
 @NO_CUDA
 def test_no_cuda_json_lists_every_part_and_exits_0():
-    r = subprocess.run([sys.executable, "-m", "kvrelay.kernels.gpu_check", "--quick"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "kvrelay.diagnostics.gpu_check", "--quick"], capture_output=True,
                        text=True, timeout=100)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from kernels_util import allocate
+from waiting import wait_until
 from kvrelay.kernels import KVLayout, get_num_threads, native, pack, set_num_threads, unpack
 
 
@@ -127,7 +128,7 @@ def test_gil_released_during_copy():
     t = threading.Thread(target=ticker)
     t.start()
     try:
-        time.sleep(0.01)
+        wait_until(lambda: len(ticks) >= 2, 10, "the ticker thread ticking")
         t0 = time.perf_counter()
         pack(layout, layer, ids, 0, 4096 * 16, out)
         pack(layout, layer, ids, 0, 4096 * 16, out)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from kvrelay import cluster as C
+from kvrelay import clusterplan as CP
 
 TWO_HOSTS = """
 transport: tcp
@@ -45,7 +46,7 @@ def test_two_hosts_plan(tmp_path):
     spec = spec_of(TWO_HOSTS, str(keys))
     assert spec.store_address == "tcp://198.18.7.1:5601"
     assert spec.urls("decode") == ["http://198.18.7.2:8200", "http://198.18.7.2:8300"]
-    a = C.plan(spec, spec.hosts["a"], "pool-x", tmp_path)
+    a = CP.plan(spec, spec.hosts["a"], "pool-x", tmp_path)
     names = [n for n, _ in a.processes]
     assert names == ["store", "prefill0", "router"] and not a.remote_store
     store, prefill, router = (argv for _, argv in a.processes)
@@ -55,7 +56,7 @@ def test_two_hosts_plan(tmp_path):
     assert prefill[prefill.index("--host") + 1] == "198.18.7.1"
     assert router[router.index("--decode") + 1] == "http://198.18.7.2:8200" and router.count("--decode") == 2
     assert a.env == {"UCX_LOG_LEVEL": "error", "KVRELAY_KEYS": str(keys)}
-    b = C.plan(spec, spec.hosts["b"], "pool-y", tmp_path)
+    b = CP.plan(spec, spec.hosts["b"], "pool-y", tmp_path)
     assert [n for n, _ in b.processes] == ["decode0", "decode1"] and b.remote_store
     d0, d1 = (argv for _, argv in b.processes)
     assert d0[d0.index("--transport") + 1] == "tcp" and d0[d0.index("--port") + 1] == "8200"
@@ -103,17 +104,17 @@ def test_bad_cluster_file_names_the_field(text, message):
 
 def test_which_host_is_this(tmp_path):
     spec = spec_of(TWO_HOSTS.replace("198.18.7.1", "127.0.0.1"))
-    assert C.find_host(spec, None).name == "a"  # the one host whose address is local here
+    assert CP.find_host(spec, None).name == "a"  # the one host whose address is local here
     with pytest.raises(C.ClusterError, match="--host 'c' is not one of its hosts"):
-        C.find_host(spec, "c")
+        CP.find_host(spec, "c")
     with pytest.raises(C.ClusterError, match="198.18.7.2 is not an address of this machine"):
-        C.find_host(spec, "b")
+        CP.find_host(spec, "b")
     with pytest.raises(C.ClusterError, match="is not a directory on this host"):
-        C.plan(spec, spec.hosts["a"], "p", tmp_path)
+        CP.plan(spec, spec.hosts["a"], "p", tmp_path)
     both = spec_of(TWO_HOSTS.replace("198.18.7.1", "127.0.0.1").replace("198.18.7.2", "127.0.0.1"))
     with pytest.raises(C.ClusterError, match=r"a \(127.0.0.1\), b \(127.0.0.1\); pass --host NAME"):
-        C.find_host(both, None)
-    assert C.interface_of("127.0.0.1") == "lo" and C.interface_of("198.18.255.77") is None
+        CP.find_host(both, None)
+    assert CP.interface_of("127.0.0.1") == "lo" and CP.interface_of("198.18.255.77") is None
 
 
 def test_up_refuses_a_bad_file_in_one_line(tmp_path):

@@ -15,20 +15,18 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from kvrelay import proc
 from kvrelay.bench import netns
-from kvrelay.readyfile import wait_ready_file
+from waiting import wait_until
 
 WHY = netns.unavailable()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"hosts made of network namespaces: {WHY}")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(WHY is not None, reason=f"hosts made of network namespaces: {WHY}")]
 ROLES = ("store", "prefill", "decode", "router")
 START_S = 300.0
 MODEL = "kvrelay-ref-8l-512-v32000-seed0"  # the seeded random reference model every engine serves
@@ -46,16 +44,11 @@ def keys(tmp_path_factory) -> Path:
     return write_keys(tmp_path_factory.mktemp("mh") / "keys")
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def _stop(procs: list[proc.ChildProcess]) -> None:
     for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
+        p.signal(signal.SIGTERM)
     for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
+        p.stop(30)  # up to 30 s after the SIGTERM above, then SIGKILL
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +56,12 @@ def colocated(tmp_path_factory):
     """The reference: a colocated engine of the same (seeded) model on this namespace's loopback, no keys."""
     d = tmp_path_factory.mktemp("colocated")
     env = {k: v for k, v in os.environ.items() if k != "KVRELAY_KEYS"}
-    with open(d / "log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "engine", "--role", "colocated", "--port", "0",
-                                 "--ready-file", str(d / "ready.json")], stdout=log, stderr=subprocess.STDOUT, env=env)
+    engine = proc.spawn_kvrelay(["engine", "--role", "colocated", "--port", "0"], name="colocated engine",
+                                log=d / "log", ready_file=d / "ready.json", env=env)
     try:
-        yield wait_ready_file(d / "ready.json", proc, START_S)["url"]
+        yield engine.wait_ready(START_S)["url"]
     finally:
-        _stop([proc])
+        _stop([engine])
 
 
 def _cluster_file(path: Path, hosts: netns.Hosts, keys: Path, transport: str) -> Path:
@@ -93,21 +85,21 @@ def _get(url: str, token: str = "") -> tuple[int, str]:
         return 0, str(exc)
 
 
-def _wait_router(url: str, procs: list[subprocess.Popen], logs: Path) -> None:
-    deadline = time.monotonic() + START_S
-    body = ""
-    while time.monotonic() < deadline:
-        dead = [p.args for p in procs if p.poll() is not None]
+def _wait_router(url: str, procs: list[proc.ChildProcess], logs: Path) -> None:
+    last = {"body": ""}
+
+    def ready() -> bool:
+        dead = [p.argv for p in procs if p.poll() is not None]
         if dead:
             pytest.fail(f"kvrelay up exited: {dead}\n" + "\n".join(
                 f"--- {f}\n{f.read_text()[-2000:]}" for f in sorted(logs.rglob("*.log"))))
-        code, body = _get(f"{url}/readyz")
-        if code == 200:
-            ready = json.loads(body)
-            if ready["prefill"] and ready["decode"] and (ready.get("store") or {}).get("up"):
-                return
-        time.sleep(1)
-    pytest.fail(f"the router at {url} was not ready with a prefill, a decode and the store within {START_S}s: {body}")
+        code, last["body"] = _get(f"{url}/readyz")
+        if code != 200:
+            return False
+        r = json.loads(last["body"])
+        return bool(r["prefill"] and r["decode"] and (r.get("store") or {}).get("up"))
+    wait_until(ready, START_S, f"the router at {url} ready with a prefill, a decode and the store",
+               detail=lambda: last["body"], interval=0.2)
 
 
 def _metric(text: str, name: str) -> float:
@@ -129,11 +121,9 @@ def test_pd_across_namespaces(hosts, keys, colocated, transport, tmp_path):
         for name in ROLES:
             work = tmp_path / name
             work.mkdir()
-            with open(work / "up.log", "wb") as log:
-                which = [] if name == "router" else ["--host", name]  # the router's host finds itself by address
-                procs.append(hosts.popen(name, [sys.executable, "-m", "kvrelay.cli", "up", "-f", str(cluster), *which,
-                                                "--workdir", str(work)],
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            which = [] if name == "router" else ["--host", name]  # the router's host finds itself by address
+            procs.append(hosts.spawn(name, proc.kvrelay_argv(["up", "-f", str(cluster), *which, "--workdir", str(work)]),
+                                     log=work / "up.log"))
         router = f"http://{hosts.address('router')}:8000"
         _wait_router(router, procs, tmp_path)
         token = (keys / "token").read_text().strip()

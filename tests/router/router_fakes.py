@@ -2,7 +2,9 @@
 
 A fake worker is a small aiohttp app that speaks the engines' HTTP contract, records what it received
 (and when), and can be told to fail: answer 500, die (drop the connection) before it answers or after
-``die_after`` stream events, or stop and come back on the same port.
+``die_after`` stream events, or stop and come back on the same port.  Workers and the router serve
+through `kvrelay.serving.start_serving`, as the real processes do (a handler whose client disconnects is
+cancelled: a fake worker counts those in ``closed``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from kvrelay.router.pool import Pool
 from kvrelay.router.retry import RetryPolicy
 from kvrelay.router.server import Router
 from kvrelay.router.store import StoreWatch
+from kvrelay.serving import start_serving
 from kvrelay.store import protocol as P
 
 
@@ -36,6 +39,7 @@ class Worker:
         self.bodies: list[dict] = []
         self.times: list[float] = []  # when each request came in (monotonic)
         self.health_checks = 0
+        self.closed = 0  # requests whose client (the router) closed the connection before the answer
         self.received = asyncio.Event()  # set once a request came in (a prefill "published")
         self.wait_for: asyncio.Event | None = None  # a decode waits for its prefill, as on the store
         self.port = 0
@@ -58,6 +62,9 @@ class Worker:
         self.max_active = max(self.max_active, self.active)
         try:
             return await self._completions(request)
+        except asyncio.CancelledError:  # the router closed this request (start_serving cancels the handler)
+            self.closed += 1
+            raise
         finally:
             self.active -= 1
 
@@ -104,10 +111,7 @@ class Worker:
         return web.json_response(out)
 
     async def start(self) -> str:
-        self.runner = web.AppRunner(self.app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", self.port)
-        await site.start()
+        self.runner = await start_serving(self.app, "127.0.0.1", self.port)
         self.port = self.runner.addresses[0][1]
         return f"http://127.0.0.1:{self.port}"
 
@@ -123,10 +127,7 @@ async def with_router(prefill_urls, decode_urls, fn, *, store: StoreWatch | None
     router = Router(Pool("prefill", prefill_urls, breaker_failures=breaker_failures),
                     Pool("decode", decode_urls, breaker_failures=breaker_failures), health_interval=health_interval,
                     retry=retry, probe_interval=probe_interval, store=store, **kw)
-    runner = web.AppRunner(router.app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner = await start_serving(router.app, "127.0.0.1", 0)  # as `kvrelay router` serves
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from router_fakes import Worker, with_router
+from waiting import await_until
 
 from kvrelay.events.publisher import EventPublisher
 from kvrelay.events.wire import stored
@@ -26,11 +27,7 @@ def blocks(tokens, block_size, medium, base):
 
 
 async def _wait(pred, timeout=20.0):
-    for _ in range(int(timeout / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("timed out waiting for the index")
+    await await_until(pred, timeout, "the router's index following the events")
 
 
 @pytest.mark.timeout(120)

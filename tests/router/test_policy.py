@@ -75,17 +75,17 @@ def test_cache_aware_prefers_the_worker_holding_the_prefix_weighted_by_tier():
     assert {rr.decide(pre, dec, user).prefill.url for _ in range(4)} == set(P)
     # load outweighs a small hit: 256 cached tokens on P1 against 10,000 tokens queued there
     pre.policy = "cache_aware"
-    pre.workers[1].load_tokens = 10_000
+    busy = pre.workers[1].hold(tokens=10_000)
     assert Policy("cache_aware", idx, Disagg(decode_hit=2.0)).decide(pre, dec, user).prefill is pre.workers[0]
     # tiers: P0 holds the prefix on disk (0.25), P1 in host memory (0.75): P1 computes less
     idx2 = KVIndex()
     publish(idx2, P[0], sys, "DISK")
     publish(idx2, P[1], sys, "CPU")
-    pre.workers[1].load_tokens = 0
+    busy.release()
     d = Policy("cache_aware", idx2, Disagg(decode_hit=2.0)).decide(pre, dec, user)
     assert d.prefill is pre.workers[1] and d.prefill_tokens == 320 - 192
-    # the decode side: the one with fewer tokens in flight
-    dec.workers[0].load_tokens = 500
+    # the decode side: no decode worker holds the prompt itself, so the one with fewer requests in flight
+    dec.workers[0].hold(requests=1, tokens=500)
     assert Policy("cache_aware", idx, Disagg(decode_hit=2.0)).decide(pre, dec, user).decode is dec.workers[1]
 
 
@@ -132,14 +132,14 @@ def test_without_events_cache_aware_follows_its_own_routing():
     pre, dec = pools()
     pol = Policy("cache_aware", idx, Disagg(decode_hit=2.0))
     systems = [prompt(s, 256) for s in range(4)]
-    first = {}
+    first, busy = {}, []
     for s, sys in enumerate(systems):  # the first request of each system prompt: spread by load
         d = pol.decide(pre, dec, sys + prompt(100 + s, 32))
         pol.routed(d, sys + prompt(100 + s, 32))
-        d.prefill.load_tokens += 1000  # still busy: the next system prompt goes to the other worker
+        busy.append(d.prefill.hold(tokens=1000))  # still busy: the next system prompt goes to the other worker
         first[s] = d.prefill
-    for w in pre.workers:
-        w.load_tokens = 0
+    for load in busy:
+        load.release()
     for s, sys in enumerate(systems[2:], start=2):  # later users of the same system prompt: the same worker
         assert pol.decide(pre, dec, sys + prompt(200 + s, 32)).prefill is first[s]
     # the oldest blocks were pushed out (30 per worker, two 18-block prompts each): the prefix is gone

@@ -8,16 +8,16 @@ import time
 
 import pytest
 from router_fakes import FakeStore, Worker, with_router
+from waiting import await_until
 
 from kvrelay.router.store import StoreWatch
 from kvrelay.store.process import DaemonProcess
 
 
 async def _until(cond, limit: float = 3.0) -> float:
+    """Seconds until ``cond()`` holds (TimeoutError past ``limit``)."""
     t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < limit, f"not within {limit}s"
-        await asyncio.sleep(0.01)
+    await await_until(cond, limit, "the router's view of the store")
     return time.monotonic() - t0
 
 

@@ -1,29 +1,28 @@
 """`kvrelay router --workers N`: N processes on one port, each answering; SIGTERM stops them all."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
-from kvrelay.readyfile import wait_ready_file
+from kvrelay import proc
+from waiting import wait_until
 
 
 @pytest.mark.timeout(120)
 def test_two_router_processes_share_the_port(tmp_path):
     fake_ready, ready = tmp_path / "fake.json", tmp_path / "router.json"
-    fake = subprocess.Popen([sys.executable, "-m", "kvrelay.bench.fakeworker", "--chunks", "3", "--ready-file",
-                             str(fake_ready)])
+    fake = proc.spawn([sys.executable, "-m", "kvrelay.bench.fakeworker", "--chunks", "3", "--ready-file",
+                       str(fake_ready)], name="fake worker", log=tmp_path / "fake.log", ready_file=fake_ready)
     router = None
     try:
-        url = wait_ready_file(fake_ready, fake, 60)["url"]
-        router = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "router", "--port", "0", "--workers", "2",
-                                   "--prefill", url, "--decode", url, "--ready-file", str(ready)])
-        info = wait_ready_file(ready, router, 90)
+        url = fake.wait_ready(60)["url"]
+        router = proc.spawn_kvrelay(["router", "--port", "0", "--workers", "2", "--prefill", url, "--decode", url],
+                                    name="router", log=tmp_path / "router.log", ready_file=ready)
+        info = router.wait_ready(90)
         assert len(info["workers"]) == 2 and info["pid"] == router.pid
         pids = set()
         for i in range(40):  # new connections: the kernel spreads them over both processes
@@ -35,23 +34,14 @@ def test_two_router_processes_share_the_port(tmp_path):
             with urllib.request.urlopen(info["url"] + "/readyz", timeout=30) as r:
                 pids.add(json.loads(r.read())["pid"])
         assert pids == set(info["workers"]), f"requests reached {pids}, not both of {info['workers']}"
-        router.send_signal(signal.SIGTERM)
+        router.signal(signal.SIGTERM)
         assert router.wait(30) == 0
         for pid in info["workers"]:
-            for _ in range(100):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-            else:
-                pytest.fail(f"worker process {pid} outlived its parent")
+            wait_until(lambda pid=pid: not proc.pid_alive(pid), 5, f"worker process {pid} gone with its parent")
     finally:
         for p in (router, fake):
-            if p is not None and p.poll() is None:
+            if p is not None:
                 p.kill()
-                p.wait()
-
 
 def test_bad_workers_flag():
     out = subprocess.run([sys.executable, "-m", "kvrelay.cli", "router", "--decode", "http://127.0.0.1:1",

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "store"))
-
-from kvrelay import security  # noqa: E402
+from kvrelay import security
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,7 @@ cluster's keys gets nothing and is counted; the publisher closes promptly (its Z
 
 from __future__ import annotations
 
-import sys
 import threading
-import time
-from pathlib import Path
 
 import pytest
 
@@ -15,9 +12,9 @@ from kvrelay.events.publisher import EventPublisher
 from kvrelay.events.subscriber import EventSubscriber
 from kvrelay.events.view import EventView
 from kvrelay.security import metrics
+from events_helpers import Owner
+from waiting import wait_until
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "events"))
-from test_events_subscriber import Owner  # noqa: E402
 
 WAIT = 20.0
 
@@ -40,10 +37,7 @@ def test_keyed_subscriber_follows_and_an_intruder_is_refused(keys, other_keys):
         for h in range(1, 6):
             owner.store(h, [h])
         assert member.wait_for(lambda v: v.hashes("store", w.MEDIUM_CPU_TIER1) == set(owner.held), WAIT)
-        deadline = time.monotonic() + WAIT
-        while metrics.total("events") <= before and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert metrics.total("events") > before, "the intruder's handshake was not counted"
+        wait_until(lambda: metrics.total("events") > before, WAIT, "the intruder's refused handshake counted")
         assert not intruder.hashes("store", w.MEDIUM_CPU_TIER1)  # it received nothing
     finally:
         for s in subs:

@@ -4,8 +4,7 @@ kv_transfer_params: a real P/D cluster (store, prefill, decode, router) started 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import signal
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,9 +12,11 @@ from pathlib import Path
 import openai
 import pytest
 
-from kvrelay.readyfile import wait_ready_file
+from kvrelay import proc
 from kvrelay.security import params as signed_params
 from store_helpers import Daemon
+
+pytestmark = pytest.mark.slow  # starts several processes: not in the fast tier (-m 'not slow')
 
 ENGINE = ["--num-layers", "2", "--vocab-size", "512", "--threads", "1", "--block-size", "16"]
 
@@ -24,33 +25,26 @@ ENGINE = ["--num-layers", "2", "--vocab-size", "512", "--threads", "1", "--block
 def cluster(tmp_path_factory, keys_dir):
     tmp = tmp_path_factory.mktemp("cluster")
     store = Daemon(tmp, pool_size="64MiB", max_chunk_bytes="8MiB", keys=str(keys_dir)).start()
-    procs: list[subprocess.Popen] = []
+    procs: list[proc.ChildProcess] = []
 
-    def spawn(name: str, *argv: str) -> str:
-        ready = tmp / f"{name}.json"
-        log = open(tmp / f"{name}.log", "wb")
-        p = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", *argv, "--port", "0", "--keys", str(keys_dir),
-                              "--ready-file", str(ready), "--log-level", "WARNING"], stdout=log,
-                             stderr=subprocess.STDOUT)
+    def spawn(name: str, *argv: str) -> proc.ChildProcess:
+        p = proc.spawn_kvrelay([*argv, "--port", "0", "--keys", str(keys_dir), "--log-level", "WARNING"], name=name,
+                               log=tmp / f"{name}.log", ready_file=tmp / f"{name}.json")
         procs.append(p)
-        return p, ready
+        return p
 
     try:
         started = [spawn(role, "engine", "--role", role, "--store", store.address, *ENGINE)
                    for role in ("prefill", "decode")]
-        prefill, decode = (wait_ready_file(r, p, 300)["url"] for p, r in started)
-        p, r = spawn("router", "router", "--prefill", prefill, "--decode", decode, "--store", store.address)
-        router = wait_ready_file(r, p, 120)["url"]
+        prefill, decode = (p.wait_ready(300)["url"] for p in started)
+        p = spawn("router", "router", "--prefill", prefill, "--decode", decode, "--store", store.address)
+        router = p.wait_ready(120)["url"]
         yield {"router": router, "prefill": prefill, "decode": decode, "tmp": tmp}
     finally:
         for p in procs:
-            p.terminate()
+            p.signal(signal.SIGTERM)
         for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+            p.stop(15)  # up to 15 s after the SIGTERM above, then SIGKILL
         store.cleanup()
 
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from store_helpers import Daemon  # noqa: E402
+from store_helpers import Daemon
 
 
 @pytest.fixture

@@ -5,46 +5,46 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import torch
 
-from kvrelay.readyfile import wait_ready_file
+from kvrelay import proc
 from kvrelay.keys import ChunkKey
 from kvrelay.store.pool import unlink_pool
-from kvrelay.store.process import die_with_parent
 from kvrelay.transfer.wire import ChunkHeader, checksum
+from waiting import wait_until
 
 COMPAT = "test-compat-0001"
 
 
 class Daemon:
+    """A `kvrelay store` daemon process (kvrelay.proc): free ports, its own pool, its log in ``tmp``."""
+
     def __init__(self, tmp: Path, **opts) -> None:
         self.tmp = tmp
         self.opts = opts
         self.pool_name = opts.pop("pool_name", f"kvrelay-test-{uuid.uuid4().hex[:12]}")
-        self.proc: subprocess.Popen | None = None
+        self.child: proc.ChildProcess | None = None
         self.info: dict = {}
 
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.child.popen if self.child is not None else None
+
     def start(self, timeout: float = 120.0) -> "Daemon":
-        ready = self.tmp / f"ready-{uuid.uuid4().hex[:6]}.json"
-        args = [sys.executable, "-m", "kvrelay.cli", "store", "--port", "0", "--metrics-port", "0",
-                "--pool-name", self.pool_name, "--ready-file", str(ready), "--log-level", "WARNING"]
+        args = ["store", "--port", "0", "--metrics-port", "0", "--pool-name", self.pool_name, "--log-level", "WARNING"]
         for k, v in self.opts.items():
             args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-        self.log = open(self.tmp / "daemon.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        self.child = proc.spawn_kvrelay(args, name="store daemon", log=self.tmp / "daemon.log", log_mode="ab",
+                                        ready_file=self.tmp / f"ready-{uuid.uuid4().hex[:6]}.json",
+                                        die_with_parent=True, tail_lines=40)
         try:
-            self.info = wait_ready_file(ready, self.proc, timeout)
-        except ChildProcessError:
-            raise RuntimeError(f"daemon exited {self.proc.returncode}: {(self.tmp / 'daemon.log').read_text()}") from None
-        except TimeoutError:
+            self.info = self.child.wait_ready(timeout)
+        except proc.StartError:
             self.kill()
-            raise TimeoutError(f"daemon did not become ready within {timeout}s: "
-                               f"{(self.tmp / 'daemon.log').read_text()[-2000:]}") from None
+            raise
         return self
 
     @property
@@ -56,16 +56,9 @@ class Daemon:
         return f"http://127.0.0.1:{self.info['metrics_port']}"
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.proc = None
-        if hasattr(self, "log"):
-            self.log.close()
+        if self.child is not None:
+            self.child.stop(15, sig=sig)  # ``sig``, then SIGKILL if it still runs after 15 s
+        self.child = None
 
     def cleanup(self) -> None:
         self.kill()
@@ -82,15 +75,9 @@ def make_chunk(seed: int, nbytes: int, layer: int = 0, compat: str = COMPAT) -> 
 
 
 def wait_for(cond, timeout: float = 10.0, what: str = "condition"):
-    """Test helper: re-check ``cond`` until true or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout}s")
-        time.sleep(0.05)
+    """The tests' one wait (tests/helpers/waiting.py), re-checking every 50 ms: a check that asks the daemon
+    (stats) is control-plane traffic, and one every few ms would keep the spiller from ever seeing quiet."""
+    return wait_until(cond, timeout, what, interval=0.05)
 
 
 def metric(text: str, name: str) -> float:

@@ -8,14 +8,16 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from store_helpers import COMPAT, make_chunk  # noqa: E402
+from kvrelay.store.client import StoreClient
+from store_helpers import COMPAT, make_chunk  # PYTHONPATH from childenv.child_env (the spawning test)
 
-from kvrelay.store.client import StoreClient  # noqa: E402
+
+# a puller may start well before its publisher (a fresh interpreter importing torch: 20 s and more on a
+# loaded 2-core machine); the test's own timeout bounds the whole
+PULL_WAIT_S = 60.0
 
 
 def main() -> int:
@@ -34,12 +36,12 @@ def main() -> int:
             c.register_buffer(scratch)  # half the pulls go straight into registered memory
             for i, (k, h, d) in enumerate(chunks):
                 if i % 2:
-                    got = c.pull(k, scratch[4096:4096 + nbytes], deadline=time.monotonic() + 20)
+                    got = c.pull(k, scratch[4096:4096 + nbytes], deadline=time.monotonic() + PULL_WAIT_S)
                     if got != h or not torch.equal(scratch[4096:4096 + nbytes], d):
                         print(f"mismatch on chunk {k} (registered)", file=sys.stderr)
                         return 1
                     continue
-                got = c.pull(k, out, deadline=time.monotonic() + 20)
+                got = c.pull(k, out, deadline=time.monotonic() + PULL_WAIT_S)
                 if got != h or not torch.equal(out, d):
                     print(f"mismatch on chunk {k}", file=sys.stderr)
                     return 1
@@ -48,7 +50,7 @@ def main() -> int:
             c.register_buffer(many)
             outs = [many[i * (nbytes + 4096):i * (nbytes + 4096) + nbytes] if i % 2 else
                     torch.empty(nbytes, dtype=torch.uint8) for i in range(count)]
-            got = c.pull_many([k for k, _, _ in chunks], outs, deadline=time.monotonic() + 20)
+            got = c.pull_many([k for k, _, _ in chunks], outs, deadline=time.monotonic() + PULL_WAIT_S)
             for (k, h, d), g, o in zip(chunks, got, outs, strict=True):
                 if g != h or not torch.equal(o, d):
                     print(f"pull_many mismatch on chunk {k}", file=sys.stderr)

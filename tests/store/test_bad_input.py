@@ -11,7 +11,7 @@ import pytest
 import torch
 import zmq
 
-from store_helpers import COMPAT, make_chunk, metric
+from store_helpers import COMPAT, make_chunk, metric, wait_for
 from kvrelay.store import protocol as P
 from kvrelay.store.client import StoreClient, StoreError
 from kvrelay.store.config import StoreConfig
@@ -115,9 +115,8 @@ def test_unverified_same_host_commit_is_caught_by_puller_and_spiller(daemon_fact
                               ssd_size="256MiB", ssd_segment_size="32MiB")
     with StoreClient(with_ssd.address, compat_hash=COMPAT) as c:
         k, h, k2, h2, d2 = publish(c)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (c.stats()["checksum_failures"] < 1 or c.stats()["ssd_chunks"] < 1):
-            time.sleep(0.05)
+        wait_for(lambda: (s := c.stats())["checksum_failures"] >= 1 and s["ssd_chunks"] >= 1, 20,
+                 "the bad chunk refused and the good one spilled")
         s = c.stats()
         assert s["checksum_failures"] == 1 and s["ssd_chunks"] == 1  # only the good chunk was spilled
         assert c.lookup([k]) == 0 and c.lookup([k2]) == 1

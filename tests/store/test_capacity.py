@@ -44,8 +44,9 @@ def test_evict_lru_then_refuse_then_lease_expiry(daemon_factory):
         c.lease([k for k, _, _ in [a[0]] + a[2:] + [b]], ttl=1.0)
         with pytest.raises(StoreFullError, match="pinned"):
             c.reserve("r", [(c_[0], SZ)])
-        # leases expire; then eviction makes room again
-        time.sleep(1.4)
+        # leases expire (the daemon's sweep, on the real clock: test_core_clock.py drives the same rule with a
+        # ManualClock); then eviction makes room again
+        wait_for(lambda: c.stats()["lease_expiries"] == 5, 30, "lease expiry")
         c.reserve("r", [(c_[0], SZ)])
         c.publish_buffer(c_[0]).copy_(c_[2])
         c.commit(c_[0], c_[1])
@@ -86,6 +87,13 @@ def test_release_and_reservation_expiry(daemon_factory):
         assert s["ttl_expiries"] == 1 and s["pool_used_bytes"] == 0
 
 
+def ssd_chunks(d) -> float:
+    """Chunks on the daemon's SSD, read on /metrics: no control-plane traffic (a stats request is, and would
+    hold the spiller back until spill_max_delay)."""
+    text = urllib.request.urlopen(d.metrics_url + "/metrics", timeout=5).read().decode()
+    return metric(text, 'kvrelay_store_chunks{tier="ssd"}')
+
+
 @pytest.mark.timeout(90)
 def test_eviction_to_ssd_and_back(daemon_factory, tmp_path):
     d = daemon_factory(pool_size="1MiB", max_chunk_bytes="256KiB", ssd_dir=tmp_path / "ssd", ssd_size="8MiB",
@@ -94,7 +102,7 @@ def test_eviction_to_ssd_and_back(daemon_factory, tmp_path):
     with StoreClient(d.address, compat_hash=COMPAT) as c:
         for ch in chunks:
             publish_all(c, [ch])
-            wait_for(lambda ch=ch: c.stats()["ssd_chunks"] >= chunks.index(ch) + 1, 10, "spill")
+            wait_for(lambda ch=ch: ssd_chunks(d) >= chunks.index(ch) + 1, 10, "spill")
         assert c.lookup([k for k, _, _ in chunks]) == 12  # 5 in memory, all 12 on SSD
         s = c.stats()
         assert s["memory_chunks"] <= 5 and s["ssd_chunks"] == 12 and s["evictions_dropped"] == 0
@@ -128,11 +136,8 @@ def test_spills_wait_for_quiet_but_no_longer_than_spill_max_delay(daemon_factory
         c.publish(k, h, data)
         busy(c, 1.5)
         assert c.stats()["ssd_chunks"] == 0  # held back while busy
-        for _ in range(20):  # look only every second: each look is itself traffic
-            time.sleep(1.0)
-            if c.stats()["ssd_chunks"] == 1:
-                break
-        assert c.stats()["ssd_chunks"] == 1, "not spilled once the control plane was quiet"
+        # watched on /metrics, which is no control-plane traffic (a stats request would be: it resets the quiet)
+        wait_for(lambda: ssd_chunks(d) == 1, 20, "spilled once the control plane was quiet")
     d2 = daemon_factory(ssd_dir=tmp_path / "ssd2", spill_max_delay=1.0, **opts)
     with StoreClient(d2.address, compat_hash=COMPAT) as c:
         k, h, data = make_chunk(5101, 1 << 20)

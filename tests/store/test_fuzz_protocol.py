@@ -91,6 +91,7 @@ def _ping(s: zmq.Socket) -> None:
     raise AssertionError("the daemon stopped answering after fuzzed input")
 
 
+@pytest.mark.slow  # 300 examples: minutes on a loaded 2-core machine
 @pytest.mark.timeout(300)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(frames, min_size=1, max_size=8))

@@ -1,7 +1,7 @@
 """Pinning the store pool for GPU clients (issue 14, finding 9): a CPU-only client never calls into CUDA; a
 GPU client pins lazily, in slices, in the background, with the portable flag, and clears the sticky error of
 a failed register.  The CUDA runtime is a recording fake here (the real one runs in the GPU check,
-kvrelay.transfer.gpu_selfcheck.check_store_gpu)."""
+kvrelay.diagnostics.gpu_selfcheck.check_store_gpu)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from childenv import child_env
 from store_helpers import COMPAT, make_chunk, wait_for
 from kvrelay.store.client import StoreClient, StoreError
 
@@ -18,7 +19,7 @@ WORKER = str(Path(__file__).parent / "store_worker.py")
 
 
 def run_worker(*args, timeout: float = 60) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, WORKER, *map(str, args)])
+    return subprocess.Popen([sys.executable, WORKER, *map(str, args)], env=child_env())
 
 
 @pytest.mark.timeout(60)
@@ -51,21 +52,22 @@ def test_pull_waits_for_commit_without_polling(daemon):
     with StoreClient(daemon.address, compat_hash=COMPAT) as c:
         def puller():
             out = torch.empty(h.nbytes, dtype=torch.uint8)
-            t0 = time.monotonic()
             result["header"] = c.pull(k, out, time.monotonic() + 10)
-            result["waited"] = time.monotonic() - t0
+            result["returned"] = time.monotonic()
             result["out"] = out
+        parked = c.stats()["waiters"]
         t = threading.Thread(target=puller)
         t.start()
-        time.sleep(0.3)
+        wait_for(lambda: c.stats()["waiters"] == parked + 1, 10, "the pull parked in the daemon")
         c.reserve("r", [(k, h.nbytes)])
-        time.sleep(0.2)  # reserved but not committed: the puller still waits
-        assert t.is_alive()
+        # reserved but not committed: the daemon still holds the pull (it answers in order: the reserve first)
+        assert c.stats()["waiters"] == parked + 1 and "header" not in result
         c.publish_buffer(k).copy_(d)
+        committed = time.monotonic()
         c.commit(k, h)
         t.join(timeout=10)
         assert result["header"] == h and torch.equal(result["out"], d)
-        assert 0.45 < result["waited"] < 10  # generous: CI machines are shared
+        assert result["returned"] > committed  # answered by the commit, not before
 
 
 @pytest.mark.timeout(30)
@@ -73,9 +75,15 @@ def test_unknown_key_times_out_at_deadline(daemon):
     k, h, _ = make_chunk(6, 100)
     with StoreClient(daemon.address, compat_hash=COMPAT) as c:
         t0 = time.monotonic()
-        with pytest.raises(TimeoutError, match="not ready within"):
+        with pytest.raises(TimeoutError, match="not ready within .*no publisher reserved it"):
             c.pull(k, torch.empty(100, dtype=torch.uint8), time.monotonic() + 0.4)
         assert 0.35 < time.monotonic() - t0 < 10
+        # reserved but never committed: the timeout names the request that holds it (a stuck publisher)
+        k2, h2, _ = make_chunk(60_606, 100)  # a key no other test of this module's daemon uses
+        c.reserve("stuck-prefill", [(k2, h2.nbytes)])
+        with pytest.raises(TimeoutError, match="reserved by request 'stuck-prefill', never committed"):
+            c.pull(k2, torch.empty(100, dtype=torch.uint8), time.monotonic() + 0.3)
+        c.release("stuck-prefill")  # the daemon is the module's: leave no reservation behind
         with pytest.raises(TimeoutError):
             c.wait_ready([k], time.monotonic() + 0.1)
         c.ping()  # still serving
@@ -168,14 +176,16 @@ def test_pull_many_one_round_trip_waits_verifies_and_unpins(daemon):
                 result["outs"] = outs
             except BaseException as exc:  # noqa: BLE001
                 result["error"] = exc
+        parked = c.stats()["waiters"]
         t = threading.Thread(target=puller)
         t.start()
+        wait_for(lambda: c.stats()["waiters"] == parked + 1, 10, "the pull_many parked in the daemon")
         c.reserve("many", [(k, h.nbytes) for k, h, _ in chunks])
         for k, h, d in chunks[:-1]:
             c.publish_buffer(k).copy_(d)
             c.commit(k, h)
-        time.sleep(0.3)
-        assert t.is_alive()  # waits for ALL the keys
+        # waits for ALL the keys: parked again on the last one (the daemon answers the stats after the commits)
+        assert c.stats()["waiters"] == parked + 1 and not result
         k, h, d = chunks[-1]
         c.publish_buffer(k).copy_(d)
         c.commit(k, h)
@@ -224,9 +234,10 @@ def test_abort_fails_parked_and_later_pulls_of_that_request_at_once(daemon):
                             torch.empty(1000, dtype=torch.uint8)], time.monotonic() + 30, request_id="req-a")
             except StoreError as exc:
                 got["exc"], got["after"] = exc, time.monotonic() - t0
+        parked = publisher.stats()["waiters"]
         t = threading.Thread(target=waiter)
         t.start()
-        time.sleep(0.5)  # parked
+        wait_for(lambda: publisher.stats()["waiters"] == parked + 1, 10, "the pull_many parked in the daemon")
         assert publisher.abort("req-a", "the store refused the prefill's reservation") == 1
         t.join(10)
         assert got["exc"].code == "aborted" and "refused the prefill" in str(got["exc"]) and got["after"] < 10
@@ -238,3 +249,50 @@ def test_abort_fails_parked_and_later_pulls_of_that_request_at_once(daemon):
         with pytest.raises(StoreError, match="request_id"):
             publisher.abort("", "no id")
         assert c.stats()["aborts"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_pull_of_chunks_its_request_never_reserved_fails_at_once(daemon):
+    """A decode pulls its prompt under the request id the prefill published another prompt under: the store
+    fails the pull at once (MISMATCH) instead of letting it wait its deadline, whether the pull arrives after
+    the reservation or is parked before it; a pull sharing any chunk with the reservation still waits."""
+    (k, h, d), (other, ho, _), (k2, _, _) = make_chunk(1301, 1000), make_chunk(1302, 1000), make_chunk(1303, 1000)
+    buf = [torch.empty(1000, dtype=torch.uint8) for _ in range(2)]
+    with StoreClient(daemon.address, compat_hash=COMPAT) as c, \
+            StoreClient(daemon.address, compat_hash=COMPAT) as publisher:
+        mism0 = c.stats()["mismatches"]
+        publisher.reserve("req-m", [(other, ho.nbytes)])
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="another prompt") as exc:
+            c.pull(k, buf[0], time.monotonic() + 30, request_id="req-m")
+        assert exc.value.code == "mismatch" and time.monotonic() - t0 < 10
+        # parked first (the prefill had not reserved yet), failed by the reservation that follows
+        got: dict = {}
+
+        def waiter() -> None:
+            t0 = time.monotonic()
+            try:
+                c.pull_many([k, k2], buf, time.monotonic() + 30, request_id="req-n")
+            except StoreError as e:
+                got["exc"], got["after"] = e, time.monotonic() - t0
+        parked = publisher.stats()["waiters"]
+        t = threading.Thread(target=waiter)
+        t.start()
+        wait_for(lambda: publisher.stats()["waiters"] == parked + 1, 10, "the pull_many parked in the daemon")
+        publisher.reserve("req-n", [(other, ho.nbytes)])
+        t.join(10)
+        assert got["exc"].code == "mismatch" and got["after"] < 10
+        assert c.stats()["mismatches"] == mism0 + 2
+        # one chunk in common with what the request reserved: the pull waits for it, and gets it
+        publisher.reserve("req-o", [(k, h.nbytes)])
+        done = threading.Event()
+
+        def served() -> None:
+            assert c.pull(k, buf[0], time.monotonic() + 30, request_id="req-o") == h
+            done.set()
+        t = threading.Thread(target=served)
+        t.start()
+        wait_for(lambda: publisher.stats()["waiters"] == parked + 1, 10, "the same-prompt pull parked")
+        publisher.publish(k, h, d)
+        t.join(10)
+        assert done.is_set() and torch.equal(buf[0], d)

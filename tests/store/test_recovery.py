@@ -170,31 +170,27 @@ def test_auto_named_pool_of_a_killed_daemon_is_swept_by_the_next(tmp_path):
     """--port 0 without --pool-name names the pool after the daemon's pid; kill -9 leaves it in /dev/shm
     and the next daemon to start removes it (its owner is dead)."""
     import os
-    import subprocess
-    import sys
-    from kvrelay.readyfile import wait_ready_file
+    from kvrelay import proc
 
     def spawn(i: int):
-        ready = tmp_path / f"ready{i}.json"
-        p = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "store", "--port", "0", "--metrics-port", "-1",
-                              "--pool-size", "8MiB", "--ready-file", str(ready), "--log-level", "WARNING"])
-        return p, wait_ready_file(ready, p, 60)
+        p = proc.spawn_kvrelay(["store", "--port", "0", "--metrics-port", "-1", "--pool-size", "8MiB",
+                                "--log-level", "WARNING"], name=f"store daemon {i}", log=tmp_path / f"daemon{i}.log",
+                               ready_file=tmp_path / f"ready{i}.json")
+        return p, p.wait_ready(60)
 
     p1, info1 = spawn(1)
     seg = f"/dev/shm/{info1['pool_name']}"
     try:
         assert info1["pool_name"] == f"kvrelay-store-0-{p1.pid}" and os.path.exists(seg)
     finally:
-        p1.kill()
-        p1.wait()
+        p1.kill()  # SIGKILL and reap
     assert os.path.exists(seg)  # SIGKILL: nobody unlinked it
     p2, info2 = spawn(2)
     try:
         assert not os.path.exists(seg)
         assert os.path.exists(f"/dev/shm/{info2['pool_name']}")  # a live daemon's pool is left alone
     finally:
-        p2.terminate()
-        p2.wait(timeout=30)
+        p2.stop(30)  # SIGTERM, up to 30 s (then SIGKILL: the assertion below fails)
         if os.path.exists(seg):  # the sweep failed: do not leave it behind
             os.unlink(seg)
     assert not os.path.exists(f"/dev/shm/{info2['pool_name']}")  # a clean stop unlinks its own
@@ -262,9 +258,11 @@ def test_a_wait_fails_at_once_when_the_daemon_dies(tmp_path, ctl):
                     c.pull(k, torch.empty(4096, dtype=torch.uint8), time.monotonic() + 30)
                 except StoreError as exc:
                     got["exc"], got["after"] = exc, time.monotonic() - t0
-            t = threading.Thread(target=waiter)
-            t.start()
-            time.sleep(1.0)  # parked on the never-published chunk
+            with StoreClient(d.address, compat_hash=COMPAT, control=ctl) as probe:
+                parked = probe.stats()["waiters"]
+                t = threading.Thread(target=waiter)
+                t.start()
+                wait_for(lambda: probe.stats()["waiters"] == parked + 1, 20, "the pull parked on the never-published chunk")
             d.kill()
             t.join(20)
             assert not t.is_alive()

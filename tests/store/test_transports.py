@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from childenv import child_env
 from store_helpers import COMPAT, Daemon, make_chunk
 from kvrelay.store.client import StoreClient, StoreError
 from kvrelay.store.config import StoreConfig
@@ -45,8 +46,10 @@ def test_cross_process_through_transport(multi_daemon, transport):
     base = str({"tcp": 4000, "nixl": 5000}[transport])
     # the puller starts first and waits; publisher and puller each run their own transport endpoint;
     # then this process reads the mapped pool (shm) to check what the transport wrote into it
-    pull = subprocess.Popen([sys.executable, WORKER, "pull", multi_daemon.address, transport, base, "6", "300007"])
-    pub = subprocess.Popen([sys.executable, WORKER, "publish", multi_daemon.address, transport, base, "6", "300007"])
+    pull = subprocess.Popen([sys.executable, WORKER, "pull", multi_daemon.address, transport, base, "6", "300007"],
+                            env=child_env())
+    pub = subprocess.Popen([sys.executable, WORKER, "publish", multi_daemon.address, transport, base, "6", "300007"],
+                           env=child_env())
     try:
         assert pub.wait(timeout=90) == 0
         assert pull.wait(timeout=90) == 0

@@ -4,7 +4,6 @@ waits for the SSD spill."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import torch
@@ -12,6 +11,7 @@ import torch
 from kvrelay.keys import ChunkKey, block_hashes, kid_of
 from kvrelay.store.core import StoreCore
 from kvrelay.transfer.wire import ChunkHeader, checksum
+from waiting import wait_until
 
 COMPAT = "tenants-compat-1"
 CHUNK = 64 << 10
@@ -38,25 +38,17 @@ def put(core: StoreCore, key: ChunkKey, data: torch.Tensor, tenant: str = "") ->
 
 def read(core: StoreCore, key: ChunkKey, timeout: float = 30.0) -> bytes | None:
     """The chunk's bytes as a puller gets them (read back from SSD first if need be), or None if it is a miss."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def attempt() -> tuple[bytes | None] | None:  # (the bytes or None for a miss), or None: not back yet
         got = core.acquire(key)
         if got is not None:
             slot, _ = got
             out = bytes(core.pool.view[slot.offset:slot.offset + slot.nbytes])
             core.unpin([slot.pin])
-            return out
-        e = core.ix.get(kid_of(key))
-        if e is None:
-            return None
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{kid_of(key)} did not come back from SSD within {timeout}s")
-        time.sleep(0.01)
+            return (out,)
+        return (None,) if core.ix.get(kid_of(key)) is None else None
+    return wait_until(attempt, timeout, f"{kid_of(key)} back from SSD")[0]
 
 
 def wait_spilled(core: StoreCore, keys: list[ChunkKey], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not all((e := core.ix.get(kid_of(k))) is not None and e.ssd is not None for k in keys):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"chunks not spilled within {timeout}s")
-        time.sleep(0.01)
+    wait_until(lambda: all((e := core.ix.get(kid_of(k))) is not None and e.on_ssd for k in keys), timeout,
+               f"{len(keys)} chunks spilled")

@@ -10,7 +10,7 @@ from tenant_helpers import chunk_keys_for, payload, put
 from kvrelay.engines.reference.api import parse
 from kvrelay.engines.reference.block_manager import BlockManager
 from kvrelay.engines.reference.sequence import SamplingParams, Sequence
-from kvrelay.engines.reference.tokenizer import ByteTokenizer
+from kvrelay.tokenizer import ByteTokenizer
 from kvrelay.keys import block_hashes, check_salt
 
 PROMPT = list(range(100, 164))

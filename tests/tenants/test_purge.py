@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "store"))
-from store_helpers import Daemon, wait_for  # noqa: E402
-from tenant_helpers import COMPAT, chunk_keys_for, payload  # noqa: E402
-from kvrelay.store.client import StoreClient  # noqa: E402
-from kvrelay.store.pool import shm_path  # noqa: E402
-from kvrelay.transfer.wire import ChunkHeader, checksum  # noqa: E402
+from kvrelay.store.client import StoreClient
+from kvrelay.store.pool import shm_path
+from kvrelay.transfer.wire import ChunkHeader, checksum
+from store_helpers import Daemon, wait_for
+from tenant_helpers import COMPAT, chunk_keys_for, payload
 
 
 def _publish(c: StoreClient, tenant: str, seed: int) -> list:

@@ -3,14 +3,13 @@ metrics with bounded label cardinality."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from prometheus_client import generate_latest
 
 from tenant_helpers import CHUNK, chunk_keys_for, payload, put
 from kvrelay.keys import kid_of
-from kvrelay.store.index import OpError
+from kvrelay.store.clock import ManualClock
+from kvrelay.store.errors import OpError
 from kvrelay.store.metrics import StoreMetrics
 
 
@@ -22,9 +21,9 @@ def test_quota_evicts_own_lru_never_another_tenant(make_core):
     alice = chunk_keys_for(list(range(48)), "alice")  # 6 chunks against a quota of 3
     for i, k in enumerate(alice):
         put(core, k, payload(100 + i), tenant="alice")
-    held = [k for k in alice if (e := core.ix.get(kid_of(k))) is not None and e.offset >= 0]
+    held = [k for k in alice if (e := core.ix.get(kid_of(k))) is not None and e.in_memory]
     assert held == alice[-3:]  # alice's own oldest went (dropped: there is no SSD tier here)
-    assert all(core.ix.get(kid_of(k)).offset >= 0 for k in bob)  # bob's, older still, all stayed
+    assert all(core.ix.get(kid_of(k)).in_memory for k in bob)  # bob's, older still, all stayed
     t = core.stats()["tenants"]
     assert t["alice"]["memory_bytes"] == 3 * CHUNK and t["alice"]["quota_evictions"] == 3
     assert t["bob"]["memory_bytes"] == 8 * CHUNK and t["bob"].get("quota_evictions", 0) == 0
@@ -34,21 +33,23 @@ def test_quota_evicts_own_lru_never_another_tenant(make_core):
     with pytest.raises(OpError, match="tenant 'alice' is over its quota") as exc:
         put(core, more, payload(7), tenant="alice")
     assert exc.value.code == "quota" and str(3 * CHUNK) in str(exc.value)
-    assert all(core.ix.get(kid_of(k)).offset >= 0 for k in bob)
+    assert all(core.ix.get(kid_of(k)).in_memory for k in bob)
     assert core.stats()["tenants"]["alice"]["quota_refusals"] == 1
     # another tenant is not limited by alice's quota (negative control)
     put(core, chunk_keys_for(list(range(900, 916)), "carol")[0], payload(8), tenant="carol")
 
 
 def test_tenant_ttl(make_core):
-    core = make_core(tenant_ttls="alice=0.2")
+    clock = ManualClock()
+    core = make_core(tenant_ttls="alice=0.2", clock=clock)
     a = chunk_keys_for(list(range(16)), "alice")
     b = chunk_keys_for(list(range(16)), "bob")
     for i, k in enumerate(a + b):
         put(core, k, payload(i), tenant="alice" if k in a else "bob")
+    clock.advance(0.15)
     core.sweep()
     assert core.lookup(a) == len(a)  # not idle long enough yet
-    time.sleep(0.3)
+    clock.advance(0.1)
     core.sweep()
     assert core.lookup(a) == 0 and core.lookup(b) == len(b)  # bob has no TTL (nor a chunk_ttl)
     assert core.stats()["tenants"]["alice"]["ttl_expiries"] == len(a)

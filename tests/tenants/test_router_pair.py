@@ -6,30 +6,28 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "store"))
-from store_helpers import Daemon  # noqa: E402
-from kvrelay.readyfile import wait_ready_file  # noqa: E402
-from kvrelay.store.client import StoreClient  # noqa: E402
-from kvrelay.store.pool import unlink_pool  # noqa: E402
+from kvrelay import proc
+from kvrelay.store.client import StoreClient
+from kvrelay.store.pool import unlink_pool
+from store_helpers import Daemon
+
+pytestmark = pytest.mark.slow  # starts several processes: not in the fast tier (-m 'not slow')
 
 PROMPT = [(i * 7919) % 31000 + 300 for i in range(80)]
 
 
-def _start(tmp: Path, args: list[str], procs: list) -> str:
-    ready = tmp / f"ready-{uuid.uuid4().hex[:6]}.json"
-    log = open(tmp / f"{args[0]}-{len(procs)}.log", "ab")
-    p = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", *args, "--port", "0", "--ready-file", str(ready),
-                          "--log-level", "WARNING"], stdout=log, stderr=subprocess.STDOUT)
-    procs.append(p)
-    return wait_ready_file(ready, p, 120)["url"]
+def _start(tmp: Path, args: list[str], procs: list[proc.ChildProcess]) -> str:
+    child = proc.spawn_kvrelay([*args, "--port", "0", "--log-level", "WARNING"], name=args[0],
+                               log=tmp / f"{args[0]}-{len(procs)}.log", log_mode="ab",
+                               ready_file=tmp / f"ready-{uuid.uuid4().hex[:6]}.json")
+    procs.append(child)
+    return child.wait_ready(120)["url"]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -49,7 +47,7 @@ def _hit_tokens(url: str) -> float:
 @pytest.mark.timeout(300)
 def test_same_salt_hits_other_salt_misses_through_the_router(tmp_path):
     store = Daemon(tmp_path, pool_size="256MiB").start()
-    procs: list[subprocess.Popen] = []
+    procs: list[proc.ChildProcess] = []
     try:
         eng = ["--store", store.address, "--num-layers", "2", "--block-size", "16", "--chunk-tokens", "16",
                "--num-blocks", "256", "--threads", "1"]
@@ -77,12 +75,6 @@ def test_same_salt_hits_other_salt_misses_through_the_router(tmp_path):
             assert cold["choices"][0]["token_ids"] == again["choices"][0]["token_ids"] == \
                 probe["choices"][0]["token_ids"]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        proc.stop_all(procs, grace=20)
         store.cleanup()
         unlink_pool(store.pool_name)

@@ -1,12 +1,11 @@
 """The CUDA logic under nvlink and NIXL VRAM, on CPU with recording fakes of torch.cuda (issue 14, findings 2,
 6, 7, 8): stream ordering, refcounted IPC maps, deferred close under copies in flight, sticky CUDA errors,
 GPU matching by UUID, torch's IPC counter policy, and the Unmap a deregistration sends to peers.  The real
-CUDA path runs in the GPU check (kvrelay.transfer.gpu_selfcheck)."""
+CUDA path runs in the GPU check (kvrelay.diagnostics.gpu_selfcheck)."""
 
 from __future__ import annotations
 
 import contextlib
-import time
 import types
 
 import pytest
@@ -16,6 +15,7 @@ from kvrelay.transfer.base import Desc
 from kvrelay.transfer.cuda_ipc import CopyStream, IpcMaps, device_index_for_uuid, host_wait_for_stream, local_uuids
 from kvrelay.transfer.nvlink import NO_IPC_COUNTER, NvlinkTransport, encode_ipc_handle
 from kvrelay.transfer.shm import ShmTransport
+from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -220,9 +220,7 @@ def test_deregister_tells_peers_which_drop_the_region():
             with user.read(peer, [Desc(local.region_id, 0, info.region_id, 0, 16)], timeout=10) as h:
                 h.result()
             owner.deregister(info.region_id)
-            deadline = time.monotonic() + 10
-            while not user.gone and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: user.gone, 10, "the user told of the deregistered region")
             assert user.gone == [("owner", info.region_id)]
             with pytest.raises(ValueError):  # the peer record no longer lists it: a clear error, no stale map
                 user.read(peer, [Desc(local.region_id, 0, info.region_id, 0, 16)])

@@ -4,7 +4,6 @@ test_units.py).  NOTE: written without access to a GPU; it has not run yet."""
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from kvrelay.transfer import available_transports, create_transport
 from kvrelay.transfer.base import Desc, XferState
 from xfer_peers import COMPAT, MIB, spawn_peer
+from waiting import wait_until
 
 REASON = available_transports()["nvlink"]
 pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"nvlink: {REASON}"), pytest.mark.timeout(120)]
@@ -45,15 +45,10 @@ def test_nvlink_read_write_map_and_peer_death():
             with pytest.raises(ValueError):
                 ep.read(peer, [Desc(info.region_id, 0, peer_proc.regions[1], MIB - 1, 2)])
             peer_proc.kill()
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and peer in ep.peers():
-                time.sleep(0.05)
+            wait_until(lambda: peer not in ep.peers(), 5, "the killed peer dropped")
             with ep.read(peer, [Desc(info.region_id, 0, peer_proc.regions[1], 0, 16)], timeout=2) as h:
                 assert h.wait() is XferState.FAILED and h.error
             assert ep.open_handles() == 0
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and ep.open_maps():
-                time.sleep(0.05)
-            assert ep.open_maps() == 0  # the dead peer's regions are unmapped
+            wait_until(lambda: ep.open_maps() == 0, 5, "the dead peer's regions unmapped")
     finally:
         peer_proc.kill()

@@ -15,6 +15,7 @@ from kvrelay.transfer.base import Desc, XferState
 from kvrelay.transfer.frames import plan_frames
 from kvrelay.transfer.handle import Handle
 from kvrelay.transfer.nvlink import decode_ipc_handle, encode_ipc_handle
+from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -136,9 +137,8 @@ def test_shm_large_transfer_progresses_after_a_short_wait():
         peer = b.connect(a.address, timeout=10)
         h = b.read(peer, [Desc(local.region_id, 0, remote.region_id, 0, n)], timeout=60)
         h.wait(0.0005)  # returns after at most a step or so, usually before the end
-        give_up = time.monotonic() + 50  # a hang guard, not a speed check
-        while not h.done and time.monotonic() < give_up:
-            time.sleep(0.005)  # nobody waits: the copy thread must finish it
+        # nobody waits on the handle: the copy thread must finish it (50 s: a hang guard, not a speed check)
+        wait_until(lambda: h.done, 50, "the copy thread finishing a transfer nobody waits on")
         assert h.state is XferState.DONE, h
         assert np.array_equal(np.frombuffer(lview, np.uint8), src)
         h.release()

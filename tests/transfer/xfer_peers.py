@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from childenv import child_env
+from kvrelay import proc
 from kvrelay.transfer import available_transports
 
 PEER_MAIN = Path(__file__).with_name("peer_main.py")
@@ -41,50 +41,41 @@ class PeerProc:
     name: str
     seed: int
     sizes: tuple[int, ...]
-    proc: subprocess.Popen
+    child: proc.ChildProcess
     address: str
     pid: int
     regions: list[int]
 
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.child.popen
+
     def expected(self, index: int) -> np.ndarray:
-        sys.path.insert(0, str(PEER_MAIN.parent))
         from peer_main import region_bytes
         return region_bytes(self.seed, index, self.sizes[index])
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
+        self.child.kill()
+        self.child.close_pipes()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        """The peer serves until its stdin closes (resumed first, in case a test stopped it)."""
+        if self.child.alive():
+            self.child.signal(signal.SIGCONT)
+        self.child.stop(10, sig=None)
+        self.child.close_pipes()
 
 
 def spawn_peer(transport: str, name: str = "peer", seed: int = 1, sizes: tuple[int, ...] = PEER_SIZES,
                compat: str = COMPAT, timeout: float = 240.0) -> PeerProc:
-    env = dict({"NIXL_LOG_LEVEL": "WARNING"}, **os.environ)  # NIXL logs to stdout, unread after start-up
-    env = dict(env, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, str(PEER_MAIN), transport, name, compat, str(seed), *map(str, sizes)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env)  # unbuffered: see select()
-    deadline = time.monotonic() + timeout
-    import select
-    while True:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            proc.kill()
-            raise TimeoutError(f"peer {name} ({transport}) did not start within {timeout}s")
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"peer {name} ({transport}) exited with {proc.wait()} before it was ready")
-        if line.startswith(b"{"):
-            meta = json.loads(line)
-            return PeerProc(transport, name, seed, sizes, proc, meta["address"], meta["pid"], meta["regions"])
-
-
+    """A peer process (peer_main.py) serving seeded regions; ready once it prints its JSON line."""
+    env = child_env(**{"NIXL_LOG_LEVEL": os.environ.get("NIXL_LOG_LEVEL", "WARNING")})  # NIXL logs to stdout
+    child = proc.spawn([sys.executable, str(PEER_MAIN), transport, name, compat, str(seed), *map(str, sizes)],
+                       name=f"peer {name} ({transport})", env=env, pipes=True)
+    try:
+        meta = child.read_json_line(timeout)
+    except proc.StartError:
+        child.kill()
+        child.close_pipes()
+        raise
+    return PeerProc(transport, name, seed, sizes, child, meta["address"], meta["pid"], meta["regions"])

@@ -11,10 +11,14 @@ import threading
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
-from vllm_helpers import prompt, require_vllm
+from vllm_helpers import pd_servers, prompt, require_vllm
+from waiting import wait_until
+
+pytestmark = pytest.mark.slow  # starts several processes: not in the fast tier (-m 'not slow')
 
 LENGTHS = [1, 2, 31, 32, 33, 64, 65, 100, 255, 256, 257, 300, 511, 700, 999, 1024, 1300, 1600, 1999, 2000]
 MAX_TOKENS = 8
@@ -23,29 +27,8 @@ MAX_TOKENS = 8
 @pytest.fixture(scope="module")
 def cluster(llama_ckpt, tmp_path_factory):
     require_vllm()
-    from kvrelay.engines.vllm.process import VllmServer
-    from kvrelay.launcher import vllm_kv_transfer_config
-    from kvrelay.store.process import DaemonProcess
-    logs = tmp_path_factory.mktemp("vllm-pd")
-    store = DaemonProcess(pool_size="512MiB", transports="shm,tcp").start(log_path=str(logs / "store.log"))
-    ktc = vllm_kv_transfer_config(store.address, "shm")
-    servers = {
-        "P": VllmServer(llama_ckpt, name="m", block_size=32, cpu_core=0, kv_transfer_config=ktc,
-                        log_path=logs / "prefill.log"),
-        "D": VllmServer(llama_ckpt, name="m", block_size=64, cpu_core=1, kv_transfer_config=ktc,
-                        log_path=logs / "decode.log"),
-        "C": VllmServer(llama_ckpt, name="m", block_size=64, cpu_core=0, log_path=logs / "colocated.log"),
-    }
-    try:
-        for s in servers.values():
-            s.spawn()
-        for s in servers.values():
-            s.wait_healthy(600)
+    with pd_servers(llama_ckpt, tmp_path_factory.mktemp("vllm-pd"), "shm,tcp", colocated=True) as (store, servers):
         yield store, servers["P"], servers["D"], servers["C"]
-    finally:
-        for s in servers.values():
-            s.stop()
-        store.stop()
 
 
 def _tokens(answer: dict) -> list[int]:
@@ -66,23 +49,51 @@ def _pd(P, D, ids: list[int], max_tokens: int = MAX_TOKENS) -> tuple[list[int], 
 
 
 def _counter(server, name: str) -> float:
-    from kvrelay.engines.vllm.process import sum_samples
+    from kvrelay.promtext import sum_samples
     return sum_samples(server.metrics(), name)
+
+
+def _log_lines(path, keep) -> str:
+    lines = Path(path).read_text(errors="replace").splitlines() if Path(path).exists() else []
+    picked = [ln for ln in lines if keep(ln)]
+    return "\n".join(picked[-20:])
+
+
+def _kvrelay_warnings(server) -> str:
+    """The connector's warnings and errors in ``server``'s log (why a load failed or was not offered), and
+    any traceback there (a thread of the connector that died)."""
+    def keep(ln: str) -> bool:
+        return ("kvrelay" in ln and ("WARNING" in ln or "ERROR" in ln)) or "Traceback" in ln or "Exception in" in ln
+    return _log_lines(server.log_path, keep) or f"(no kvrelay warnings in {server.log_path.name})"
+
+
+def _why(store, P, D) -> str:
+    """What the three logs say, for a failed load: the decode's, the prefill's (did it publish?), the store's."""
+    store_log = _log_lines(P.log_path.parent / "store.log", lambda ln: "WARNING" in ln or "ERROR" in ln or "Traceback" in ln)
+    return (f"decode:\n{_kvrelay_warnings(D)}\nprefill:\n{_kvrelay_warnings(P)}\n"
+            f"store:\n{store_log or '(no warnings in the store log)'}")
 
 
 def test_pd_is_token_identical_to_colocated(cluster):
     store, P, D, C = cluster
-    loaded0 = _counter(D, "kvrelay:loaded_tokens_total")
     for i, n in enumerate(LENGTHS):
+        loaded0, failed0 = _counter(D, "kvrelay:loaded_tokens_total"), _counter(D, "kvrelay:loads_failed_total")
         ids = prompt(n, seed=100 + i)
         want = _tokens(C.complete(ids, MAX_TOKENS))
         got, pre = _pd(P, D, ids)
         assert got == want, f"prompt of {n} tokens: P/D {got} != colocated {want}"
         kp = pre.get("kv_transfer_params") or {}
         assert kp.get("do_remote_prefill") and kp.get("num_tokens") == n, f"prefill of {n} tokens answered {kp}"
-    # the KV really moved: every prompt but the last token of each came from the store
-    assert _counter(D, "kvrelay:loaded_tokens_total") - loaded0 >= sum(LENGTHS) - len(LENGTHS)
-    assert _counter(D, "kvrelay:loads_failed_total") == 0
+        # the KV really moved: the decode loaded the prompt from the store (vLLM's counters arrive with its
+        # next scheduler stats, so wait for them), and no load failed over to a recompute
+        def settled(n: int = n, loaded0: float = loaded0, failed0: float = failed0) -> bool:
+            return (_counter(D, "kvrelay:loaded_tokens_total") - loaded0 >= n - 1
+                    or _counter(D, "kvrelay:loads_failed_total") > failed0)
+        wait_until(settled, timeout=30,
+                   what=f"the decode's loaded tokens to grow by {n - 1} for a prompt of {n} tokens",
+                   detail=lambda: _why(store, P, D))
+        assert _counter(D, "kvrelay:loads_failed_total") == failed0, \
+            f"the load of a prompt of {n} tokens failed (vLLM recomputed it):\n{_why(store, P, D)}"
 
 
 def test_sequential_legs_with_the_prefills_params(cluster):
@@ -137,11 +148,31 @@ def test_prefix_published_by_one_instance_is_reused_by_another(cluster):
     assert got == want
     hit = _counter(D, "kvrelay:lookup_hit_tokens_total") - hits0
     assert hit == 1024  # four whole 256-token chunks of the 1,100-token prefix
-    from kvrelay.engines.vllm.process import sum_samples
+    from kvrelay.promtext import sum_samples
     m = D.metrics()
     assert sum_samples(m, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer") >= 1024
     computed = sum_samples(m, "vllm:prompt_tokens_by_source_total", source="local_compute")
     assert computed > 0 and _counter(D, "vllm:prompt_tokens_by_source_total") - local0 == len(full)
+
+
+def test_decode_of_another_prompt_under_the_request_id_recomputes_at_once(cluster):
+    """The prefill publishes prompt X under the request id; the decode is given prompt Y with that id.  The
+    store fails the decode's pull at once (its request's publisher reserved none of Y's chunks: MISMATCH),
+    so the decode recomputes Y without waiting out its 30 s pull deadline, and answers Y correctly."""
+    store, P, D, C = cluster
+    x, y = prompt(500, seed=51), prompt(500, seed=52)
+    want = _tokens(C.complete(y, MAX_TOKENS))
+    failed0 = _counter(D, "kvrelay:loads_failed_total")
+    from kvrelay.store.client import StoreClient
+    with StoreClient(store.address, transport="shm", compat_hash="stats-only", name="stats") as c:
+        mism0 = c.stats()["mismatches"]
+        rid = uuid.uuid4().hex
+        P.complete(x, 1, kv_transfer_params={"do_remote_decode": True, "kvrelay_request_id": rid})
+        got = _tokens(D.complete(y, MAX_TOKENS, kv_transfer_params={"do_remote_prefill": True,
+                                                                    "kvrelay_request_id": rid}))
+        assert got == want
+        assert c.stats()["mismatches"] > mism0, "the store did not fail the mismatched pull at once"
+    wait_until(lambda: _counter(D, "kvrelay:loads_failed_total") > failed0, 30, "the decode counting the failed load")
 
 
 def test_client_disconnect_mid_stream_leaves_nothing_held(cluster):
@@ -155,13 +186,10 @@ def test_client_disconnect_mid_stream_leaves_nothing_held(cluster):
     for _ in range(3):
         assert resp.readline()  # a few SSE lines arrived
     resp.close()  # the client goes away mid-stream
-    from kvrelay.engines.vllm.process import sum_samples
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        m = D.metrics()
-        if sum_samples(m, "vllm:num_requests_running") == 0 and sum_samples(m, "vllm:kv_cache_usage_perc") == 0:
-            break
-        time.sleep(0.5)
+    from kvrelay.promtext import sum_samples
+    wait_until(lambda: sum_samples(m := D.metrics(), "vllm:num_requests_running") == 0
+               and sum_samples(m, "vllm:kv_cache_usage_perc") == 0, 60, "the decode server letting the request go",
+               interval=0.5)
     m = D.metrics()
     assert sum_samples(m, "vllm:num_requests_running") == 0
     assert sum_samples(m, "vllm:kv_cache_usage_perc") == 0

@@ -10,6 +10,8 @@ import pytest
 
 from vllm_helpers import prompt
 
+pytestmark = pytest.mark.slow  # starts several processes: not in the fast tier (-m 'not slow')
+
 
 @pytest.mark.timeout(600)
 def test_one_token_prompt(plain_server):
@@ -39,7 +41,7 @@ def test_metrics_count_prompt_tokens_by_source(plain_server):
     before = plain_server.metrics()
     plain_server.complete(prompt(40, seed=1), 2)
     after = plain_server.metrics()
-    from kvrelay.engines.vllm.process import sum_samples
+    from kvrelay.promtext import sum_samples
     name = "vllm:prompt_tokens_by_source_total"
     computed = sum_samples(after, name, source="local_compute") - sum_samples(before, name, source="local_compute")
     assert computed == 40
@@ -70,7 +72,7 @@ def test_server_command_line(llama_ckpt, tmp_path):
 
 
 def test_parse_metrics():
-    from kvrelay.engines.vllm.process import parse_metrics, sum_samples
+    from kvrelay.promtext import parse_metrics, sum_samples
     text = ('# HELP vllm:x_total x\n# TYPE vllm:x_total counter\n'
             'vllm:x_total{engine="0",source="a"} 3.0\nvllm:x_total{engine="1",source="a"} 4.0\n'
             'vllm:x_total{engine="0",source="b"} 5.0\n# TYPE up gauge\nup 1.0\n')

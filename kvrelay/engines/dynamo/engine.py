@@ -8,7 +8,8 @@ by layer (kvrelay.connector's publisher) and the decode pulls it (its puller), e
 `kvrelay router`.  A decode request without them (a health probe, or no prefill worker) computes its
 prompt locally.
 
-Owns: the translation between Dynamo's request/response dicts and the reference engine's `Sequence`.
+Owns: the translation between Dynamo's request/response dicts and the reference engine's `Sequence`, and
+building one from `kvrelay dynamo-worker`'s flags (flags.py) without ``--engine-url``.
 Must not touch: the engine's internals (`Engine.add` / `abort` and token callbacks only), Dynamo's files.
 """
 
@@ -29,31 +30,15 @@ from dynamo.common.constants import DisaggregationMode
 from dynamo.llm.exceptions import EngineShutdown, InvalidArgument
 
 from kvrelay.connector import PublishPhase
+from kvrelay.engines.dynamo import env, flags, model_dir
+from kvrelay.engines.dynamo.common import MODES, PARAMS_KEY, sampling_params
 from kvrelay.engines.reference.engine import Engine
-from kvrelay.engines.reference.sequence import SamplingParams, Sequence, Status
+from kvrelay.engines.reference.sequence import Sequence, Status
 from kvrelay.params import KVTransferParams
 
 log = logging.getLogger("kvrelay.dynamo")
 
-MODES = {"colocated": DisaggregationMode.AGGREGATED, "prefill": DisaggregationMode.PREFILL,
-         "decode": DisaggregationMode.DECODE}
-PARAMS_KEY = "kv_transfer_params"  # inside disaggregated_params
-
-
-def sampling_params(request: dict[str, Any], eos: tuple[int, ...], max_model_len: int) -> SamplingParams:
-    """Dynamo's ``sampling_options`` / ``stop_conditions`` as the reference engine's `SamplingParams`."""
-    so = request.get("sampling_options") or {}
-    sc = request.get("stop_conditions") or {}
-    if (so.get("n") or 1) != 1:
-        raise InvalidArgument(f"n={so.get('n')} is not supported by the kvrelay reference engine; send n=1")
-    max_tokens = sc.get("max_tokens") or max(1, max_model_len - len(request["token_ids"]))
-    stops = tuple(sc.get("stop_token_ids_hidden") or ()) + tuple(sc.get("stop_token_ids") or ()) + eos
-    try:
-        return SamplingParams(max_tokens=int(max_tokens), temperature=float(so.get("temperature") or 0.0),
-                              seed=so.get("seed"), ignore_eos=bool(sc.get("ignore_eos") or False),
-                              stop_token_ids=tuple(dict.fromkeys(stops)))
-    except ValueError as exc:
-        raise InvalidArgument(str(exc)) from None
+__all__ = ["ReferenceDynamoEngine", "decode_params"]
 
 
 def decode_params(request: dict[str, Any]) -> KVTransferParams | None:
@@ -97,8 +82,33 @@ class ReferenceDynamoEngine(LLMEngine):
 
     @classmethod
     async def from_args(cls, argv: list[str] | None = None) -> Any:
-        from kvrelay.engines.dynamo.worker import parse
-        return parse(argv)
+        return cls.from_flags(flags.parse(argv))
+
+    @classmethod
+    def from_flags(cls, parsed: flags.WorkerFlags) -> tuple[ReferenceDynamoEngine, Any]:
+        """(engine, WorkerConfig) for Dynamo's `run`: the reference engine built from its own flags, exactly
+        as `kvrelay engine` takes them; ValueError naming a bad flag."""
+        from kvrelay.engines.reference.server import build_engine, check_args
+        from kvrelay.engines.reference.server import build_parser as engine_parser
+
+        args, rest, name = parsed
+        if args.engine_url:
+            raise ValueError(f"--engine-url {args.engine_url!r}: the worker forwards to that server "
+                             "(RemoteDynamoEngine), it runs no engine in-process")
+        try:
+            eng = engine_parser().parse_args(["--role", args.role, "--checkpoint", args.checkpoint, "--port", "0",
+                                              *rest])
+        except SystemExit as exc:
+            raise ValueError(f"bad engine flags {' '.join(rest)!r} (see `kvrelay engine --help`)") from exc
+        if args.role != "colocated" and not eng.store:
+            raise ValueError(f"--role {args.role} needs --store tcp://127.0.0.1:PORT (a running `kvrelay store`)")
+        check_args(eng)
+        env.apply(env.dynamo_env(args.discovery, args.event_broker, args.metrics_port, args.advertise_host))
+        if eng.threads > 0:
+            import torch
+            torch.set_num_threads(eng.threads)
+        engine = cls(eng, build_engine, model_dir.stop_token_ids(args.checkpoint), args.kv_events, name)
+        return engine, flags.worker_config(parsed)
 
     async def start(self, worker_id: int) -> EngineConfig:
         del worker_id

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-# kvrelay.engines.reference.tokenizer.apply_chat_template, as Jinja; every character comes from an
+# kvrelay.tokenizer.apply_chat_template, as Jinja; every character comes from an
 # expression, because Jinja drops a template's trailing newline and trim_blocks the one after a tag
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '\\n' }}{% endfor %}"
                  "{{ '<|assistant|>\\n' }}")

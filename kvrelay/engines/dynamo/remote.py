@@ -9,12 +9,14 @@ kvrelay's P/D protocol to the server.  A prefill request goes out with ``max_tok
 sends them back as the decode leg's ``kv_transfer_params`` (vLLM's proxy convention): the decode server
 pulls the prompt's KV from the kvrelay store.  Token ids in, token ids out (``return_token_ids``).
 
-Owns: that translation and the HTTP calls.  Must not touch: the server, Dynamo's files.
+Owns: that translation, the HTTP calls, and building one from `kvrelay dynamo-worker`'s flags (flags.py)
+with ``--engine-url``.  Must not touch: the server, Dynamo's files.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -26,7 +28,9 @@ from dynamo.common.backend.publisher import KvEventSource, ZmqSource
 from dynamo.common.constants import DisaggregationMode
 from dynamo.llm.exceptions import EngineShutdown, InvalidArgument
 
-from kvrelay.engines.dynamo.engine import MODES, PARAMS_KEY, sampling_params
+from kvrelay.engines.dynamo import env, flags, model_dir
+from kvrelay.engines.dynamo.common import MODES, PARAMS_KEY, sampling_params
+from kvrelay.params import DO_REMOTE_DECODE, RELAY_ID
 
 
 class RemoteDynamoEngine(LLMEngine):
@@ -42,8 +46,24 @@ class RemoteDynamoEngine(LLMEngine):
 
     @classmethod
     async def from_args(cls, argv: list[str] | None = None) -> Any:
-        from kvrelay.engines.dynamo.worker import parse
-        return parse(argv)
+        return cls.from_flags(flags.parse(argv))
+
+    @classmethod
+    def from_flags(cls, parsed: flags.WorkerFlags) -> tuple[RemoteDynamoEngine, Any]:
+        """(engine, WorkerConfig) for Dynamo's `run`, forwarding to ``--engine-url``; ValueError naming a bad
+        flag."""
+        args, rest, name = parsed
+        if not args.engine_url:
+            raise ValueError("RemoteDynamoEngine forwards to a running server: give --engine-url http://127.0.0.1:PORT")
+        if rest:
+            raise ValueError(f"--engine-url forwards to a running server: engine flags {' '.join(rest)!r} belong to "
+                             "that server's own command line")
+        if not re.fullmatch(r"http://127\.0\.0\.1:\d{1,5}/?", args.engine_url):
+            raise ValueError(f"--engine-url {args.engine_url!r} is not http://127.0.0.1:PORT (loopback only)")
+        env.apply(env.dynamo_env(args.discovery, args.event_broker, args.metrics_port, args.advertise_host))
+        engine = cls(args.engine_url, args.role, args.checkpoint, name, model_dir.stop_token_ids(args.checkpoint),
+                     args.kv_events, max_model_len=4096)
+        return engine, flags.worker_config(parsed)
 
     async def start(self, worker_id: int) -> EngineConfig:
         del worker_id
@@ -71,7 +91,7 @@ class RemoteDynamoEngine(LLMEngine):
         if p.seed is not None:
             body["seed"] = p.seed
         if self.mode is DisaggregationMode.PREFILL:
-            body |= {"max_tokens": 1, PARAMS_KEY: {"do_remote_decode": True, "kvrelay_request_id": uuid.uuid4().hex}}
+            body |= {"max_tokens": 1, PARAMS_KEY: {DO_REMOTE_DECODE: True, RELAY_ID: uuid.uuid4().hex}}
         elif self.mode is DisaggregationMode.DECODE:
             handoff = ((request.get("prefill_result") or {}).get("disaggregated_params") or {}).get(PARAMS_KEY)
             if isinstance(handoff, dict):

@@ -21,7 +21,7 @@ from typing import Any
 
 from dynamo.vllm import kv_connector_protocols as _protocols
 
-from kvrelay.engines.vllm.meta import DO_REMOTE_DECODE, RELAY_ID
+from kvrelay.params import DO_REMOTE_DECODE, RELAY_ID
 
 CONNECTOR = "KVRelayConnector"
 

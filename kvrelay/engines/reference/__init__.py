@@ -5,7 +5,7 @@ Reading path (each file has one job):
   config.py         ModelConfig (HF config.json) and EngineConfig, validated on construction
   weights.py        seeded random weights; safetensors checkpoints in Llama/Qwen2 naming
   loader.py         checkpoint dir or seeded config -> (config, weights, tokenizer)
-  tokenizer.py      tokenizer.json (`tokenizers`) or byte-level; the chat template
+  (kvrelay/tokenizer.py, in the base layer: tokenizer.json or byte-level; the chat template)
   ops.py            batch-invariant numerics (why P/D output equals colocated output bit for bit)
   model.py          the forward pass over the paged cache (KVLayout NHD fused), per-layer hook
   block_manager.py  blocks, ref counts, prefix hashing

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvrelay.engines.reference.sequence import SamplingParams
-from kvrelay.engines.reference.tokenizer import Tokenizer, apply_chat_template
 from kvrelay.keys import check_salt
-from kvrelay.params import KVTransferParams
+from kvrelay.params import DO_REMOTE_PREFILL, PREFIX_STORE, PREFIX_TOKENS, STORE_ADDRESS, KVTransferParams
+from kvrelay.tokenizer import Tokenizer, apply_chat_template
 
 
 @dataclass(slots=True)
@@ -77,11 +77,37 @@ def wants_remote_prefill(body: dict) -> bool:
     """A decode leg whose prefill runs concurrently elsewhere: ``kv_transfer_params`` is the light form
     ``{"do_remote_prefill": true}`` and ``request_id`` names the prefill leg's request."""
     kvp = body.get("kv_transfer_params")
-    if not (isinstance(kvp, dict) and kvp.get("do_remote_prefill") and "block_hashes" not in kvp):
+    if not (isinstance(kvp, dict) and kvp.get(DO_REMOTE_PREFILL) and "block_hashes" not in kvp):
         return False
     if not body.get("request_id"):
         raise ValueError("kv_transfer_params.do_remote_prefill needs the prefill leg's 'request_id' in the body")
     return True
+
+
+def remote_store(body: dict) -> str:
+    """The store a decode leg's light ``kv_transfer_params`` name (``store_address``: its prefill's, with a store
+    on every host), or "" (this engine's own); ValueError if it is not a store's control address."""
+    kvp = body.get("kv_transfer_params")
+    store = kvp.get(STORE_ADDRESS, "") if isinstance(kvp, dict) else ""
+    if not isinstance(store, str) or (store and not store.startswith("tcp://")):
+        raise ValueError(f"kv_transfer_params.{STORE_ADDRESS} {store!r} is not a store's control address "
+                         f"(tcp://HOST:PORT)")
+    return store
+
+
+def prefix_hint(body: dict) -> tuple[str, int] | None:
+    """A router's hint that a store holds the prompt's first tokens (``kv_transfer_params``: ``PREFIX_STORE``, its
+    control address or "" for this engine's own store, and ``PREFIX_TOKENS``), or None; ValueError if malformed."""
+    kvp = body.get("kv_transfer_params")
+    if not isinstance(kvp, dict) or PREFIX_TOKENS not in kvp or kvp.get(DO_REMOTE_PREFILL) or "block_hashes" in kvp:
+        return None
+    store, tokens = kvp.get(PREFIX_STORE, ""), kvp[PREFIX_TOKENS]
+    if not isinstance(store, str) or (store and not store.startswith("tcp://")):
+        raise ValueError(f"kv_transfer_params.{PREFIX_STORE} {store!r} is not a store's control address "
+                         f"(tcp://HOST:PORT)")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError(f"kv_transfer_params.{PREFIX_TOKENS} {tokens!r} is not a number of prompt tokens")
+    return store, tokens
 
 
 def response(req: ParsedRequest, model: str, text: str, token_ids: list[int], finish: str | None,

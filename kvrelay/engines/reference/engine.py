@@ -6,7 +6,8 @@ prefill step, after each layer's KV is written, and after sampling) and a `KVPul
 a sequence's blocks from the store, then reports back); both are `kvrelay.connector`'s, bound to this
 engine's cache.  Blocks a hook still reads or writes are freed only once the hook says it is done.
 Other threads talk to the engine only through `add()`/`abort()` and the hooks' callbacks: messages on an
-inbox queue (inbox.py).  Must not touch: HTTP (server.py), the store or transports (kvrelay.connector).
+inbox queue (inbox.py); `abort()` also tells the publisher at once (thread-safe: a prefill aborted during
+its forward pass publishes no further layer and gives its store reservation back).  Must not touch: HTTP (server.py), the store or transports (kvrelay.connector).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(AbortRequest(request_id))
+        if self.publisher is not None:  # a prefill being published stops now, not after this step's forward
+            self.publisher.abort(request_id, f"request {request_id} was aborted")
 
     def start(self) -> "Engine":
         if self._thread is None:
@@ -248,12 +251,15 @@ class Engine:
             seq.on_token(seq, -1, True)
 
     def _abort(self, request_id: str) -> None:
+        if self.publisher is not None:  # aborted between abort()'s call and its begin(): its publish stops here
+            self.publisher.abort(request_id, f"request {request_id} was aborted")
         seq = self._by_id.get(request_id)
         if seq is None or seq.status is Status.FINISHED:
             return
         if seq.status is Status.PULLING and seq.pull_state is not None:
-            seq.pull_state.cancel()  # blocks freed when the puller reports back
-            return
+            if self.puller is not None and not seq.pull_state.cancelled:  # a wait in the store ends at once
+                self.puller.cancel(seq.pull_state, f"request {request_id} was aborted while pulling")
+            return  # blocks freed when the puller reports back
         self._fail(seq, "aborted")
 
     def _update_gauges(self) -> None:
@@ -270,7 +276,9 @@ class Engine:
             raise ValueError(f"kv_transfer_params.compat_hash {kp.compat_hash} does not match this engine's "
                              f"{self.compat_hash} (model {self.model_cfg.model_id!r}); route the request to a "
                              f"compatible decode worker")
-        if kp.num_tokens != len(seq.prompt):
+        if seq.prefix_load and not 0 < kp.num_tokens < len(seq.prompt):
+            raise ValueError(f"a prefix load of {kp.num_tokens} tokens for a prompt of {len(seq.prompt)}")
+        if not seq.prefix_load and kp.num_tokens != len(seq.prompt):
             raise ValueError(f"kv_transfer_params.num_tokens {kp.num_tokens} != prompt length {len(seq.prompt)}")
         if self.puller is None:
             raise ValueError("this engine cannot pull KV (start it with --role decode and a --store address)")
@@ -283,7 +291,9 @@ class Engine:
             assert seq.kv_params is not None  # schedule_pulls admits only sequences with params
             self.metrics.prefix_hit_tokens.inc(seq.num_cached_tokens)
             self.metrics.transfer.pull_skipped_tokens.inc(seq.num_cached_tokens)
-            seq.pull_state = PullState(seq.kv_params, seq.block_table, skip_tokens=seq.num_cached_tokens)
+            seq.pull_state = PullState(seq.kv_params, seq.block_table, skip_tokens=seq.num_cached_tokens,
+                                       fetch_first_token=not seq.prefix_load, tenant=seq.cache_salt,
+                                       tokens=tuple(seq.prompt) if seq.prefix_load else ())
             puller.start(seq.pull_state, time.monotonic() + self.cfg.pull_timeout_s,
                          functools.partial(self._on_pulled, seq))
 
@@ -300,6 +310,9 @@ class Engine:
             self._finish(seq, "abort", "aborted")
             if seq.on_token is not None:
                 seq.on_token(seq, -1, True)
+            return
+        if seq.prefix_load:
+            self._prefix_loaded(seq, state)
             return
         if state.failure is None and state.first_token is not None:
             metrics.pulls.labels("ok", "").inc()
@@ -324,3 +337,27 @@ class Engine:
         seq.recomputed = failure
         seq.kv_params = None
         self.scheduler.requeue_front(seq)
+
+    def _prefix_loaded(self, seq: Sequence, state: PullState) -> None:
+        """A prefix load settled: its blocks enter this engine's prefix cache (loaded) or are dropped (failed), and
+        ``seq`` goes back to the head of the queue, where its prefill step finds the loaded blocks as cache hits
+        and computes only the rest (failed: all of it; the reason is counted, the request never fails for it)."""
+        kp = state.params
+        self.scheduler.pull_finished(seq, ok=False)
+        if state.failure is None:
+            self.metrics.transfer.pulls.labels("ok", "").inc()
+            self.metrics.transfer.pull_time.observe((state.finished or time.monotonic()) - state.started)
+            self.metrics.prefix_loaded_tokens.labels(
+                "own" if state.source == self.puller.store_address else "other").inc(kp.num_tokens)  # type: ignore[union-attr]
+            self.blocks.register(seq, kp.num_tokens)
+            self.blocks.free_seq(seq)
+        else:
+            log.warning("prefix load for %s failed (%s): it computes the whole prompt", seq.request_id, state.failure)
+            self.metrics.transfer.pulls.labels("recompute", state.failure.code.value).inc()
+            seq.recomputed = state.failure
+            self.blocks.forget(seq)
+        seq.kv_params, seq.prefix_load = None, False
+        seq.output = []
+        seq.num_computed = seq.num_cached_tokens = 0
+        self.scheduler.requeue_front(seq)
+

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from kvrelay.engines.reference.config import ModelConfig
-from kvrelay.engines.reference.tokenizer import Tokenizer, load_tokenizer
 from kvrelay.engines.reference.weights import load_checkpoint, random_weights
+from kvrelay.tokenizer import Tokenizer, load_tokenizer
 
 
 def load_model(checkpoint: str | Path | None = None, model_cfg: ModelConfig | None = None,

@@ -24,6 +24,9 @@ class EngineMetrics:
         self.generated_tokens = Counter("kvrelay_engine_generation_tokens", "Tokens generated", registry=r)
         self.prefix_hit_tokens = Counter("kvrelay_engine_prefix_cache_hit_tokens",
                                          "Prompt tokens served by this engine's prefix cache", registry=r)
+        self.prefix_loaded_tokens = Counter("kvrelay_engine_prefix_loaded_tokens",
+                                            "Prompt tokens loaded from a store on a router's hint, by store "
+                                            "(own: this host's; other: another host's)", ["store"], registry=r)
         self.ttft = Histogram("kvrelay_engine_time_to_first_token_seconds", "Arrival to first token",
                               buckets=_LAT, registry=r)
         self.step_time = Histogram("kvrelay_engine_step_seconds", "Engine step time", ["kind"], buckets=_LAT,

@@ -47,13 +47,15 @@ class Scheduler:
             kp = seq.kv_params
             if kp is None or self.num_active() >= self.cfg.max_num_seqs:
                 break
-            # room for the prompt and the prefill's first token (a placeholder until the pull knows it)
-            seq.output = [0 if kp.first_token is None else kp.first_token]
+            # room for the prompt and the prefill's first token (a placeholder until the pull knows it); a prefix
+            # load (seq.prefix_load) pulls only kp.num_tokens and computes the rest: no first token to hold
+            seq.output = [] if seq.prefix_load else [0 if kp.first_token is None else kp.first_token]
             if not self.blocks.can_allocate(seq):
                 seq.output = []
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq, cacheable_tokens=len(seq.prompt), register=False)
+            self.blocks.allocate(seq, cacheable_tokens=kp.num_tokens if seq.prefix_load else len(seq.prompt),
+                                 register=False)
             seq.status = Status.PULLING
             self.pulling[seq.seq_id] = seq
             admitted.append(seq)

@@ -59,6 +59,8 @@ class Sequence:
     publish: bool = False
     # decode role: the prompt's KV comes from the store
     kv_params: KVTransferParams | None = None
+    # decode role: kv_params cover only a prefix another store holds (a router's hint): loaded, then the rest computed
+    prefix_load: bool = False
     cache_salt: str = ""  # the tenant's salt: seeds this engine's prefix-cache hashes and the store addresses
     seq_id: int = field(default_factory=lambda: next(_ids))
     output: list[int] = field(default_factory=list)

@@ -24,14 +24,15 @@ from kvrelay import security
 from kvrelay.security import params as signed_params
 from kvrelay.security.http import protect
 from kvrelay.connector import PublishPhase, transfer_params
-from kvrelay.engines.reference import api
+from kvrelay.engines.reference import api, register
 from kvrelay.engines.reference.config import FAILURE_POLICIES, ROLES, EngineConfig, ModelConfig
 from kvrelay.engines.reference.engine import Engine
 from kvrelay.engines.reference.loader import load_model
 from kvrelay.engines.reference.sequence import Sequence
-from kvrelay.engines.reference.tokenizer import Tokenizer
 from kvrelay.params import KVTransferParams
-from kvrelay.serving import check_loopback, serve_until_signal
+from kvrelay.security import check_loopback
+from kvrelay.serving import serve_until_signal
+from kvrelay.tokenizer import Tokenizer
 
 log = logging.getLogger("kvrelay.engine")
 
@@ -89,10 +90,14 @@ class EngineServer:
         q: asyncio.Queue = asyncio.Queue()
         try:
             req = api.parse(body, self.tok, chat)
+            prefix = False
             if req.kv_params is None and api.wants_remote_prefill(body):
-                req.kv_params = self._remote_prefill_params(req)
+                req.kv_params = self._remote_prefill_params(req, body)
+            elif req.kv_params is None and (hint := api.prefix_hint(body)) is not None:
+                req.kv_params = self._prefix_params(req, *hint)
+                prefix = req.kv_params is not None
             seq = Sequence(req.prompt, req.params, request_id=req.request_id, kv_params=req.kv_params,
-                           cache_salt=req.cache_salt, publish=self.engine.cfg.role == "prefill",
+                           prefix_load=prefix, cache_salt=req.cache_salt, publish=self.engine.cfg.role == "prefill",
                            on_token=lambda s, t, fin: _put_threadsafe(loop, q, (t, fin)))
             self.engine.add(seq)
         except (ValueError, TypeError) as exc:
@@ -144,7 +149,7 @@ class EngineServer:
         await resp.write_eof()
         return resp
 
-    def _remote_prefill_params(self, req: api.ParsedRequest) -> KVTransferParams:
+    def _remote_prefill_params(self, req: api.ParsedRequest, body: dict) -> KVTransferParams:
         """Decode leg sent at the same time as its prefill leg (``kv_transfer_params:
         {"do_remote_prefill": true}`` and the prefill's ``request_id``): derive the chunk addresses
         from this engine's own tokenization, model and layout, the same way the prefill publishes them,
@@ -153,9 +158,30 @@ class EngineServer:
         if self.engine.cfg.role != "decode" or puller is None:
             raise ValueError("do_remote_prefill needs a decode worker (--role decode with --store)")
         layout = self.engine.layout
+        # the store the prefill publishes into, when the router named it (a store per host); else this engine's
+        store = api.remote_store(body) or puller.store_address
+        puller.check_store(store)  # a store it does not know: refused here (400), not pulled from
         return transfer_params(req.prompt, req.request_id, self.engine.model_cfg.model_id, self.engine.compat_hash,
                                self.engine.cfg.chunk_tokens, layout.num_layers, layout.head_start, layout.head_end,
-                               puller.store_address, puller.transport, cache_salt=req.cache_salt)
+                               store, puller.transport, cache_salt=req.cache_salt)
+
+    def _prefix_params(self, req: api.ParsedRequest, store: str, tokens: int) -> KVTransferParams | None:
+        """A router's hint that ``store`` ("": this engine's own) holds the prompt's first ``tokens``: the params of
+        the whole chunks among them (never the last prompt token: its logits are computed here), or None where
+        nothing is to be loaded (no puller, or less than a chunk)."""
+        puller = self.engine.puller
+        if self.engine.cfg.role != "decode" or puller is None:
+            return None  # a colocated or prefill engine computes it (the hint is only a saving)
+        store = store or puller.store_address
+        puller.check_store(store)  # a store it does not know: refused here (400), not pulled from
+        chunk = self.engine.cfg.chunk_tokens
+        n = min(tokens, len(req.prompt) - 1) // chunk * chunk
+        if n <= 0:
+            return None
+        layout = self.engine.layout
+        return transfer_params(req.prompt[:n], req.request_id, self.engine.model_cfg.model_id, self.engine.compat_hash,
+                               chunk, layout.num_layers, layout.head_start, layout.head_end, store, puller.transport,
+                               cache_salt=req.cache_salt)
 
     def _extra(self, seq: Sequence) -> dict | None:
         out: dict = {}
@@ -194,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--store", default="", help="store control address, e.g. tcp://127.0.0.1:5600 (prefill/decode)")
     p.add_argument("--transport", default="shm", help="data path to the store: shm, tcp, nixl")
+    p.add_argument("--peer-store", action="append", default=[], metavar="ADDR",
+                   help="decode, a store on every host: another host's store a request may name (its prefill's), "
+                        "pulled from over --remote-transport (repeatable); any other store is refused")
+    p.add_argument("--remote-transport", default="tcp", help="data path to the --peer-store stores: tcp or nixl")
+    p.add_argument("--keep-remote-prefix", action="store_true",
+                   help="decode, a store on every host: keep a prefix loaded from another host's store in this "
+                        "host's store too (announced in its events; the next load reads it over shm)")
     p.add_argument("--chunk-tokens", type=int, default=256, help="tokens per published chunk")
     p.add_argument("--failure-policy", choices=FAILURE_POLICIES, default="recompute")
     p.add_argument("--pull-timeout", type=float, default=30.0, help="decode: deadline (s) for a request's pull")
@@ -206,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events-block-size", type=int, default=0,
                    help="event block size: the consumer's, dividing --block-size (default: --block-size)")
     p.add_argument("--log-level", default=os.environ.get("KVRELAY_LOG_LEVEL", "INFO"))
+    register.add_arguments(p)
     security.add_argument(p)
     return p
 
@@ -231,7 +265,9 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, Tokenizer]:
             raise ValueError(f"--role {args.role} needs --store tcp://127.0.0.1:PORT (a running `kvrelay store`)")
         from kvrelay.engines.reference.kv_connector import make_hooks
         publisher, puller = make_hooks(args.role, mcfg, ecfg, args.store, args.transport,
-                                       layerwise=not args.no_layerwise)
+                                       layerwise=not args.no_layerwise, peers=args.peer_store,
+                                       remote_transport=args.remote_transport,
+                                       keep_copies=args.keep_remote_prefix)
     return Engine(mcfg, ecfg, weights, publisher=publisher, puller=puller), tok
 
 
@@ -252,7 +288,9 @@ async def _serve(args: argparse.Namespace) -> None:
     try:
         await serve_until_signal(server.app, args.host, args.port, args.ready_file,
                                  f"kvrelay engine ({args.role}, {engine.model_cfg.model_id})", log,
-                                 extra=events.addresses() if events is not None else None)
+                                 extra=events.addresses() if events is not None else None,
+                                 bound=register.registrar(args, {"model": engine.model_cfg.model_id,
+                                                                 "store": args.store, "transport": args.transport}))
     finally:
         engine.stop()
         if events is not None:
@@ -279,6 +317,7 @@ def check_args(args: argparse.Namespace) -> None:
     """The flags that can be checked before the model is loaded (seconds): ValueError naming the bad one."""
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is outside 0..65535 (0 picks a free port)")
+    register.check(args)
     security.configure(args.keys)
     check_loopback(args.host, "engine")
     if args.role != "colocated":
@@ -287,6 +326,17 @@ def check_args(args: argparse.Namespace) -> None:
         check_store_transport(args.transport, "--transport")
         if usable[args.transport] is not None:
             raise ValueError(f"--transport {args.transport!r} is not usable here: {usable[args.transport]}")
+        if args.peer_store:
+            if args.remote_transport not in ("tcp", "nixl"):
+                raise ValueError(f"--remote-transport {args.remote_transport!r}: another host's store is reached "
+                                 f"over tcp or nixl")
+            if usable[args.remote_transport] is not None:
+                raise ValueError(f"--remote-transport {args.remote_transport!r} is not usable here: "
+                                 f"{usable[args.remote_transport]}")
+            for peer in args.peer_store:
+                if not peer.startswith("tcp://"):
+                    raise ValueError(f"--peer-store {peer!r}: give a store's control address, e.g. "
+                                     f"tcp://198.18.0.2:5600")
 
 
 if __name__ == "__main__":

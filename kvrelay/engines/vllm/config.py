@@ -9,8 +9,10 @@
 ``keys`` (a directory written by `kvrelay keys`; default $KVRELAY_KEYS) authenticates the store's planes; it
 is made this process's keys (kvrelay.security.configure) when the configuration is parsed.
 
-Owns: parsing and validating that configuration: every bad or missing value is refused at start-up with a
-message that names it.  Must not touch: vLLM's state.
+Owns: that configuration, both ways: `vllm_kv_transfer_config` writes it for the servers kvrelay starts
+(`kvrelay up --engine vllm`, the benches, the tests), and `RelayConfig.parse` reads and validates it inside
+vLLM: every bad or missing value is refused at start-up with a message that names it.  Must not touch:
+vLLM's state.
 """
 
 from __future__ import annotations
@@ -26,7 +28,27 @@ ROLES = ("kv_producer", "kv_consumer", "kv_both")
 POLICIES = ("recompute", "fail")
 TRANSPORTS = STORE_TRANSPORTS  # the engines reach each other through the store
 KEYS = ("store", "transport", "chunk_tokens", "failure_policy", "pull_timeout_s", "model_id", "prefix_lookup",
-        "reserve_ttl_s", "breaker_cooldown_s", "keys")
+        "reserve_ttl_s", "breaker_cooldown_s", "keys", "peer_stores", "remote_transport")
+
+
+VLLM_CONNECTOR = "KVRelayConnector"  # the connector class in this package, as vLLM's kv_connector names it
+
+
+def vllm_kv_transfer_config(store_address: str, transport: str, connector: str | None = VLLM_CONNECTOR,
+                            peer_stores: tuple[str, ...] = (), remote_transport: str = "tcp"
+                            ) -> dict[str, Any] | None:
+    """``--kv-transfer-config`` of the vLLM prefill and decode servers (both kv_both: the router's
+    kv_transfer_params say which leg a request is).  ``connector=None``: none at all (vLLM refuses a
+    config without a connector), for trying the cluster with plain servers.  ``peer_stores``: a store on every
+    host: the other hosts' stores a decode may pull from, over ``remote_transport``."""
+    if connector is None:
+        return None
+    return {"kv_connector": connector, "kv_connector_module_path": "kvrelay.engines.vllm", "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"store": store_address, "transport": transport,
+                                          **({"peer_stores": list(peer_stores), "remote_transport": remote_transport}
+                                             if peer_stores else {}),
+                                          **({"keys": str(keys.directory)} if (keys := security.current()) else {})}}
 
 
 class ConfigError(ValueError):
@@ -46,6 +68,8 @@ class RelayConfig:
     reserve_ttl_s: float = 120.0
     breaker_cooldown_s: float = 1.0  # after the store failed: skip it this long, then probe again
     keys: str = ""  # key directory (kvrelay.security); "" : $KVRELAY_KEYS or none
+    peer_stores: tuple[str, ...] = ()  # a store on every host: the others a decode may pull from (its prefill's)
+    remote_transport: str = "tcp"  # ... over this
 
     @property
     def publishes(self) -> bool:
@@ -110,6 +134,14 @@ class RelayConfig:
             configured = security.configure(keys or None)
         except security.KeysError as exc:
             raise ConfigError(f"{where}: kv_connector_extra_config.keys: {exc}") from None
+        peers = extra.get("peer_stores", [])
+        if not isinstance(peers, list) or not all(isinstance(p, str) and p.startswith("tcp://") for p in peers):
+            raise ConfigError(f"{where}: kv_connector_extra_config.peer_stores must be a list of store addresses like "
+                              f"\"tcp://198.18.0.2:5600\" (the other hosts' stores), got {peers!r}")
+        remote = extra.get("remote_transport", "tcp")
+        if remote not in ("tcp", "nixl"):
+            raise ConfigError(f"{where}: kv_connector_extra_config.remote_transport {remote!r}: another host's store "
+                              f"is reached over tcp or nixl")
         return cls(role=role, store=store, transport=transport, chunk_tokens=chunk, failure_policy=policy,
                    model_id=model_id, prefix_lookup=lookup, keys=str(configured.directory) if configured else "",
-                   **numbers)
+                   peer_stores=tuple(peers), remote_transport=remote, **numbers)

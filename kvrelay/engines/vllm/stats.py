@@ -24,6 +24,7 @@ COUNTERS = {
     "publish_failures": "Requests whose publish failed or was refused (the store full or down)",
     "published_bytes": "Bytes published to the kvrelay store",
     "store_skipped": "Store calls skipped while its circuit breaker was open",
+    "params_refused": "Requests whose kv_transfer_params were ignored: with keys on, not signed by the router",
 }
 
 

@@ -5,9 +5,14 @@ scheduler side asked for, with `kvrelay.connector`'s `LayerPuller` and `LayerPub
 - ``start_loads()``: each load is pulled on a worker thread, layer by layer, into the request's blocks
   (the request is not scheduled until it is reported, so no forward pass reads them meanwhile).
 - ``save_layer(i)`` (inside the forward pass): hand layer i to the publisher thread and return.
+  A request vLLM aborted while it was saved (``meta.aborted``, from the scheduler side's
+  ``request_finished``) publishes no further layer and gives its store reservation back at once
+  (`LayerPublisher.abort`); it is still reported in finished_sending once settled.
 - ``end_step()``: the publisher settles this step's requests after their last layer.
 - ``finished(...)``: loads that settled (a failed one's blocks go to ``load_errors()``, and vLLM
-  recomputes them), and finished requests whose publish settled (their blocks are freed then).
+  recomputes them), and finished requests whose publish settled (their blocks are freed then).  A
+  request that finished while loading (vLLM aborted it) has its pull cancelled, and a wait for it in the
+  store ended at once (`LayerPuller.cancel`): vLLM frees its blocks when the load reports settled.
 - ``preempted(...)``: blocks of a preempted request are reused at once, so wait for the publisher first.
 
 Owns: the per-request transfer state of this worker.  Must not touch: vLLM's scheduling.
@@ -36,7 +41,8 @@ DRAIN_TIMEOUT_S = 30.0
 
 class WorkerSide:
     def __init__(self, cfg: RelayConfig, cache_factory: Callable[[TransferMetrics], EngineCache],
-                 client_factory: Callable[[], object]) -> None:
+                 client_factory: Callable[[], object], peer_factory: Callable[[str], object] | None = None) -> None:
+        """``peer_factory(address)``: a client of another host's store (``cfg.peer_stores``)."""
         self.cfg = cfg
         self.registry = CollectorRegistry()
         self.metrics = TransferMetrics(self.registry, "kvrelay_vllm")
@@ -51,7 +57,8 @@ class WorkerSide:
                                             breaker=self.breaker)
             self.publisher.bind(self.cache)
         if cfg.loads:
-            self.puller = LayerPuller(client_factory(), cfg.store, breaker=self.breaker)  # type: ignore[arg-type]
+            self.puller = LayerPuller(client_factory(), cfg.store, breaker=self.breaker,  # type: ignore[arg-type]
+                                      peers=cfg.peer_stores, make=peer_factory)  # type: ignore[arg-type]
             self.puller.bind(self.cache)
         self._lock = threading.Lock()
         self._meta = StepMeta()
@@ -67,6 +74,9 @@ class WorkerSide:
     def bind(self, meta: StepMeta) -> None:
         self._meta = meta
         self._step = []
+        if self.publisher is not None:  # vLLM aborted them while they were saved: stop, release the store's slots
+            for relay_id in meta.aborted:  # counted in publish_failures once they settle (FAILED, aborted)
+                self.publisher.abort(relay_id, f"vLLM aborted request {relay_id} while it was published")
         if meta.saves and self.publisher is not None:
             reqs = [PublishRequest(s.relay_id, s.token_ids, s.block_ids, first_token=False,
                                    stored_tokens=s.stored_tokens, cache_salt=s.cache_salt) for s in meta.saves]
@@ -87,7 +97,7 @@ class WorkerSide:
                                   chunk_tokens=self.cfg.chunk_tokens,
                                   block_hashes=spec.block_hashes[:-(-spec.num_tokens // self.cfg.chunk_tokens)],
                                   num_layers=layout.num_layers, head_start=0, head_end=layout.total_kv_heads,
-                                  store_address=self.cfg.store, transport=self.cfg.transport)
+                                  store_address=self._store_of(spec), transport=self.cfg.transport)
             state = PullState(kp, spec.block_ids, skip_tokens=spec.skip_tokens, fetch_first_token=False)
             self._loads[spec.req_id] = (spec, state)
             self.puller.start(state, time.monotonic() + spec.deadline_s,
@@ -113,8 +123,8 @@ class WorkerSide:
         self._finished |= finished_req_ids & set(self._saves)
         for req_id in finished_req_ids:  # aborted while loading: stop pulling (reported once settled)
             entry = self._loads.get(req_id)
-            if entry is not None:
-                entry[1].cancel()
+            if entry is not None and self.puller is not None and not entry[1].cancelled:
+                self.puller.cancel(entry[1], f"vLLM request {req_id} ended while loading")
         sending = set()
         for req_id in list(self._finished):
             states = self._saves[req_id]
@@ -160,6 +170,12 @@ class WorkerSide:
                 hook.close()
 
     # ---- helpers -------------------------------------------------------------------------------------------
+    def _store_of(self, spec: LoadSpec) -> str:
+        """The store a load pulls from: the one its decode leg names (its prefill's) when this instance knows
+        other hosts' stores (``peer_stores``; one it does not know fails the load, MISMATCH); with none, its own
+        (a single store, however its prefill spelled the address, as before stores per host)."""
+        return spec.store if spec.store and self.cfg.peer_stores else self.cfg.store
+
     @staticmethod
     def _ping(client_factory: Callable[[], object]) -> None:
         client = client_factory()

@@ -1,6 +1,6 @@
 """GPU checks of the transport half: nvlink and NIXL VRAM between two processes, and the store with a GPU client.
 
-Owns: `check_nvlink()`, `check_nixl_vram()`, `check_store_gpu()` (called by kvrelay/kernels/gpu_check.py),
+Owns: `check_nvlink()`, `check_nixl_vram()`, `check_store_gpu()` (parts of kvrelay/diagnostics/gpu_check.py),
 each returning ``{"ok": bool, ...figures}`` or ``{"ok": False, "error" | "skipped": why}``, never raising,
 each well under two minutes on one GPU; and the peer process they start (``--peer``).  Must not touch:
 anything but the tensors, endpoints and the store daemon they create (all closed or killed at the end).
@@ -11,21 +11,24 @@ returns; a transport that does not order its copies with the caller's stream mov
 byte-exact comparisons fail.  On a machine without CUDA each returns ``{"ok": False, "skipped": "no CUDA
 device"}`` at once.
 
-    python -m kvrelay.transfer.gpu_selfcheck      # all three, one JSON object
+    python -m kvrelay.diagnostics.gpu_selfcheck      # all three, one JSON object
+
+Built on the public APIs below it: transports (`kvrelay.transfer`), the store daemon (`DaemonProcess`) and
+client (`StoreClient`), and kvrelay.proc for the peer process.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import select
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
+
+from kvrelay import proc
 
 COMPAT = "kvrelay-gpu-selfcheck"
 MIB = 1 << 20
@@ -74,34 +77,21 @@ class _Peer:
     """A transport endpoint in another process holding one CUDA region; stops when its stdin closes."""
 
     def __init__(self, kind: str, nbytes: int, device: str = "cuda", timeout: float = 40.0) -> None:
-        root = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-        self._err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvrelay.transfer.gpu_selfcheck", "--peer", kind,
-                                      str(nbytes), device], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._err, env=env)
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else b""
-        if not line:
+        self._tmp = tempfile.TemporaryDirectory(prefix="kvrelay-selfcheck-peer-")
+        self.child = proc.spawn([sys.executable, "-m", "kvrelay.diagnostics.gpu_selfcheck", "--peer", kind,
+                                 str(nbytes), device], name=f"the {kind} peer", pipes=True,
+                                log=Path(self._tmp.name) / "stderr.log", tail_lines=30)
+        try:
+            info = self.child.read_json_line(timeout)
+        except proc.StartError as exc:
             self.stop()
-            raise RuntimeError(f"the {kind} peer did not start within {timeout:.0f}s: {self.stderr()}")
-        info = json.loads(line)
+            raise RuntimeError(str(exc)) from None
         self.address, self.region = info["address"], int(info["region"])
 
-    def stderr(self) -> str:
-        self._err.seek(0)
-        return self._err.read().decode(errors="replace")[-1500:]
-
     def stop(self) -> None:
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._err.close()
+        self.child.stop(15.0, sig=None)  # its stdin closed: it closes its endpoint and exits
+        self.child.close_pipes()
+        self._tmp.cleanup()
 
 
 def _peer_main(kind: str, nbytes: int, device: str) -> int:
@@ -205,26 +195,19 @@ def _store_check(layers: int, chunk_bytes: int, device: str) -> dict:
     import torch
 
     from kvrelay.keys import ChunkKey
-    from kvrelay.readyfile import wait_ready_file
     from kvrelay.store.client import StoreClient
+    from kvrelay.store.process import DaemonProcess
     from kvrelay.transfer.wire import ChunkHeader, checksum
 
     tmp = tempfile.TemporaryDirectory(prefix="kvrelay-selfcheck-")
-    ready = Path(tmp.name) / "ready.json"
-    pool = f"kvrelay-selfcheck-{os.getpid()}"
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    with open(Path(tmp.name) / "store.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "store", "--port", "0", "--metrics-port",
-                                 "-1", "--pool-size", "256MiB", "--pool-name", pool, "--transports", "shm,tcp",
-                                 "--ready-file", str(ready), "--log-level", "WARNING"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    log = Path(tmp.name) / "store.log"
+    daemon = DaemonProcess(pool_size="256MiB", pool_name=f"kvrelay-selfcheck-{os.getpid()}", metrics_port=-1,
+                           transports="shm,tcp")
     try:
         try:
-            info = wait_ready_file(ready, proc, 40)
-        except (ChildProcessError, TimeoutError) as exc:
-            return {"ok": False, "error": f"the store daemon did not start: {exc}: "
-                                          f"{(Path(tmp.name) / 'store.log').read_text()[-1500:]}"}
+            info = daemon.start(timeout=40, log_path=str(log)).info
+        except (RuntimeError, TimeoutError) as exc:
+            return {"ok": False, "error": f"the store daemon did not start: {exc}: {log.read_text()[-1500:]}"}
         gen = torch.Generator(device=device).manual_seed(9)
         out: dict[str, Any] = {"layers": layers, "chunk_bytes": chunk_bytes}
         for transport in ("shm", "tcp"):
@@ -253,19 +236,15 @@ def _store_check(layers: int, chunk_bytes: int, device: str) -> dict:
                 out[transport] = {"exact": exact, "publish_GBps": round(layers * chunk_bytes / pub_s / 1e9, 2),
                                   "pull_GBps": round(layers * chunk_bytes / pull_s / 1e9, 2)}
                 if transport == "shm" and device.startswith("cuda"):
-                    pinner = c._path.pinner
-                    pinner.wait(20)
-                    out["shm"].update(pinned_bytes=pinner.pinned_bytes, pin_seconds=round(pinner.seconds, 2),
-                                      pin_error=pinner.error)
+                    pinning = c.gpu_pinning(timeout=20)
+                    if pinning is None:
+                        raise RuntimeError("a same-host (shm) store client maps no pool to pin")
+                    out["shm"].update(pinned_bytes=pinning["pinned_bytes"], pin_seconds=round(pinning["seconds"], 2),
+                                      pin_error=pinning["error"])
         out["ok"] = all(out[t]["exact"] for t in ("shm", "tcp")) and out["shm"].get("pin_error") is None
         return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        daemon.stop()
         tmp.cleanup()
 
 

@@ -1,4 +1,4 @@
-"""kvrelay.transfer.gpu_selfcheck on a machine without CUDA (forced here even on a GPU host): each check
+"""kvrelay.diagnostics.gpu_selfcheck on a machine without CUDA (forced here even on a GPU host): each check
 answers ``{"ok": False, "skipped": "no CUDA device"}`` at once, without raising or starting anything."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from kvrelay.transfer import gpu_selfcheck
+from kvrelay.diagnostics import gpu_selfcheck
 
 pytestmark = pytest.mark.timeout(60)
 

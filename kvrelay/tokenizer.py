@@ -1,7 +1,9 @@
 """Tokenizers: a checkpoint's ``tokenizer.json`` (the `tokenizers` package) or a byte-level fallback,
-and the plain chat template used by /v1/chat/completions.
+and the plain chat template of the reference engine's /v1/chat/completions.
 
-Owns: text <-> token ids.  Must not touch: the model.
+In the base layer: the reference engine tokenizes with it, and the router (kvrelay.router.tokenize) falls
+back to it for workers that do not tokenize for it.  Owns: text <-> token ids.  Must not touch: any model
+or engine (it imports nothing of kvrelay).
 """
 
 from __future__ import annotations

@@ -1,0 +1,80 @@
+"""`kvrelay up --engine vllm` without starting anything: the vLLM server's command line (host, KV events over
+ipc://), the plan's wiring of each server's KV events to the router, and the errors for bad endpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvrelay.engines.vllm.process import VllmServer, kv_events_config
+from kvrelay.hostplan import Join, VllmSpec, resolve
+from kvrelay.launcher import build_parser
+from kvrelay.localplan import local_plan
+from kvrelay.router.cacheview import parse_events
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def test_kv_events_config_is_ipc_only():
+    cfg = kv_events_config("ipc:///tmp/x/decode0.kv")
+    assert cfg == {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "ipc:///tmp/x/decode0.kv",
+                   "replay_endpoint": "ipc:///tmp/x/decode0.kv.replay", "topic": ""}
+    for bad in ("tcp://*:5557", "tcp://127.0.0.1:5557", "ipc://"):
+        with pytest.raises(ValueError, match="give ipc://PATH"):
+            kv_events_config(bad)
+    with pytest.raises(ValueError, match="longer than"):
+        kv_events_config("ipc:///" + "d" * 120)
+
+
+def test_server_argv_has_host_and_events(ckpt):
+    srv = VllmServer(ckpt, port=8123, kv_events="ipc:///tmp/x/p.kv")
+    argv = srv.argv
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and srv.url == "http://127.0.0.1:8123"
+    assert json.loads(argv[argv.index("--kv-events-config") + 1])["endpoint"] == "ipc:///tmp/x/p.kv"
+    other = VllmServer(ckpt, port=8124, host="198.18.0.2")
+    assert other.argv[other.argv.index("--host") + 1] == "198.18.0.2" and other.url == "http://198.18.0.2:8124"
+    assert other.env["VLLM_HOST_IP"] == "198.18.0.2" and "--kv-events-config" not in other.argv
+    with pytest.raises(ValueError, match="give ipc://PATH"):
+        VllmServer(ckpt, kv_events="tcp://*:5557")
+    assert srv.ready_info() is None  # not spawned: not ready
+
+
+def test_plan_feeds_each_vllm_servers_events_to_the_router(tmp_path, ckpt):
+    args = build_parser().parse_args(["--engine", "vllm", "--checkpoint", str(ckpt), "--demo"])
+    plan = local_plan(args, "kvrelay-up-test", tmp_path, [])
+    launches = dict(plan.processes)
+    for name in ("prefill0", "decode0"):
+        spec = launches[name]
+        assert isinstance(spec, VllmSpec) and spec.kv_events == f"ipc://{tmp_path.resolve()}/{name}.kv"
+        assert spec.host == "127.0.0.1"
+    assert launches["colocated"].kv_events is None  # type: ignore[union-attr]
+    router = launches["router"]
+    events = [router[i + 1] for i, a in enumerate(router) if a == "--events"]
+    assert len(events) == 2 and all(isinstance(e, Join) for e in events)
+    ready = {"store": {"address": "tcp://127.0.0.1:5600"}}
+    for i, name in enumerate(("prefill0", "decode0")):
+        ready[name] = {"url": f"http://127.0.0.1:{9000 + i}", "events": f"ipc:///w/{name}.kv",
+                       "events_replay": f"ipc:///w/{name}.kv.replay"}
+    argv = resolve(router, ready)
+    spec = argv[argv.index("--events") + 1]
+    assert spec == "http://127.0.0.1:9000=ipc:///w/prefill0.kv,ipc:///w/prefill0.kv.replay"
+    source = parse_events(spec, {"http://127.0.0.1:9000", "http://127.0.0.1:9001", "store"})
+    assert (source.endpoint, source.replay) == ("ipc:///w/prefill0.kv", "ipc:///w/prefill0.kv.replay")
+
+
+def test_up_refuses_a_directory_that_is_not_a_checkpoint(tmp_path, ckpt):
+    from kvrelay.launcher import check_args
+    args = build_parser().parse_args(["--engine", "vllm", "--checkpoint", str(tmp_path / "nothing")])
+    error = check_args(args)
+    assert error is not None and "is not a checkpoint directory (config.json" in error
+    assert check_args(build_parser().parse_args(["--engine", "vllm"])).startswith("--engine vllm needs --checkpoint")
+    ok = check_args(build_parser().parse_args(["--engine", "vllm", "--checkpoint", str(ckpt)]))
+    from kvrelay.engines.vllm.process import setup_problem
+    assert ok == (None if setup_problem(ckpt) is None else f"--engine vllm --checkpoint {ckpt}: {setup_problem(ckpt)}")
