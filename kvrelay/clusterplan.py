@@ -10,6 +10,7 @@ Must not touch: reading and validating the file (cluster.py), starting or superv
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import socket
@@ -79,13 +80,18 @@ def plan(spec: ClusterSpec, host: HostSpec, pool_name: str, workdir: Path) -> Ho
         procs.append(("store", args))
     counts = {"prefill": 0, "decode": 0}
     cores = sorted(os.sched_getaffinity(0))
+    # hosts on one address share a machine (a cluster on loopback): each vLLM server pins its OpenMP threads to
+    # a core, so this host's take the cores after those of the hosts listed before it (two vLLM workers pinned
+    # to one core stalled each other here: a prefill's step waited up to a minute while a decode spun)
+    first = sum(len(h.engines) for h in itertools.takewhile(lambda h: h is not host, spec.hosts.values())
+                if h.engine == "vllm" and h.address == host.address)
     events: list[str] = []  # the router's --events of this host's vLLM servers
     for i, e in enumerate(host.engines):
         transport = "shm" if host.address == store_host.address else spec.transport
         name = f"{e.role}{counts[e.role]}"
         counts[e.role] += 1
         if host.engine == "vllm":
-            procs.append((name, _vllm(spec, host, e, transport, cores[i % len(cores)], workdir, name)))
+            procs.append((name, _vllm(spec, host, e, transport, cores[(first + i) % len(cores)], workdir, name)))
             if host.router_port is not None:  # ipc:// reaches this host only
                 pub = f"ipc://{workdir.resolve()}/{name}.kv"
                 events.append(f"http://{_url_host(addr)}:{e.port}={pub},{pub}.replay")

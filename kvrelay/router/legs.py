@@ -134,8 +134,10 @@ class Legs:
             tried.add(worker.url)
             attempt_load = worker.hold(requests=1)
             t0 = time.monotonic()
+            log.debug("prefill leg of %s: attempt %d on %s", rid, attempt + 1, worker.url)
             try:
                 async with self.http("prefill").post(worker.url + path, data) as r:
+                    log.debug("prefill leg of %s: HTTP %d after %.3f s", rid, r.status, time.monotonic() - t0)
                     answer = await r.read()
                 if r.status >= 500:
                     raise LegFailure(f"HTTP {r.status}: {answer[:300]!r}", fatal=False)

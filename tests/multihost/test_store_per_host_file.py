@@ -199,3 +199,28 @@ def test_keep_remote_prefix_is_passed_to_that_decode_only(keys, tmp_path):
     kept, plain = d.processes[1][1], d.processes[2][1]
     assert isinstance(kept, list) and isinstance(plain, list)
     assert "--keep-remote-prefix" in kept and "--keep-remote-prefix" not in plain
+
+
+def test_vllm_servers_of_hosts_on_one_address_are_pinned_to_different_cores(keys, tmp_path, monkeypatch):
+    """Hosts on one address share a machine: each vLLM server pins its OpenMP threads to a core, and two workers
+    pinned to one core stalled each other here (a prefill's step waited until the decode's pull gave up)."""
+    import os
+    monkeypatch.setattr(CP, "_check_vllm", lambda spec, host: None)  # a plan only: no checkpoint, no vLLM needed
+    spec = spec_of("""
+engine: vllm
+model: {checkpoint: /m}
+keys: KEYS
+hosts:
+  a: {address: 127.0.0.1, store: {port: 5611}, prefill: [{port: 8111}]}
+  b: {address: 127.0.0.1, store: {port: 5614}, decode: [{port: 8212}], router: {port: 8011}}
+  c: {address: 198.18.9.3, store: {port: 5617}, decode: [{port: 8213}]}
+""", keys)
+    cores = sorted(os.sched_getaffinity(0))
+
+    def core_of(host: str) -> int:
+        (launch,) = [p for _, p in CP.plan(spec, spec.hosts[host], "pool", tmp_path).processes
+                     if isinstance(p, CP.VllmSpec)]
+        return launch.cpu_core
+    assert core_of("a") == cores[0]
+    assert core_of("b") == cores[1 % len(cores)]  # after a's server: same machine
+    assert core_of("c") == cores[0]  # another machine starts at its first core

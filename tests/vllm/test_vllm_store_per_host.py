@@ -78,13 +78,13 @@ hosts:
 
         def settled_loads() -> float:
             return _metric(decode, "kvrelay:loads_ok_total") + _metric(decode, "kvrelay:loads_failed_total")
-        # one request first: the first P/D request after start-up has reached the prefill's engine about 30 s
-        # late here (its prefill leg waited; the decode then recomputes, correctly): the test is about which
-        # store the decode pulls from, so it measures the second request
+        # the first request after start-up loads too: with both hosts' vLLM workers pinned to one core (both
+        # hosts planned core 0), a prefill's step waited here until the spinning decode's pull gave up (30 s)
         assert len(wait_until(lambda: complete(router, prompt(3 * 32 + 5, seed=22), model), 120,
                               "a first answer through the router", interval=0.5)) == 4
         wait_until(lambda: settled_loads() >= 1, 120, "the decode's first load settled", interval=0.5)
         ok0, failed0 = _metric(decode, "kvrelay:loads_ok_total"), _metric(decode, "kvrelay:loads_failed_total")
+        assert (ok0, failed0) == (1, 0), "the first request's load failed (the decode recomputed it)"
         answer = complete(router, prompt(5 * 32 + 7, seed=23), model)
         assert len(answer) == 4
 
