@@ -242,6 +242,7 @@ def _start_engines(procs: HostProcesses, plan: HostPlan, engines: list[tuple[str
         _wait_for_store(store)
     started: list[tuple[str, Callable[[], dict[str, Any]]]] = []
     keys = security.current()  # with keys, vLLM answers only the bearer token the router sends
+    _warn_shared_cores([(name, launch) for name, launch in engines if isinstance(launch, VllmSpec)])
     for name, launch in engines:
         if isinstance(launch, VllmSpec):
             child = procs.spawn_vllm(name, launch.checkpoint, launch.start_timeout, name=launch.name,
@@ -257,6 +258,20 @@ def _start_engines(procs: HostProcesses, plan: HostPlan, engines: list[tuple[str
     for name, wait in started:
         ready[name] = wait()
         _show(plan, name, ready[name])
+
+
+def _warn_shared_cores(servers: list[tuple[str, VllmSpec]]) -> None:
+    """Say so when vLLM servers of this host share a core: each pins its OpenMP threads to its core, and a
+    decode waiting for KV keeps its core busy (vLLM steps every millisecond), so a server beside it on that
+    core stalls meanwhile (a prefill there waited until the decode's pull gave up)."""
+    by_core: dict[int, list[str]] = {}
+    for name, spec in servers:
+        by_core.setdefault(spec.cpu_core, []).append(name)
+    for core, names in sorted(by_core.items()):
+        if len(names) > 1:
+            print(f"kvrelay up: warning: the vLLM servers {', '.join(names)} share core {core} (this machine has "
+                  f"{len(os.sched_getaffinity(0))} for this process): while one waits or computes, the others on "
+                  f"that core stall", file=sys.stderr)
 
 
 def _show(plan: HostPlan, name: str, info: dict[str, Any]) -> None:

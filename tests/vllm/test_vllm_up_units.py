@@ -78,3 +78,46 @@ def test_up_refuses_a_directory_that_is_not_a_checkpoint(tmp_path, ckpt):
     ok = check_args(build_parser().parse_args(["--engine", "vllm", "--checkpoint", str(ckpt)]))
     from kvrelay.engines.vllm.process import setup_problem
     assert ok == (None if setup_problem(ckpt) is None else f"--engine vllm --checkpoint {ckpt}: {setup_problem(ckpt)}")
+
+
+def test_ready_info_sends_the_warm_up_on_a_thread_and_retries_a_failed_one(ckpt):
+    """A supervisor asks ready_info on its loop: the warm-up prompt (up to a minute on a busy machine) must not
+    hold that loop, so it runs on a thread; a failed one is sent again, and the server is ready once one came
+    back."""
+    import threading
+    from types import SimpleNamespace
+
+    from waiting import wait_until
+    srv = VllmServer(ckpt, port=8125)
+    srv.process = SimpleNamespace(alive=lambda: True, pid=4242)  # type: ignore[assignment]
+    srv.healthy = lambda timeout=2.0: True  # type: ignore[method-assign]
+    release, calls = threading.Event(), []
+
+    def complete(tokens, max_tokens=16, timeout=300.0, **kw):
+        calls.append(len(tokens))
+        if len(calls) == 1:
+            raise RuntimeError("HTTP 500: the engine is not up yet")
+        assert release.wait(60), "the test never released the warm-up"
+        return {}
+    srv.complete = complete  # type: ignore[method-assign]
+    assert srv.ready_info() is None  # the first warm-up starts (and fails) on its thread
+    wait_until(lambda: srv._warming is not None and not srv._warming.thread.is_alive(), 10, "the first warm-up")
+    assert srv.ready_info() is None  # its failure is reported: not ready
+    assert srv.ready_info() is None and not release.is_set()  # the second is sent; this call did not wait on it
+    wait_until(lambda: calls == [16, 16], 10, "the second warm-up sent")
+    release.set()
+    info = wait_until(srv.ready_info, 10, "ready once the warm-up came back")
+    assert info["pid"] == 4242 and info["url"] == "http://127.0.0.1:8125"
+    assert srv.ready_info() is not None and calls == [16, 16]  # warmed up: never sent again in this run
+
+
+def test_up_warns_when_vllm_servers_share_a_core(ckpt, capsys):
+    from kvrelay.launcher import _warn_shared_cores
+
+    def spec(core: int) -> VllmSpec:
+        return VllmSpec(str(ckpt), "m", 32, 1.0, core, None, "shm", 60.0)
+    _warn_shared_cores([("prefill0", spec(0)), ("decode0", spec(1))])
+    assert capsys.readouterr().err == ""
+    _warn_shared_cores([("prefill0", spec(0)), ("decode0", spec(1)), ("colocated", spec(0))])
+    err = capsys.readouterr().err
+    assert "the vLLM servers prefill0, colocated share core 0" in err and "decode0" not in err

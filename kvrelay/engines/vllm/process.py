@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -137,6 +138,7 @@ class VllmServer:
         self.startup_s: float | None = None  # seconds from spawn to /health == 200
         self._t0 = 0.0
         self._warm = False  # the current run had its warm-up prompt
+        self._warming: _WarmUp | None = None  # the current run's warm-up prompt, in flight or just ended
 
     @property
     def popen(self) -> subprocess.Popen[bytes] | None:
@@ -162,24 +164,21 @@ class VllmServer:
             if self.process.alive():
                 raise RuntimeError(f"vLLM server {self.name} is still running (pid {self.process.pid})")
             self.process.kill()  # the whole group: an orphaned EngineCore would hold the core and its memory
-        self._t0, self._warm, self.startup_s = time.monotonic(), False, None
+        self._t0, self._warm, self._warming, self.startup_s = time.monotonic(), False, None, None
         self.process = proc.spawn(self.argv, name=f"vLLM server {self.name}", log=self.log_path, env=self.env,
                                   log_mode=log_mode, log_header=log_header, session=True,
                                   die_with_parent=die_with_parent, tail_lines=30)
         return self.process
 
     def ready_info(self) -> dict[str, Any] | None:
-        """Never more than a short wait: None until GET /health answers 200 (then the warm-up prompt is sent,
-        once per run); then what a supervisor and `kvrelay status` know of it (url, port, health URL, KV
-        events endpoint)."""
+        """Never more than a short wait: None until GET /health answers 200 and then until the warm-up prompt
+        (once per run, sent on a thread: a supervisor's loop keeps watching its other children meanwhile) was
+        answered; then what a supervisor and `kvrelay status` know of it (url, port, health URL, KV events
+        endpoint)."""
         if self.process is None or not self.process.alive() or not self.healthy(timeout=0.5):
             return None
-        if self.warmup and not self._warm:  # see the module docstring: a 1-token first forward kills the Worker
-            try:
-                self.complete([0] * WARMUP_TOKENS, 1, timeout=60.0, ignore_eos=True)
-            except (RuntimeError, OSError, ValueError) as exc:  # not ready after all (a supervisor's deadline still holds)
-                log.warning("vLLM server %s: its warm-up prompt failed (%s); not ready yet", self.name, exc)
-                return None
+        if self.warmup and not self._warm and not self._warmed_up():
+            return None
         self._warm = True
         if self.startup_s is None:
             self.startup_s = time.monotonic() - self._t0
@@ -188,6 +187,21 @@ class VllmServer:
         if self.kv_events is not None:
             info["events"], info["events_replay"] = self.kv_events, f"{self.kv_events}.replay"
         return info
+
+    def _warmed_up(self) -> bool:
+        """Whether this run's warm-up prompt was answered (see the module docstring: a 1-token first forward
+        kills the Worker); the first call starts it on a thread, a failed one is sent again at a later call."""
+        job = self._warming
+        if job is None:
+            job = self._warming = _WarmUp(self)
+            return False
+        if job.thread.is_alive():
+            return False
+        self._warming = None
+        if job.error is not None:  # not ready after all (a supervisor's deadline still holds)
+            log.warning("vLLM server %s: its warm-up prompt failed (%s); not ready yet", self.name, job.error)
+            return False
+        return True
 
     def wait_healthy(self, timeout: float = 300.0) -> "VllmServer":
         """Wait until GET /health answers 200, failing fast (log tail) if the process exits; stop it on failure."""
@@ -247,3 +261,19 @@ class VllmServer:
                 "temperature": 0.0, "return_token_ids": True, **kw}
         return http_json(f"{self.url}/v1/completions", body, timeout, headers=self.headers)
 
+
+class _WarmUp:
+    """A server run's warm-up prompt on a daemon thread: ``error`` once it failed (None while it runs or once
+    answered).  A previous run's thread, still waiting on a server that was restarted, settles on its own."""
+
+    def __init__(self, server: VllmServer) -> None:
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._run, args=(server,), name=f"vllm-warmup-{server.name}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, server: VllmServer) -> None:
+        try:
+            server.complete([0] * WARMUP_TOKENS, 1, timeout=60.0, ignore_eos=True)
+        except (RuntimeError, OSError, ValueError) as exc:
+            self.error = exc
