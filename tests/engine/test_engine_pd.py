@@ -92,13 +92,13 @@ def test_pd_is_token_identical_to_colocated(model_cfg, weights, store, prompts, 
     eng = _decode_engine(model_cfg, weights, store, transport, block_size=DECODE_BLOCK[transport])
     try:
         # round 1: the base prompts; round 2: prompts whose prefix this decode engine now holds
-        r1 = eng.run([Sequence(p, SP, kv_params=kp) for p, kp in zip(prompts[0], published[0])])
-        r2 = eng.run([Sequence(p, SP, kv_params=kp) for p, kp in zip(prompts[1], published[1])])
+        r1 = eng.run([Sequence(p, SP, kv_params=kp) for p, kp in zip(prompts[0], published[0], strict=True)])
+        r2 = eng.run([Sequence(p, SP, kv_params=kp) for p, kp in zip(prompts[1], published[1], strict=True)])
         got = [s.output for s in r1 + r2]
         assert [s.recomputed for s in r1 + r2] == [None] * len(got)
         assert got == want
         # the first decode step's logits are bit-identical to colocated's (its second sampled row)
-        for s, c in zip(r1 + r2, colocated):
+        for s, c in zip(r1 + r2, colocated, strict=True):
             assert torch.equal(s.logits[0], c.logits[1])
         assert _value(eng.metrics.transfer.pulls, "ok", "") == len(got)
         assert _value(eng.metrics.transfer.pull_skipped_tokens) > 0  # partly cached prefixes were not pulled
@@ -126,10 +126,10 @@ def test_negative_control_another_prompts_kv_changes_the_logits(model_cfg, weigh
     eng = _decode_engine(model_cfg, weights, store, "shm")
     try:
         right_first = [colocated[i].output[0] for i in idx]
-        for kp, t in zip(wrong, right_first):
+        for kp, t in zip(wrong, right_first, strict=True):
             kp.first_token = t  # same first token: only the KV differs
-        seqs = eng.run([Sequence(base[i], SP, kv_params=kp) for i, kp in zip(idx, wrong)])
-        for s, i in zip(seqs, idx):
+        seqs = eng.run([Sequence(base[i], SP, kv_params=kp) for i, kp in zip(idx, wrong, strict=True)])
+        for s, i in zip(seqs, idx, strict=True):
             diff = (s.logits[0] - colocated[i].logits[1]).abs().max().item()
             assert diff > 0.1, f"another prompt's KV moved the logits by only {diff}"
     finally:

@@ -65,7 +65,7 @@ def test_store_events_commit_spill_restart(tmp_path):
     try:
         assert d.info["events"] == ep and d.info["events_replay"] == rep
         raw.connect(ep)
-        for name, v in zip(("a", "b"), views):
+        for name, v in zip(("a", "b"), views, strict=True):
             subs.append(EventSubscriber(ep, rep, v.on_batch, on_resync=v.on_resync, source=name).start())
         assert all(s.wait_in_step(WAIT) for s in subs)
         with StoreClient(d.address, compat_hash=COMPAT) as c:
@@ -74,7 +74,7 @@ def test_store_events_commit_spill_restart(tmp_path):
             assert views[0].wait_for(lambda v: v.hashes("a", MEDIUM_CPU_TIER1) == set(want2), WAIT)
             assert views[0].hashes("a", MEDIUM_CPU_TIER1).isdisjoint(want1)  # negative control: layer 1 missing
             publish(c, "r1b", p1, layers=[1])
-            for name, v in zip(("a", "b"), views):
+            for name, v in zip(("a", "b"), views, strict=True):
                 assert v.wait_for(lambda v, n=name: v.hashes(n, MEDIUM_CPU_TIER1) == set(want1 + want2), WAIT)
                 assert v.wait_for(lambda v, n=name: v.hashes(n, MEDIUM_DISK) == set(want1 + want2), WAIT)
             blocks = views[0].blocks("a", MEDIUM_CPU_TIER1)

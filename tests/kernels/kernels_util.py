@@ -54,7 +54,7 @@ def layers_equal(a: LayerTensors, b: LayerTensors) -> bool:
     """Byte-exact, padding included (so a write outside the logical cache is caught)."""
     ta = (a,) if isinstance(a, torch.Tensor) else a
     tb = (b,) if isinstance(b, torch.Tensor) else b
-    return all(_storage_bytes(x).equal(_storage_bytes(y)) for x, y in zip(ta, tb))
+    return len(ta) == len(tb) and all(_storage_bytes(x).equal(_storage_bytes(y)) for x, y in zip(ta, tb, strict=True))
 
 
 def _storage_bytes(t: torch.Tensor) -> torch.Tensor:

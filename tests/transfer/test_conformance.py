@@ -91,7 +91,7 @@ def test_write_random_permuted_descs_byte_exact(endpoint, peer, connected, local
     roffs = np.cumsum([0] + lengths[:-1]).tolist()
     loffs = rng.permutation(np.cumsum([0] + lengths[:-1]))  # permuted local order
     buf[:] = rng.integers(0, 256, buf.size, dtype=np.uint8)
-    descs = [Desc(rid, int(lo), peer.regions[0], int(ro), n) for lo, ro, n in zip(loffs, roffs, lengths)]
+    descs = [Desc(rid, int(lo), peer.regions[0], int(ro), n) for lo, ro, n in zip(loffs, roffs, lengths, strict=True)]
     order = rng.permutation(len(descs))
     with endpoint.write(connected, [descs[i] for i in order], timeout=30) as h:
         h.result()
