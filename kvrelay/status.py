@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kvrelay import upstate
+from kvrelay import security, upstate
 
 
 def probe(url: str, timeout: float) -> str:
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd", default="", metavar="URL",
                    help="list the members registered in this etcd (http://HOST:PORT) instead of a `kvrelay up`")
     p.add_argument("--cluster", default="default", help="with --etcd: the cluster to list")
+    security.add_argument(p)  # with --etcd: an etcd with TLS is reached with the keys' client certificate
     return p
 
 
@@ -135,6 +136,7 @@ def main_etcd(args: argparse.Namespace) -> int:
     try:
         endpoint = check_endpoint(args.etcd, "--etcd")
         check_cluster(args.cluster)
+        security.configure(args.keys)  # KeysError (a ValueError) names a bad directory
         rows = etcd_members(endpoint, args.cluster, args.timeout)
     except ValueError as exc:
         print(f"kvrelay status: {exc}", file=sys.stderr)

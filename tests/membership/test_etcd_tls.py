@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 
 import pytest
 from cryptography import x509
@@ -91,6 +94,16 @@ def test_members_register_and_are_followed_over_tls(tmp_path, keys, monkeypatch,
             listed = await asyncio.to_thread(status.main, ["--etcd", server.url, "--cluster", "tls", "--json"])
             assert listed == 3  # kvrelay status --etcd https://...: d1 listed (its address answers nothing: down)
             assert [m["name"] for m in json.loads(capsys.readouterr().out)["members"]] == ["d1"]
+            # the command line, in a process without $KVRELAY_KEYS: --keys DIR reaches it, nothing does not
+            env = {k: v for k, v in os.environ.items() if k != "KVRELAY_KEYS"}
+            argv = [sys.executable, "-m", "kvrelay.cli", "status", "--etcd", server.url, "--cluster", "tls", "--json"]
+            with_keys = await asyncio.to_thread(subprocess.run, [*argv, "--keys", str(keys)], env=env,
+                                                capture_output=True, text=True, timeout=60)
+            assert with_keys.returncode == 3, with_keys.stderr
+            assert [m["name"] for m in json.loads(with_keys.stdout)["members"]] == ["d1"]
+            without = await asyncio.to_thread(subprocess.run, argv, env=env, capture_output=True, text=True,
+                                              timeout=60)
+            assert without.returncode == 1 and "pass --keys DIR" in without.stderr, without.stderr
             await reg.stop()  # revoked over https: gone at once
             await await_until(lambda: not view.members, 5, "d1 gone once revoked")
             await view.stop()
