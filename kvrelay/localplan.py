@@ -73,7 +73,10 @@ def _vllm(args: argparse.Namespace, roles: list[tuple[str, str]], workdir: Path)
     out: list[tuple[str, Launch]] = []
     for i, (label, role) in enumerate(roles):
         bs = args.prefill_block_size if role == "prefill" else args.decode_block_size
-        out.append((label, VllmSpec(args.checkpoint, name, bs or 32, args.vllm_kv_cache_gib, cores[i % len(cores)],
+        # where cores run out, the colocated baseline takes the last one (a decode's: roles list prefills first),
+        # not a prefill's: a decode waiting for KV keeps its core busy, and a prefill there would wait with it
+        core = cores[-1] if role == "colocated" and i >= len(cores) else cores[i % len(cores)]
+        out.append((label, VllmSpec(args.checkpoint, name, bs or 32, args.vllm_kv_cache_gib, core,
                                     None if role == "colocated" else connector, args.transport,
                                     args.vllm_start_timeout,
                                     kv_events=None if role == "colocated" else

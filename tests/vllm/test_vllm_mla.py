@@ -54,7 +54,8 @@ def mla_cluster(tmp_path_factory):
                         log_path=logs / "prefill.log"),
         "D": VllmServer(ckpt, name="m", dtype="float32", cpu_core=1, kv_transfer_config=ktc,
                         log_path=logs / "decode.log"),
-        "C": VllmServer(ckpt, name="m", dtype="float32", cpu_core=0, log_path=logs / "colocated.log"),
+        # the colocated server beside the decode: nothing shares the prefill's core (vllm_helpers.pd_servers)
+        "C": VllmServer(ckpt, name="m", dtype="float32", cpu_core=1, log_path=logs / "colocated.log"),
     }
     try:
         for s in servers.values():

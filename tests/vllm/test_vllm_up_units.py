@@ -121,3 +121,14 @@ def test_up_warns_when_vllm_servers_share_a_core(ckpt, capsys):
     _warn_shared_cores([("prefill0", spec(0)), ("decode0", spec(1)), ("colocated", spec(0))])
     err = capsys.readouterr().err
     assert "the vLLM servers prefill0, colocated share core 0" in err and "decode0" not in err
+
+
+def test_the_demos_colocated_server_never_shares_the_prefills_core(tmp_path, ckpt, monkeypatch):
+    import os
+    args = build_parser().parse_args(["--engine", "vllm", "--checkpoint", str(ckpt), "--demo"])
+    for cpus, want in (({0, 1}, {"prefill0": 0, "decode0": 1, "colocated": 1}),
+                       ({0, 1, 2, 3}, {"prefill0": 0, "decode0": 1, "colocated": 2})):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cpus=cpus: cpus)
+        plan = local_plan(args, "kvrelay-up-test", tmp_path, [])
+        got = {name: p.cpu_core for name, p in plan.processes if isinstance(p, VllmSpec)}
+        assert got == want, (cpus, got)

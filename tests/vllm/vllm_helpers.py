@@ -44,7 +44,7 @@ def prompt(n: int, seed: int = 0) -> list[int]:
 def pd_servers(ckpt: Path, logs: Path, store_transports: str, colocated: bool = False) -> Iterator[tuple]:
     """A kvrelay store (512 MiB pool, ``store_transports``), a prefill (block size 32, core 0) and a decode
     (block size 64, core 1) vLLM server with KVRelayConnector over shm, and with ``colocated`` a server
-    without a connector (block size 64, core 0); their logs in ``logs``.  Yields (store, {"P": prefill,
+    without a connector (block size 64, core 1); their logs in ``logs``.  Yields (store, {"P": prefill,
     "D": decode[, "C": colocated]}), every server healthy; stops them all, then the store."""
     from kvrelay.engines.vllm.config import vllm_kv_transfer_config
     from kvrelay.engines.vllm.process import VllmServer
@@ -63,7 +63,10 @@ def pd_servers(ckpt: Path, logs: Path, store_transports: str, colocated: bool = 
                         log_path=logs / "decode.log"),
     }
     if colocated:
-        servers["C"] = VllmServer(ckpt, name="m", block_size=64, cpu_core=0, log_path=logs / "colocated.log")
+        # beside the decode, not the prefill: two vLLM workers pinned to one core stall each other (a prefill
+        # there waited until a decode's pull gave up, tests/vllm/test_vllm_store_per_host.py); the decode is idle
+        # while the colocated server computes, and the colocated server is idle while the decode waits for KV
+        servers["C"] = VllmServer(ckpt, name="m", block_size=64, cpu_core=1, log_path=logs / "colocated.log")
     try:
         for s in servers.values():
             s.spawn()
