@@ -132,3 +132,30 @@ def test_the_demos_colocated_server_never_shares_the_prefills_core(tmp_path, ckp
         plan = local_plan(args, "kvrelay-up-test", tmp_path, [])
         got = {name: p.cpu_core for name, p in plan.processes if isinstance(p, VllmSpec)}
         assert got == want, (cpus, got)
+
+
+def test_reap_shm_removes_only_unmapped_segments_of_this_run():
+    """What a SIGKILLed vLLM run leaves in /dev/shm is removed when its server stops or restarts; a segment a
+    live process maps, or one older than the run, is not."""
+    import time
+    from multiprocessing import resource_tracker, shared_memory
+
+    from kvrelay.engines.vllm.process import SHM_DIR, reap_shm
+    from waiting import wait_until
+    old = shared_memory.SharedMemory(create=True, size=4096)  # from before the run
+    old.close()
+    since = (SHM_DIR / old.name).stat().st_ctime + 0.05  # the run started after it
+    wait_until(lambda: time.time() > since + 0.05, 5, "the clock past the run's start")
+    live = shared_memory.SharedMemory(create=True, size=4096)  # mapped by this process
+    left = shared_memory.SharedMemory(create=True, size=4096)
+    left.close()  # unmapped, never unlinked: what a killed process leaves
+    try:
+        gone = reap_shm(since, slack=0.0)
+        assert left.name in gone and live.name not in gone and old.name not in gone
+        assert not (SHM_DIR / left.name).exists() and (SHM_DIR / live.name).exists()
+        assert (SHM_DIR / old.name).exists()
+    finally:
+        live.close()
+        live.unlink()
+        old.unlink()
+        resource_tracker.unregister(f"/{left.name}", "shared_memory")  # reap_shm unlinked it

@@ -81,6 +81,54 @@ def kv_events_config(endpoint: str) -> dict[str, Any]:
             "replay_endpoint": f"{endpoint}.replay", "topic": ""}
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def reap_shm(since: float, shm_dir: Path = SHM_DIR, slack: float = 1.0) -> list[str]:
+    """Unlink the POSIX shared memory segments (``psm_*``, Python's SharedMemory) of this user created at or
+    after ``since`` (wall clock) that no live process maps; their names.  vLLM's shutdown force-kills its
+    EngineCore and Worker (``timeout=0s``), and a killed run leaves its message queues' segments behind (160
+    and 240 MiB of RAM here, for good).  A segment some process still maps is never touched, nor another
+    user's (whose mappings this process may not see).  ``slack``: seconds of clock granularity allowed."""
+    uid = os.getuid()
+    candidates = []
+    for f in shm_dir.glob("psm_*"):
+        try:
+            st = f.stat()
+        except OSError:  # unlinked meanwhile
+            continue
+        if st.st_uid == uid and st.st_ctime >= since - slack:
+            candidates.append(f)
+    if not candidates:
+        return []
+    mapped = _mapped_shm()
+    gone = []
+    for f in candidates:
+        if f.name in mapped:
+            continue
+        try:
+            f.unlink()
+            gone.append(f.name)
+        except OSError:
+            pass
+    return gone
+
+
+def _mapped_shm() -> set[str]:
+    """The names of /dev/shm files that some process this one can inspect maps (/proc/PID/maps)."""
+    names: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text(errors="replace")
+        except OSError:  # exited, or not this user's
+            continue
+        for line in text.splitlines():
+            i = line.find("/dev/shm/")
+            if i >= 0:
+                names.add(line[i + len("/dev/shm/"):].split(" ", 1)[0])
+    return names
+
+
 class VllmServer:
     """A vLLM OpenAI-compatible server on ``host`` (127.0.0.1 unless given), in its own process group, logging
     to a file; ``kv_events``: publish vLLM's KV events at this ``ipc://`` endpoint (see `kv_events_config`);
@@ -139,6 +187,7 @@ class VllmServer:
         self._t0 = 0.0
         self._warm = False  # the current run had its warm-up prompt
         self._warming: _WarmUp | None = None  # the current run's warm-up prompt, in flight or just ended
+        self._spawned_at: float | None = None  # wall clock of the current run's spawn (its shm segments' age)
 
     @property
     def popen(self) -> subprocess.Popen[bytes] | None:
@@ -164,7 +213,9 @@ class VllmServer:
             if self.process.alive():
                 raise RuntimeError(f"vLLM server {self.name} is still running (pid {self.process.pid})")
             self.process.kill()  # the whole group: an orphaned EngineCore would hold the core and its memory
+            self._reap_shm(wait=2.0)
         self._t0, self._warm, self._warming, self.startup_s = time.monotonic(), False, None, None
+        self._spawned_at = time.time()
         self.process = proc.spawn(self.argv, name=f"vLLM server {self.name}", log=self.log_path, env=self.env,
                                   log_mode=log_mode, log_header=log_header, session=True,
                                   die_with_parent=die_with_parent, tail_lines=30)
@@ -237,6 +288,22 @@ class VllmServer:
             return
         # the server leads its own group; EngineCore and Worker exit after it
         self.process.stop(self.grace if grace is None else grace, group=True, wait_group=True)
+        self._reap_shm()
+
+    def _reap_shm(self, wait: float = 0.0) -> None:
+        """After this run's process group is gone (waiting up to ``wait`` s for it): unlink the shared memory
+        segments it left (`reap_shm`)."""
+        if self.process is None or self._spawned_at is None:
+            return
+        deadline = time.monotonic() + wait
+        while proc.group_alive(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # killed: nothing to wait on but the pids of its EngineCore and Worker
+        if proc.group_alive(self.process.pid):
+            return  # still mapped by what is left: the next stop or restart reaps them
+        left = reap_shm(self._spawned_at)
+        if left:
+            log.info("vLLM server %s: removed %d shared memory segment(s) its processes left (%s)", self.name,
+                     len(left), ", ".join(left))
 
     def __enter__(self) -> "VllmServer":
         return self.start() if self.process is None else self
