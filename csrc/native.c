@@ -50,9 +50,10 @@ static PyObject *py_copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return PyLong_FromLongLong(bytes);
 }
 
-#define PERM_NARGS 17
+#define PERM_NARGS 19
 /* perm_copy(pack, region, region_nbytes, num_blocks, cache_heads, block_size, head_dim, elem_size, perm_ptr,
- * ids_ptr, num_ids, token_start, tokens, chunk_ptr, chunk_nbytes, chunk_heads, chunk_h0) -> bytes (permcopy.h) */
+ * ids_ptr, num_ids, token_start, tokens, chunk_ptr, chunk_nbytes, chunk_heads, chunk_h0, cache_h0, num_heads)
+ * -> bytes (permcopy.h) */
 static PyObject *py_perm_copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != PERM_NARGS) {
@@ -74,6 +75,7 @@ static PyObject *py_perm_copy(PyObject *self, PyObject *const *args, Py_ssize_t 
     j.ids = (const int64_t *)(intptr_t)v[k++]; j.num_ids = v[k++];
     j.token_start = v[k++]; j.tokens = v[k++];
     j.chunk = (char *)(intptr_t)v[k++]; j.chunk_nbytes = v[k++]; j.chunk_heads = v[k++]; j.chunk_h0 = v[k++];
+    j.cache_h0 = v[k++]; j.num_heads = v[k++];
     char err[512];
     int rc;
     int64_t bytes = 0;
@@ -244,7 +246,8 @@ static PyMethodDef methods[] = {
      "cache_h0, num_heads, chunk_ptr, chunk_nbytes, chunk_heads, chunk_h0) -> bytes; ValueError on bad bounds"},
     {"perm_copy", (PyCFunction)(void (*)(void))py_perm_copy, METH_FASTCALL,
      "perm_copy(pack, region, region_nbytes, num_blocks, cache_heads, block_size, head_dim, elem_size, perm_ptr, "
-     "ids_ptr, num_ids, token_start, tokens, chunk_ptr, chunk_nbytes, chunk_heads, chunk_h0) -> bytes: pack/unpack "
+     "ids_ptr, num_ids, token_start, tokens, chunk_ptr, chunk_nbytes, chunk_heads, chunk_h0, cache_h0, num_heads) -> "
+     "bytes: pack/unpack "
      "through a position map (csrc/permcopy.h); ValueError on bad bounds"},
     {"checksum", py_checksum, METH_O, "checksum(buf) -> int: the chunk checksum (see csrc/chunksum.h)"},
     {"copy_into", (PyCFunction)(void (*)(void))py_copy_into, METH_FASTCALL,

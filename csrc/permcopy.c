@@ -43,9 +43,14 @@ int pc_validate(const pc_job *j, char *err, size_t errlen) {
             return -1;
         }
     }
-    if (j->chunk_h0 < 0 || j->chunk_h0 + j->cache_heads > j->chunk_heads) {
-        snprintf(err, errlen, "the chunk's %lld heads cannot hold the cache's %lld from head %lld",
-                 (long long)j->chunk_heads, (long long)j->cache_heads, (long long)j->chunk_h0);
+    if (j->num_heads < 1 || j->cache_h0 < 0 || j->cache_h0 + j->num_heads > j->cache_heads) {
+        snprintf(err, errlen, "cache heads [%lld, %lld) are outside the cache's %lld", (long long)j->cache_h0,
+                 (long long)(j->cache_h0 + j->num_heads), (long long)j->cache_heads);
+        return -1;
+    }
+    if (j->chunk_h0 < 0 || j->chunk_h0 + j->num_heads > j->chunk_heads) {
+        snprintf(err, errlen, "the chunk's %lld heads cannot hold %lld heads from chunk head %lld",
+                 (long long)j->chunk_heads, (long long)j->num_heads, (long long)j->chunk_h0);
         return -1;
     }
     int64_t need = 2 * j->tokens * j->chunk_heads * j->head_dim * j->elem_size;
@@ -64,8 +69,8 @@ int pc_validate(const pc_job *j, char *err, size_t errlen) {
                 int64_t p = j->token_start + k;                                                         \
                 int64_t id = j->ids[p / bs], t = p % bs;                                                \
                 const int32_t *map = j->perm + kv * bs * hd + t * hd;                                   \
-                for (int64_t h = 0; h < H; h++) {                                                       \
-                    T *cache = (T *)j->region + (id * H + h) * per_head;                                \
+                for (int64_t h = 0; h < j->num_heads; h++) {                                            \
+                    T *cache = (T *)j->region + (id * H + j->cache_h0 + h) * per_head;                  \
                     T *row = (T *)j->chunk + ((kv * j->tokens + k) * j->chunk_heads + j->chunk_h0 + h) * hd; \
                     if (j->pack)                                                                        \
                         for (int64_t d = 0; d < hd; d++) row[d] = cache[map[d]];                        \
@@ -84,5 +89,5 @@ int64_t pc_run(const pc_job *j) {
         case 4: PC_LOOP(uint32_t); break;
         default: PC_LOOP(uint64_t); break;
     }
-    return 2 * j->tokens * H * hd * j->elem_size;
+    return 2 * j->tokens * j->num_heads * hd * j->elem_size;
 }

@@ -23,7 +23,9 @@ typedef struct {
     int64_t tokens;
     char *chunk;              /* canonical [2, tokens, chunk_heads, head_dim] */
     int64_t chunk_nbytes, chunk_heads;
-    int64_t chunk_h0;         /* chunk head that holds the cache's head 0 */
+    int64_t chunk_h0;         /* chunk head that holds cache head cache_h0 */
+    int64_t cache_h0;         /* first cache head copied (tensor parallelism: a slice of the rank's heads) */
+    int64_t num_heads;        /* heads copied: cache heads [cache_h0, +num_heads) <-> chunk heads [chunk_h0, +num_heads) */
 } pc_job;
 
 /* Check every bound (ids, perm, token range, chunk size, heads); on failure write err and return -1. */

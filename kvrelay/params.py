@@ -42,6 +42,7 @@ class KVTransferParams(msgspec.Struct, kw_only=True):
     num_layers: int
     head_start: int  # head range the prefill published
     head_end: int
+    head_slices: int = 1  # ... cut into this many equal ranges, a chunk each (tensor parallelism: kvrelay.connector.heads)
     store_address: str  # control address of the store daemon, e.g. "tcp://127.0.0.1:5600"
     transport: str  # transport the decode should pull with from the store: a STORE_TRANSPORTS name ("shm", "tcp", "nixl")
     first_token: int | None = None  # the prefill's sampled token, once known
@@ -74,6 +75,10 @@ class KVTransferParams(msgspec.Struct, kw_only=True):
             raise ValueError(f"kv_transfer_params version {self.version} is not supported (expected {PARAMS_VERSION})")
         if self.num_tokens < 0 or self.chunk_tokens <= 0:
             raise ValueError(f"kv_transfer_params: bad num_tokens={self.num_tokens} / chunk_tokens={self.chunk_tokens}")
+        if not 0 <= self.head_start < self.head_end or self.head_slices < 1 or \
+                (self.head_end - self.head_start) % self.head_slices:
+            raise ValueError(f"kv_transfer_params: heads [{self.head_start}, {self.head_end}) cannot be cut into "
+                             f"{self.head_slices} equal slices")
         want = -(-self.num_tokens // self.chunk_tokens)
         if len(self.block_hashes) != want:
             raise ValueError(f"kv_transfer_params: {len(self.block_hashes)} block hashes for {self.num_tokens} tokens "

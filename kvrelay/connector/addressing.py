@@ -45,21 +45,30 @@ def first_token_header(compat_hash: str, num_tokens: int, payload: torch.Tensor)
 
 def transfer_params(prompt: Sequence[int], request_id: str, model_id: str, compat_hash: str, chunk_tokens: int,
                     num_layers: int, head_start: int, head_end: int, store_address: str, transport: str,
-                    first_token: int | None = None, prefill_epoch: str = "", cache_salt: str = "") -> KVTransferParams:
+                    first_token: int | None = None, prefill_epoch: str = "", cache_salt: str = "",
+                    head_slices: int = 1) -> KVTransferParams:
     """The `KVTransferParams` a prefill of ``prompt`` publishes under.  A router or a decode worker can
     build them itself and send the decode leg at once (``first_token=None``: the decode pulls it from the
-    store).  ``cache_salt``: the request's tenant salt (kvrelay.keys), part of every chunk's address."""
+    store).  ``cache_salt``: the request's tenant salt (kvrelay.keys), part of every chunk's address;
+    ``head_slices``: heads [head_start, head_end) are published in that many equal ranges (kvrelay.connector.heads)."""
     return KVTransferParams(
         request_id=request_id, model_id=model_id, compat_hash=compat_hash, num_tokens=len(prompt),
         chunk_tokens=chunk_tokens, block_hashes=block_hashes(prompt, chunk_tokens, model_id, compat_hash, cache_salt),
         num_layers=num_layers, head_start=head_start, head_end=head_end, store_address=store_address,
-        transport=transport, first_token=first_token, prefill_epoch=prefill_epoch)
+        transport=transport, first_token=first_token, prefill_epoch=prefill_epoch, head_slices=head_slices)
 
 
-def chunk_jobs(params: KVTransferParams) -> list[ChunkJob]:
-    """Every (layer, chunk) of a request, layer-major (the order layers are computed and published)."""
+def head_ranges(params: KVTransferParams) -> list[tuple[int, int]]:
+    """The head ranges a request's chunks are published in: [head_start, head_end) in ``head_slices`` parts."""
+    g = (params.head_end - params.head_start) // params.head_slices
+    return [(params.head_start + i * g, params.head_start + (i + 1) * g) for i in range(params.head_slices)]
+
+
+def chunk_jobs(params: KVTransferParams, heads: Sequence[tuple[int, int]] | None = None) -> list[ChunkJob]:
+    """Every (layer, chunk, head range) of a request, layer-major (the order layers are computed and published);
+    ``heads``: the ranges of `head_ranges` this publisher holds (default: all of them)."""
     ranges = chunk_ranges(params.num_tokens, params.chunk_tokens)
-    heads = (params.head_start, params.head_end)
-    return [ChunkJob(layer, ChunkKey(h, layer, *heads), t0, t1)
+    return [ChunkJob(layer, ChunkKey(h, layer, a, b), t0, t1)
             for layer in range(params.num_layers)
-            for h, (t0, t1) in zip(params.block_hashes, ranges, strict=True)]
+            for h, (t0, t1) in zip(params.block_hashes, ranges, strict=True)
+            for a, b in (head_ranges(params) if heads is None else heads)]

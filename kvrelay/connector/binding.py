@@ -21,7 +21,7 @@ class BlockCodec(Protocol):
     attention: `kvrelay.kernels.permuted.PermutedBlockCodec`)."""
 
     def pack(self, layer: LayerTensors, block_ids: Sequence[int], token_start: int, token_end: int,
-             out: torch.Tensor) -> int: ...
+             out: torch.Tensor, head_start: int | None = None, head_end: int | None = None) -> int: ...
 
     def unpack(self, layer: LayerTensors, block_ids: Sequence[int], token_start: int, token_end: int,
                chunk: torch.Tensor, head_start: int, head_end: int) -> None: ...
@@ -42,11 +42,12 @@ class EngineCache:
             raise ValueError(f"the cache has {len(self.layers)} layers, its layout {self.layout.num_layers}")
 
     def pack(self, layer: int, block_ids: Sequence[int], token_start: int, token_end: int,
-             out: torch.Tensor) -> int:
-        """Tokens [token_start, token_end) of ``layer`` into ``out`` in the canonical chunk order."""
+             out: torch.Tensor, head_start: int | None = None, head_end: int | None = None) -> int:
+        """Tokens [token_start, token_end) of ``layer`` into ``out`` in the canonical chunk order, model heads
+        [head_start, head_end) (default: all this rank holds)."""
         if self.codec is not None:
-            return self.codec.pack(self.layers[layer], block_ids, token_start, token_end, out)
-        return pack(self.layout, self.layers[layer], list(block_ids), token_start, token_end, out)
+            return self.codec.pack(self.layers[layer], block_ids, token_start, token_end, out, head_start, head_end)
+        return pack(self.layout, self.layers[layer], list(block_ids), token_start, token_end, out, head_start, head_end)
 
     def unpack(self, layer: int, block_ids: Sequence[int], token_start: int, token_end: int, chunk: torch.Tensor,
                head_start: int, head_end: int) -> None:

@@ -37,6 +37,7 @@ from kvrelay.connector.binding import EngineCache
 from kvrelay.connector.messages import (
     AbortPublish, Drain, FinishBatch, PublisherJob, PublishLayer, StopPublisher)
 from kvrelay.connector.breaker import CircuitBreaker
+from kvrelay.connector.heads import HeadSlices
 from kvrelay.connector.threads import quiet_torch_thread
 from kvrelay.connector.state import FailureCode, PublishPhase, PublishState, TransferFailure
 from kvrelay.keys import ChunkKey
@@ -72,9 +73,17 @@ class PublishRequest:
 
 class LayerPublisher:
     def __init__(self, client: PublishClient, store_address: str, transport: str, *, chunk_tokens: int,
-                 layerwise: bool = True, reserve_ttl: float = 120.0, breaker: CircuitBreaker | None = None) -> None:
+                 layerwise: bool = True, reserve_ttl: float = 120.0, breaker: CircuitBreaker | None = None,
+                 heads: HeadSlices | None = None, publishes_heads: bool = True) -> None:
+        """``heads``: the model's KV heads cut into slices (tensor parallelism, kvrelay.connector.heads): this
+        rank publishes the slices it holds, one chunk each; None: one chunk of all the heads this rank holds.
+        ``publishes_heads`` False: another rank publishes the same (replicated) heads, so this one publishes none
+        of them, and its requests settle at once."""
         if chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        self.heads = heads
+        self.publishes_heads = publishes_heads
+        self._heads: tuple[int, int, int, list[tuple[int, int]]] = (0, 0, 1, [])  # set by bind
         self.client = client
         self.store_address, self.transport = store_address, transport
         self.chunk_tokens = chunk_tokens
@@ -93,6 +102,14 @@ class LayerPublisher:
 
     def bind(self, cache: EngineCache) -> None:
         """Called once by the engine, before its first `begin`."""
+        layout = cache.layout
+        if self.heads is None:  # (the params' head range, their slice count, the ranges this rank publishes)
+            self._heads = (layout.head_start, layout.head_end, 1, [(layout.head_start, layout.head_end)])
+        else:
+            if self.heads.total != layout.total_kv_heads:
+                raise ValueError(f"head slices of {self.heads.total} KV heads for a cache of {layout.total_kv_heads}")
+            mine = self.heads.inside(layout.head_start, layout.head_end) if self.publishes_heads else []
+            self._heads = (0, self.heads.total, self.heads.slices, mine)
         self._cache = cache
         if self.breaker is not None:
             cache.metrics.watch(self.breaker)
@@ -111,16 +128,18 @@ class LayerPublisher:
         cache = self.cache
         layout = cache.layout
         states: list[PublishState] = []
+        head_start, head_end, slices, mine = self._heads
         for req in requests:
             params = transfer_params(req.prompt, req.request_id, cache.model_id, cache.compat_hash,
-                                     self.chunk_tokens, layout.num_layers, layout.head_start, layout.head_end,
+                                     self.chunk_tokens, layout.num_layers, head_start, head_end,
                                      self.store_address, self.transport, prefill_epoch=cache.epoch,
-                                     cache_salt=req.cache_salt)
-            jobs = [c for c in chunk_jobs(params) if c.token_end > req.stored_tokens]
+                                     cache_salt=req.cache_salt, head_slices=slices)
+            jobs = [c for c in chunk_jobs(params, mine) if c.token_end > req.stored_tokens]
             state = PublishState(req.request_id, req.block_ids, params, jobs,
                                  first_token_key(req.request_id, params.block_hashes))
             states.append(state)
-            sizes = [(c.key, layout.chunk_nbytes(c.token_end - c.token_start)) for c in state.chunks]
+            sizes = [(c.key, layout.chunk_nbytes(c.token_end - c.token_start, c.key.head_end - c.key.head_start))
+                     for c in state.chunks]
             if req.first_token:
                 sizes.append((state.meta_key, FIRST_TOKEN_BYTES))
             if not sizes:  # all of it is stored already: nothing to reserve or send (it still settles in end())
@@ -250,10 +269,12 @@ class LayerPublisher:
                 if job.layer != layer:
                     continue
                 buf = self.client.publish_buffer(job.key)
-                n = cache.pack(layer, state.block_ids, job.token_start, job.token_end, buf)
+                key = job.key
+                n = cache.pack(layer, state.block_ids, job.token_start, job.token_end, buf, key.head_start,
+                               key.head_end)
                 header = ChunkHeader(compat_hash=cache.compat_hash, layer=layer, token_start=job.token_start,
-                                     token_end=job.token_end, head_start=layout.head_start,
-                                     head_end=layout.head_end, dtype=dtype_name(layout.dtype), nbytes=n,
+                                     token_end=job.token_end, head_start=key.head_start,
+                                     head_end=key.head_end, dtype=dtype_name(layout.dtype), nbytes=n,
                                      checksum=checksum(buf[:n]))
                 self.client.commit(job.key, header, wait=False)  # pipelined: one round trip per layer, below
                 state.committed_bytes += n

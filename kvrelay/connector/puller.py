@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from kvrelay.connector.addressing import FIRST_TOKEN_BYTES, chunk_ranges, first_token_key
+from kvrelay.connector.addressing import FIRST_TOKEN_BYTES, chunk_ranges, first_token_key, head_ranges
 from kvrelay.connector.binding import EngineCache
 from kvrelay.connector.breaker import CircuitBreaker
 from kvrelay.connector.localcopy import LocalCopy, held
@@ -155,10 +155,16 @@ class LayerPuller:
         if client is not None and (failure is None or failure.code is not FailureCode.UNAVAILABLE):
             self._hand_back_pins(state, client)
 
+    def _heads(self, state: PullState) -> list[tuple[int, int]]:
+        """The head ranges of ``state``'s chunks this rank pulls: those that intersect the heads it keeps
+        (tensor parallelism: a rank pulls its share of a prefill's slices, kvrelay.connector.heads)."""
+        layout = self.cache.layout
+        return [(a, b) for a, b in head_ranges(state.params) if a < layout.head_end and b > layout.head_start]
+
     def _keys(self, state: PullState) -> list[ChunkKey]:
         kp = state.params
-        return [ChunkKey(h, layer, kp.head_start, kp.head_end) for layer in range(kp.num_layers)
-                for h in kp.block_hashes]
+        return [ChunkKey(h, layer, a, b) for layer in range(kp.num_layers) for h in kp.block_hashes
+                for a, b in self._heads(state)]
 
     def _source(self, state: PullState) -> str:
         """The store to pull ``state`` from: the one its params name, or with ``keep_copies`` the own store when
@@ -169,14 +175,14 @@ class LayerPuller:
             return address
         return self.store_address if held(self.client, self._keys(state), state.tenant) else address  # type: ignore[arg-type]
 
-    def _copy(self, state: PullState, client: PullClient, todo: list[tuple[str, int, int]]) -> LocalCopy | None:
+    def _copy(self, state: PullState, client: PullClient, todo: list[tuple[str, int, int, int, int]]
+              ) -> LocalCopy | None:
         """With ``keep_copies``, a copy into the own store of the chunks ``todo`` pulled from another host's."""
         if not self.keep_copies or not state.tokens or client is self.client or not todo:
             return None
         kp, layout = state.params, self.cache.layout
-        heads = kp.head_end - kp.head_start
-        sizes = [(ChunkKey(h, layer, kp.head_start, kp.head_end), layout.chunk_nbytes(t1 - t0, heads))
-                 for layer in range(kp.num_layers) for h, t0, t1 in todo]
+        sizes = [(ChunkKey(h, layer, a, b), layout.chunk_nbytes(t1 - t0, b - a))
+                 for layer in range(kp.num_layers) for h, t0, t1, a, b in todo]
         return LocalCopy(self.client, kp.request_id, sizes, state.tokens[:kp.num_tokens],  # type: ignore[arg-type]
                          tenant=state.tenant)
 
@@ -194,20 +200,27 @@ class LayerPuller:
         if kp.num_layers != layout.num_layers:
             raise TransferError(FailureCode.MISMATCH, f"kv_transfer_params has {kp.num_layers} layers, this "
                                                       f"model {layout.num_layers}")
+        heads = self._heads(state)
+        if sum(min(b, layout.head_end) - max(a, layout.head_start) for a, b in heads) != layout.num_kv_heads:
+            raise TransferError(FailureCode.MISMATCH,
+                                f"the prefill published KV heads [{kp.head_start}, {kp.head_end}) in "
+                                f"{kp.head_slices} slice(s) of {layout.total_kv_heads}; this rank keeps heads "
+                                f"[{layout.head_start}, {layout.head_end}), which they do not cover")
 
     def _pull(self, state: PullState, deadline: float, client: PullClient) -> None:
         cache = self.cache
         kp, layout = state.params, cache.layout
+        heads = self._heads(state)
         if state.tokens:  # a prefix load: its chunks are there already (never waited for), or it ends now
-            last = [ChunkKey(h, kp.num_layers - 1, kp.head_start, kp.head_end) for h in kp.block_hashes]
+            last = [ChunkKey(h, kp.num_layers - 1, a, b) for h in kp.block_hashes for a, b in heads]
             lookup = getattr(client, "lookup", None)  # the last layer is committed last: all of it is there
             if lookup is not None and (lookup(last, tenant=state.tenant) if state.tenant else lookup(last)) < len(last):
                 raise TransferError(FailureCode.REFUSED, f"store {state.source or kp.store_address} no longer holds "
                                                          f"the {kp.num_tokens}-token prefix")
         skip = state.skip_tokens
-        todo = [(h, t0, t1) for h, (t0, t1) in zip(kp.block_hashes, chunk_ranges(kp.num_tokens, kp.chunk_tokens),
-                                                   strict=True) if t1 > skip]
-        cbytes = layout.chunk_nbytes(kp.chunk_tokens, kp.head_end - kp.head_start)
+        todo = [(h, t0, t1, a, b) for h, (t0, t1) in zip(kp.block_hashes, chunk_ranges(kp.num_tokens, kp.chunk_tokens),
+                                                         strict=True) if t1 > skip for a, b in heads]
+        cbytes = layout.chunk_nbytes(kp.chunk_tokens, max(b - a for a, b in heads))
         batch = max(1, min(PULL_BATCH, len(todo)))
         buf = self._buffer(max(batch * cbytes, FIRST_TOKEN_BYTES))
         outs = [buf[i * cbytes:(i + 1) * cbytes] for i in range(batch)]
@@ -230,7 +243,8 @@ class LayerPuller:
         cache.metrics.pull_bytes.inc(state.pulled_bytes)
 
     def _pull_layer(self, state: PullState, layer: int, deadline: float, client: PullClient,
-                    todo: list[tuple[str, int, int]], outs: list[torch.Tensor], copy: LocalCopy | None) -> None:
+                    todo: list[tuple[str, int, int, int, int]], outs: list[torch.Tensor], copy: LocalCopy | None
+                    ) -> None:
         """Pull and unpack one layer's chunks ``todo``, ``len(outs)`` per store round trip."""
         cache = self.cache
         kp, layout = state.params, cache.layout
@@ -240,17 +254,17 @@ class LayerPuller:
             group = todo[g:g + batch]
             if state.cancelled:
                 raise TransferError(FailureCode.ABORTED, "aborted")
-            keys = [ChunkKey(h, layer, kp.head_start, kp.head_end) for h, _, _ in group]
+            keys = [ChunkKey(h, layer, a, b) for h, _, _, a, b in group]
             # one store round trip for the group (each chunk's checksum is still verified by the client)
             hdrs = client.pull_many(keys, outs[:len(group)], deadline, request_id=kp.request_id)
-            for (_, t0, t1), key, hdr, out in zip(group, keys, hdrs, outs, strict=False):
+            for (_, t0, t1, a, b), key, hdr, out in zip(group, keys, hdrs, outs, strict=False):
                 if (hdr.layer, hdr.token_start, hdr.token_end, hdr.head_start, hdr.head_end) != \
-                        (layer, t0, t1, kp.head_start, kp.head_end) or hdr.dtype != want_dtype:
+                        (layer, t0, t1, a, b) or hdr.dtype != want_dtype:
                     raise TransferError(
                         FailureCode.MISMATCH,
                         f"chunk {key} has header layer {hdr.layer} tokens [{hdr.token_start}, {hdr.token_end}) "
                         f"heads [{hdr.head_start}, {hdr.head_end}) {hdr.dtype}; expected layer {layer} "
-                        f"[{t0}, {t1}) [{kp.head_start}, {kp.head_end}) {want_dtype}")
+                        f"[{t0}, {t1}) [{a}, {b}) {want_dtype}")
                 state.pulled_bytes += hdr.nbytes
                 chunk = out[:hdr.nbytes]
                 if copy is not None:

@@ -44,13 +44,14 @@ class PermutedBlockCodec:
         self.use_native = use_native and HAVE_NATIVE
 
     def _native(self, pack: bool, region: torch.Tensor, ids: torch.Tensor, first_token: int, tokens: int,
-                chunk: torch.Tensor, chunk_heads: int, chunk_h0: int) -> int:
-        """``ids``: the blocks from the one holding the first token (``first_token`` counts from its start)."""
+                chunk: torch.Tensor, chunk_heads: int, chunk_h0: int, cache_h0: int, num_heads: int) -> int:
+        """``ids``: the blocks from the one holding the first token (``first_token`` counts from its start);
+        cache heads [cache_h0, +num_heads) <-> chunk heads [chunk_h0, +num_heads) of a ``chunk_heads`` chunk."""
         lo = self.layout
         return _native.perm_copy(int(pack), region.data_ptr(), region.numel() * region.element_size(),
                                  lo.num_blocks, lo.num_kv_heads, lo.block_size, lo.head_dim, lo.itemsize,
-                                 self.perm32.data_ptr(), ids.data_ptr(), len(ids), first_token, tokens, chunk.data_ptr(), chunk.numel() * chunk.element_size(),
-                                 chunk_heads, chunk_h0)
+                                 self.perm32.data_ptr(), ids.data_ptr(), len(ids), first_token, tokens, chunk.data_ptr(),
+                                 chunk.numel() * chunk.element_size(), chunk_heads, chunk_h0, cache_h0, num_heads)
 
     def _native_ok(self, region: torch.Tensor, chunk: torch.Tensor) -> bool:
         return (self.use_native and region.device.type == "cpu" and region.is_contiguous()
@@ -83,31 +84,46 @@ class PermutedBlockCodec:
         canon = native.index_select(2, self.perm).view(n, lo.num_kv_heads, 2, lo.block_size, lo.head_dim)
         return canon.permute(2, 0, 3, 1, 4).reshape(2, n * lo.block_size, lo.num_kv_heads, lo.head_dim)
 
+    def _heads(self, head_start: int | None, head_end: int | None) -> tuple[int, int]:
+        """Model heads [head_start, head_end) packed (default: this cache's), checked against this cache's."""
+        lo = self.layout
+        hs = lo.head_start if head_start is None else head_start
+        he = lo.head_end if head_end is None else head_end
+        if not lo.head_start <= hs < he <= lo.head_end:
+            raise ValueError(f"heads [{hs}, {he}) are not a non-empty part of this cache's [{lo.head_start}, "
+                             f"{lo.head_end})")
+        return hs, he
+
     def pack(self, layer: LayerTensors, block_ids: Sequence[int], token_start: int, token_end: int,
-             out: torch.Tensor) -> int:
-        """Tokens [token_start, token_end) of a request into ``out`` (uint8), canonical order; returns bytes."""
+             out: torch.Tensor, head_start: int | None = None, head_end: int | None = None) -> int:
+        """Tokens [token_start, token_end) of a request into ``out`` (uint8), canonical order, model heads
+        [head_start, head_end) (default: all of this cache's; tensor parallelism publishes slices); returns bytes."""
         region = self._region(layer)
         ids, base = self._blocks(block_ids, token_start, token_end)
         lo = self.layout
+        hs, he = self._heads(head_start, head_end)
+        heads, h0 = he - hs, hs - lo.head_start
         tokens = token_end - token_start
-        nbytes = lo.chunk_nbytes(tokens)
+        nbytes = lo.chunk_nbytes(tokens, heads)
         if out.dtype != torch.uint8 or out.numel() < nbytes:
             raise ValueError(f"out must be a uint8 tensor of at least {nbytes} bytes, got {out.numel()} "
                              f"{out.dtype}")
         if self._native_ok(region, out):
-            return self._native(True, region, ids, token_start - base, tokens, out[:nbytes], lo.num_kv_heads, 0)
+            return self._native(True, region, ids, token_start - base, tokens, out[:nbytes], heads, 0, h0, heads)
         canon = self._canonical(region.index_select(0, ids))
-        dst = out[:nbytes].view(lo.dtype).view(2, tokens, lo.num_kv_heads, lo.head_dim)
-        dst.copy_(canon[:, token_start - base:token_end - base])
+        dst = out[:nbytes].view(lo.dtype).view(2, tokens, heads, lo.head_dim)
+        dst.copy_(canon[:, token_start - base:token_end - base, h0:h0 + heads])
         return nbytes
 
     def unpack(self, layer: LayerTensors, block_ids: Sequence[int], token_start: int, token_end: int,
                chunk: torch.Tensor, head_start: int, head_end: int) -> None:
-        """Write a canonical chunk holding model heads [head_start, head_end) into the request's blocks; this
-        cache keeps its own heads [layout.head_start, layout.head_end), which the chunk must cover."""
+        """Write a canonical chunk holding model heads [head_start, head_end) into the request's blocks: the
+        heads it shares with this cache's [layout.head_start, layout.head_end) (tensor parallelism: a chunk may
+        hold more heads than this rank keeps, or only some of them)."""
         lo = self.layout
-        if not head_start <= lo.head_start < lo.head_end <= head_end:
-            raise ValueError(f"the chunk holds heads [{head_start}, {head_end}), this cache needs "
+        i0, i1 = max(head_start, lo.head_start), min(head_end, lo.head_end)
+        if head_end <= head_start or i1 <= i0:
+            raise ValueError(f"the chunk holds heads [{head_start}, {head_end}), none of this cache's "
                              f"[{lo.head_start}, {lo.head_end})")
         region = self._region(layer)
         ids, base = self._blocks(block_ids, token_start, token_end)
@@ -118,13 +134,13 @@ class PermutedBlockCodec:
                              f"[{head_start}, {head_end}) need {want}")
         if self._native_ok(region, chunk):
             self._native(False, region, ids, token_start - base, tokens, chunk.view(-1), head_end - head_start,
-                         lo.head_start - head_start)
+                         i0 - head_start, i0 - lo.head_start, i1 - i0)
             return
         src = chunk.contiguous().view(-1).view(torch.uint8).view(lo.dtype).view(
-            2, tokens, head_end - head_start, lo.head_dim)[:, :, lo.head_start - head_start:lo.head_end - head_start]
+            2, tokens, head_end - head_start, lo.head_dim)[:, :, i0 - head_start:i1 - head_start]
         n = len(ids)
         canon = self._canonical(region.index_select(0, ids))
-        canon[:, token_start - base:token_end - base] = src
+        canon[:, token_start - base:token_end - base, i0 - lo.head_start:i1 - lo.head_start] = src
         flat = canon.view(2, n, lo.block_size, lo.num_kv_heads, lo.head_dim).permute(1, 3, 0, 2, 4).reshape(
             n, lo.num_kv_heads, 2 * lo.block_size * lo.head_dim)
         native = torch.empty_like(flat)

@@ -99,3 +99,29 @@ def test_bad_block_ids_and_short_buffers_are_refused(native):
         codec.pack(layer, [0, 1], 0, 32, out[:100])
     with pytest.raises(ValueError, match="bytes"):
         codec.unpack(layer, [0, 1], 0, 32, out[:100], 0, 2)
+
+
+@pytest.mark.parametrize("native", PATHS)
+@pytest.mark.parametrize("t0,t1", [(0, 64), (3, 50)])
+def test_head_slices_pack_and_unpack_part_of_a_ranks_heads(native, t0, t1):
+    """Tensor parallelism: a rank holding model heads [2, 6) of 8 packs a slice of them, [4, 6), and takes a
+    chunk of heads [0, 4) (another rank's cut) by writing only the heads it shares, [2, 4)."""
+    bs, hd = 16, 32
+    codec = _codec(bs, hd, 4, torch.bfloat16, native, seed=5, head_start=2, total=8)
+    lo = codec.layout
+    layer = torch.randn(lo.num_blocks, 4, bs, 2 * hd).to(torch.bfloat16)
+    ids = [4, 8, 1, 6, 0, 2]
+    out = torch.zeros(lo.chunk_nbytes(t1 - t0, 2), dtype=torch.uint8)
+    assert codec.pack(layer, ids, t0, t1, out, 4, 6) == out.numel()
+    want = _expected(codec, layer, ids, t0, t1)
+    assert torch.equal(out.view(torch.bfloat16).view(2, t1 - t0, 2, hd), want[:, :, 2:4])
+    with pytest.raises(ValueError, match=r"not a non-empty part of this cache's \[2, 6\)"):
+        codec.pack(layer, ids, t0, t1, out, 5, 7)
+    before = layer.clone()
+    chunk = torch.randn(2, t1 - t0, 4, hd).to(torch.bfloat16)
+    codec.unpack(layer, ids, t0, t1, chunk.view(-1).view(torch.uint8), 0, 4)
+    after = _expected(codec, layer, ids, t0, t1)
+    assert torch.equal(after[:, :, :2], chunk[:, :, 2:4])  # heads 2, 3 from the chunk
+    assert torch.equal(after[:, :, 2:], want[:, :, 2:])  # heads 4, 5 untouched
+    with pytest.raises(ValueError, match="none of this cache's"):
+        codec.unpack(before, ids, t0, t1, chunk.view(-1).view(torch.uint8), 6, 8)

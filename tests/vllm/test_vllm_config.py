@@ -36,6 +36,9 @@ def test_defaults_and_roles():
     ({**GOOD, "prefix_lookup": "yes"}, "kv_both", "recompute", "prefix_lookup"),
     ({**GOOD, "model_id": ""}, "kv_both", "recompute", "model_id"),
     ({**GOOD, "sotre": "x"}, "kv_both", "recompute", "sotre"),
+    ({**GOOD, "head_slices": "2"}, "kv_both", "recompute", "head_slices"),
+    ({**GOOD, "head_slices": -1}, "kv_both", "recompute", "head_slices"),
+    ({**GOOD, "head_slices": True}, "kv_both", "recompute", "head_slices"),
     (GOOD, "kv_sideways", "recompute", "kv_role"),
 ])
 def test_bad_values_are_refused_naming_them(extra, role, policy, words):

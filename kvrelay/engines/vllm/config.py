@@ -28,7 +28,7 @@ ROLES = ("kv_producer", "kv_consumer", "kv_both")
 POLICIES = ("recompute", "fail")
 TRANSPORTS = STORE_TRANSPORTS  # the engines reach each other through the store
 KEYS = ("store", "transport", "chunk_tokens", "failure_policy", "pull_timeout_s", "model_id", "prefix_lookup",
-        "reserve_ttl_s", "breaker_cooldown_s", "keys", "peer_stores", "remote_transport")
+        "reserve_ttl_s", "breaker_cooldown_s", "keys", "peer_stores", "remote_transport", "head_slices")
 
 
 VLLM_CONNECTOR = "KVRelayConnector"  # the connector class in this package, as vLLM's kv_connector names it
@@ -70,6 +70,7 @@ class RelayConfig:
     keys: str = ""  # key directory (kvrelay.security); "" : $KVRELAY_KEYS or none
     peer_stores: tuple[str, ...] = ()  # a store on every host: the others a decode may pull from (its prefill's)
     remote_transport: str = "tcp"  # ... over this
+    head_slices: int = 0  # the KV heads cut into this many chunks (kvrelay.connector.heads); 0: min(TP size, heads)
 
     @property
     def publishes(self) -> bool:
@@ -142,6 +143,11 @@ class RelayConfig:
         if remote not in ("tcp", "nixl"):
             raise ConfigError(f"{where}: kv_connector_extra_config.remote_transport {remote!r}: another host's store "
                               f"is reached over tcp or nixl")
+        slices = extra.get("head_slices", 0)
+        if isinstance(slices, bool) or not isinstance(slices, int) or slices < 0:
+            raise ConfigError(f"{where}: kv_connector_extra_config.head_slices must be a positive number of head "
+                              f"ranges (the same on every server of a cluster whose tensor-parallel sizes differ), "
+                              f"got {slices!r}")
         return cls(role=role, store=store, transport=transport, chunk_tokens=chunk, failure_policy=policy,
                    model_id=model_id, prefix_lookup=lookup, keys=str(configured.directory) if configured else "",
-                   peer_stores=tuple(peers), remote_transport=remote, **numbers)
+                   peer_stores=tuple(peers), remote_transport=remote, head_slices=slices, **numbers)

@@ -44,7 +44,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole)
 
 from kvrelay.connector import EngineCache, TransferMetrics
-from kvrelay.engines.vllm.config import RelayConfig
+from kvrelay.connector.heads import HeadSlices, default_slices, rank_heads
+from kvrelay.engines.vllm.config import ConfigError, RelayConfig
 from kvrelay.engines.vllm.layout import cpu_isa, layout_of, ordered_layers
 from kvrelay.engines.vllm.meta import StepMeta
 from kvrelay.engines.vllm.scheduler import SchedulerSide
@@ -92,6 +93,8 @@ class KVRelayConnector(KVConnectorBase_V1):
         self.use_mla = bool(getattr(mc, "use_mla", False))
         self.total_kv_heads = 1 if self.use_mla else int(mc.get_total_num_kv_heads())
         self.head_dim = int(mc.get_head_size())
+        self.tp_size = int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)
+        self.heads = _head_slices(self.cfg.head_slices, self.total_kv_heads, self.tp_size, self.use_mla)
         self.cache_dtype = str(cc.cache_dtype)
         self.model_dtype = mc.dtype
         dtype = self.model_dtype if self.cache_dtype == "auto" else _cache_torch_dtype(self.cache_dtype)
@@ -104,9 +107,10 @@ class KVRelayConnector(KVConnectorBase_V1):
         self._layer_index: dict[str, int] = {}
         if role == KVConnectorRole.SCHEDULER:
             self.sched = SchedulerSide(self.cfg, self.compat_hash, self.num_layers, self.total_kv_heads,
-                                       self.block_size, lambda: self._client("scheduler"))
-        log.info("KVRelayConnector %s: role %s, store %s over %s, chunks of %d tokens, compat %s", role.name,
-                 self.cfg.role, self.cfg.store, self.cfg.transport, self.cfg.chunk_tokens, self.compat_hash)
+                                       self.block_size, lambda: self._client("scheduler"), self.heads.slices)
+        log.info("KVRelayConnector %s: role %s, store %s over %s, chunks of %d tokens, TP %d, %d KV heads in %d "
+                 "slice(s), compat %s", role.name, self.cfg.role, self.cfg.store, self.cfg.transport,
+                 self.cfg.chunk_tokens, self.tp_size, self.total_kv_heads, self.heads.slices, self.compat_hash)
 
     # ==== roles =================================================================================================
     def _scheduler(self, hook: str) -> SchedulerSide:
@@ -148,12 +152,11 @@ class KVRelayConnector(KVConnectorBase_V1):
             raise ValueError(f"vLLM registered {len(layers)} KV caches, the model has {self.num_layers} layers")
         self._layer_index = {name: i for i, (name, _) in enumerate(layers)}
         tensors = [t for _, t in layers]
-        local_heads = (tensors[0].shape[1] if tensors[0].device.type == "cpu" and tensors[0].dim() == 4
-                       and not self.use_mla else None)
-        head_start = 0
-        if local_heads is not None and local_heads != self.total_kv_heads:
+        rank = 0
+        if self.tp_size > 1:
             from vllm.distributed import get_tensor_model_parallel_rank
-            head_start = get_tensor_model_parallel_rank() * int(local_heads)
+            rank = int(get_tensor_model_parallel_rank())
+        head_start, head_end, publishes = rank_heads(self.total_kv_heads, self.tp_size, rank)
         isa = None
         if tensors[0].device.type == "cpu" and not self.use_mla:
             isa = cpu_isa(self.model_dtype, self.block_size, self.head_dim, self.cache_dtype)
@@ -171,9 +174,15 @@ class KVRelayConnector(KVConnectorBase_V1):
         def cache_factory(metrics: TransferMetrics) -> EngineCache:
             return EngineCache(layout, layer_tensors, self.cfg.model_id, self.compat_hash, epoch, metrics, codec)
 
-        self.worker = WorkerSide(self.cfg, cache_factory, lambda: self._client("worker"), self._peer_client)
-        log.info("kvrelay: %d layers of %s blocks (block size %d, %d KV heads, isa %s)", layout.num_layers,
-                 layout.num_blocks, layout.block_size, layout.num_kv_heads, isa or "-")
+        if (layout.head_start, layout.head_end) != (head_start, head_end) and not self.use_mla:
+            raise ValueError(f"TP rank {rank} of {self.tp_size} registered KV caches of heads [{layout.head_start}, "
+                             f"{layout.head_end}); vLLM gives it heads [{head_start}, {head_end}) of "
+                             f"{self.total_kv_heads}")
+        self.worker = WorkerSide(self.cfg, cache_factory, lambda: self._client("worker"), self._peer_client,
+                                 heads=self.heads, publishes_heads=publishes)
+        log.info("kvrelay: TP rank %d: %d layers of %s blocks (block size %d, KV heads [%d, %d) of %d, %s, isa %s)",
+                 rank, layout.num_layers, layout.num_blocks, layout.block_size, layout.head_start, layout.head_end,
+                 layout.total_kv_heads, "publishes them" if publishes else "another rank publishes them", isa or "-")
 
     def handle_preemptions(self, kv_connector_metadata: Any) -> None:
         self._worker("handle_preemptions").preempted(_step_meta(kv_connector_metadata).preempted)
@@ -283,6 +292,23 @@ def _step_meta(meta: Any) -> StepMeta:
                                  f"KVRelayMetadata its scheduler side builds (is another connector's scheduler "
                                  f"paired with this worker?)")
     return meta
+
+
+def _head_slices(configured: int, total: int, tp_size: int, mla: bool) -> HeadSlices:
+    """The head slices this engine publishes and looks up (kvrelay.connector.heads): ``configured`` (the
+    cluster's ``head_slices``) or one per rank; ConfigError where they cannot serve this model at this TP size."""
+    shape = f"{'an MLA latent cache (1 head)' if mla else f'{total} KV heads'} at tensor-parallel size {tp_size}"
+    slices = configured or default_slices(total, tp_size)
+    what = f"head_slices {slices}" if configured else f"head_slices (default {slices}, one per rank)"
+    try:
+        ranks = [rank_heads(total, tp_size, rank) for rank in range(tp_size)]
+        heads = HeadSlices(total, slices)
+        for start, end, publishes in ranks:
+            if publishes:
+                heads.inside(start, end)
+    except ValueError as exc:
+        raise ConfigError(f"--kv-transfer-config: kv_connector_extra_config.{what} cannot serve {shape}: {exc}") from None
+    return heads
 
 
 def _cache_torch_dtype(name: str) -> torch.dtype:

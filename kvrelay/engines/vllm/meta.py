@@ -21,6 +21,7 @@ class LoadSpec:
     skip_tokens: int
     deadline_s: float  # the pull gives up (and vLLM recomputes) this long after it starts
     store: str = ""  # the store to pull from (a store on every host: the prefill's); "": this instance's own
+    head_slices: int = 1  # the publisher cut the KV heads into this many chunks (tensor parallelism)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ import msgspec
 
 from kvrelay import security
 from kvrelay.connector import CircuitBreaker, FailureCode, TransferFailure, transfer_params
+from kvrelay.connector.heads import HeadSlices
 from kvrelay.engines.vllm.config import RelayConfig
 from kvrelay.engines.vllm.meta import LoadSpec, SaveSpec, StepMeta
 from kvrelay.keys import ChunkKey, block_hashes
@@ -77,8 +78,11 @@ class SchedulerStats:
 
 class SchedulerSide:
     def __init__(self, cfg: RelayConfig, compat_hash: str, num_layers: int, total_kv_heads: int,
-                 block_size: int, client_factory: Callable[[], LookupClient]) -> None:
+                 block_size: int, client_factory: Callable[[], LookupClient], head_slices: int = 1) -> None:
+        """``head_slices``: this engine publishes (and looks up) the KV heads in that many chunks (tensor
+        parallelism, kvrelay.connector.heads)."""
         self.cfg, self.compat_hash = cfg, compat_hash
+        self.heads = HeadSlices(total_kv_heads, head_slices)
         self.num_layers, self.total_kv_heads, self.block_size = num_layers, total_kv_heads, block_size
         self._client_factory = client_factory
         self._client: LookupClient | None = None
@@ -148,7 +152,7 @@ class SchedulerSide:
         store = r.params.get(STORE_ADDRESS) if r.params.get(DO_REMOTE_PREFILL) else \
             r.params.get(PREFIX_STORE) if self._hinted(r) else None  # or the store a router's hint names
         r.load = LoadSpec(req_id, r.relay_id, self._hashes(r), skip + num_external, list(block_ids), skip, wait,
-                          store if isinstance(store, str) else "")
+                          store if isinstance(store, str) else "", self._slices_of(r))
         r.loaded_tokens = skip + num_external
         self._pending_loads.append(r.load)
 
@@ -199,7 +203,7 @@ class SchedulerSide:
             # published now, or every chunk was already in the store (this prefill loaded them all)
             kp = transfer_params(r.token_ids, r.relay_id, self.cfg.model_id, self.compat_hash, self.cfg.chunk_tokens,
                                  self.num_layers, 0, self.total_kv_heads, self.cfg.store, self.cfg.transport,
-                                 cache_salt=r.cache_salt)
+                                 cache_salt=r.cache_salt, head_slices=self.heads.slices)
             params = {**msgspec.to_builtins(kp), DO_REMOTE_PREFILL: True, DO_REMOTE_DECODE: False,
                       RELAY_ID: r.relay_id}
             if (keys := security.current()) is not None:  # a decode leg sent with them checks this signature
@@ -263,15 +267,26 @@ class SchedulerSide:
         """Prompt tokens whose every layer the store holds, from token 0 (one round trip)."""
         # chunk-major, every layer: the store counts the keys present from the first, so a chunk counts only
         # when all its layers are there (LRU eviction may have taken an early layer of a later chunk)
-        keys = [ChunkKey(h, layer, 0, self.total_kv_heads) for h in self._hashes(r) for layer in range(self.num_layers)]
+        # (every head slice of it: tensor-parallel ranks publish their own)
+        ranges = self.heads.ranges()
+        keys = [ChunkKey(h, layer, a, b) for h in self._hashes(r) for layer in range(self.num_layers) for a, b in ranges]
         present = self._call("store lookup", lambda c: c.lookup(keys, tenant=r.cache_salt) if r.cache_salt
                              else c.lookup(keys))
         if present is None:
             return 0
-        tokens = min(len(r.token_ids), present // self.num_layers * self.cfg.chunk_tokens)
+        tokens = min(len(r.token_ids), present // (self.num_layers * len(ranges)) * self.cfg.chunk_tokens)
         self.stats.lookup_hit_tokens += tokens
         self.stats.lookup_miss_tokens += len(r.token_ids) - tokens
         return tokens
+
+    def _slices_of(self, r: _Request) -> int:
+        """The head slices ``r``'s chunks were published in: a decode leg carrying its prefill's full params
+        says so (``head_slices``); the router's light params and prefix loads: this engine's own (a cluster whose
+        TP sizes differ gives every server the same ``head_slices``)."""
+        n = r.params.get("head_slices") if r.params.get(DO_REMOTE_PREFILL) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0 and self.total_kv_heads % n == 0:
+            return n
+        return self.heads.slices
 
     def _hinted(self, r: _Request) -> int:
         """The prompt tokens (whole chunks) a router's hint says a store holds, where that store is this engine's

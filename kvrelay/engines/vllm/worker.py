@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from kvrelay.connector import (
     CircuitBreaker, EngineCache, LayerPublisher, LayerPuller, PublishPhase, PublishRequest, PublishState, PullState,
     TransferMetrics)
+from kvrelay.connector.heads import HeadSlices
 from kvrelay.engines.vllm.config import RelayConfig
 from kvrelay.engines.vllm.meta import LoadSpec, StepMeta
 from kvrelay.params import KVTransferParams
@@ -41,8 +42,11 @@ DRAIN_TIMEOUT_S = 30.0
 
 class WorkerSide:
     def __init__(self, cfg: RelayConfig, cache_factory: Callable[[TransferMetrics], EngineCache],
-                 client_factory: Callable[[], object], peer_factory: Callable[[str], object] | None = None) -> None:
-        """``peer_factory(address)``: a client of another host's store (``cfg.peer_stores``)."""
+                 client_factory: Callable[[], object], peer_factory: Callable[[str], object] | None = None, *,
+                 heads: HeadSlices | None = None, publishes_heads: bool = True) -> None:
+        """``peer_factory(address)``: a client of another host's store (``cfg.peer_stores``); ``heads``: the
+        model's KV heads in the slices this engine publishes (tensor parallelism), ``publishes_heads`` False where
+        another rank publishes this rank's (replicated) heads."""
         self.cfg = cfg
         self.registry = CollectorRegistry()
         self.metrics = TransferMetrics(self.registry, "kvrelay_vllm")
@@ -54,7 +58,7 @@ class WorkerSide:
         if cfg.publishes:
             self.publisher = LayerPublisher(client_factory(), cfg.store, cfg.transport,  # type: ignore[arg-type]
                                             chunk_tokens=cfg.chunk_tokens, reserve_ttl=cfg.reserve_ttl_s,
-                                            breaker=self.breaker)
+                                            breaker=self.breaker, heads=heads, publishes_heads=publishes_heads)
             self.publisher.bind(self.cache)
         if cfg.loads:
             self.puller = LayerPuller(client_factory(), cfg.store, breaker=self.breaker,  # type: ignore[arg-type]
@@ -97,7 +101,8 @@ class WorkerSide:
                                   chunk_tokens=self.cfg.chunk_tokens,
                                   block_hashes=spec.block_hashes[:-(-spec.num_tokens // self.cfg.chunk_tokens)],
                                   num_layers=layout.num_layers, head_start=0, head_end=layout.total_kv_heads,
-                                  store_address=self._store_of(spec), transport=self.cfg.transport)
+                                  head_slices=spec.head_slices, store_address=self._store_of(spec),
+                                  transport=self.cfg.transport)
             state = PullState(kp, spec.block_ids, skip_tokens=spec.skip_tokens, fetch_first_token=False)
             self._loads[spec.req_id] = (spec, state)
             self.puller.start(state, time.monotonic() + spec.deadline_s,
