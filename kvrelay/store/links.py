@@ -55,7 +55,9 @@ class ZmqLink:
 
     def recv(self, timeout: float) -> bytes | None:
         """The next reply, or None if none came within ``timeout`` seconds."""
-        events = dict(self.poller.poll(int(timeout * 1000) + 1)) if timeout > 0 else {}
+        # past the deadline still one look (poll 0): a thread that got no CPU until after its deadline must not
+        # call a reply that is already here a timeout
+        events = dict(self.poller.poll(int(timeout * 1000) + 1 if timeout > 0 else 0))
         if self.sock in events:
             self.answered = True
             return self.sock.recv()
@@ -121,6 +123,7 @@ class UnixLink:
 
     def recv(self, timeout: float) -> bytes | None:
         deadline = time.monotonic() + timeout
+        looked = False
         while True:
             buf = self.buf
             if len(buf) >= FRAME.size:
@@ -130,9 +133,10 @@ class UnixLink:
                     del buf[:FRAME.size + n]
                     return msg
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 and looked:
                 return None
-            self.sock.settimeout(left)  # recv then waits in poll(2): one call, no exception on the fast path
+            looked = True  # past the deadline still one look without waiting (a starved thread's reply is here)
+            self.sock.settimeout(max(left, 0.0))  # recv then waits in poll(2): one call, no exception on the fast path
             try:
                 n = self.sock.recv_into(self._rbuf)  # one reused buffer: recv(n) allocates n bytes per call
             except (TimeoutError, BlockingIOError, InterruptedError):
