@@ -28,14 +28,15 @@ ROLES = ("kv_producer", "kv_consumer", "kv_both")
 POLICIES = ("recompute", "fail")
 TRANSPORTS = STORE_TRANSPORTS  # the engines reach each other through the store
 KEYS = ("store", "transport", "chunk_tokens", "failure_policy", "pull_timeout_s", "model_id", "prefix_lookup",
-        "reserve_ttl_s", "breaker_cooldown_s", "keys", "peer_stores", "remote_transport", "head_slices")
+        "reserve_ttl_s", "breaker_cooldown_s", "keys", "peer_stores", "remote_transport", "head_slices",
+        "store_timeout_s")
 
 
 VLLM_CONNECTOR = "KVRelayConnector"  # the connector class in this package, as vLLM's kv_connector names it
 
 
 def vllm_kv_transfer_config(store_address: str, transport: str, connector: str | None = VLLM_CONNECTOR,
-                            peer_stores: tuple[str, ...] = (), remote_transport: str = "tcp"
+                            peer_stores: tuple[str, ...] = (), remote_transport: str = "tcp", head_slices: int = 0
                             ) -> dict[str, Any] | None:
     """``--kv-transfer-config`` of the vLLM prefill and decode servers (both kv_both: the router's
     kv_transfer_params say which leg a request is).  ``connector=None``: none at all (vLLM refuses a
@@ -48,6 +49,7 @@ def vllm_kv_transfer_config(store_address: str, transport: str, connector: str |
             "kv_connector_extra_config": {"store": store_address, "transport": transport,
                                           **({"peer_stores": list(peer_stores), "remote_transport": remote_transport}
                                              if peer_stores else {}),
+                                          **({"head_slices": head_slices} if head_slices else {}),
                                           **({"keys": str(keys.directory)} if (keys := security.current()) else {})}}
 
 
@@ -67,6 +69,7 @@ class RelayConfig:
     prefix_lookup: bool = True  # look every new request's prompt up in the store (cross-instance prefix reuse)
     reserve_ttl_s: float = 120.0
     breaker_cooldown_s: float = 1.0  # after the store failed: skip it this long, then probe again
+    store_timeout_s: float = 5.0  # one store round trip; a dead store opens the circuit breaker after one of these
     keys: str = ""  # key directory (kvrelay.security); "" : $KVRELAY_KEYS or none
     peer_stores: tuple[str, ...] = ()  # a store on every host: the others a decode may pull from (its prefill's)
     remote_transport: str = "tcp"  # ... over this
@@ -113,7 +116,8 @@ class RelayConfig:
                               f"kv_load_failure_policy is {vllm_policy!r}; set \"kv_load_failure_policy\": "
                               f"\"{policy}\" in --kv-transfer-config (vLLM applies it)")
         numbers = {}
-        for key, default in (("pull_timeout_s", 30.0), ("reserve_ttl_s", 120.0), ("breaker_cooldown_s", 1.0)):
+        for key, default in (("pull_timeout_s", 30.0), ("reserve_ttl_s", 120.0), ("breaker_cooldown_s", 1.0),
+                             ("store_timeout_s", 5.0)):
             value = extra.get(key, default)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
                 raise ConfigError(f"{where}: kv_connector_extra_config.{key} must be a number of seconds in "

@@ -66,7 +66,6 @@ def _log_like_vllm() -> None:
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         root.propagate = False
-STORE_TIMEOUT_S = 5.0  # one store round trip; a dead store opens the circuit breaker after one of these
 
 
 class KVRelayMetadata(KVConnectorMetadata, StepMeta):
@@ -134,13 +133,13 @@ class KVRelayConnector(KVConnectorBase_V1):
     def _client(self, what: str) -> Any:
         from kvrelay.store.client import StoreClient
         return StoreClient(self.cfg.store, transport=self.cfg.transport, compat_hash=self.compat_hash,
-                           name=f"vllm-{what}-{os.getpid()}", timeout=STORE_TIMEOUT_S, staging_bytes=64 << 20)
+                           name=f"vllm-{what}-{os.getpid()}", timeout=self.cfg.store_timeout_s, staging_bytes=64 << 20)
 
     def _peer_client(self, address: str) -> Any:
         """A client of another host's store (a store on every host: a decode pulls from its prefill's)."""
         from kvrelay.store.client import StoreClient
         return StoreClient(address, transport=self.cfg.remote_transport, compat_hash=self.compat_hash,
-                           name=f"vllm-peer-{os.getpid()}", timeout=STORE_TIMEOUT_S, staging_bytes=64 << 20)
+                           name=f"vllm-peer-{os.getpid()}", timeout=self.cfg.store_timeout_s, staging_bytes=64 << 20)
 
     # ==== worker side ============================================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -179,7 +178,7 @@ class KVRelayConnector(KVConnectorBase_V1):
                              f"{layout.head_end}); vLLM gives it heads [{head_start}, {head_end}) of "
                              f"{self.total_kv_heads}")
         self.worker = WorkerSide(self.cfg, cache_factory, lambda: self._client("worker"), self._peer_client,
-                                 heads=self.heads, publishes_heads=publishes)
+                                 heads=self.heads, publishes_heads=publishes, counts_requests=rank == 0)
         log.info("kvrelay: TP rank %d: %d layers of %s blocks (block size %d, KV heads [%d, %d) of %d, %s, isa %s)",
                  rank, layout.num_layers, layout.num_blocks, layout.block_size, layout.head_start, layout.head_end,
                  layout.total_kv_heads, "publishes them" if publishes else "another rank publishes them", isa or "-")

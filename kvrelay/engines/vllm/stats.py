@@ -12,7 +12,8 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.utils import create_metric_per_engine
 
-# name -> help; every value is a count since the last report (summed across workers)
+# name -> help; every value is a count since the last report (summed across workers: with tensor parallelism every
+# rank counts the bytes it moved and its failures, the first rank alone counts requests and tokens)
 COUNTERS = {
     "lookup_hit_tokens": "Prompt tokens found in the kvrelay store by prefix lookups",
     "lookup_miss_tokens": "Prompt tokens not found in the kvrelay store by prefix lookups",

@@ -38,15 +38,18 @@ from kvrelay.params import KVTransferParams
 
 log = logging.getLogger("kvrelay.vllm.worker")
 DRAIN_TIMEOUT_S = 30.0
+# counted by the first TP rank only (every rank moves its share of the request): the bytes and failures are per rank
+_PER_REQUEST = frozenset({"published_requests", "loads_ok", "loaded_tokens"})
 
 
 class WorkerSide:
     def __init__(self, cfg: RelayConfig, cache_factory: Callable[[TransferMetrics], EngineCache],
                  client_factory: Callable[[], object], peer_factory: Callable[[str], object] | None = None, *,
-                 heads: HeadSlices | None = None, publishes_heads: bool = True) -> None:
+                 heads: HeadSlices | None = None, publishes_heads: bool = True, counts_requests: bool = True) -> None:
         """``peer_factory(address)``: a client of another host's store (``cfg.peer_stores``); ``heads``: the
         model's KV heads in the slices this engine publishes (tensor parallelism), ``publishes_heads`` False where
-        another rank publishes this rank's (replicated) heads."""
+        another rank publishes this rank's (replicated) heads; ``counts_requests`` False (TP ranks but the first):
+        this rank counts bytes and failures, not requests and tokens (vLLM sums the ranks' counts)."""
         self.cfg = cfg
         self.registry = CollectorRegistry()
         self.metrics = TransferMetrics(self.registry, "kvrelay_vllm")
@@ -73,6 +76,7 @@ class WorkerSide:
         self._settled: list[str] = []  # loads settled since the last report (from puller threads)
         self._errors: set[int] = set()
         self.counts: dict[str, int] = {}
+        self._per_request = counts_requests
 
     # ---- per step ---------------------------------------------------------------------------------------
     def bind(self, meta: StepMeta) -> None:
@@ -194,5 +198,5 @@ class WorkerSide:
             self._settled.append(req_id)
 
     def _count(self, key: str, value: int = 1) -> None:
-        if value:
+        if value and (self._per_request or key not in _PER_REQUEST):
             self.counts[key] = self.counts.get(key, 0) + value
