@@ -38,6 +38,9 @@ vLLM engines: ``engine: vllm`` cluster-wide or on a host (``hosts.b.engine``; a 
 path, ``hosts.b.checkpoint``), block size 32 by default (a multiple of 32), each server on the host's address
 (with keys, vLLM's ``--api-key`` is the key directory's token) and on its own core; the vLLM servers on the
 router's host publish their KV events to it over ``ipc://`` (a unix socket: other hosts' servers publish none).
+``tensor_parallel_size: N`` on a vLLM engine runs it with N ranks, a core each; where the servers' TP sizes
+differ, every one of them is given the same ``head_slices`` (kvrelay.connector.heads), computed from the TP sizes
+and the checkpoint's KV head count, so that each decode rank pulls its share of any prefill's chunks.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ _TOP = ("transport", "keys", "model", "engine", "env", "hosts", "etcd")
 _HOST = ("address", "env", "engine", "checkpoint", "store", "prefill", "decode", "router")
 ENGINES = ("reference", "vllm")
 _STORE = ("port", "pool_size", "ssd_dir", "events_port")
-_ENGINE = ("port", "block_size", "threads", "keep_remote_prefix")
+_ENGINE = ("port", "block_size", "threads", "keep_remote_prefix", "tensor_parallel_size")
 _ROUTER = ("port",)
 _DEFAULT_BLOCK = {"prefill": 16, "decode": 32}
 _VLLM_BLOCK = 32  # vLLM's CPU attention wants a multiple of 32
@@ -75,6 +78,7 @@ class EngineSpec:
     block_size: int
     threads: int = 0
     keep_remote_prefix: bool = False  # a decode with a store on every host: keep a prefix loaded from another's
+    tp: int = 1  # a vLLM engine's tensor-parallel size (a core per rank)
 
 
 @dataclass(slots=True)
@@ -306,8 +310,13 @@ def _host(name: str, body: Any, src: str, fail, engine: str = "reference", check
             if keep and (role != "decode" or host.engine != "reference"):
                 raise fail(f"{at}.keep_remote_prefix", "only a reference decode engine keeps a prefix it loaded "
                                                        "from another host's store: remove it here")
+            tp = e.get("tensor_parallel_size", 1)
+            if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+                raise fail(f"{at}.tensor_parallel_size", f"{tp!r} is not an integer >= 1")
+            if tp > 1 and host.engine != "vllm":
+                raise fail(f"{at}.tensor_parallel_size", "applies to vLLM engines (engine: vllm) only")
             host.engines.append(EngineSpec(role, _port(e.get("port", DEFAULT_PORTS[role] + i), f"{at}.port", fail),
-                                           bs, threads, keep))
+                                           bs, threads, keep, tp))
     if body.get("router") is not None:
         r = _mapping(body["router"] or {}, src, f"{where}.router", _ROUTER, fail)
         host.router_port = _port(r.get("port", DEFAULT_PORTS["router"]), f"{where}.router.port", fail)

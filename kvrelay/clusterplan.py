@@ -10,7 +10,10 @@ Must not touch: reading and validating the file (cluster.py), starting or superv
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
+import math
 import os
 import re
 import socket
@@ -83,15 +86,19 @@ def plan(spec: ClusterSpec, host: HostSpec, pool_name: str, workdir: Path) -> Ho
     # hosts on one address share a machine (a cluster on loopback): each vLLM server pins its OpenMP threads to
     # a core, so this host's take the cores after those of the hosts listed before it (two vLLM workers pinned
     # to one core stalled each other here: a prefill's step waited up to a minute while a decode spun)
-    first = sum(len(h.engines) for h in itertools.takewhile(lambda h: h is not host, spec.hosts.values())
-                if h.engine == "vllm" and h.address == host.address)
+    first = sum(e.tp for h in itertools.takewhile(lambda h: h is not host, spec.hosts.values())
+                if h.engine == "vllm" and h.address == host.address for e in h.engines)
     events: list[str] = []  # the router's --events of this host's vLLM servers
-    for i, e in enumerate(host.engines):
+    slices = head_slices(spec)
+    for e in host.engines:
         transport = "shm" if host.address == store_host.address else spec.transport
         name = f"{e.role}{counts[e.role]}"
         counts[e.role] += 1
-        if host.engine == "vllm":
-            procs.append((name, _vllm(spec, host, e, transport, cores[(first + i) % len(cores)], workdir, name)))
+        if host.engine == "vllm":  # a core per rank, after the cores of the servers before it
+            core = "|".join(str(cores[(first + k) % len(cores)]) for k in range(e.tp))
+            first += e.tp
+            procs.append((name, _vllm(spec, host, e, transport, core if e.tp > 1 else int(core), workdir, name,
+                                      slices)))
             if host.router_port is not None:  # ipc:// reaches this host only
                 pub = f"ipc://{workdir.resolve()}/{name}.kv"
                 events.append(f"http://{_url_host(addr)}:{e.port}={pub},{pub}.replay")
@@ -159,8 +166,31 @@ def _static(spec: ClusterSpec, role: str) -> list[str]:
             if e.role == role and (h.engine != "reference" or (role == "prefill" and spec.per_host))]
 
 
-def _vllm(spec: ClusterSpec, host: HostSpec, e: EngineSpec, transport: str, core: int, workdir: Path,
-          name: str) -> VllmSpec:
+def head_slices(spec: ClusterSpec) -> int:
+    """The KV head cut every vLLM server of the cluster publishes and pulls in (kvrelay.connector.heads): 0 (each
+    server's default) where all run at TP 1, else the least common multiple of each server's ranks that hold
+    heads of their own (min(TP, KV heads)), which divides the KV head count: every rank then publishes whole
+    slices and every decode rank pulls only the heads it keeps.  The KV head count is the checkpoint's
+    (config.json: num_key_value_heads, else num_attention_heads); unreadable, 0."""
+    tps = {e.tp for h in spec.hosts.values() if h.engine == "vllm" for e in h.engines}
+    if tps <= {1}:
+        return 0
+    heads = set()
+    for h in spec.hosts.values():
+        if h.engine == "vllm" and h.engines and h.checkpoint:
+            try:
+                cfg = json.loads((Path(h.checkpoint) / "config.json").read_text())
+                heads.add(int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                return 0
+    if len(heads) != 1:
+        return 0
+    total = heads.pop()
+    return functools.reduce(math.lcm, (min(tp, total) for tp in tps), 1)
+
+
+def _vllm(spec: ClusterSpec, host: HostSpec, e: EngineSpec, transport: str, core: int | str, workdir: Path,
+          name: str, slices: int = 0) -> VllmSpec:
     """A vLLM server of ``host`` on its address, with the kvrelay connector, on its own core; publishing its KV
     events on a unix socket in the work dir when this host runs the router (the only one that can follow it)."""
     from kvrelay.engines.vllm.config import VLLM_CONNECTOR
@@ -171,7 +201,7 @@ def _vllm(spec: ClusterSpec, host: HostSpec, e: EngineSpec, transport: str, core
     peers = tuple(s for s in spec.stores if s != own) if spec.per_host and e.role == "decode" else ()
     return VllmSpec(host.checkpoint, served_name(host.checkpoint), e.block_size, 1.0, core, VLLM_CONNECTOR,
                     transport, 600.0, host=host.address, port=e.port, kv_events=events, peer_stores=peers,
-                    remote_transport=spec.transport)
+                    remote_transport=spec.transport, tensor_parallel_size=e.tp, head_slices=slices)
 
 
 def _check_vllm(spec: ClusterSpec, host: HostSpec) -> None:

@@ -51,13 +51,15 @@ class VllmSpec:
     ``--kv-transfer-config`` reaches the plan's store over ``transport``); None: a plain server.  It listens on
     ``host``:``port`` (0: a free port picked at start-up); ``kv_events``: it publishes vLLM's KV events at this
     ``ipc://`` endpoint (its replay socket beside it), None: no events.  ``peer_stores``: with a store on every
-    host, the other hosts' stores it pulls from over ``remote_transport``."""
+    host, the other hosts' stores it pulls from over ``remote_transport``.  ``tensor_parallel_size`` N: N ranks,
+    ``cpu_core`` then names a core per rank ("0|1"); ``head_slices``: the cluster's KV head cut (the connector's
+    ``head_slices``; 0: its default)."""
 
     checkpoint: str
     name: str
     block_size: int
     kv_cache_gib: float
-    cpu_core: int
+    cpu_core: int | str
     connector: str | None
     transport: str
     start_timeout: float
@@ -66,6 +68,8 @@ class VllmSpec:
     kv_events: str | None = None
     peer_stores: tuple[str, ...] = ()  # a store on every host: the other hosts' stores this decode may pull from
     remote_transport: str = "tcp"
+    tensor_parallel_size: int = 1
+    head_slices: int = 0
 
 
 Launch = list[Arg] | VllmSpec  # a `kvrelay` subcommand and its flags, or a vLLM server

@@ -249,9 +249,10 @@ def _start_engines(procs: HostProcesses, plan: HostPlan, engines: list[tuple[str
                                      block_size=launch.block_size, kv_cache_gib=launch.kv_cache_gib,
                                      cpu_core=launch.cpu_core, host=launch.host, port=launch.port,
                                      kv_events=launch.kv_events, api_key=keys.token if keys else None,
+                                     tensor_parallel_size=launch.tensor_parallel_size,
                                      kv_transfer_config=vllm_kv_transfer_config(
                                          store, launch.transport, launch.connector, launch.peer_stores,
-                                         launch.remote_transport))
+                                         launch.remote_transport, launch.head_slices))
             started.append((name, partial(procs.wait_ready, child)))
         else:
             started.append((name, partial(procs.wait_ready, procs.spawn(name, resolve(launch, ready)))))
@@ -266,7 +267,8 @@ def _warn_shared_cores(servers: list[tuple[str, VllmSpec]]) -> None:
     core stalls meanwhile (a prefill there waited until the decode's pull gave up)."""
     by_core: dict[int, list[str]] = {}
     for name, spec in servers:
-        by_core.setdefault(spec.cpu_core, []).append(name)
+        for rank_core in str(spec.cpu_core).split("|"):  # a core per tensor-parallel rank
+            by_core.setdefault(int(rank_core), []).append(name)
     for core, names in sorted(by_core.items()):
         if len(names) > 1:
             print(f"kvrelay up: warning: the vLLM servers {', '.join(names)} share core {core} (this machine has "

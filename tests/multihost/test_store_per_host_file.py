@@ -224,3 +224,49 @@ hosts:
     assert core_of("a") == cores[0]
     assert core_of("b") == cores[1 % len(cores)]  # after a's server: same machine
     assert core_of("c") == cores[0]  # another machine starts at its first core
+
+
+def test_tensor_parallel_vllm_engines_get_a_core_per_rank_and_one_head_cut(keys, tmp_path, monkeypatch):
+    """``tensor_parallel_size`` on vLLM engines: a core per rank (after the cores of the servers before it on the
+    machine), and, since the TP sizes differ, every server the same head_slices: the least common multiple of the
+    ranks holding heads of their own, from the checkpoint's KV head count."""
+    import json
+    import os
+    monkeypatch.setattr(CP, "_check_vllm", lambda spec, host: None)  # a plan only: no vLLM needed
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"num_attention_heads": 8, "num_key_value_heads": 4}))
+    spec = spec_of(f"""
+engine: vllm
+model: {{checkpoint: {ckpt}}}
+keys: KEYS
+hosts:
+  a: {{address: 127.0.0.1, store: {{port: 5621}}, prefill: [{{port: 8121, tensor_parallel_size: 2}}]}}
+  b: {{address: 127.0.0.1, decode: [{{port: 8221}}], router: {{port: 8021}}}}
+""", keys)
+    cores = sorted(os.sched_getaffinity(0))
+
+    def launch_of(host: str):
+        (launch,) = [p for _, p in CP.plan(spec, spec.hosts[host], "pool", tmp_path).processes
+                     if isinstance(p, CP.VllmSpec)]
+        return launch
+    a, b = launch_of("a"), launch_of("b")
+    assert (a.tensor_parallel_size, a.cpu_core) == (2, f"{cores[0]}|{cores[1 % len(cores)]}")
+    assert (b.tensor_parallel_size, b.cpu_core) == (1, cores[2 % len(cores)])  # the cores after a's two ranks
+    assert a.head_slices == b.head_slices == 2  # lcm(min(2, 4), min(1, 4))
+    (ckpt / "config.json").write_text(json.dumps({"num_attention_heads": 8, "num_key_value_heads": 1}))
+    assert CP.head_slices(spec) == 1  # one KV head: replicated on both ranks, published once
+    with pytest.raises(C.ClusterError, match=r"prefill\[0\]\.tensor_parallel_size.*integer >= 1"):
+        spec_of(f"""
+engine: vllm
+model: {{checkpoint: {ckpt}}}
+keys: KEYS
+hosts:
+  a: {{address: 127.0.0.1, store: {{port: 5621}}, prefill: [{{tensor_parallel_size: 0}}]}}
+""", keys)
+    with pytest.raises(C.ClusterError, match="applies to vLLM engines"):
+        spec_of("""
+keys: KEYS
+hosts:
+  a: {address: 127.0.0.1, store: {port: 5621}, prefill: [{tensor_parallel_size: 2}]}
+""", keys)
