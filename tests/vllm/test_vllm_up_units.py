@@ -140,6 +140,8 @@ def test_reap_shm_removes_only_unmapped_segments_of_this_run():
     import time
     from multiprocessing import resource_tracker, shared_memory
 
+    import uuid
+
     from kvrelay.engines.vllm.process import SHM_DIR, reap_shm
     from waiting import wait_until
     old = shared_memory.SharedMemory(create=True, size=4096)  # from before the run
@@ -149,9 +151,11 @@ def test_reap_shm_removes_only_unmapped_segments_of_this_run():
     live = shared_memory.SharedMemory(create=True, size=4096)  # mapped by this process
     left = shared_memory.SharedMemory(create=True, size=4096)
     left.close()  # unmapped, never unlinked: what a killed process leaves
+    tp = SHM_DIR / f"vllm_dist_{uuid.uuid4().hex}-tp:0-[0-1]-cpushm_0"  # vLLM's TP all-reduce buffer, left
+    tp.write_bytes(b"x" * 64)
     try:
         gone = reap_shm(since, slack=0.0)
-        assert left.name in gone and live.name not in gone and old.name not in gone
+        assert left.name in gone and tp.name in gone and live.name not in gone and old.name not in gone
         assert not (SHM_DIR / left.name).exists() and (SHM_DIR / live.name).exists()
         assert (SHM_DIR / old.name).exists()
     finally:

@@ -84,15 +84,19 @@ def kv_events_config(endpoint: str) -> dict[str, Any]:
 SHM_DIR = Path("/dev/shm")
 
 
+SHM_PATTERNS = ("psm_*", "vllm_dist_*")  # Python's SharedMemory (vLLM's message queues); vLLM's TP all-reduce
+
+
 def reap_shm(since: float, shm_dir: Path = SHM_DIR, slack: float = 1.0) -> list[str]:
-    """Unlink the POSIX shared memory segments (``psm_*``, Python's SharedMemory) of this user created at or
-    after ``since`` (wall clock) that no live process maps; their names.  vLLM's shutdown force-kills its
-    EngineCore and Worker (``timeout=0s``), and a killed run leaves its message queues' segments behind (160
-    and 240 MiB of RAM here, for good).  A segment some process still maps is never touched, nor another
-    user's (whose mappings this process may not see).  ``slack``: seconds of clock granularity allowed."""
+    """Unlink the POSIX shared memory segments vLLM leaves (``psm_*``: Python's SharedMemory of its message
+    queues; ``vllm_dist_*``: its CPU tensor-parallel all-reduce buffers) of this user created at or after
+    ``since`` (wall clock) that no live process maps; their names.  vLLM's shutdown force-kills its EngineCore
+    and Worker (``timeout=0s``), and a killed run leaves them behind (160 and 240 MiB of RAM here for the
+    queues, 8 MiB a TP 2 run for the all-reduce, for good).  A segment some process still maps is never touched,
+    nor another user's (whose mappings this process may not see).  ``slack``: seconds of clock granularity."""
     uid = os.getuid()
     candidates = []
-    for f in shm_dir.glob("psm_*"):
+    for f in (f for pattern in SHM_PATTERNS for f in shm_dir.glob(pattern)):
         try:
             st = f.stat()
         except OSError:  # unlinked meanwhile
